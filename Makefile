@@ -1,0 +1,46 @@
+# provisioner: the two set-up commands are `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+CONFIG ?= examples/site.yaml
+LISTEN ?= 127.0.0.1:8080
+PYTEST_ARGS ?=
+
+.PHONY: all venv system-deps demo test test-fast bench check clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+system-deps:
+	./scripts/install-system-deps.sh
+
+# Runs the main job on the embedded default: the boot endpoint serving examples/site.yaml,
+# state in SQLite (var/provisioner.db).
+demo: venv
+	$(VENV)/bin/provisioner --config $(CONFIG) check
+	$(VENV)/bin/provisioner --config $(CONFIG) serve --listen $(LISTEN)
+
+# Installs everything it needs (Debian packages, the venv) and runs the whole suite.
+test: system-deps venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no daemons): quick feedback while editing.
+test-fast: venv
+	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+bench: system-deps venv
+	$(PY) -m bench.run
+
+check: venv
+	$(VENV)/bin/provisioner --config $(CONFIG) check
+
+clean:
+	rm -rf $(VENV) var .cache .pytest_cache build *.egg-info

@@ -1,0 +1,607 @@
+"""Site YAML -> typed, validated objects.
+
+One file describes the site: the boot server, the images (one per role), the nodes (hostlist
+expressions allowed), and the sections the adapters and the balancer read. Every error names the
+file and the field (`site.yaml: nodes[2].macs[3]: ...`) and nothing is half-loaded: `load()`
+either returns a whole Site or raises ConfigError.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from provisioner import POOLS, ROLES
+from provisioner.errors import ConfigError
+from provisioner.nodeset import NodeSetError, expand
+
+ENV_VAR = "PROVISIONER_CONFIG"
+DEFAULT_PATH = "/etc/provisioner/site.yaml"
+POWER_METHODS = ("ipmi", "ssh", "kexec", "kexec+ipmi")
+SHARE_RULES = ("proportional", "slurm-first", "k8s-first")
+
+_MAC_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def normalize_mac(value: str) -> str | None:
+    """Any common MAC spelling (aa:bb.., AA-BB-.., aabb.cc.., bare hex) -> 'aa:bb:cc:dd:ee:ff'.
+
+    Returns None when it is not a MAC. Used by the config and by the boot endpoint alike.
+    """
+    if not isinstance(value, str) or len(value) > 32:
+        return None
+    bare = re.sub(r"[:\-.]", "", value.strip().lower())
+    if not _MAC_RE.match(bare):
+        return None
+    return ":".join(bare[i : i + 2] for i in range(0, 12, 2))
+
+
+# --------------------------------------------------------------------------- typed objects
+
+
+@dataclass(frozen=True)
+class Bmc:
+    address: str
+    port: int = 623
+    user: str = "admin"
+    password: str = field(default="", repr=False)  # never printed: repr=False
+    password_file: str | None = None
+
+    def __repr__(self) -> str:  # belt and braces: no password in tracebacks or logs
+        return f"Bmc(address={self.address!r}, port={self.port}, user={self.user!r})"
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    pool: str
+    default_role: str
+    macs: tuple[str, ...]
+    ip: str | None = None
+    bmc: Bmc | None = None
+    power_method: str = "ipmi"
+    ssh_host: str | None = None
+    ssh_port: int = 22
+    template: str | None = None  # overrides the role's template for this node
+
+    @property
+    def shared(self) -> bool:
+        return self.pool == "shared"
+
+
+@dataclass(frozen=True)
+class Image:
+    role: str
+    version: str
+    kernel: str  # relative to site.image_root
+    initrds: tuple[str, ...] = ()
+    rootfs: str | None = None
+    cmdline: str = ""
+    template: str | None = None  # default: "<role>.ipxe.j2"
+
+    def files(self) -> list[str]:
+        return [self.kernel, *self.initrds, *([self.rootfs] if self.rootfs else [])]
+
+
+@dataclass(frozen=True)
+class Policy:
+    min_nodes: dict[str, int] = field(default_factory=lambda: {"slurm": 0, "k8s": 0})
+    cooldown_s: int = 600
+    demand_persist_s: int = 120
+    max_in_flight: int = 2
+    share_rule: str = "proportional"
+    phase_timeout_s: int = 900
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    host: str
+    port: int = 22
+    user: str = "root"
+    key_file: str | None = None
+    known_hosts: str | None = None
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    mode: str = "local"  # local: run scontrol/sinfo/squeue here; ssh: on the controller
+    slurm_conf: str | None = None
+    bin_dir: str | None = None
+    controller: SshTarget | None = None
+    reason_prefix: str = "provisioner:"
+    timeout_s: int = 30
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    kubeconfig: str | None = None
+    in_cluster: bool = False
+    context: str | None = None
+    label_key: str = "sched"
+    timeout_s: int = 10
+    delete_node: bool = False
+
+
+@dataclass(frozen=True)
+class SshPower:
+    user: str = "root"
+    port: int = 22
+    key_file: str | None = None
+    known_hosts: str | None = None
+    reboot_command: str = "systemctl reboot"
+    timeout_s: int = 10
+
+
+@dataclass(frozen=True)
+class PowerSettings:
+    timeout_s: float = 5.0
+    retries: int = 2
+    fanout: int = 32
+    ssh: SshPower = field(default_factory=SshPower)
+
+
+@dataclass(frozen=True)
+class Site:
+    path: Path
+    name: str
+    boot_url: str
+    listen: str
+    store: Path
+    image_root: Path
+    templates: Path
+    secret_file: Path
+    check_callback_source: bool
+    images: dict[str, Image]
+    nodes: dict[str, Node]  # in config order
+    policy: Policy
+    slurm: SlurmSettings
+    kubernetes: KubernetesSettings
+    power: PowerSettings
+
+    def node_by_mac(self) -> dict[str, Node]:
+        return {mac: node for node in self.nodes.values() for mac in node.macs}
+
+    def resolve(self, p: str | os.PathLike) -> Path:
+        """Paths in the config are relative to the config file's folder."""
+        p = Path(os.path.expanduser(str(p)))
+        return p if p.is_absolute() else (self.path.parent / p)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def find_config_path(cli_value: str | None) -> Path:
+    value = cli_value or os.environ.get(ENV_VAR) or DEFAULT_PATH
+    return Path(value)
+
+
+def load(path: str | os.PathLike, check_files: bool = True) -> Site:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, "", f"no such file; pass --config PATH or set {ENV_VAR}") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "yaml"
+        raise ConfigError(path, where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    return _Loader(path, check_files).site(data)
+
+
+class _Loader:
+    def __init__(self, path: Path, check_files: bool):
+        self.path = path
+        self.check_files = check_files
+
+    def err(self, field_: str, msg: str) -> ConfigError:
+        return ConfigError(self.path, field_, msg)
+
+    def resolve(self, p: str) -> Path:
+        p2 = Path(os.path.expanduser(p))
+        return p2 if p2.is_absolute() else (self.path.parent / p2).resolve()
+
+    # -- primitive checks ------------------------------------------------------------
+
+    def mapping(self, value: Any, where: str, allowed: set[str], required=()) -> dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.err(where, f"must be a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                raise self.err(f"{where}.{key}" if where else str(key), f"unknown field (known: {hint})")
+        for key in required:
+            if value.get(key) in (None, ""):
+                raise self.err(f"{where}.{key}" if where else key, "is required")
+        return value
+
+    def string(self, value: Any, where: str, default=None, required=False) -> str | None:
+        if value is None:
+            if required:
+                raise self.err(where, "is required")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise self.err(where, f"must be a string, got {type(value).__name__}")
+        return str(value)
+
+    def integer(self, value: Any, where: str, default: int, minimum: int = 0) -> int:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.err(where, f"must be a whole number, got {value!r}")
+        if value < minimum:
+            raise self.err(where, f"must be >= {minimum}, got {value}")
+        return value
+
+    def number(self, value: Any, where: str, default: float, minimum: float = 0) -> float:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.err(where, f"must be a number, got {value!r}")
+        if value < minimum:
+            raise self.err(where, f"must be >= {minimum}, got {value}")
+        return float(value)
+
+    def boolean(self, value: Any, where: str, default: bool) -> bool:
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.err(where, f"must be true or false, got {value!r}")
+        return value
+
+    def choice(self, value: Any, where: str, choices, default=None) -> str:
+        if value is None and default is not None:
+            return default
+        if value not in choices:
+            raise self.err(where, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def spread(self, value: Any, n: int, where: str) -> list:
+        """A per-node value for a group of n nodes: a scalar (shared by all), a hostlist
+        expression that expands to n items (10.0.0.[1-16]), or a list of n items."""
+        if value is None:
+            return [None] * n
+        if isinstance(value, list):
+            if len(value) != n:
+                raise self.err(where, f"has {len(value)} entries for {n} node(s); give one per node")
+            return value
+        if isinstance(value, str) and "[" in value:
+            try:
+                items = expand(value)
+            except NodeSetError as exc:
+                raise self.err(where, str(exc)) from None
+            if len(items) == 1:
+                return items * n
+            if len(items) != n:
+                raise self.err(where, f"expands to {len(items)} values for {n} node(s)")
+            return items
+        return [value] * n
+
+    # -- sections --------------------------------------------------------------------
+
+    def site(self, data: Any) -> Site:
+        top = self.mapping(
+            data,
+            "",
+            {"site", "images", "defaults", "nodes", "policy", "slurm", "kubernetes", "power"},
+        )
+        s = self.mapping(
+            top.get("site"),
+            "site",
+            {"name", "boot_url", "listen", "store", "image_root", "templates", "secret_file",
+             "check_callback_source"},
+            required=("boot_url",),
+        )
+        boot_url = self.string(s.get("boot_url"), "site.boot_url", required=True).rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", boot_url):
+            raise self.err("site.boot_url", f"must be an http(s) URL, got {boot_url!r}")
+        listen = self.string(s.get("listen"), "site.listen", "127.0.0.1:8080")
+        parse_listen(listen, lambda m: self.err("site.listen", m))
+        image_root = self.resolve(self.string(s.get("image_root"), "site.image_root", "images"))
+        templates = self.resolve(
+            self.string(s.get("templates"), "site.templates", str(_default_templates()))
+        )
+        if self.check_files and not templates.is_dir():
+            raise self.err("site.templates", f"folder {templates} does not exist")
+        store = self.resolve(self.string(s.get("store"), "site.store", "/var/lib/provisioner/state.db"))
+        secret = self.string(s.get("secret_file"), "site.secret_file", None)
+        secret_file = self.resolve(secret) if secret else store.with_name("secret")
+
+        images = self.images(top.get("images"), image_root, templates)
+        nodes = self.nodes(top.get("nodes"), top.get("defaults"), templates)
+        return Site(
+            path=self.path.resolve(),
+            name=self.string(s.get("name"), "site.name", "site"),
+            boot_url=boot_url,
+            listen=listen,
+            store=store,
+            image_root=image_root,
+            templates=templates,
+            secret_file=secret_file,
+            check_callback_source=self.boolean(
+                s.get("check_callback_source"), "site.check_callback_source", True
+            ),
+            images=images,
+            nodes=nodes,
+            policy=self.policy(top.get("policy")),
+            slurm=self.slurm(top.get("slurm")),
+            kubernetes=self.kubernetes(top.get("kubernetes")),
+            power=self.power(top.get("power")),
+        )
+
+    def images(self, value: Any, image_root: Path, templates: Path) -> dict[str, Image]:
+        m = self.mapping(value, "images", set(ROLES), required=ROLES)
+        out = {}
+        for role in ROLES:
+            where = f"images.{role}"
+            d = self.mapping(
+                m[role], where, {"version", "kernel", "initrds", "initrd", "rootfs", "cmdline", "template"},
+                required=("kernel",),
+            )
+            initrds = d.get("initrds", d.get("initrd", []))
+            if isinstance(initrds, str):
+                initrds = [initrds]
+            if not isinstance(initrds, list):
+                raise self.err(f"{where}.initrds", "must be a list of paths")
+            img = Image(
+                role=role,
+                version=self.string(d.get("version"), f"{where}.version", "0"),
+                kernel=self.string(d.get("kernel"), f"{where}.kernel", required=True),
+                initrds=tuple(self.string(x, f"{where}.initrds[{i}]", required=True) for i, x in enumerate(initrds)),
+                rootfs=self.string(d.get("rootfs"), f"{where}.rootfs"),
+                cmdline=self.string(d.get("cmdline"), f"{where}.cmdline", ""),
+                template=self.string(d.get("template"), f"{where}.template"),
+            )
+            for label, rel in [("kernel", img.kernel), *[(f"initrds[{i}]", r) for i, r in enumerate(img.initrds)],
+                               *([("rootfs", img.rootfs)] if img.rootfs else [])]:
+                if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                    raise self.err(f"{where}.{label}", f"must be a path inside site.image_root, got {rel!r}")
+                if self.check_files and not (image_root / rel).is_file():
+                    raise self.err(f"{where}.{label}", f"file {image_root / rel} does not exist")
+            self.check_template(templates, img.template or f"{role}.ipxe.j2", f"{where}.template")
+            out[role] = img
+        return out
+
+    def check_template(self, templates: Path, name: str, where: str) -> None:
+        if "/" in name or name.startswith("."):
+            raise self.err(where, f"must be a file name inside site.templates, got {name!r}")
+        if self.check_files and not (templates / name).is_file():
+            raise self.err(where, f"template {templates / name} does not exist")
+
+    def bmc(self, value: Any, where: str, n: int) -> list[dict | None]:
+        if value is None:
+            return [None] * n
+        d = self.mapping(value, where, {"address", "port", "user", "password", "password_file"})
+        addrs = self.spread(d.get("address"), n, f"{where}.address")
+        ports = self.spread(d.get("port"), n, f"{where}.port")
+        return [
+            {**d, "address": a, "port": p if p is not None else d.get("port")}
+            for a, p in zip(addrs, ports)
+        ]
+
+    def nodes(self, value: Any, defaults: Any, templates: Path) -> dict[str, Node]:
+        node_keys = {"name", "pool", "default_role", "mac", "macs", "ip", "bmc", "power_method",
+                     "ssh_host", "ssh_port", "template"}
+        dflt = self.mapping(defaults, "defaults", node_keys - {"name", "mac", "macs", "ip", "ssh_host"})
+        if not isinstance(value, list) or not value:
+            raise self.err("nodes", "must be a non-empty list of node entries")
+        nodes: dict[str, Node] = {}
+        seen_mac: dict[str, str] = {}
+        seen_ip: dict[str, str] = {}
+        for gi, raw in enumerate(value):
+            where = f"nodes[{gi}]"
+            entry = self.mapping(raw, where, node_keys, required=("name",))
+            try:
+                names = expand(str(entry["name"]))
+            except NodeSetError as exc:
+                raise self.err(f"{where}.name", str(exc)) from None
+            n = len(names)
+            merged = {**dflt, **entry}
+            if isinstance(dflt.get("bmc"), dict) and isinstance(entry.get("bmc"), dict):
+                merged["bmc"] = {**dflt["bmc"], **entry["bmc"]}
+            pool = self.choice(merged.get("pool"), f"{where}.pool", POOLS)
+            role_default = pool if pool in ROLES else "slurm"
+            default_role = self.choice(merged.get("default_role"), f"{where}.default_role", ROLES, role_default)
+            if pool in ROLES and default_role != pool:
+                raise self.err(f"{where}.default_role", f"a node in pool {pool} can only have role {pool}")
+            if "mac" in entry and "macs" in entry:
+                raise self.err(f"{where}.mac", "give either mac or macs, not both")
+            if "mac" in entry:
+                if n != 1:
+                    raise self.err(f"{where}.mac", f"one MAC for {n} nodes; use macs: with one entry per node")
+                macs_per_node = [[entry["mac"]]]
+            elif "macs" in entry:
+                macs = entry["macs"]
+                if not isinstance(macs, list):
+                    raise self.err(f"{where}.macs", "must be a list")
+                macs_per_node = [macs] if n == 1 else self.spread(macs, n, f"{where}.macs")
+            else:
+                raise self.err(f"{where}.macs", "is required: the node(s) boot by MAC")
+            ips = self.spread(merged.get("ip"), n, f"{where}.ip")
+            bmcs = self.bmc(merged.get("bmc"), f"{where}.bmc", n)
+            ssh_hosts = self.spread(merged.get("ssh_host"), n, f"{where}.ssh_host")
+            method = self.choice(merged.get("power_method"), f"{where}.power_method", POWER_METHODS, "ipmi")
+            template = self.string(merged.get("template"), f"{where}.template")
+            if template:
+                self.check_template(templates, template, f"{where}.template")
+            for i, name in enumerate(names):
+                nw = where if n == 1 else f"{where} ({name})"
+                if name in nodes:
+                    raise self.err(f"{where}.name", f"duplicate node name {name}")
+                node_macs = macs_per_node[i]
+                if isinstance(node_macs, str):
+                    node_macs = [node_macs]
+                if not isinstance(node_macs, list) or not node_macs:
+                    raise self.err(f"{nw}.macs", "needs at least one MAC")
+                norm = []
+                for mi, mac in enumerate(node_macs):
+                    m = normalize_mac(mac) if isinstance(mac, str) else None
+                    if m is None:
+                        raise self.err(f"{where}.macs[{i if n > 1 else mi}]", f"not a MAC address: {mac!r}")
+                    if m in seen_mac:
+                        raise self.err(f"{where}.macs[{i if n > 1 else mi}]",
+                                       f"duplicate MAC {m}: also used by {seen_mac[m]}")
+                    seen_mac[m] = name
+                    norm.append(m)
+                ip = ips[i]
+                if ip is not None:
+                    try:
+                        ip = str(ipaddress.ip_address(str(ip)))
+                    except ValueError:
+                        raise self.err(f"{where}.ip", f"not an IP address: {ip!r}") from None
+                    if ip in seen_ip:
+                        raise self.err(f"{where}.ip", f"duplicate IP {ip}: also used by {seen_ip[ip]}")
+                    seen_ip[ip] = name
+                bmc = self.make_bmc(bmcs[i], f"{where}.bmc")
+                if pool == "shared" and bmc is None:
+                    raise self.err(f"{where}.bmc", f"shared node {name} needs a BMC (bmc.address) to be switched")
+                nodes[name] = Node(
+                    name=name,
+                    pool=pool,
+                    default_role=default_role,
+                    macs=tuple(norm),
+                    ip=ip,
+                    bmc=bmc,
+                    power_method=method,
+                    ssh_host=self.string(ssh_hosts[i], f"{where}.ssh_host") or ip,
+                    ssh_port=self.integer(merged.get("ssh_port"), f"{where}.ssh_port", 22, 1),
+                    template=template,
+                )
+        return nodes
+
+    def make_bmc(self, d: dict | None, where: str) -> Bmc | None:
+        if d is None:
+            return None
+        address = self.string(d.get("address"), f"{where}.address")
+        if not address:
+            raise self.err(f"{where}.address", "is required when bmc is given")
+        port = d.get("port")
+        if isinstance(port, str) and port.isdigit():
+            port = int(port)
+        port = self.integer(port, f"{where}.port", 623, 1)
+        if port > 65535:
+            raise self.err(f"{where}.port", f"must be a UDP port, got {port}")
+        password = d.get("password")
+        pfile = d.get("password_file")
+        if password is not None and pfile is not None:
+            raise self.err(f"{where}.password", "give either password or password_file, not both")
+        if pfile is not None:
+            pfile = str(self.resolve(self.string(pfile, f"{where}.password_file")))
+            if self.check_files:
+                try:
+                    password = Path(pfile).read_text().strip()
+                except OSError as exc:
+                    raise self.err(f"{where}.password_file", f"cannot read {pfile}: {exc.strerror}") from None
+        return Bmc(
+            address=address,
+            port=port,
+            user=self.string(d.get("user"), f"{where}.user", "admin"),
+            password=self.string(password, f"{where}.password", ""),
+            password_file=pfile,
+        )
+
+    def policy(self, value: Any) -> Policy:
+        d = self.mapping(value, "policy", {"min_nodes", "cooldown_s", "demand_persist_s", "max_in_flight",
+                                           "share_rule", "phase_timeout_s", "max_retries"})
+        mins = self.mapping(d.get("min_nodes"), "policy.min_nodes", set(ROLES))
+        return Policy(
+            min_nodes={r: self.integer(mins.get(r), f"policy.min_nodes.{r}", 0) for r in ROLES},
+            cooldown_s=self.integer(d.get("cooldown_s"), "policy.cooldown_s", 600),
+            demand_persist_s=self.integer(d.get("demand_persist_s"), "policy.demand_persist_s", 120),
+            max_in_flight=self.integer(d.get("max_in_flight"), "policy.max_in_flight", 2, 1),
+            share_rule=self.choice(d.get("share_rule"), "policy.share_rule", SHARE_RULES, "proportional"),
+            phase_timeout_s=self.integer(d.get("phase_timeout_s"), "policy.phase_timeout_s", 900, 1),
+            max_retries=self.integer(d.get("max_retries"), "policy.max_retries", 2),
+        )
+
+    def ssh_target(self, value: Any, where: str) -> SshTarget | None:
+        if value is None:
+            return None
+        d = self.mapping(value, where, {"host", "port", "user", "key_file", "known_hosts"}, required=("host",))
+        return SshTarget(
+            host=self.string(d.get("host"), f"{where}.host", required=True),
+            port=self.integer(d.get("port"), f"{where}.port", 22, 1),
+            user=self.string(d.get("user"), f"{where}.user", "root"),
+            key_file=self.opt_path(d.get("key_file"), f"{where}.key_file"),
+            known_hosts=self.opt_path(d.get("known_hosts"), f"{where}.known_hosts"),
+        )
+
+    def opt_path(self, value: Any, where: str) -> str | None:
+        s = self.string(value, where)
+        return str(self.resolve(s)) if s else None
+
+    def slurm(self, value: Any) -> SlurmSettings:
+        d = self.mapping(value, "slurm", {"mode", "slurm_conf", "bin_dir", "controller", "reason_prefix", "timeout_s"})
+        mode = self.choice(d.get("mode"), "slurm.mode", ("local", "ssh"), "local")
+        controller = self.ssh_target(d.get("controller"), "slurm.controller")
+        if mode == "ssh" and controller is None:
+            raise self.err("slurm.controller", "is required when slurm.mode is ssh")
+        prefix = self.string(d.get("reason_prefix"), "slurm.reason_prefix", "provisioner:")
+        if not prefix.strip():
+            raise self.err("slurm.reason_prefix", "must not be empty: it marks the drains we own")
+        return SlurmSettings(
+            mode=mode,
+            slurm_conf=self.opt_path(d.get("slurm_conf"), "slurm.slurm_conf"),
+            bin_dir=self.opt_path(d.get("bin_dir"), "slurm.bin_dir"),
+            controller=controller,
+            reason_prefix=prefix,
+            timeout_s=self.integer(d.get("timeout_s"), "slurm.timeout_s", 30, 1),
+        )
+
+    def kubernetes(self, value: Any) -> KubernetesSettings:
+        d = self.mapping(value, "kubernetes", {"kubeconfig", "in_cluster", "context", "label_key", "timeout_s",
+                                               "delete_node"})
+        return KubernetesSettings(
+            kubeconfig=self.opt_path(d.get("kubeconfig"), "kubernetes.kubeconfig"),
+            in_cluster=self.boolean(d.get("in_cluster"), "kubernetes.in_cluster", False),
+            context=self.string(d.get("context"), "kubernetes.context"),
+            label_key=self.string(d.get("label_key"), "kubernetes.label_key", "sched"),
+            timeout_s=self.integer(d.get("timeout_s"), "kubernetes.timeout_s", 10, 1),
+            delete_node=self.boolean(d.get("delete_node"), "kubernetes.delete_node", False),
+        )
+
+    def power(self, value: Any) -> PowerSettings:
+        d = self.mapping(value, "power", {"timeout_s", "retries", "fanout", "ssh"})
+        s = self.mapping(d.get("ssh"), "power.ssh", {"user", "port", "key_file", "known_hosts", "reboot_command",
+                                                     "timeout_s"})
+        return PowerSettings(
+            timeout_s=self.number(d.get("timeout_s"), "power.timeout_s", 5.0, 0.1),
+            retries=self.integer(d.get("retries"), "power.retries", 2),
+            fanout=self.integer(d.get("fanout"), "power.fanout", 32, 1),
+            ssh=SshPower(
+                user=self.string(s.get("user"), "power.ssh.user", "root"),
+                port=self.integer(s.get("port"), "power.ssh.port", 22, 1),
+                key_file=self.opt_path(s.get("key_file"), "power.ssh.key_file"),
+                known_hosts=self.opt_path(s.get("known_hosts"), "power.ssh.known_hosts"),
+                reboot_command=self.string(s.get("reboot_command"), "power.ssh.reboot_command", "systemctl reboot"),
+                timeout_s=self.integer(s.get("timeout_s"), "power.ssh.timeout_s", 10, 1),
+            ),
+        )
+
+
+def parse_listen(value: str, err=None) -> tuple[str, int]:
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port)."""
+    m = re.match(r"^\[?([^\]]*?)\]?:(\d{1,5})$", value or "")
+    if not m or not (0 < int(m.group(2)) < 65536):
+        msg = f"must be HOST:PORT, got {value!r}"
+        if err:
+            raise err(msg)
+        raise ValueError(msg)
+    return m.group(1) or "0.0.0.0", int(m.group(2))
+
+
+def _default_templates() -> Path:
+    # The repository's pxe-templates/ (next to the package) is the default.
+    return Path(__file__).resolve().parent.parent / "pxe-templates"

@@ -1,0 +1,374 @@
+"""State store: per-node roles and transition phases, and an append-only event log, in SQLite.
+
+Several processes use it at once (the boot server's workers, the cron-run balancer, the CLI), so:
+WAL journal (readers never block the writer), a busy timeout instead of "database is locked"
+errors, and every write in a `BEGIN IMMEDIATE` transaction that also appends its event, so a
+change and its audit record land together or not at all. The schema is versioned with
+`PRAGMA user_version` and migrated forward on open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provisioner import ROLES
+from provisioner.errors import OperationError
+
+# Each entry migrates from version i to i+1. Append, never edit a shipped one.
+MIGRATIONS: list[str] = [
+    # 0 -> 1: nodes and events
+    """
+    CREATE TABLE nodes (
+        name            TEXT PRIMARY KEY,
+        desired_role    TEXT NOT NULL,
+        booted_role     TEXT,
+        booted_version  TEXT,
+        booted_at       REAL,
+        pinned          INTEGER NOT NULL DEFAULT 0,
+        pin_reason      TEXT,
+        phase           TEXT NOT NULL DEFAULT 'steady',
+        target_role     TEXT,
+        phase_since     REAL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        failed_reason   TEXT,
+        last_switch_at  REAL,
+        updated_at      REAL NOT NULL
+    );
+    CREATE TABLE events (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts       REAL NOT NULL,
+        node     TEXT,
+        actor    TEXT NOT NULL,
+        kind     TEXT NOT NULL,
+        message  TEXT NOT NULL,
+        data     TEXT
+    );
+    CREATE INDEX events_node ON events (node, id);
+    CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+    CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+STEADY = "steady"
+FAILED = "failed"
+
+_NODE_COLUMNS = (
+    "name", "desired_role", "booted_role", "booted_version", "booted_at", "pinned", "pin_reason",
+    "phase", "target_role", "phase_since", "attempts", "failed_reason", "last_switch_at", "updated_at",
+)
+
+
+@dataclass(frozen=True)
+class NodeState:
+    name: str
+    desired_role: str
+    booted_role: str | None
+    booted_version: str | None
+    booted_at: float | None
+    pinned: bool
+    pin_reason: str | None
+    phase: str
+    target_role: str | None
+    phase_since: float | None
+    attempts: int
+    failed_reason: str | None
+    last_switch_at: float | None
+    updated_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _NODE_COLUMNS}
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    ts: float
+    node: str | None
+    actor: str
+    kind: str
+    message: str
+    data: dict | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "time": iso(self.ts), "ts": self.ts, "node": self.node,
+            "actor": self.actor, "kind": self.kind, "message": self.message, "data": self.data,
+        }
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+
+
+def default_actor() -> str:
+    user = os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
+    return f"admin:{user}"
+
+
+class Store:
+    """One SQLite database. Connections are per thread (the WSGI server uses threads)."""
+
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OperationError(
+                f"cannot create the store folder {self.path.parent}: {exc.strerror}; check site.store"
+            ) from None
+        self._migrate()
+
+    # -- connections ---------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            try:
+                conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA foreign_keys=ON")
+            except sqlite3.Error as exc:
+                raise OperationError(f"cannot open the store {self.path}: {exc}; check site.store") from None
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+            self._local.pid = os.getpid()  # a forked worker must not reuse its parent's handle
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: takes the write lock up front, so read-modify-write cannot race."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise OperationError(f"store {self.path} is busy ({exc}); try again") from None
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise OperationError(
+                f"store {self.path} has schema version {version}, newer than this provisioner "
+                f"({SCHEMA_VERSION}); upgrade provisioner"
+            )
+        with self.transaction() as c:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            for i in range(version, SCHEMA_VERSION):
+                for statement in _split_sql(MIGRATIONS[i]):
+                    c.execute(statement)
+                c.execute(f"PRAGMA user_version = {i + 1}")
+
+    def schema_version(self) -> int:
+        return self._conn().execute("PRAGMA user_version").fetchone()[0]
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def seed(self, nodes: Iterable[tuple[str, str]], actor: str = "config") -> list[str]:
+        """Insert (name, default_role) for nodes the store does not know yet. Returns the new names."""
+        nodes = list(nodes)
+        conn = self._conn()
+        known = {r[0] for r in conn.execute("SELECT name FROM nodes")}
+        missing = [(n, r) for n, r in nodes if n not in known]
+        if not missing:
+            return []
+        now = time.time()
+        added = []
+        with self.transaction() as c:
+            for name, role in missing:
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO nodes (name, desired_role, updated_at) VALUES (?, ?, ?)",
+                    (name, role, now),
+                )
+                if cur.rowcount:
+                    added.append(name)
+            if added:
+                from provisioner.nodeset import fold
+
+                self._event(c, now, None, actor, "seed", f"added {fold(added)} from the site config",
+                            {"nodes": added})
+        return added
+
+    def get(self, name: str) -> NodeState | None:
+        row = self._conn().execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+        return _node(row) if row else None
+
+    def desired_role(self, name: str) -> str | None:
+        """The boot endpoint's hot path: one indexed read."""
+        row = self._conn().execute("SELECT desired_role FROM nodes WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def nodes(self, names: Iterable[str] | None = None) -> dict[str, NodeState]:
+        rows = self._conn().execute("SELECT * FROM nodes").fetchall()
+        states = {r["name"]: _node(r) for r in rows}
+        if names is None:
+            return states
+        return {n: states[n] for n in names if n in states}
+
+    def set_role(self, names: list[str], role: str, *, actor: str, reason: str, pin: bool) -> list[str]:
+        """Set the desired role (and pin) of nodes in one transaction. Returns the nodes changed."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        now = time.time()
+        changed = []
+        with self.transaction() as c:
+            for name in names:
+                row = c.execute("SELECT desired_role, pinned FROM nodes WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    raise OperationError(f"node {name} is not in the store; run `provisioner check`")
+                old_role, old_pinned = row["desired_role"], bool(row["pinned"])
+                new_pinned = pin or old_pinned
+                if old_role == role and old_pinned == new_pinned:
+                    continue
+                c.execute(
+                    "UPDATE nodes SET desired_role = ?, pinned = ?, pin_reason = CASE WHEN ? THEN ? ELSE pin_reason END,"
+                    " updated_at = ? WHERE name = ?",
+                    (role, int(new_pinned), int(pin), reason, now, name),
+                )
+                what = f"desired role {old_role} -> {role}" if old_role != role else f"role {role}"
+                if pin:
+                    what += " (pinned)"
+                self._event(c, now, name, actor, "role", f"{what}: {reason}",
+                            {"old": old_role, "new": role, "pinned": new_pinned, "reason": reason})
+                changed.append(name)
+        return changed
+
+    def release(self, names: list[str], *, actor: str, reason: str) -> list[str]:
+        now = time.time()
+        changed = []
+        with self.transaction() as c:
+            for name in names:
+                cur = c.execute(
+                    "UPDATE nodes SET pinned = 0, pin_reason = NULL, updated_at = ? WHERE name = ? AND pinned = 1",
+                    (now, name),
+                )
+                if cur.rowcount:
+                    self._event(c, now, name, actor, "release", f"unpinned: {reason}", {"reason": reason})
+                    changed.append(name)
+        return changed
+
+    def record_booted(self, name: str, role: str, version: str | None, *, actor: str, source: str | None) -> None:
+        now = time.time()
+        with self.transaction() as c:
+            row = c.execute("SELECT desired_role, booted_role FROM nodes WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise OperationError(f"node {name} is not in the store")
+            c.execute(
+                "UPDATE nodes SET booted_role = ?, booted_version = ?, booted_at = ?, updated_at = ? WHERE name = ?",
+                (role, version, now, now, name),
+            )
+            note = "" if role == row["desired_role"] else f" (desired role is {row['desired_role']})"
+            self._event(c, now, name, actor, "booted", f"booted {role} image version {version or '?'}{note}",
+                        {"role": role, "version": version, "source": source})
+
+    def update(self, name: str, *, actor: str, kind: str, message: str,
+               expect: dict[str, Any] | None = None, data: dict | None = None, **fields: Any) -> bool:
+        """Compare-and-set on one node: apply `fields` only if the row still matches `expect`.
+
+        Returns False (and changes nothing) when another process moved the node meanwhile. This is
+        what keeps the reconciler's state machine consistent under concurrent passes.
+        """
+        bad = set(fields) - set(_NODE_COLUMNS) - {"name"} | (set(expect or {}) - set(_NODE_COLUMNS))
+        if bad:
+            raise ValueError(f"unknown node column(s): {sorted(bad)}")
+        now = time.time()
+        fields = {**fields, "updated_at": now}
+        with self.transaction() as c:
+            row = c.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise OperationError(f"node {name} is not in the store")
+            for k, v in (expect or {}).items():
+                if row[k] != v:
+                    return False
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            c.execute(f"UPDATE nodes SET {sets} WHERE name = ?", (*fields.values(), name))
+            self._event(c, now, name, actor, kind, message, data)
+        return True
+
+    # -- events --------------------------------------------------------------------
+
+    def add_event(self, node: str | None, actor: str, kind: str, message: str, data: dict | None = None) -> None:
+        with self.transaction() as c:
+            self._event(c, time.time(), node, actor, kind, message, data)
+
+    def _event(self, c, ts, node, actor, kind, message, data) -> None:
+        c.execute(
+            "INSERT INTO events (ts, node, actor, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (ts, node, actor, kind, message, json.dumps(data, sort_keys=True) if data is not None else None),
+        )
+
+    def events(self, nodes: Iterable[str] | None = None, limit: int | None = None,
+               kinds: Iterable[str] | None = None, include_site: bool = True) -> list[Event]:
+        """Events oldest first; the last `limit` of them when limit is given."""
+        where, args = [], []
+        if nodes is not None:
+            nodes = list(nodes)
+            q = "SELECT value FROM json_each(?)"
+            where.append(f"(node IN ({q})" + (" OR node IS NULL)" if include_site else ")"))
+            args.append(json.dumps(nodes))
+        if kinds is not None:
+            where.append("kind IN (SELECT value FROM json_each(?))")
+            args.append(json.dumps(list(kinds)))
+        sql = "SELECT * FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        rows = self._conn().execute(sql, args).fetchall()
+        return [
+            Event(r["id"], r["ts"], r["node"], r["actor"], r["kind"], r["message"],
+                  json.loads(r["data"]) if r["data"] else None)
+            for r in reversed(rows)
+        ]
+
+
+def _node(row: sqlite3.Row) -> NodeState:
+    d = dict(row)
+    d["pinned"] = bool(d["pinned"])
+    return NodeState(**d)
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (executescript would COMMIT our transaction)."""
+    out, buf = [], ""
+    for line in script.strip().splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):  # knows that a trigger's BEGIN ... END; is one statement
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages the test suite and the benchmarks talk to (real daemons, not
+# mocks). Idempotent and quick when everything is already there: apt runs only for what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  # SLURM cluster for the adapter and balancer tests
+  slurmctld slurmd slurm-client munge
+  # IPMI second client, sshd for the SSH power driver
+  ipmitool openssh-server
+  # network boot of VMs (end-to-end), the tiny test image
+  qemu-system-x86 ipxe ipxe-qemu busybox-static cpio
+  # boot-storm benchmark baseline and load generator
+  nginx-light wrk
+  sqlite3 curl ca-certificates
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-system-deps: missing Debian packages ${missing[*]}; run as root or install them" >&2
+    exit 1
+  fi
+  echo "install-system-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's kubectl (kubernetes-client, 1.20) is the independent client of the test API server.
+# It is extracted into .cache instead of installed: some images ship another /usr/bin/kubectl
+# (google-cloud-sdk) that the package would collide with.
+KUBECTL=.cache/kubectl/usr/bin/kubectl
+if [ ! -x "$KUBECTL" ]; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -qq kubernetes-client >/dev/null 2>&1) || {
+    apt-get update -qq && (cd "$tmp" && apt-get download -qq kubernetes-client)
+  }
+  mkdir -p .cache/kubectl
+  dpkg-deb -x "$tmp"/kubernetes-client_*.deb .cache/kubectl
+  rm -rf "$tmp"
+fi
+echo "install-system-deps: ok"
