@@ -115,7 +115,14 @@ def iso(ts: float | None) -> str | None:
 
 
 def default_actor() -> str:
-    user = os.environ.get("SUDO_USER") or os.environ.get("USER") or str(os.getuid())
+    import pwd
+
+    user = os.environ.get("SUDO_USER") or os.environ.get("USER")
+    if not user:
+        try:
+            user = pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:
+            user = str(os.getuid())
     return f"admin:{user}"
 
 

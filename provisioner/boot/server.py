@@ -1,0 +1,55 @@
+"""`provisioner serve`: the boot endpoint under gunicorn (not Flask's development server).
+
+Threaded workers (gthread) keep HTTP keep-alive working for iPXE and for load balancers, and
+several processes use both cores; the store is opened per process and per thread.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+from gunicorn.app.base import BaseApplication
+
+from provisioner.boot.app import create_app
+from provisioner.config import Site, parse_listen
+
+
+class _Gunicorn(BaseApplication):
+    def __init__(self, app, options: dict):
+        self.application = app
+        self.options = options
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return self.application
+
+
+def default_workers() -> int:
+    return max(2, multiprocessing.cpu_count())
+
+
+def serve(site: Site, listen: str | None = None, workers: int | None = None, threads: int = 4,
+          access_log: bool = False) -> None:
+    host, port = parse_listen(listen or site.listen)
+    app = create_app(site)  # built before forking: config errors surface once, at start
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    options = {
+        "bind": bind,
+        "workers": workers or default_workers(),
+        "worker_class": "gthread",
+        "threads": threads,
+        "keepalive": 30,
+        "timeout": 60,
+        "graceful_timeout": 10,
+        "accesslog": "-" if access_log else None,
+        "errorlog": "-",
+        "loglevel": "info",
+        "proc_name": "provisioner-boot",
+        # A URL longer than this is answered 414 by gunicorn before the app sees it.
+        "limit_request_line": 4094,
+    }
+    _Gunicorn(app, options).run()

@@ -1,0 +1,256 @@
+"""The admin CLI: `provisioner COMMAND ...`. Thin: parse, call a module, print.
+
+Exit codes: 0 ok, 1 an operation failed, 2 usage or config error. Errors go to stderr as one
+line that says what to do next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from provisioner import ROLES, __version__
+from provisioner import config as configmod
+from provisioner.errors import ConfigError, OperationError, ProvisionerError, UsageError
+from provisioner.nodeset import fold, select
+from provisioner.store import Store, default_actor, iso
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Context:
+    """What every command gets: the parsed args, and the site/store loaded on first use."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self._site = None
+        self._store = None
+
+    @property
+    def site(self) -> configmod.Site:
+        if self._site is None:
+            self._site = configmod.load(configmod.find_config_path(self.args.config))
+        return self._site
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.site.store)
+            self._store.seed((n.name, n.default_role) for n in self.site.nodes.values())
+        return self._store
+
+    def nodes(self, expr: str | None) -> list[str]:
+        return select(expr, self.site.nodes)
+
+
+def emit_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def emit_table(headers: list[str], rows: list[list]) -> None:
+    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_check(ctx: Context) -> int:
+    site = ctx.site
+    shared = sum(1 for n in site.nodes.values() if n.shared)
+    print(f"{site.path}: ok: {len(site.nodes)} nodes ({shared} shared), "
+          f"images {', '.join(f'{r} {i.version}' for r, i in site.images.items())}")
+    return EXIT_OK
+
+
+def cmd_serve(ctx: Context) -> int:
+    from provisioner.boot.server import serve
+
+    if ctx.args.listen:
+        configmod.parse_listen(ctx.args.listen, lambda m: UsageError(f"--listen {m}"))
+    serve(ctx.site, ctx.args.listen, workers=ctx.args.workers, access_log=ctx.args.access_log)
+    return EXIT_OK
+
+
+def node_rows(ctx: Context, names: list[str]) -> list[dict]:
+    states = ctx.store.nodes(names)
+    rows = []
+    for name in names:
+        node, st = ctx.site.nodes[name], states.get(name)
+        rows.append({
+            "name": name,
+            "pool": node.pool,
+            "desired_role": st.desired_role if st else node.default_role,
+            "booted_role": st.booted_role if st else None,
+            "booted_version": st.booted_version if st else None,
+            "booted_at": iso(st.booted_at) if st else None,
+            "phase": st.phase if st else "steady",
+            "target_role": st.target_role if st else None,
+            "pinned": bool(st and st.pinned),
+            "pin_reason": st.pin_reason if st else None,
+            "failed_reason": st.failed_reason if st else None,
+            "macs": list(node.macs),
+            "ip": node.ip,
+        })
+    return rows
+
+
+def cmd_nodes(ctx: Context) -> int:
+    rows = node_rows(ctx, ctx.nodes(ctx.args.nodeset))
+    if ctx.args.json:
+        emit_json(rows)
+        return EXIT_OK
+    emit_table(
+        ["node", "pool", "desired", "booted", "phase", "pinned"],
+        [[r["name"], r["pool"], r["desired_role"], r["booted_role"],
+          r["phase"] + (f" ({r['failed_reason']})" if r["failed_reason"] else ""),
+          "yes" if r["pinned"] else "no"] for r in rows],
+    )
+    return EXIT_OK
+
+
+def _shared_only(ctx: Context, names: list[str]) -> None:
+    fixed = [n for n in names if not ctx.site.nodes[n].shared]
+    if fixed:
+        raise UsageError(f"{fold(fixed)} not in the shared pool: only shared nodes change role "
+                         f"(change pool in {ctx.site.path} first)")
+
+
+def cmd_role(ctx: Context) -> int:
+    names = ctx.nodes(ctx.args.nodeset)
+    _shared_only(ctx, names)
+    changed = ctx.store.set_role(names, ctx.args.role, actor=default_actor(), reason=ctx.args.reason, pin=True)
+    unchanged = [n for n in names if n not in changed]
+    if changed:
+        print(f"{fold(changed)}: desired role {ctx.args.role}, pinned ({ctx.args.reason})")
+    if unchanged:
+        print(f"{fold(unchanged)}: already {ctx.args.role} and pinned")
+    return EXIT_OK
+
+
+def cmd_release(ctx: Context) -> int:
+    names = ctx.nodes(ctx.args.nodeset)
+    changed = ctx.store.release(names, actor=default_actor(), reason=ctx.args.reason)
+    if changed:
+        print(f"{fold(changed)}: unpinned; the balancer may move them again")
+    others = [n for n in names if n not in changed]
+    if others:
+        print(f"{fold(others)}: were not pinned")
+    return EXIT_OK
+
+
+def cmd_render(ctx: Context) -> int:
+    from provisioner.boot.render import Renderer
+    from provisioner.tokens import load_or_create_secret
+
+    name = ctx.args.node
+    if name not in ctx.site.nodes:
+        raise UsageError(f"unknown node {name}: not in {ctx.site.path} (see `provisioner nodes`)")
+    node = ctx.site.nodes[name]
+    role = ctx.args.role or ctx.store.desired_role(name) or node.default_role
+    script = Renderer(ctx.site, load_or_create_secret(ctx.site.secret_file)).node(node, role, ctx.args.mac)
+    sys.stdout.write(script.text)
+    if not script.ok:
+        print(f"provisioner: {name} would get the unknown-node script: {script.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_history(ctx: Context) -> int:
+    names = None if ctx.args.nodeset is None else ctx.nodes(ctx.args.nodeset)
+    events = ctx.store.events(names, limit=ctx.args.limit, include_site=names is None)
+    if ctx.args.json:
+        emit_json([e.as_dict() for e in events])
+        return EXIT_OK
+    emit_table(["time", "node", "actor", "kind", "message"],
+               [[iso(e.ts), e.node, e.actor, e.kind, e.message] for e in events])
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="provisioner",
+        description="Diskless image switching for nodes shared between SLURM and Kubernetes.",
+    )
+    p.add_argument("--version", action="version", version=f"provisioner {__version__}")
+    p.add_argument("--config", "-c", metavar="PATH",
+                   help=f"site config (default: ${configmod.ENV_VAR} or {configmod.DEFAULT_PATH})")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, handler: Callable[[Context], int], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(handler=handler)
+        return sp
+
+    add("check", cmd_check, "validate the site config (exit 0 ok, 2 error)")
+
+    sp = add("serve", cmd_serve, "run the boot endpoint (gunicorn)")
+    sp.add_argument("--listen", metavar="HOST:PORT", help="default: site.listen")
+    sp.add_argument("--workers", type=int, help="worker processes (default: number of cores, at least 2)")
+    sp.add_argument("--access-log", action="store_true", help="log every request to stderr")
+
+    sp = add("nodes", cmd_nodes, "list nodes: pool, desired and booted role, phase, pinned")
+    sp.add_argument("nodeset", nargs="?", help="hostlist expression, e.g. sn[01-04] (default: all)")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("role", cmd_role, "force shared nodes to a role and pin them there")
+    sp.add_argument("nodeset")
+    sp.add_argument("role", choices=ROLES)
+    sp.add_argument("--reason", required=True, help="why (recorded in the history)")
+
+    sp = add("release", cmd_release, "unpin nodes: the balancer may move them again")
+    sp.add_argument("nodeset")
+    sp.add_argument("--reason", default="released by admin", help="why (recorded in the history)")
+
+    sp = add("render", cmd_render, "print the exact iPXE script a node gets")
+    sp.add_argument("node")
+    sp.add_argument("--role", choices=ROLES, help="render for this role instead of the desired one")
+    sp.add_argument("--mac", help="as if asked with this MAC (default: the node's first MAC)")
+
+    sp = add("history", cmd_history, "show the event log, oldest first")
+    sp.add_argument("nodeset", nargs="?", help="only these nodes (default: everything)")
+    sp.add_argument("--limit", type=int, default=100, help="the last N events (default 100; 0: all)")
+    sp.add_argument("--json", action="store_true")
+
+    return p
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    ctx = Context(args)
+    try:
+        return args.handler(ctx)
+    except ConfigError as exc:
+        print(f"provisioner: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"provisioner: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OperationError as exc:
+        print(f"provisioner: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ProvisionerError as exc:
+        print(f"provisioner: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("provisioner: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
