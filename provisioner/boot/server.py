@@ -49,6 +49,7 @@ def serve(site: Site, listen: str | None = None, workers: int | None = None, thr
         "errorlog": "-",
         "loglevel": "info",
         "proc_name": "provisioner-boot",
+        "control_socket_disable": True,  # no stray socket in root's home
         # A URL longer than this is answered 414 by gunicorn before the app sees it.
         "limit_request_line": 4094,
     }

@@ -1,0 +1,125 @@
+"""Boot endpoint behaviour, through Flask's test client (the real-server tests are in test_serve.py)."""
+
+import pytest
+
+from provisioner import config
+from provisioner.boot.app import create_app
+from provisioner.store import Store
+from provisioner.tokens import load_or_create_secret, node_token
+from tests.fixtures.site import mac
+
+
+@pytest.fixture
+def client(site):
+    app = create_app(site)
+    return app.test_client()
+
+
+def token(site, name):
+    return node_token(load_or_create_secret(site.secret_file), name)
+
+
+def test_stage1_chains_by_mac(client):
+    r = client.get("/boot.ipxe")
+    assert r.status_code == 200 and r.text.startswith("#!ipxe")
+    assert "/ipxe?mac=${netX/mac}" in r.text
+
+
+@pytest.mark.parametrize("spelling", ["52:54:00:03:00:02", "52-54-00-03-00-02", "525400030002", "52:54:00:03:00:02".upper()])
+def test_node_script_for_any_mac_spelling(client, spelling):
+    r = client.get(f"/ipxe?mac={spelling}")
+    assert r.status_code == 200
+    assert "kernel --name kernel http://127.0.0.1:8080/images/slurm/vmlinuz" in r.text
+    assert "provisioner.node=sn02 provisioner.role=slurm provisioner.version=1" in r.text
+    assert "initrd http://127.0.0.1:8080/images/slurm/initrd.img" in r.text
+    assert r.headers["Cache-Control"] == "no-store"
+
+
+def test_role_change_changes_the_script(client, site):
+    Store(site.store).set_role(["sn02"], "k8s", actor="t", reason="r", pin=True)
+    r = client.get(f"/ipxe?mac={mac(2, 3)}")
+    assert "images/k8s/vmlinuz" in r.text and "provisioner.role=k8s" in r.text
+
+
+@pytest.mark.parametrize("query, words", [
+    ("mac=52:54:00:99:99:99", "unknown MAC 52:54:00:99:99:99"),
+    ("mac=hello", "malformed MAC"),
+    ("", "no MAC given"),
+    ("mac=${net0/mac}", "malformed MAC"),
+])
+def test_unknown_or_bad_mac_gets_a_waiting_script(client, site, query, words):
+    r = client.get(f"/ipxe?{query}")
+    assert r.status_code == 200
+    assert r.text.startswith("#!ipxe") and words in r.text
+    assert "sleep" in r.text and "chain --autofree http://127.0.0.1:8080/boot.ipxe" in r.text
+    assert "${" not in r.text.split("echo provisioner:", 1)[1].split("\n")[0]  # nothing iPXE expands
+    assert any(e.kind == "boot-refused" for e in Store(site.store).events())
+
+
+def test_unknown_mac_flood_is_recorded_once(client, site):
+    for _ in range(20):
+        client.get("/ipxe?mac=52:54:00:99:99:98")
+    refused = [e for e in Store(site.store).events() if e.kind == "boot-refused"]
+    assert len(refused) == 1
+
+
+def test_missing_image_file_gets_a_waiting_script(client, site):
+    (site.image_root / "slurm" / "vmlinuz").unlink()
+    r = client.get(f"/ipxe?mac={mac(1, 3)}")
+    assert r.status_code == 200 and "is missing slurm/vmlinuz" in r.text and "sleep" in r.text
+
+
+def test_broken_template_gets_a_waiting_script(tmp_path):
+    import shutil
+
+    from tests.fixtures.site import ROOT, write_site
+
+    templates = tmp_path / "tpl"
+    shutil.copytree(ROOT / "pxe-templates", templates)
+    (templates / "slurm.ipxe.j2").write_text("#!ipxe\nkernel {{ no_such_variable }}\n")
+    site = config.load(write_site(tmp_path / "s", site={"templates": str(templates)}))
+    r = create_app(site).test_client().get(f"/ipxe?mac={mac(1, 3)}")
+    assert r.status_code == 200 and "template error" in r.text and "no_such_variable" in r.text
+
+
+def test_callback_records_booted_role(client, site):
+    r = client.post("/api/v1/nodes/sn01/booted", data={"role": "slurm", "version": "1", "token": token(site, "sn01")},
+                    environ_base={"REMOTE_ADDR": "10.0.3.1"})
+    assert r.status_code == 200 and r.json["booted_role"] == "slurm"
+    st = Store(site.store).get("sn01")
+    assert (st.booted_role, st.booted_version) == ("slurm", "1")
+    # JSON body and a bearer token work too
+    r = client.post("/api/v1/nodes/sn01/booted", json={"role": "k8s", "version": "2"},
+                    headers={"Authorization": f"Bearer {token(site, 'sn01')}"}, environ_base={"REMOTE_ADDR": "10.0.3.1"})
+    assert r.status_code == 200 and Store(site.store).get("sn01").booted_role == "k8s"
+
+
+@pytest.mark.parametrize("node, tok_for, source, role, code", [
+    ("sn01", "sn02", "10.0.3.1", "slurm", 403),  # another node's token
+    ("sn01", None, "10.0.3.1", "slurm", 403),  # no token
+    ("sn01", "sn01", "10.0.3.2", "slurm", 403),  # right token, wrong source address
+    ("sn01", "sn01", "10.0.3.1", "windows", 400),
+    ("zz99", "sn01", "10.0.3.1", "slurm", 404),
+])
+def test_callback_rejections(client, site, node, tok_for, source, role, code):
+    data = {"role": role, "version": "1"}
+    if tok_for:
+        data["token"] = token(site, tok_for)
+    r = client.post(f"/api/v1/nodes/{node}/booted", data=data, environ_base={"REMOTE_ADDR": source})
+    assert r.status_code == code
+    if node in site.nodes:
+        assert Store(site.store).get(node).booted_role is None
+
+
+def test_images_range_and_conditional(client):
+    r = client.get("/images/slurm/vmlinuz", headers={"Range": "bytes=0-4"})
+    assert r.status_code == 206 and r.data == b"slurm"
+    full = client.get("/images/slurm/vmlinuz")
+    assert full.status_code == 200
+    again = client.get("/images/slurm/vmlinuz", headers={"If-None-Match": full.headers["ETag"]})
+    assert again.status_code == 304
+
+
+def test_healthz(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json["ok"] is True

@@ -1,0 +1,111 @@
+"""The real boot server (gunicorn) and the CLI, as an admin and as hostile clients see them."""
+
+import http.client
+import json
+import random
+import urllib.request
+
+import pytest
+
+from tests.fixtures.boot_server import cli
+from tests.fixtures.site import mac
+
+pytestmark = pytest.mark.integration
+
+
+def get(server, path):
+    with urllib.request.urlopen(server.url + path, timeout=10) as r:
+        return r.status, r.read().decode()
+
+
+def test_admin_scenario(boot_server):
+    """The issue's walk-through: slurm script, force to k8s, k8s script, pinned, in the history."""
+    status, text = get(boot_server, f"/ipxe?mac={mac(1, 3)}")
+    assert status == 200 and "images/slurm/vmlinuz" in text and "provisioner.node=sn01" in text
+
+    r = cli(boot_server.config, "role", "sn01", "k8s", "--reason", "test")
+    assert r.returncode == 0, r.stderr
+    status, text = get(boot_server, f"/ipxe?mac={mac(1, 3).upper().replace(':', '-')}")
+    assert status == 200 and "images/k8s/vmlinuz" in text and "provisioner.role=k8s" in text
+
+    nodes = json.loads(cli(boot_server.config, "nodes", "sn[01-02]", "--json", check=True).stdout)
+    assert [(n["name"], n["desired_role"], n["pinned"]) for n in nodes] == [("sn01", "k8s", True), ("sn02", "slurm", False)]
+    rendered = cli(boot_server.config, "render", "sn01", check=True).stdout
+    assert rendered == text.replace(mac(1, 3).upper().replace(":", "-"), mac(1, 3))  # the exact script
+
+    history = cli(boot_server.config, "history", "sn01", check=True).stdout
+    assert "desired role slurm -> k8s (pinned): test" in history
+    events = json.loads(cli(boot_server.config, "history", "sn01", "--json", check=True).stdout)
+    assert events[-1]["kind"] == "role" and events[-1]["data"]["reason"] == "test"
+
+    assert cli(boot_server.config, "release", "sn01").returncode == 0
+    assert json.loads(cli(boot_server.config, "nodes", "sn01", "--json").stdout)[0]["pinned"] is False
+
+
+def test_cli_exit_codes(boot_server, tmp_path):
+    assert cli(boot_server.config, "check").returncode == 0
+    r = cli(boot_server.config, "role", "cn01", "k8s", "--reason", "x")
+    assert r.returncode == 2 and "shared pool" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli(boot_server.config, "nodes", "sn[01-")
+    assert r.returncode == 2 and "bad hostlist" in r.stderr
+    r = cli(boot_server.config, "role", "sn01", "k8s")  # --reason is required
+    assert r.returncode == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(boot_server.config.read_text().replace(mac(2, 3), mac(1, 3)))
+    r = cli(bad, "check")
+    assert r.returncode == 2 and str(bad) in r.stderr and "nodes[1].macs[1]" in r.stderr and "duplicate MAC" in r.stderr
+
+
+def hostile_requests(n: int, seed: int = 7):
+    rnd = random.Random(seed)
+    paths = [
+        "/images/../site.yaml", "/images/..%2fsite.yaml", "/images/%2e%2e/site.yaml", "/images/%2e%2e%2fsecret",
+        "/images//etc/passwd", "/images/slurm/../../secret", "/images/slurm/%00", "/images/./../state.db",
+        "/images/" + "a/" * 300, "/../../etc/passwd", "/ipxe/../site.yaml", "/images/slurm",
+        "/api/v1/nodes/../../site.yaml/booted",
+    ]
+    for i in range(n):
+        kind = i % 6
+        if kind == 0:
+            yield "GET", rnd.choice(paths), None, {}
+        elif kind == 1:
+            junk = "".join(rnd.choice("abcdef0123456789:-%$%{}'\"<>;|&\\/") for _ in range(rnd.randint(0, 40)))
+            yield "GET", f"/ipxe?mac={junk}", None, {}
+        elif kind == 2:
+            yield "GET", "/ipxe?mac=" + "A" * rnd.choice([100, 2000, 3500]) + "&x=" + "y" * rnd.randint(0, 400), None, {}
+        elif kind == 3:
+            yield rnd.choice(["POST", "PUT", "DELETE", "PATCH", "OPTIONS"]), rnd.choice(["/ipxe?mac=x", "/boot.ipxe", "/images/slurm/vmlinuz", "/healthz"]), b"x=1", {}
+        elif kind == 4:
+            body = rnd.choice([b"", b"role=slurm", b'{"role": "k8s"}', b"\xff\xfe" * 50, b"{" * 100, b"role=" + b"x" * 5000])
+            yield "POST", f"/api/v1/nodes/{rnd.choice(['sn01', 'zz', 'sn01%00', '..'])}/booted", body, {
+                "Content-Type": rnd.choice(["application/json", "application/x-www-form-urlencoded", "text/plain"])}
+        else:
+            yield "GET", "/images/slurm/vmlinuz", None, {"Range": rnd.choice(["bytes=9999-", "bytes=-0", "bytes=x", "bytes=5-1"])}
+
+
+def test_a_thousand_hostile_requests(boot_server):
+    """No 5xx, and nothing outside the image folder is ever served."""
+    site_dir = boot_server.config.parent
+    # the token secret, the BMC password, site.yaml, the SQLite store
+    secrets = [(site_dir / "secret").read_text().strip(), "s3cret-bmc-pw", "secret_file:", "SQLite format 3"]
+    conn = http.client.HTTPConnection("127.0.0.1", boot_server.port, timeout=10)
+    codes = {}
+    for method, path, body, headers in hostile_requests(1000):
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read().decode(errors="replace")
+        except (http.client.HTTPException, ConnectionError):
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", boot_server.port, timeout=10)
+            continue
+        codes[resp.status] = codes.get(resp.status, 0) + 1
+        assert resp.status < 500, (method, path, resp.status, data[:200])
+        for s in secrets:
+            assert s not in data, (method, path)
+        if resp.will_close:
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", boot_server.port, timeout=10)
+    assert sum(codes.values()) >= 950  # the server kept answering
+    status, text = get(boot_server, f"/ipxe?mac={mac(1, 3)}")  # and still serves nodes
+    assert status == 200 and "images/slurm/vmlinuz" in text
