@@ -58,6 +58,17 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
         BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
     """,
+    # 1 -> 2: the balancer's bookkeeping: why and by whom a switch was started, and since when
+    # each side's demand has been seen (demand must persist before it moves a node).
+    """
+    ALTER TABLE nodes ADD COLUMN switch_reason TEXT;
+    ALTER TABLE nodes ADD COLUMN switch_actor TEXT;
+    CREATE TABLE demand (
+        side   TEXT PRIMARY KEY,
+        since  REAL NOT NULL,
+        amount INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -67,6 +78,7 @@ FAILED = "failed"
 _NODE_COLUMNS = (
     "name", "desired_role", "booted_role", "booted_version", "booted_at", "pinned", "pin_reason",
     "phase", "target_role", "phase_since", "attempts", "failed_reason", "last_switch_at", "updated_at",
+    "switch_reason", "switch_actor",
 )
 
 
@@ -86,6 +98,8 @@ class NodeState:
     failed_reason: str | None
     last_switch_at: float | None
     updated_at: float
+    switch_reason: str | None = None
+    switch_actor: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _NODE_COLUMNS}

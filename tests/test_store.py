@@ -101,3 +101,28 @@ def test_concurrent_processes(tmp_path):
     notes = [e for e in Store(db).events(kinds=["note"])]
     assert len(notes) == 6 * 40
     assert len({e.message for e in notes}) == 6 * 40
+
+
+def test_migrates_an_old_store_keeping_its_data(tmp_path):
+    from provisioner.store import MIGRATIONS, _split_sql
+
+    db = tmp_path / "old.db"
+    c = sqlite3.connect(db, isolation_level=None)
+    for stmt in _split_sql(MIGRATIONS[0]):
+        c.execute(stmt)
+    c.execute("PRAGMA user_version = 1")
+    c.execute("INSERT INTO nodes (name, desired_role, pinned, updated_at) VALUES ('a', 'k8s', 1, 1.0)")
+    c.close()
+    s = Store(db)
+    assert s.schema_version() == SCHEMA_VERSION
+    st = s.get("a")
+    assert (st.desired_role, st.pinned, st.switch_reason) == ("k8s", True, None)
+
+
+def test_demand_persistence_bookkeeping(tmp_path):
+    s = Store(tmp_path / "s.db")
+    assert s.set_demand({"slurm": 3, "k8s": 0}, now=100.0) == {"slurm": None, "k8s": None}
+    assert s.set_demand({"slurm": 2, "k8s": 1}, now=160.0) == {"slurm": 100.0, "k8s": None}
+    assert s.set_demand({"slurm": 0, "k8s": 1}, now=220.0) == {"slurm": None, "k8s": 160.0}
+    assert s.set_demand({"slurm": 1, "k8s": 1}, now=280.0) == {"slurm": None, "k8s": 160.0}  # blinked: starts over
+    assert s.demand_since() == {"slurm": 280.0, "k8s": 160.0}
