@@ -338,6 +338,26 @@ class Store:
             self._event(c, now, name, actor, kind, message, data)
         return True
 
+    # -- demand persistence ----------------------------------------------------------
+
+    def demand_since(self) -> dict[str, float]:
+        return {r["side"]: r["since"] for r in self._conn().execute("SELECT side, since FROM demand")}
+
+    def set_demand(self, amounts: dict[str, int], now: float) -> dict[str, float | None]:
+        """Record which sides have demand now. A side keeps its first-seen time while its demand
+        lasts, and loses it as soon as one pass sees none (demand that blinks starts over).
+        Returns the first-seen time of each side BEFORE this pass (None: new or no demand)."""
+        with self.transaction() as c:
+            before = {r["side"]: r["since"] for r in c.execute("SELECT side, since FROM demand")}
+            for side, amount in amounts.items():
+                if amount > 0 and side not in before:
+                    c.execute("INSERT INTO demand (side, since, amount) VALUES (?, ?, ?)", (side, now, amount))
+                elif amount > 0:
+                    c.execute("UPDATE demand SET amount = ? WHERE side = ?", (amount, side))
+                else:
+                    c.execute("DELETE FROM demand WHERE side = ?", (side,))
+        return {side: before.get(side) if amounts.get(side, 0) > 0 else None for side in amounts}
+
     # -- events --------------------------------------------------------------------
 
     def add_event(self, node: str | None, actor: str, kind: str, message: str, data: dict | None = None) -> None:
