@@ -17,4 +17,5 @@ pytest_plugins = [
     "tests.fixtures.site",
     "tests.fixtures.boot_server",
     "tests.fixtures.sshd",
+    "tests.fixtures.slurm_cluster",
 ]
