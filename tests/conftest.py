@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
 # Fixture plugins, one module per area (each owns its daemons and cleans up after itself).
 pytest_plugins = [
     "tests.fixtures.site",
+    "tests.fixtures.kube",
     "tests.fixtures.boot_server",
     "tests.fixtures.sshd",
     "tests.fixtures.slurm_cluster",

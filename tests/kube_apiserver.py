@@ -1163,8 +1163,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                  "accept": self.headers.get("Accept", ""), "user_agent": self.headers.get("User-Agent", ""),
                  "body": body.decode(errors="replace")}
         try:
-            if self.api.failure is not None:
-                code = self.api.failure
+            for hook in list(self.api.hooks):
+                hook(entry)
+            if self.api.failure is not None and self.api.failure[1](entry):
+                code = self.api.failure[0]
                 raise ApiError(code, {500: "InternalError", 503: "ServiceUnavailable"}.get(code, "InternalError"),
                                "Internal error occurred: etcdserver: request timed out" if code == 500 else
                                "the server is currently unable to handle the request")
@@ -1199,7 +1201,9 @@ class KubeApiServer:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port
-        self.failure: int | None = None
+        self.failure: tuple[int, Any] | None = None  # (status, which requests)
+        self.hooks: list = []  # callables(entry) run before each request is served
+        self.kubeconfig: Path | None = None  # set by whoever writes the main kubeconfig
         self.requests: list[dict] = []
         self.connections: set[socket.socket] = set()
         self._httpd: http.server.ThreadingHTTPServer | None = None
@@ -1216,6 +1220,10 @@ class KubeApiServer:
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._httpd is not None
 
     def start(self) -> "KubeApiServer":
         handler = type("Handler", (_Handler,), {"api": self})
@@ -1260,9 +1268,10 @@ class KubeApiServer:
             self.start()
 
     @contextmanager
-    def failing(self, status: int = 500):
-        """Every request is answered with `status` (a Status object) inside the block."""
-        self.failure = status
+    def failing(self, status: int = 500, when=None):
+        """Inside the block, requests are answered with `status` (a Status object): all of them,
+        or those for which when(entry) is true (entry: method, path, query, ...)."""
+        self.failure = (status, when or (lambda entry: True))
         try:
             yield
         finally:
@@ -1280,6 +1289,7 @@ class KubeApiServer:
         """An empty cluster, no failure injected, request log cleared (between tests)."""
         self.cluster.reset()
         self.failure = None
+        self.hooks.clear()
         self.requests.clear()
 
     def write_kubeconfig(self, path: str | Path, token: str | None = None, context: str = "test") -> Path:
@@ -1319,9 +1329,9 @@ class KubeApiServer:
 
     def route(self, method: str, path: str, query: dict, ctype: str, body: bytes, accept: str):
         parts = [p for p in path.split("/") if p]
-        if method == "GET" and path in ("/healthz", "/livez", "/readyz"):
+        if method == "GET" and len(parts) == 1 and parts[0] in ("healthz", "livez", "readyz"):
             return 200, "ok"
-        if method == "GET" and path == "/version":
+        if method == "GET" and parts == ["version"]:
             return 200, SERVER_VERSION
         if method == "GET" and parts == ["api"]:
             return 200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
@@ -1359,6 +1369,11 @@ class KubeApiServer:
             raise bad_request(f"Invalid dry run value: {dry!r}; only 'All' is supported")
         dry_run = dry == "All"
 
+        if method in ("POST", "PUT") and ctype not in ("", "application/json"):
+            # The real server also reads YAML and protobuf; this one only JSON (no Content-Type
+            # means JSON there too).
+            raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
+                           "accepted media types include: application/json")
         if sub is not None:
             if res.plural == "pods" and sub == "eviction" and method == "POST":
                 return 201, self.cluster.evict(ns, name, _json(body), dry_run)
@@ -1414,9 +1429,6 @@ class KubeApiServer:
                                f"{', '.join(PATCH_TYPES)}")
             return 200, self.cluster.patch(res, ns, name, ctype, _json(body), dry_run)
         if verb == "update":
-            if ctype != "application/json":
-                raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
-                               "accepted media types include: application/json")
             obj = _json(body)
             return 200, self.cluster.update(res, ns, name, obj, dry_run, None)
         if verb == "delete":

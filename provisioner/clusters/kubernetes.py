@@ -1,0 +1,529 @@
+"""Kubernetes adapter: observe pending pods and nodes, cordon/uncordon, label, evict, delete.
+
+Built on the official `kubernetes` Python client (a kubeconfig file, or the in-cluster service
+account). It does I/O and never decides: observations come back as plain frozen dataclasses for
+the policy, and every action checks its preconditions, then verifies the state it left.
+
+Ownership: provisioner marks the cordons it sets with the node annotation
+`provisioner/cordoned=true` (set in the same patch as spec.unschedulable, with the node's
+resourceVersion as a precondition, so a concurrent change is a 409 and not a lost update).
+A cordon without that annotation belongs to someone else (an admin, kubectl drain, an upgrade
+tool) and `uncordon()` refuses to lift it.
+
+Evictions go through the Eviction API only. A 429 means a PodDisruptionBudget does not allow it
+*now*: the pod is reported as blocked and the node as not yet free; nothing is ever force-deleted.
+
+Errors: API server unreachable, timing out, or answering 401/403/5xx become one OperationError
+that says what to check; the operation stops at the first failed call (observations are read
+before any write, so a failing server means no action was taken).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import urllib3
+from kubernetes import client, config as kube_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.utils import parse_quantity
+
+from provisioner import ROLES
+from provisioner.config import KubernetesSettings
+from provisioner.errors import OperationError, UsageError
+
+log = logging.getLogger(__name__)
+
+CORDON_ANNOTATION = "provisioner/cordoned"
+_MIRROR_ANNOTATION = "kubernetes.io/config.mirror"  # static pods: bound to their node, not evictable
+_FINISHED = ("Succeeded", "Failed")
+_CONFLICT_RETRIES = 3
+
+# --------------------------------------------------------------------------- observations
+
+
+@dataclass(frozen=True)
+class Toleration:
+    key: str | None
+    operator: str  # Equal or Exists
+    value: str | None
+    effect: str | None  # None: every effect
+
+
+@dataclass(frozen=True)
+class Taint:
+    key: str
+    value: str | None
+    effect: str  # NoSchedule, PreferNoSchedule, NoExecute
+
+
+@dataclass(frozen=True)
+class PendingPod:
+    """A pod the scheduler could not place (Pending, PodScheduled=False, reason Unschedulable).
+
+    The resource fields have the same names and units as policy.PendingPod."""
+
+    namespace: str
+    name: str
+    cpu_m: int  # millicores requested (the pod's effective request: containers, init containers, overhead)
+    memory: int  # bytes requested
+    gpus: int  # extended resources named */gpu (nvidia.com/gpu, amd.com/gpu)
+    node_selector: tuple[tuple[str, str], ...]  # sorted (key, value) pairs
+    tolerations: tuple[Toleration, ...]
+    # Required node affinity: any one term must match; a term is (key, operator, values) triples.
+    node_affinity: tuple[tuple[tuple[str, str, tuple[str, ...]], ...], ...]
+    priority: int
+    created: datetime | None
+    message: str  # the scheduler's reason, e.g. "0/3 nodes are available: 3 Insufficient cpu."
+
+
+@dataclass(frozen=True)
+class PodOnNode:
+    namespace: str
+    name: str
+    phase: str
+    terminating: bool  # deletion requested (evicted), still shutting down
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class KubeNode:
+    name: str
+    ready: bool  # condition Ready is True
+    unschedulable: bool  # spec.unschedulable: cordoned, by anyone
+    cordoned_by_us: bool  # unschedulable, and the cordon carries provisioner's annotation
+    role: str | None  # the value of the role label (settings.label_key): slurm, k8s or None
+    labels: tuple[tuple[str, str], ...]  # sorted (key, value) pairs
+    taints: tuple[Taint, ...]
+    cpu_m: int  # allocatable millicores
+    memory: int  # allocatable bytes
+    gpus: int  # allocatable */gpu
+    # Pods that hold the node: not DaemonSet-owned, not static (mirror) pods, not finished.
+    pods: tuple[PodOnNode, ...]
+    ready_reason: str = ""  # the Ready condition's reason (KubeletReady, KubeletNotReady, ...)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pods)
+
+    @property
+    def cordoned_by_other(self) -> bool:
+        return self.unschedulable and not self.cordoned_by_us
+
+
+@dataclass(frozen=True)
+class EvictionResult:
+    node: str
+    evicted: tuple[str, ...]  # "namespace/name" the API accepted to evict in this call
+    blocked: tuple[tuple[str, str], ...]  # ("namespace/name", why): refused for now (PodDisruptionBudget)
+    remaining: tuple[str, ...]  # pods still holding the node after this call (blocked or terminating)
+
+    @property
+    def free(self) -> bool:
+        """No pod holds the node any more: it may be switched."""
+        return not self.remaining
+
+
+# --------------------------------------------------------------------------- quantities
+
+
+def _cpu_m(q: Any) -> int:
+    return int(math.ceil(parse_quantity(q) * 1000))
+
+
+def _amount(q: Any) -> int:
+    return int(math.ceil(parse_quantity(q)))
+
+
+def _resources(d: dict[str, Any] | None) -> tuple[int, int, int]:
+    d = d or {}
+    gpus = sum(_amount(v) for k, v in d.items() if k.endswith("/gpu"))
+    return (_cpu_m(d["cpu"]) if "cpu" in d else 0, _amount(d["memory"]) if "memory" in d else 0, gpus)
+
+
+def _container_requests(c: client.V1Container) -> tuple[int, int, int]:
+    r = c.resources
+    # A limit without a request is also the request (the API server defaults it so).
+    merged = {**((r.limits if r else None) or {}), **((r.requests if r else None) or {})}
+    return _resources(merged)
+
+
+def pod_requests(spec: client.V1PodSpec) -> tuple[int, int, int]:
+    """The pod's effective request, as the scheduler computes it: the larger of the containers'
+    sum and the largest init container, plus the pod overhead."""
+    total = [0, 0, 0]
+    for c in spec.containers or []:
+        for i, v in enumerate(_container_requests(c)):
+            total[i] += v
+    for c in spec.init_containers or []:
+        for i, v in enumerate(_container_requests(c)):
+            total[i] = max(total[i], v)
+    for i, v in enumerate(_resources(spec.overhead)):
+        total[i] += v
+    return total[0], total[1], total[2]
+
+
+def _controller_kind(meta: client.V1ObjectMeta) -> str | None:
+    return next((o.kind for o in meta.owner_references or [] if o.controller), None)
+
+
+def _holds_node(pod: client.V1Pod) -> bool:
+    """A pod that must leave before the node can switch: not finished, not a DaemonSet pod (it
+    runs on every node and leaves with the node), not a static pod (same)."""
+    if (pod.status.phase if pod.status else None) in _FINISHED:
+        return False
+    if _controller_kind(pod.metadata) == "DaemonSet":
+        return False
+    return _MIRROR_ANNOTATION not in (pod.metadata.annotations or {})
+
+
+def _pod_key(pod: client.V1Pod) -> str:
+    return f"{pod.metadata.namespace}/{pod.metadata.name}"
+
+
+# --------------------------------------------------------------------------- the adapter
+
+
+class KubernetesAdapter:
+    def __init__(self, settings: KubernetesSettings):
+        self.settings = settings
+        cfg = client.Configuration()
+        try:
+            if settings.in_cluster:
+                kube_config.load_incluster_config(client_configuration=cfg)
+                self._credentials = "the pod's service account token"
+            else:
+                path = settings.kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or \
+                    os.path.expanduser("~/.kube/config")
+                if not os.path.isfile(path):
+                    raise OperationError(f"kubeconfig {path} does not exist: set kubernetes.kubeconfig in the site "
+                                         "config (or kubernetes.in_cluster: true inside a pod)")
+                kube_config.load_kube_config(config_file=path, context=settings.context, client_configuration=cfg,
+                                             persist_config=False)
+                self._credentials = f"the credentials in {path}"
+        except ConfigException as exc:
+            where = "kubernetes.in_cluster" if settings.in_cluster else "kubernetes.kubeconfig / kubernetes.context"
+            raise OperationError(f"cannot load the Kubernetes client config: {exc}; check {where} in the "
+                                 "site config") from None
+        # One quick retry on a connection error; never on an answer (a 5xx is reported, not hidden).
+        cfg.retries = urllib3.Retry(total=1, read=0, status=0, redirect=0, raise_on_status=False)
+        self.host = cfg.host
+        self._api_client = client.ApiClient(cfg)
+        self.core = client.CoreV1Api(self._api_client)
+        self._timeout = settings.timeout_s
+
+    def close(self) -> None:
+        self._api_client.close()
+
+    def __enter__(self) -> "KubernetesAdapter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- calls and their errors ---------------------------------------------------
+
+    def _call(self, what: str, fn, *args, expect: tuple[int, ...] = (), **kwargs):
+        """Call the API. Statuses in `expect` re-raise the ApiException for the caller to handle;
+        everything else becomes one OperationError that says what to check."""
+        try:
+            return fn(*args, _request_timeout=self._timeout, **kwargs)
+        except ApiException as exc:
+            if exc.status in expect:
+                raise
+            raise self._api_error(what, exc) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise OperationError(f"Kubernetes API {self.host}: {what} failed: {_network_reason(exc, self._timeout)}; "
+                                 "check that the API server is up and that kubernetes.kubeconfig points at it") from None
+        except ValueError as exc:  # the client could not read the answer (not the Kubernetes API?)
+            raise OperationError(f"Kubernetes API {self.host}: {what}: unreadable answer ({exc.__class__.__name__}); "
+                                 "check that kubernetes.kubeconfig points at a Kubernetes API server") from None
+
+    def _api_error(self, what: str, exc: ApiException) -> OperationError:
+        code, msg = exc.status, _status_message(exc)
+        if code == 401:
+            return OperationError(f"Kubernetes API {self.host} rejected {self._credentials} (HTTP 401 Unauthorized) "
+                                  f"while {what}: renew the token")
+        if code == 403:
+            return OperationError(f"Kubernetes API {self.host} forbids {what} (HTTP 403: {msg}): grant the "
+                                  "provisioner's account RBAC rights on nodes, pods and pods/eviction")
+        if code and code >= 500:
+            return OperationError(f"Kubernetes API {self.host} failed while {what} (HTTP {code}: {msg}): check the "
+                                  "API server's health, then retry")
+        return OperationError(f"Kubernetes API {self.host} refused {what} (HTTP {code}: {msg})")
+
+    def _read_node(self, name: str, what: str) -> client.V1Node:
+        try:
+            return self._call(what, self.core.read_node, name, expect=(404,))
+        except ApiException:
+            raise OperationError(f"Kubernetes has no node {name} (while {what}): check the node name, or wait "
+                                 "until its kubelet registers") from None
+
+    # -- observe ---------------------------------------------------------------------
+
+    def server_version(self) -> str:
+        info = self._call("reading the server version", client.VersionApi(self._api_client).get_code)
+        return info.git_version
+
+    def pending_pods(self) -> list[PendingPod]:
+        """Pods the scheduler could not place. Pods not yet looked at by the scheduler, being
+        deleted, scheduled, or finished are not demand."""
+        pods = self._call("listing pending pods", self.core.list_pod_for_all_namespaces,
+                          field_selector="status.phase=Pending")
+        out = []
+        for pod in pods.items:
+            if pod.spec.node_name or pod.metadata.deletion_timestamp:
+                continue
+            cond = next((c for c in (pod.status.conditions or []) if c.type == "PodScheduled"), None)
+            if not cond or cond.status != "False" or cond.reason != "Unschedulable":
+                continue
+            cpu_m, memory, gpus = pod_requests(pod.spec)
+            out.append(PendingPod(
+                namespace=pod.metadata.namespace,
+                name=pod.metadata.name,
+                cpu_m=cpu_m,
+                memory=memory,
+                gpus=gpus,
+                node_selector=tuple(sorted((pod.spec.node_selector or {}).items())),
+                tolerations=tuple(Toleration(t.key, t.operator or "Equal", t.value, t.effect)
+                                  for t in pod.spec.tolerations or []),
+                node_affinity=_required_affinity(pod.spec),
+                priority=pod.spec.priority or 0,
+                created=pod.metadata.creation_timestamp,
+                message=cond.message or "",
+            ))
+        return out
+
+    def nodes(self, names: Iterable[str] | None = None) -> dict[str, KubeNode]:
+        """The nodes (all, or those named that exist in Kubernetes) with the pods holding them.
+        A name missing from the result has no Node object (never joined, or deleted)."""
+        wanted = set(names) if names is not None else None
+        node_list = self._call("listing nodes", self.core.list_node)
+        pods = self._call("listing pods", self.core.list_pod_for_all_namespaces,
+                          field_selector="status.phase!=Succeeded,status.phase!=Failed")
+        by_node: dict[str, list[PodOnNode]] = {}
+        for pod in pods.items:
+            if pod.spec.node_name and _holds_node(pod):
+                by_node.setdefault(pod.spec.node_name, []).append(PodOnNode(
+                    pod.metadata.namespace, pod.metadata.name, pod.status.phase or "Unknown",
+                    pod.metadata.deletion_timestamp is not None))
+        out = {}
+        for node in node_list.items:
+            name = node.metadata.name
+            if wanted is None or name in wanted:
+                out[name] = self._kube_node(node, by_node.get(name, []))
+        return out
+
+    def node(self, name: str) -> KubeNode | None:
+        """One node, or None when Kubernetes has no Node object of that name."""
+        return self.nodes([name]).get(name)
+
+    def _kube_node(self, node: client.V1Node, pods: list[PodOnNode]) -> KubeNode:
+        labels = node.metadata.labels or {}
+        ready = next((c for c in (node.status.conditions or []) if c.type == "Ready"), None) if node.status else None
+        unschedulable = bool(node.spec and node.spec.unschedulable)
+        cpu_m, memory, gpus = _resources(node.status.allocatable if node.status else None)
+        return KubeNode(
+            name=node.metadata.name,
+            ready=bool(ready and ready.status == "True"),
+            unschedulable=unschedulable,
+            cordoned_by_us=unschedulable and _ours(node),
+            role=labels.get(self.settings.label_key),
+            labels=tuple(sorted(labels.items())),
+            taints=tuple(Taint(t.key, t.value, t.effect) for t in (node.spec.taints if node.spec else None) or []),
+            cpu_m=cpu_m,
+            memory=memory,
+            gpus=gpus,
+            pods=tuple(sorted(pods, key=lambda p: p.key)),
+            ready_reason=(ready.reason or "") if ready else "",
+        )
+
+    # -- act -------------------------------------------------------------------------
+
+    def cordon(self, name: str) -> bool:
+        """Make the node unschedulable and mark the cordon as provisioner's.
+
+        Returns True when the cordon is ours (set now, or already ours), False when the node was
+        already cordoned by someone else: then it is left as it is and not claimed, so that
+        provisioner will never lift it."""
+        what = f"cordoning node {name}"
+        for _ in range(_CONFLICT_RETRIES):
+            node = self._read_node(name, what)
+            if node.spec and node.spec.unschedulable:
+                return _ours(node)
+            body = {"metadata": {"resourceVersion": node.metadata.resource_version,
+                                 "annotations": {CORDON_ANNOTATION: "true"}},
+                    "spec": {"unschedulable": True}}
+            try:
+                result = self._call(what, self.core.patch_node, name, body, expect=(409,),
+                                    _content_type="application/strategic-merge-patch+json")
+            except ApiException:
+                continue  # changed under us (perhaps cordoned by someone): look again
+            if not (result.spec and result.spec.unschedulable and _ours(result)):
+                raise OperationError(f"cordoning node {name}: the API accepted the patch but the node is not "
+                                     "cordoned by provisioner; check admission webhooks on nodes")
+            log.info("cordoned node %s", name)
+            return True
+        raise OperationError(f"{what}: the node kept changing under us ({_CONFLICT_RETRIES} conflicts); retry later")
+
+    def uncordon(self, name: str) -> None:
+        """Lift provisioner's cordon. Refuses (OperationError) when the cordon is someone else's."""
+        what = f"uncordoning node {name}"
+        for _ in range(_CONFLICT_RETRIES):
+            node = self._read_node(name, what)
+            cordoned = bool(node.spec and node.spec.unschedulable)
+            if cordoned and not _ours(node):
+                raise OperationError(f"node {name} was cordoned by someone else (no {CORDON_ANNOTATION} annotation): "
+                                     f"provisioner leaves it cordoned; run `kubectl uncordon {name}` if it should "
+                                     "take pods again")
+            if not cordoned and not _ours(node):
+                return
+            # Ours (or a stale mark of ours on a node someone already uncordoned): clear both.
+            body = {"metadata": {"resourceVersion": node.metadata.resource_version,
+                                 "annotations": {CORDON_ANNOTATION: None}},
+                    "spec": {"unschedulable": None}}
+            try:
+                result = self._call(what, self.core.patch_node, name, body, expect=(409,),
+                                    _content_type="application/strategic-merge-patch+json")
+            except ApiException:
+                continue
+            if (result.spec and result.spec.unschedulable) or _ours(result):
+                raise OperationError(f"uncordoning node {name}: the API accepted the patch but the node is still "
+                                     "cordoned; check admission webhooks on nodes")
+            log.info("uncordoned node %s", name)
+            return
+        raise OperationError(f"{what}: the node kept changing under us ({_CONFLICT_RETRIES} conflicts); retry later")
+
+    def label(self, name: str, role: str) -> None:
+        """Set the role label (the paper's `kubectl label nodes NODE sched=ROLE --overwrite`)."""
+        if role not in ROLES:
+            raise UsageError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+        key = self.settings.label_key
+        what = f"labelling node {name} {key}={role}"
+        self._read_node(name, what)  # a clear "no such node" rather than a bare 404
+        result = self._call(what, self.core.patch_node, name, {"metadata": {"labels": {key: role}}},
+                            _content_type="application/merge-patch+json")
+        if (result.metadata.labels or {}).get(key) != role:
+            raise OperationError(f"{what}: the API accepted the patch but the label reads "
+                                 f"{(result.metadata.labels or {}).get(key)!r}; check admission webhooks on nodes")
+        log.info("labelled node %s %s=%s", name, key, role)
+
+    def evict_pods(self, name: str) -> EvictionResult:
+        """Ask the Eviction API to evict every pod holding the node (see KubeNode.pods).
+
+        The node must be cordoned first (else the pods could come straight back). A pod whose
+        eviction a PodDisruptionBudget refuses (429) is reported in `blocked`; nothing is deleted
+        directly. Returns what happened and which pods still hold the node afterwards."""
+        what = f"evicting the pods of node {name}"
+        node = self._read_node(name, what)
+        if not (node.spec and node.spec.unschedulable):
+            raise OperationError(f"node {name} is not cordoned: cordon it before evicting its pods")
+        evicted: list[str] = []
+        blocked: list[tuple[str, str]] = []
+        for pod in self._pods_holding(name, what):
+            if pod.metadata.deletion_timestamp:
+                continue  # already on its way out
+            key = _pod_key(pod)
+            body = client.V1Eviction(api_version="policy/v1", kind="Eviction",
+                                     metadata=client.V1ObjectMeta(name=pod.metadata.name,
+                                                                  namespace=pod.metadata.namespace))
+            try:
+                self._call(f"evicting pod {key} from node {name}" + (f" (after evicting {', '.join(evicted)})"
+                                                                     if evicted else ""),
+                           self.core.create_namespaced_pod_eviction, pod.metadata.name, pod.metadata.namespace,
+                           body, expect=(404, 429))
+            except ApiException as exc:
+                if exc.status == 429:
+                    blocked.append((key, _status_message(exc, causes=True)))
+                    log.info("eviction of %s refused for now: %s", key, blocked[-1][1])
+                continue  # 404: gone already
+            evicted.append(key)
+            log.info("evicted %s from node %s", key, name)
+        remaining = tuple(sorted(_pod_key(p) for p in self._pods_holding(name, f"checking node {name} after evictions")))
+        return EvictionResult(node=name, evicted=tuple(evicted), blocked=tuple(blocked), remaining=remaining)
+
+    def _pods_holding(self, name: str, what: str) -> list[client.V1Pod]:
+        pods = self._call(what, self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={name}")
+        return [p for p in pods.items if _holds_node(p)]
+
+    def delete_node(self, name: str) -> bool:
+        """Delete the Node object of a node provisioner cordoned and emptied (its kubelet
+        registers it again when it boots the k8s image). False when there is no such node."""
+        what = f"deleting node {name}"
+        try:
+            node = self._call(what, self.core.read_node, name, expect=(404,))
+        except ApiException:
+            return False
+        if not (node.spec and node.spec.unschedulable and _ours(node)):
+            raise OperationError(f"not deleting node {name}: it is not cordoned by provisioner; cordon and evict first")
+        holding = self._pods_holding(name, what)
+        if holding:
+            raise OperationError(f"not deleting node {name}: pods still run there ({', '.join(map(_pod_key, holding))}); "
+                                 "evict them first")
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(
+            uid=node.metadata.uid, resource_version=node.metadata.resource_version))
+        try:
+            self._call(what, self.core.delete_node, name, body=options, expect=(404, 409))
+        except ApiException as exc:
+            if exc.status == 409:
+                raise OperationError(f"not deleting node {name}: it changed while we looked; retry on the next pass") \
+                    from None
+            return False
+        log.info("deleted node %s", name)
+        return True
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _ours(node: client.V1Node) -> bool:
+    return (node.metadata.annotations or {}).get(CORDON_ANNOTATION) == "true"
+
+
+def _required_affinity(spec: client.V1PodSpec) -> tuple:
+    na = spec.affinity.node_affinity if spec.affinity else None
+    req = na.required_during_scheduling_ignored_during_execution if na else None
+    if not req:
+        return ()
+    return tuple(
+        tuple((e.key, e.operator, tuple(e.values or ())) for e in term.match_expressions or [])
+        for term in req.node_selector_terms or []
+    )
+
+
+def _status_message(exc: ApiException, causes: bool = False) -> str:
+    """The message of the Status object the API server sent, else the HTTP reason."""
+    try:
+        status = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        return exc.reason or "no details"
+    if not isinstance(status, dict):
+        return exc.reason or "no details"
+    msg = status.get("message") or exc.reason or "no details"
+    if causes:
+        extra = [c.get("message") for c in (status.get("details") or {}).get("causes") or [] if c.get("message")]
+        if extra:
+            msg = f"{msg} ({'; '.join(extra)})"
+    return msg
+
+
+def _network_reason(exc: Exception, timeout: float) -> str:
+    inner = getattr(exc, "reason", None) or exc
+    text = str(inner)
+    if isinstance(inner, (urllib3.exceptions.TimeoutError,)) or "timed out" in text:
+        return f"no answer within {timeout} s"
+    if "refused" in text.lower():
+        return "connection refused"
+    if isinstance(inner, urllib3.exceptions.SSLError) or "CERTIFICATE" in text:
+        return f"TLS error ({text.split(':', 1)[-1].strip()[:120]}); check the CA in the kubeconfig"
+    return text[:200]
