@@ -18,5 +18,6 @@ pytest_plugins = [
     "tests.fixtures.kube",
     "tests.fixtures.boot_server",
     "tests.fixtures.sshd",
+    "tests.fixtures.bmc",
     "tests.fixtures.slurm_cluster",
 ]

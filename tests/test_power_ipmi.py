@@ -1,0 +1,204 @@
+"""provisioner.power.ipmi (pyghmi) against the BMC simulator, with ipmitool as an independent client."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+
+from provisioner.config import Bmc
+from provisioner.errors import OperationError
+from provisioner.power import ipmi
+from tests.fixtures.bmc import BMC_PASSWORD
+from tests.support import require_binary
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT, RETRIES = 1.5, 1
+
+
+@pytest.fixture
+def ipmitool(tmp_path):
+    binary = require_binary("ipmitool")
+    pwfile = tmp_path / "ipmi-pw"
+    pwfile.write_text(BMC_PASSWORD + "\n")
+
+    def run(port: int, *args: str, check: bool = True, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        res = subprocess.run([binary, "-I", "lanplus", *extra, "-H", "127.0.0.1", "-p", str(port), "-U", "admin",
+                              "-f", str(pwfile), "-R", "1", "-N", "1", *args],
+                             capture_output=True, text=True, timeout=30)
+        if check:
+            assert res.returncode == 0, res.stderr
+        return res
+
+    return run
+
+
+def bmc(sim, name, password=BMC_PASSWORD, user="admin") -> Bmc:
+    return Bmc("127.0.0.1", sim.port(name), user, password)
+
+
+def tool_power(ipmitool, port) -> str:
+    out = ipmitool(port, "power", "status").stdout
+    return re.search(r"Chassis Power is (on|off)", out).group(1)
+
+
+def tool_bootdev(ipmitool, port) -> tuple[str, bool | None]:
+    """(device, persistent) from `chassis bootparam get 5`; ("default", None) when no override."""
+    out = ipmitool(port, "chassis", "bootparam", "get", "5").stdout
+    dev = re.search(r"Boot Device Selector : (.+)", out).group(1).strip()
+    if dev == "No override" or "Boot Flag Invalid" in out:
+        return "default", None
+    return {"Force PXE": "network"}.get(dev, dev), "all future boots" in out
+
+
+SEQUENCE = [  # (action, netboot, expected power after)
+    ("on", False, "on"),
+    ("reset", True, "on"),
+    ("cycle", False, "on"),
+    ("soft", False, "off"),
+    ("on", True, "on"),
+    ("off", False, "off"),
+    ("boot", True, "on"),
+    ("boot", False, "on"),
+    ("status", False, "on"),
+]
+
+
+def test_pyghmi_and_ipmitool_agree_on_every_action(bmcs, ipmitool):
+    port = bmcs.port("bn01")
+    assert tool_power(ipmitool, port) == ipmi.power(bmc(bmcs, "bn01"), "status", timeout=TIMEOUT).power == "off"
+    for action, netboot, expected in SEQUENCE:
+        res = ipmi.power(bmc(bmcs, "bn01"), action, netboot=netboot, timeout=TIMEOUT, retries=RETRIES)
+        assert res.power == expected, action
+        assert tool_power(ipmitool, port) == expected, action
+        # Our client's view of the boot override == ipmitool's == the simulator's.
+        sim = bmcs.state("bn01")
+        tool_dev, _ = tool_bootdev(ipmitool, port)
+        assert tool_dev == sim["bootdev"] == "default", action  # any one-time override was used up
+        if netboot:
+            assert res.bootdev == "network" and res.persistent is False
+            assert sim["boots"][-1]["bootdev"] == "network" and sim["boots"][-1]["persistent"] is False
+    assert bmcs.state("bn01")["actions"] == ["on", "reset", "cycle", "soft", "on", "off", "on", "reset"]
+
+
+def test_ipmitool_actions_seen_by_pyghmi(bmcs, ipmitool):
+    port, b = bmcs.port("bn02"), bmc(bmcs, "bn02")
+    ipmitool(port, "power", "on")
+    assert ipmi.power(b, "status", timeout=TIMEOUT).power == "on"
+    ipmitool(port, "chassis", "bootdev", "pxe")
+    assert bmcs.state("bn02")["bootdev"] == "network" and not bmcs.state("bn02")["persistent"]
+    assert tool_bootdev(ipmitool, port) == ("network", False)
+    ipmitool(port, "chassis", "bootdev", "pxe", "options=persistent")
+    assert tool_bootdev(ipmitool, port) == ("network", True)
+    ipmitool(port, "power", "reset")
+    # A persistent override survives the boot; the one-time one set by us would not.
+    assert bmcs.state("bn02")["boots"][-1] == {**bmcs.state("bn02")["boots"][-1], "bootdev": "network",
+                                                "persistent": True}
+    assert tool_bootdev(ipmitool, port) == ("network", True)
+    ipmitool(port, "power", "off")
+    assert ipmi.power(b, "status", timeout=TIMEOUT).power == "off"
+
+
+def test_one_time_netboot_is_used_by_the_next_boot_only(bmcs, ipmitool):
+    b, port = bmc(bmcs, "bn03"), bmcs.port("bn03")
+    bmcs.set_power("bn03", "on")
+    res = ipmi.power(b, "reset", netboot=True, timeout=TIMEOUT, retries=RETRIES)
+    assert (res.power, res.bootdev, res.persistent) == ("on", "network", False)
+    st = bmcs.state("bn03")
+    assert st["bootdev_sets"] == [{"bootdev": "network", "persistent": False}]
+    assert [(b_["how"], b_["bootdev"], b_["persistent"]) for b_ in st["boots"]] == [("reset", "network", False)]
+    # The node reboots by itself later: back to its normal boot order.
+    ipmitool(port, "power", "reset")
+    assert bmcs.state("bn03")["boots"][-1]["bootdev"] == "default"
+
+
+def test_reset_or_cycle_while_off_is_0xd5(bmcs, ipmitool):
+    b = bmc(bmcs, "bn04")
+    for action in ("reset", "cycle"):
+        with pytest.raises(ipmi.BmcStateError, match=rf"{action} is not possible .*0xD5.*power it on"):
+            ipmi.power(b, action, timeout=TIMEOUT, retries=RETRIES)
+    res = ipmitool(bmcs.port("bn04"), "power", "reset", check=False)
+    assert res.returncode != 0 and "not supported in present state" in res.stderr
+    assert bmcs.state("bn04")["boots"] == []
+    # "boot" does the right thing in either state.
+    assert ipmi.power(b, "boot", netboot=True, timeout=TIMEOUT).power == "on"
+    assert bmcs.state("bn04")["boots"][-1]["how"] == "on"
+
+
+def test_cipher_suite_17_is_refused_like_a_real_bmc(bmcs, ipmitool):
+    # pyghmi's server would accept it and break the client; we answer 0x11 and suite 3 still works.
+    res = ipmitool(bmcs.port("bn05"), "power", "status", check=False, extra=("-C", "17"))
+    assert res.returncode != 0
+    assert ipmitool(bmcs.port("bn05"), "power", "status", extra=("-C", "3")).returncode == 0
+
+
+def _timed(fn):
+    start = time.monotonic()
+    try:
+        fn()
+    except OperationError as exc:
+        return exc, time.monotonic() - start
+    raise AssertionError("expected an error")
+
+
+# Generous bound: "within the configured timeout" = every attempt inside TIMEOUT, plus process
+# start-up and back-off slack. It catches a client that waits for pyghmi's own ~5 s instead.
+BOUND = (RETRIES + 1) * TIMEOUT + 3.0
+
+
+def test_each_fault_has_its_own_error_within_the_timeout(bmcs):
+    bmcs.set_fault("bn05", "password")
+    bmcs.set_fault("bn06", "silent")
+    bmcs.set_fault("bn07", "busy")
+    cases = {
+        "bn05": ipmi.BmcAuthError,  # the BMC's password changed
+        "bn06": ipmi.BmcTimeout,
+        "bn07": ipmi.BmcBusy,
+    }
+    seen = {}
+    for name, cls in cases.items():
+        exc, elapsed = _timed(lambda: ipmi.power(bmc(bmcs, name), "on", timeout=TIMEOUT, retries=RETRIES, node=name))
+        assert type(exc) is cls, (name, exc)
+        assert elapsed < BOUND, (name, elapsed)
+        assert "\n" not in str(exc) and BMC_PASSWORD not in str(exc) and name in str(exc)
+        seen[cls] = str(exc)
+    assert "wrong user name or password" in seen[ipmi.BmcAuthError]
+    assert f"did not answer within {TIMEOUT:g}s (2 attempts)" in seen[ipmi.BmcTimeout]
+    assert "busy (0xC0) (2 attempts)" in seen[ipmi.BmcBusy]
+    # Wrong credentials on our side (not a fault of the BMC): the same clear error, no retry.
+    exc, _ = _timed(lambda: ipmi.power(bmc(bmcs, "bn08", password="not-the-password"), "status",
+                                       timeout=TIMEOUT, retries=RETRIES))
+    assert type(exc) is ipmi.BmcAuthError and "not-the-password" not in str(exc)
+    exc, _ = _timed(lambda: ipmi.power(bmc(bmcs, "bn08", user="nobody"), "status", timeout=TIMEOUT))
+    assert type(exc) is ipmi.BmcAuthError
+    # Nothing was switched on any faulty BMC.
+    assert all(bmcs.state(n)["actions"] == [] for n in cases)
+    # The fault cleared: the same BMC works again.
+    bmcs.set_fault(["bn05", "bn06", "bn07"], None)
+    assert ipmi.power(bmc(bmcs, "bn06"), "on", timeout=TIMEOUT).power == "on"
+
+
+def test_nothing_listens(bmcs):
+    from tests.support import free_port
+    import socket
+
+    exc, elapsed = _timed(lambda: ipmi.power(Bmc("127.0.0.1", free_port(socket.SOCK_DGRAM), "admin", BMC_PASSWORD),
+                                             "status", timeout=1.0, retries=0))
+    assert isinstance(exc, ipmi.BmcTimeout) and elapsed < 1.0 + 3.0
+
+
+def test_busy_then_recovers_within_retries(bmcs):
+    # A BMC that is busy once answers on the retry: the caller sees success, attempts == 2.
+    import threading
+
+    bmcs.set_fault("bn08", "busy")
+    timer = threading.Timer(0.3, lambda: bmcs.set_fault("bn08", None))
+    timer.start()
+    try:
+        res = ipmi.power(bmc(bmcs, "bn08"), "on", timeout=TIMEOUT, retries=2)
+    finally:
+        timer.join()
+    assert res.power == "on" and res.attempts >= 2
