@@ -711,6 +711,16 @@ class Cluster:
                 node["status"]["conditions"].append(self._ready_condition(ready))
                 self._store(RESOURCES["nodes"], node)
 
+    def modify(self, plural: str, namespace: str | None, name: str, change) -> dict:
+        """Another client's write: change(obj) edits the stored object in place; the
+        resourceVersion moves on, as for any write."""
+        with self.lock:
+            obj = self.objects[(plural, namespace or "", name)]
+            change(obj)
+            self._store(RESOURCES[plural], obj)
+            self._refresh_pdbs()
+            return copy.deepcopy(obj)
+
     def set_pod_phase(self, namespace: str, name: str, phase: str) -> None:
         with self.lock:
             pod = self.objects[("pods", namespace, name)]
@@ -1186,6 +1196,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(code, out)
 
 
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # A client that gives up mid-handshake (unknown CA, timeout) is not a server failure:
+        # no traceback on stderr. Bugs in request handling become 500 Status answers instead.
+        pass
+
+
 class KubeApiServer:
     """The HTTP(S) front of a Cluster. start() binds 127.0.0.1 (a free port unless given)."""
 
@@ -1227,7 +1244,7 @@ class KubeApiServer:
 
     def start(self) -> "KubeApiServer":
         handler = type("Handler", (_Handler,), {"api": self})
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        httpd = _HTTPServer(("127.0.0.1", self.port), handler)
         httpd.daemon_threads = True
         if self._ssl:
             # Handshake in the handler thread (on first read), not in the accept loop.
@@ -1312,7 +1329,7 @@ class KubeApiServer:
     def __getattr__(self, name):
         # add_node, add_pod, add_pdb, add_daemonset, schedule, set_node_ready, set_pod_phase, get, items
         if name in ("add_node", "add_pod", "add_pdb", "add_daemonset", "schedule", "set_node_ready",
-                    "set_pod_phase", "get", "items", "load"):
+                    "set_pod_phase", "get", "items", "load", "modify"):
             return getattr(self.cluster, name)
         raise AttributeError(name)
 

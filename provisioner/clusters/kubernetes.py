@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -213,8 +214,8 @@ class KubernetesAdapter:
                 self._credentials = f"the credentials in {path}"
         except ConfigException as exc:
             where = "kubernetes.in_cluster" if settings.in_cluster else "kubernetes.kubeconfig / kubernetes.context"
-            raise OperationError(f"cannot load the Kubernetes client config: {exc}; check {where} in the "
-                                 "site config") from None
+            raise OperationError(f"cannot load the Kubernetes client config ({str(exc).rstrip('.')}): check {where} "
+                                 "in the site config") from None
         # One quick retry on a connection error; never on an answer (a 5xx is reported, not hidden).
         cfg.retries = urllib3.Retry(total=1, read=0, status=0, redirect=0, raise_on_status=False)
         self.host = cfg.host
@@ -243,8 +244,8 @@ class KubernetesAdapter:
                 raise
             raise self._api_error(what, exc) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise OperationError(f"Kubernetes API {self.host}: {what} failed: {_network_reason(exc, self._timeout)}; "
-                                 "check that the API server is up and that kubernetes.kubeconfig points at it") from None
+            raise OperationError(f"Kubernetes API {self.host}: {what} failed: {_network_reason(exc, self._timeout)}") \
+                from None
         except ValueError as exc:  # the client could not read the answer (not the Kubernetes API?)
             raise OperationError(f"Kubernetes API {self.host}: {what}: unreadable answer ({exc.__class__.__name__}); "
                                  "check that kubernetes.kubeconfig points at a Kubernetes API server") from None
@@ -518,12 +519,17 @@ def _status_message(exc: ApiException, causes: bool = False) -> str:
 
 
 def _network_reason(exc: Exception, timeout: float) -> str:
+    """What went wrong on the wire, and what to check."""
     inner = getattr(exc, "reason", None) or exc
     text = str(inner)
-    if isinstance(inner, (urllib3.exceptions.TimeoutError,)) or "timed out" in text:
-        return f"no answer within {timeout} s"
+    up = "check that the API server is up and that kubernetes.kubeconfig points at it"
+    # Checked in this order: urllib3's NewConnectionError is also a (connect) TimeoutError.
     if "refused" in text.lower():
-        return "connection refused"
+        return f"connection refused; {up}"
     if isinstance(inner, urllib3.exceptions.SSLError) or "CERTIFICATE" in text:
-        return f"TLS error ({text.split(':', 1)[-1].strip()[:120]}); check the CA in the kubeconfig"
-    return text[:200]
+        m = re.search(r"certificate verify failed[^(]*", text)
+        detail = m.group(0).strip() if m else text[:120]
+        return f"TLS error ({detail}); check the server's CA (certificate-authority-data) in the kubeconfig"
+    if isinstance(inner, urllib3.exceptions.TimeoutError) or "timed out" in text:
+        return f"no answer within {timeout} s; {up}"
+    return f"{text[:200]}; {up}"
