@@ -124,7 +124,7 @@ class SlurmNode:
     def available(self) -> bool:
         """Can take jobs now: up, responding, powered, not drained/down/failed by anyone."""
         return (self.state in ("idle", "allocated", "mixed") and self.responding and not self.drain
-                and not self.powered_down and not self.flags & {"fail", "powering_up", "maint"})
+                and not self.powered_down and not self.flags & {"fail", "power_down", "powering_up", "maint", "reboot_requested"})
 
 
 @dataclass(frozen=True)
