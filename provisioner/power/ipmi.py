@@ -22,14 +22,17 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from provisioner.config import Bmc
 from provisioner.errors import OperationError
+
+if TYPE_CHECKING:  # the worker process stays light: no yaml, no config loader
+    from provisioner.config import Bmc
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("status", "on", "off", "soft", "reset", "cycle", "boot")
+NETBOOT_ONLY = "netboot"  # set the one-time network boot override, no power change
 # IPMI Chassis Control (netfn 0, cmd 2) directives
 _CONTROL = {"off": 0, "on": 1, "cycle": 2, "reset": 3, "soft": 5}
 _NETWORK = 0x04  # boot flags data 2: "force PXE" device selector (1 << 2)
@@ -75,10 +78,12 @@ def power(bmc: Bmc, action: str, *, netboot: bool = False, timeout: float = 5.0,
 
     netboot: first set a ONE-TIME boot override to network (verified by reading it back), so a
     node that later reboots by itself goes back to its normal boot order. "boot" = on when off,
-    reset when on. Each attempt gets `timeout` seconds; not answering and busy are retried up to
+    reset when on; "netboot" only sets the override. Each attempt gets `timeout` seconds; not answering and busy are retried up to
     `retries` times (the whole sequence, boot override included), wrong credentials and 0xD5 not.
     """
-    if action not in ACTIONS:
+    if action == NETBOOT_ONLY:
+        netboot = True
+    elif action not in ACTIONS:
         raise ValueError(f"unknown power action {action!r}")
     who = f"BMC {bmc.address}:{bmc.port}" + (f" (node {node})" if node else "")
     request = {"address": bmc.address, "port": bmc.port, "user": bmc.user, "password": bmc.password,
@@ -202,7 +207,7 @@ def _do(request: dict) -> dict:
                 raise _Failed("error", "set boot device", None,
                               f"the BMC kept boot device {dev} (persistent={persistent}) instead of one-time network")
             result.update(bootdev=dev, persistent=persistent)
-        if action != "status":
+        if action not in ("status", NETBOOT_ONLY):
             step = action
             if action == "boot":
                 step = "on" if _power_state(cmd) == "off" else "reset"

@@ -1,0 +1,27 @@
+"""Power and boot control: IPMI (pyghmi), SSH reboot and kexec (paramiko), fan-out over nodes.
+
+The API the rest of the project calls:
+
+    from provisioner.power import run_action
+    results = run_action(site, nodes, "boot", netboot=True, store=store, actor="balancer")
+    # -> [PowerResult(node, action, ok, state, method, netboot, error, error_kind, note, elapsed_s)]
+
+Actions: status, on, off, soft, reset, cycle, and boot (on when off, reset when on).
+Names are imported on first use, so the IPMI worker process (`python -m
+provisioner.power.ipmi`) does not pay for paramiko and the store.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "ACTIONS": "dispatch", "REBOOTS": "dispatch", "PowerResult": "dispatch", "act": "dispatch",
+    "fan_out": "fanout", "run_action": "fanout",
+    "IpmiError": "ipmi", "BmcAuthError": "ipmi", "BmcBusy": "ipmi", "BmcStateError": "ipmi", "BmcTimeout": "ipmi",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"provisioner.power.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'provisioner.power' has no attribute {name!r}")

@@ -1,0 +1,108 @@
+"""One power action on one node, by the node's power method; never raises, returns a PowerResult.
+
+Methods (node.power_method, per node or per pool in the site config):
+- ipmi: everything through the BMC.
+- ssh: reboot-type actions (reset, cycle, boot) run power.ssh.reboot_command on the node; with
+  --netboot the BMC's one-time network boot is set first (when the node has a BMC).
+- kexec: reboot-type actions kexec the node straight into the image of its role.
+- kexec+ipmi: kexec, and when that fails, an IPMI one-time network boot + reset/on.
+status, on, off and soft always go through the BMC: an SSH method cannot reach a node that is off.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from provisioner.config import Node, Site
+from provisioner.errors import OperationError
+from provisioner.power import ipmi, ssh
+
+ACTIONS = ipmi.ACTIONS
+REBOOTS = ("reset", "cycle", "boot")
+
+
+class NoBmc(ipmi.IpmiError):
+    kind = "config"
+
+
+@dataclass(frozen=True)
+class PowerResult:
+    node: str
+    action: str
+    ok: bool
+    state: str | None = None  # "on" / "off" read back from the BMC; None when not known (SSH)
+    method: str | None = None  # what was used: ipmi, ssh, kexec, or "kexec->ipmi" (fallback)
+    netboot: bool = False  # a one-time network boot override was set (and verified)
+    error: str | None = None  # one line, never a password
+    error_kind: str | None = None  # auth | timeout | busy | state | ssh | config | error
+    note: str | None = None
+    elapsed_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def act(site: Site, node: Node, action: str, *, netboot: bool = False, role: str | None = None,
+        secret: bytes | None = None) -> PowerResult:
+    """Do `action` on `node`. role: the image to kexec into (kexec methods); default its default role."""
+    start = time.monotonic()
+    method = node.power_method if action in REBOOTS else "ipmi"
+
+    def done(ok: bool, **fields) -> PowerResult:
+        return PowerResult(node=node.name, action=action, ok=ok, elapsed_s=round(time.monotonic() - start, 3),
+                           **fields)
+
+    try:
+        if method == "ipmi":
+            return _ipmi(site, node, action, netboot, done)
+        if method == "ssh":
+            note = None
+            if netboot:
+                if node.bmc is not None:
+                    _bmc_call(site, node, ipmi.NETBOOT_ONLY)
+                else:
+                    netboot, note = False, "no BMC: the node boots by its own boot order"
+            out = ssh.reboot(site, node)
+            return done(True, method="ssh", netboot=netboot, note=_join(note, out.note))
+        # kexec / kexec+ipmi
+        try:
+            out = _kexec(site, node, role or node.default_role, secret)
+            return done(True, method="kexec", note=out.note)
+        except OperationError as exc:
+            if method != "kexec+ipmi":
+                raise
+            fallback = f"kexec failed ({exc}); fell back to IPMI network boot"
+        res = _bmc_call(site, node, "boot", netboot=True)
+        return done(True, method="kexec->ipmi", state=res.power, netboot=True, note=fallback)
+    except ipmi.IpmiError as exc:
+        return done(False, method=method, error=str(exc), error_kind=exc.kind)
+    except OperationError as exc:
+        return done(False, method=method, error=str(exc), error_kind="ssh" if method != "ipmi" else "error")
+    except Exception as exc:  # one node's bug must not stop the others; say what it was
+        return done(False, method=method, error=f"{type(exc).__name__}: {exc}"[:300], error_kind="error")
+
+
+def _ipmi(site: Site, node: Node, action: str, netboot: bool, done) -> PowerResult:
+    res = _bmc_call(site, node, action, netboot=netboot)
+    return done(True, method="ipmi", state=res.power, netboot=bool(netboot and action != "status"),
+                note=f"{res.attempts} attempts" if res.attempts > 1 else None)
+
+
+def _bmc_call(site: Site, node: Node, action: str, netboot: bool = False) -> ipmi.IpmiResult:
+    if node.bmc is None:
+        raise NoBmc(f"node {node.name} has no BMC (bmc.address) in the site config; add one to {action} it")
+    return ipmi.power(node.bmc, action, netboot=netboot, timeout=site.power.timeout_s,
+                      retries=site.power.retries, node=node.name)
+
+
+def _kexec(site: Site, node: Node, role: str, secret: bytes | None) -> ssh.SshOutcome:
+    if secret is None:
+        from provisioner.tokens import load_or_create_secret
+
+        secret = load_or_create_secret(site.secret_file)
+    return ssh.kexec(site, node, role, secret)
+
+
+def _join(*notes: str | None) -> str | None:
+    return "; ".join(n for n in notes if n) or None
