@@ -898,7 +898,14 @@ class Cluster:
                 new["status"] = old["status"]
             if res.plural == "pods":
                 mutable = ("activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds")
-                strip = lambda s: {k: v for k, v in s.items() if k not in mutable}  # noqa: E731
+
+                def strip(spec: dict) -> dict:
+                    out = {k: v for k, v in spec.items() if k not in mutable}
+                    for key in ("containers", "initContainers"):
+                        if isinstance(out.get(key), list):
+                            out[key] = [{k: v for k, v in c.items() if k != "image"} if isinstance(c, dict) else c
+                                        for c in out[key]]
+                    return out
                 if strip(new.get("spec") or {}) != strip(old["spec"]):
                     raise invalid(res, name, "spec", "", "Forbidden: pod updates may not change fields other than "
                                   "`spec.containers[*].image`, `spec.initContainers[*].image`, "

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kubernetes import client
-
-from provisioner.clusters.kubernetes import CORDON_ANNOTATION, KubernetesAdapter, pod_requests
+from provisioner.clusters.kubernetes import CORDON_ANNOTATION, KubernetesAdapter
 from provisioner.config import KubernetesSettings
 from provisioner.errors import OperationError, UsageError
 
@@ -94,19 +92,6 @@ def test_nodes_report_readiness_cordon_labels_resources_and_the_pods_that_hold_t
     assert not any(n.unschedulable or n.cordoned_by_us for n in nodes.values())
     assert set(kube_adapter.nodes()) == {"sn01", "sn02", "sn03"}
     assert kube_adapter.node("sn99") is None
-
-
-def test_pod_requests_count_init_containers_limits_and_overhead():
-    def container(requests=None, limits=None):
-        return client.V1Container(name="c", resources=client.V1ResourceRequirements(requests=requests, limits=limits))
-
-    spec = client.V1PodSpec(
-        containers=[container({"cpu": "500m", "memory": "1Gi"}), container(limits={"cpu": "1", "nvidia.com/gpu": "1"})],
-        init_containers=[container({"cpu": "2", "memory": "100Mi"})],
-        overhead={"cpu": "100m"},
-    )
-    # cpu: max(0.5 + 1, 2) + 0.1; memory: max(1Gi, 100Mi); a limit alone is the request.
-    assert pod_requests(spec) == (2100, 2**30, 1)
 
 
 # --------------------------------------------------------------------------- cordon, evict
