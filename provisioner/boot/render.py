@@ -7,11 +7,15 @@ the `unknown` script with the reason, and if even that template is broken, a bui
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from urllib.parse import quote
 
 import jinja2
+import jinja2.meta
+from jinja2 import nodes as jnodes
 
 from provisioner.config import Image, Node, Site
 from provisioner.tokens import node_token
@@ -53,6 +57,15 @@ class Renderer:
             auto_reload=True,  # an admin's edit takes effect without a restart
         )
         self.env.filters["ipxe_safe"] = ipxe_safe
+        # Hot path of a boot storm: rendered scripts are kept per (node, role, MAC, image version)
+        # together with the Template objects they came from; the environment hands out new
+        # objects when a file changes (auto_reload), so an edit is seen on the next request.
+        self._scripts: dict[tuple, tuple[tuple, Script]] = {}
+        self._max_scripts = 4 * sum(len(n.macs) for n in site.nodes.values()) + 64
+        self._deps: dict[str, tuple[jinja2.Template, tuple[str, ...] | None]] = {}
+        self._image_files = {
+            role: [(f, str(site.image_root / f)) for f in image.files()] for role, image in site.images.items()
+        }
 
     # -- public --------------------------------------------------------------------
 
@@ -67,14 +80,24 @@ class Renderer:
 
     def node(self, node: Node, role: str, mac: str | None = None) -> Script:
         image = self.site.images[role]
-        missing = [f for f in image.files() if not (self.site.image_root / f).is_file()]
+        # Checked on every call, not cached: an image removed from disk shows on the next boot.
+        missing = [f for f, path in self._image_files[role] if not _is_file(path)]
         if missing:
             return self.unknown(f"node {node.name}: image {role} version {image.version} is missing "
                                 f"{', '.join(missing)} under the image root", mac)
         template = node.template or image.template or f"{role}.ipxe.j2"
+        key = (node.name, role, mac or node.macs[0], image.version, template)
+        used = self._templates(template)  # before rendering: a change meanwhile is caught next time
+        cached = self._scripts.get(key)
+        if cached is not None and used is not None and cached[0] == used:
+            return cached[1]
         script = self._render(template, self.context(node, role, image, mac))
         if not script.ok:
             return self.unknown(f"node {node.name}: {script.reason}", mac)
+        if used is not None:
+            if len(self._scripts) >= self._max_scripts:
+                self._scripts.clear()
+            self._scripts[key] = (used, script)
         return script
 
     def context(self, node: Node, role: str, image: Image, mac: str | None) -> dict:
@@ -113,6 +136,31 @@ class Renderer:
 
     # -- internals -----------------------------------------------------------------
 
+    def _templates(self, name: str) -> tuple | None:
+        """The up-to-date Template objects a render of `name` uses (itself and what it extends,
+        includes or imports), or None when its output may not be reused: a template name that is
+        computed at render time, `random`/`lipsum`, or anything that fails (the render reports it).
+        """
+        used, todo, seen = [], [name], set()
+        try:
+            while todo:
+                current = todo.pop()
+                if current in seen:
+                    continue
+                seen.add(current)
+                template = self.env.get_template(current)  # reloads it if the file changed
+                known = self._deps.get(current)
+                if known is None or known[0] is not template:
+                    known = (template, _references(self.env, current))
+                    self._deps[current] = known
+                if known[1] is None:
+                    return None
+                used.append(template)
+                todo.extend(known[1])
+        except Exception:  # noqa: BLE001 - the render that follows reports the real error
+            return None
+        return tuple(used)
+
     def _render(self, name: str, ctx: dict) -> Script:
         try:
             return Script(self.env.get_template(name).render(ctx), True)
@@ -126,3 +174,24 @@ class Renderer:
             text = FALLBACK.format(reason=ipxe_safe(reason), retry=RETRY_S, boot_url=self.site.boot_url)
             return Script(text, False, reason)
         return Script("", False, reason)
+
+
+def _is_file(path: str) -> bool:
+    """Path.is_file() without pathlib's per-call objects (the boot endpoint calls it per request)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _references(env: jinja2.Environment, name: str) -> tuple[str, ...] | None:
+    """Templates that `name` pulls in, or None if its output cannot be reused (see _templates)."""
+    source = env.loader.get_source(env, name)[0]
+    ast = env.parse(source)
+    refs = list(jinja2.meta.find_referenced_templates(ast))
+    if None in refs:
+        return None
+    if any(f.name == "random" for f in ast.find_all(jnodes.Filter)) or any(
+            n.name == "lipsum" for n in ast.find_all(jnodes.Name)):
+        return None
+    return tuple(refs)
