@@ -246,6 +246,7 @@ def test_standalone_server_for_the_demo(tmp_path):
         line = proc.stdout.readline()
         assert f"https://127.0.0.1:{port}" in line, proc.stderr.read() if proc.poll() is not None else line
         with KubernetesAdapter(KubernetesSettings(kubeconfig=str(kubeconfig))) as adapter:
+            assert adapter.server_version().startswith("v1.")
             for _ in range(50):
                 if adapter.node("sn01").busy:
                     break

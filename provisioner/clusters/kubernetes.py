@@ -267,8 +267,7 @@ class KubernetesAdapter:
         try:
             return self._call(what, self.core.read_node, name, expect=(404,))
         except ApiException:
-            raise OperationError(f"Kubernetes has no node {name} (while {what}): check the node name, or wait "
-                                 "until its kubelet registers") from None
+            raise _no_node(name, what) from None
 
     # -- observe ---------------------------------------------------------------------
 
@@ -285,7 +284,8 @@ class KubernetesAdapter:
         for pod in pods.items:
             if pod.spec.node_name or pod.metadata.deletion_timestamp:
                 continue
-            cond = next((c for c in (pod.status.conditions or []) if c.type == "PodScheduled"), None)
+            conditions = (pod.status.conditions if pod.status else None) or []
+            cond = next((c for c in conditions if c.type == "PodScheduled"), None)
             if not cond or cond.status != "False" or cond.reason != "Unschedulable":
                 continue
             cpu_m, memory, gpus = pod_requests(pod.spec)
@@ -411,9 +411,11 @@ class KubernetesAdapter:
             raise UsageError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
         key = self.settings.label_key
         what = f"labelling node {name} {key}={role}"
-        self._read_node(name, what)  # a clear "no such node" rather than a bare 404
-        result = self._call(what, self.core.patch_node, name, {"metadata": {"labels": {key: role}}},
-                            _content_type="application/merge-patch+json")
+        try:
+            result = self._call(what, self.core.patch_node, name, {"metadata": {"labels": {key: role}}},
+                                expect=(404,), _content_type="application/merge-patch+json")
+        except ApiException:
+            raise _no_node(name, what) from None
         if (result.metadata.labels or {}).get(key) != role:
             raise OperationError(f"{what}: the API accepted the patch but the label reads "
                                  f"{(result.metadata.labels or {}).get(key)!r}; check admission webhooks on nodes")
@@ -485,6 +487,11 @@ class KubernetesAdapter:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _no_node(name: str, what: str) -> OperationError:
+    return OperationError(f"Kubernetes has no node {name} (while {what}): check the node name, or wait until its "
+                          "kubelet registers")
 
 
 def _ours(node: client.V1Node) -> bool:
