@@ -125,16 +125,71 @@ def _shared_only(ctx: Context, names: list[str]) -> None:
                          f"(change pool in {ctx.site.path} first)")
 
 
+def _reconciler(ctx: Context):
+    from provisioner.reconcile import Reconciler
+
+    return Reconciler(ctx.site, ctx.store)
+
+
 def cmd_role(ctx: Context) -> int:
+    from provisioner.reconcile import PassLocked, pass_lock
+
     names = ctx.nodes(ctx.args.nodeset)
     _shared_only(ctx, names)
-    changed = ctx.store.set_role(names, ctx.args.role, actor=default_actor(), reason=ctx.args.reason, pin=True)
-    unchanged = [n for n in names if n not in changed]
-    if changed:
-        print(f"{fold(changed)}: desired role {ctx.args.role}, pinned ({ctx.args.reason})")
-    if unchanged:
-        print(f"{fold(unchanged)}: already {ctx.args.role} and pinned")
-    return EXIT_OK
+    rec = _reconciler(ctx)
+    steps = rec.request(names, ctx.args.role, actor=default_actor(), reason=ctx.args.reason)
+    started = [s.node for s in steps if s.action == "requested"]
+    pinned = [s.node for s in steps if s.action == "pin"]
+    if started:
+        print(f"{fold(started)}: switch to {ctx.args.role} requested, pinned ({ctx.args.reason})")
+    if pinned:
+        print(f"{fold(pinned)}: already {ctx.args.role}; pinned there")
+    if not started:
+        return EXIT_OK
+    if not ctx.args.now:
+        print("the next `provisioner balance` pass carries it out (or run role again with --now); "
+              f"follow it with `provisioner nodes {fold(started)}`")
+        return EXIT_OK
+    try:
+        with pass_lock(ctx.site):
+            report = rec.run_pass(only=started)
+    except PassLocked as exc:
+        print(f"{exc}; it will carry the switch on")
+        return EXIT_OK
+    _print_report(report)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _print_report(report) -> None:
+    for e in report.errors:
+        print(f"error: {e}", file=sys.stderr)
+    for s in report.steps:
+        print(f"{s.node}: {s.action}: {s.message}" + ("" if s.ok else " [FAILED]"))
+    for m in report.moves:
+        print(f"move {m.node} -> {m.to_role}: {m.reason}")
+    for n in report.notes:
+        print(f"note: {n}")
+
+
+def cmd_balance(ctx: Context) -> int:
+    from provisioner.reconcile import PassLocked, pass_lock
+
+    try:
+        with pass_lock(ctx.site):
+            report = _reconciler(ctx).run_pass(dry_run=ctx.args.dry_run)
+    except PassLocked as exc:
+        # cron starts a pass every minute; one still running is normal, not an error.
+        print(f"provisioner: {exc}; exiting", file=sys.stderr)
+        return EXIT_OK
+    if ctx.args.json:
+        emit_json(report.as_dict())
+    else:
+        if ctx.args.dry_run:
+            print("dry run: nothing changed")
+        _print_report(report)
+        if not (report.steps or report.moves or report.notes or report.errors):
+            print("nothing to do")
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def cmd_release(ctx: Context) -> int:
@@ -176,6 +231,29 @@ def cmd_history(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_power(ctx: Context) -> int:
+    from provisioner.power import run_action
+
+    names = ctx.nodes(ctx.args.nodeset)
+    action = ctx.args.action
+    # status changes nothing and is not recorded, so it needs no store
+    store = None if action == "status" else ctx.store
+    results = run_action(ctx.site, [ctx.site.nodes[n] for n in names], action, netboot=ctx.args.netboot,
+                         store=store, actor=default_actor())
+    if ctx.args.json:
+        emit_json([r.as_dict() for r in results])
+    else:
+        emit_table(["node", "action", "result", "power", "method", "detail"],
+                   [[r.node, r.action + (" --netboot" if r.netboot else ""), "ok" if r.ok else "FAILED",
+                     r.state, r.method, r.error or r.note] for r in results])
+    failed = [r.node for r in results if not r.ok]
+    if failed:
+        print(f"provisioner: power {action} failed on {fold(failed)} ({len(failed)} of {len(results)})",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -209,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("nodeset")
     sp.add_argument("role", choices=ROLES)
     sp.add_argument("--reason", required=True, help="why (recorded in the history)")
+    sp.add_argument("--now", action="store_true",
+                    help="carry the switch out now, as far as it can go without waiting (else: next balance pass)")
+
+    sp = add("balance", cmd_balance, "one balancing pass: move shared nodes where work is pending (run by cron)")
+    sp.add_argument("--dry-run", action="store_true", help="print the moves and reasons; change nothing")
+    sp.add_argument("--json", action="store_true")
 
     sp = add("release", cmd_release, "unpin nodes: the balancer may move them again")
     sp.add_argument("nodeset")
@@ -218,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("node")
     sp.add_argument("--role", choices=ROLES, help="render for this role instead of the desired one")
     sp.add_argument("--mac", help="as if asked with this MAC (default: the node's first MAC)")
+
+    from provisioner.power.ipmi import ACTIONS as POWER_ACTIONS  # light: no paramiko at start-up
+
+    sp = add("power", cmd_power, "power control through each node's BMC or SSH (one result per node)")
+    sp.add_argument("nodeset", help="hostlist expression, e.g. sn[01-04]")
+    sp.add_argument("action", choices=POWER_ACTIONS,
+                    help="boot = on when off, reset when on")
+    sp.add_argument("--netboot", action="store_true", help="one-time network boot first (next boot only)")
+    sp.add_argument("--json", action="store_true")
 
     sp = add("history", cmd_history, "show the event log, oldest first")
     sp.add_argument("nodeset", nargs="?", help="only these nodes (default: everything)")

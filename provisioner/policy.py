@@ -186,17 +186,26 @@ def _describe(side: str, d: _Demand) -> str:
 # --------------------------------------------------------------------------- the decision
 
 
-def decide(snap: Snapshot) -> Decision:
-    p = snap.policy
-    notes: list[str] = []
+def _demands(snap: Snapshot) -> dict[str, _Demand]:
     shapes: dict[tuple, SharedNode] = {}
     for n in snap.nodes:
         shapes.setdefault(_shape(n), n)
-
-    demand = {
+    return {
         SLURM: slurm_demand(snap.jobs, shapes, snap.slurm_reasons),
         K8S: k8s_demand(snap.pods, shapes),
     }
+
+
+def demand(snap: Snapshot) -> dict[str, int]:
+    """Nodes each side's servable pending work would fill (before subtracting what is covered).
+    The reconciler records when this became non-zero, for the persistence rule."""
+    return {side: d.nodes_wanted for side, d in _demands(snap).items()}
+
+
+def decide(snap: Snapshot) -> Decision:
+    p = snap.policy
+    notes: list[str] = []
+    demand = _demands(snap)
 
     switching = [n for n in snap.nodes if n.phase not in (STEADY, FAILED)]
     on_side = Counter(n.role for n in snap.nodes if n.phase != FAILED)  # includes nodes switching to it

@@ -19,24 +19,30 @@ def get(server, path):
 
 
 def test_admin_scenario(boot_server):
-    """The issue's walk-through: slurm script, force to k8s, k8s script, pinned, in the history."""
+    """The issue's walk-through, up to what needs no cluster: the script, a forced role recorded
+    and pinned, the exact script for the other role, the history. The switch itself (drain,
+    reboot, the script turning to k8s) runs through the balancer: tests/test_balance_*.py."""
     status, text = get(boot_server, f"/ipxe?mac={mac(1, 3)}")
     assert status == 200 and "images/slurm/vmlinuz" in text and "provisioner.node=sn01" in text
 
     r = cli(boot_server.config, "role", "sn01", "k8s", "--reason", "test")
     assert r.returncode == 0, r.stderr
+    assert "switch to k8s requested, pinned (test)" in r.stdout
+    # Until SLURM has drained it, the node keeps booting its SLURM image.
     status, text = get(boot_server, f"/ipxe?mac={mac(1, 3).upper().replace(':', '-')}")
-    assert status == 200 and "images/k8s/vmlinuz" in text and "provisioner.role=k8s" in text
+    assert status == 200 and "images/slurm/vmlinuz" in text
 
     nodes = json.loads(cli(boot_server.config, "nodes", "sn[01-02]", "--json", check=True).stdout)
-    assert [(n["name"], n["desired_role"], n["pinned"]) for n in nodes] == [("sn01", "k8s", True), ("sn02", "slurm", False)]
-    rendered = cli(boot_server.config, "render", "sn01", check=True).stdout
-    assert rendered == text.replace(mac(1, 3).upper().replace(":", "-"), mac(1, 3))  # the exact script
+    assert [(n["name"], n["phase"], n["target_role"], n["pinned"]) for n in nodes] == [
+        ("sn01", "requested", "k8s", True), ("sn02", "steady", None, False)]
+    rendered = cli(boot_server.config, "render", "sn01", "--role", "k8s", check=True).stdout
+    status, text = get(boot_server, "/ipxe?mac=" + mac(1, 3))
+    assert "images/k8s/vmlinuz" in rendered and rendered == text.replace("slurm", "k8s")
 
     history = cli(boot_server.config, "history", "sn01", check=True).stdout
-    assert "desired role slurm -> k8s (pinned): test" in history
+    assert "switch to k8s requested (pinned): test" in history
     events = json.loads(cli(boot_server.config, "history", "sn01", "--json", check=True).stdout)
-    assert events[-1]["kind"] == "role" and events[-1]["data"]["reason"] == "test"
+    assert events[-1]["kind"] == "switch" and events[-1]["data"]["reason"] == "test"
 
     assert cli(boot_server.config, "release", "sn01").returncode == 0
     assert json.loads(cli(boot_server.config, "nodes", "sn01", "--json").stdout)[0]["pinned"] is False

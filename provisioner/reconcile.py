@@ -1,0 +1,508 @@
+"""One balancing pass: observe -> decide -> act -> record.
+
+Level-triggered, like a Kubernetes controller: every pass reads the world, advances each
+switching node by at most the steps whose preconditions hold now, starts the moves the policy
+asks for, and exits. Nothing waits minutes inside a pass; the next pass (cron, every minute)
+picks up where this one stopped, also after a crash, because every node's switch is a state
+machine persisted in the store and every step is idempotent.
+
+A node's switch (phases stored in nodes.phase; target_role says where it goes):
+
+  to k8s:   requested -> draining (SLURM drain, our reason) -> [DRAINED: down k8s_connect,
+            desired role := k8s] -> rebooting -> booting (wait for the boot callback)
+            -> joining (kubelet Ready: label sched=k8s, uncordon if ours) -> steady
+  to slurm: requested -> cordoning (k8s cordon, evict if an admin forced it, wait for no pods)
+            -> [desired role := slurm] -> rebooting -> booting -> joining (slurmd responding:
+            resume, label sched=slurm) -> steady
+
+Safety rules kept here:
+- right before any power action, both clusters are asked again whether the node runs a job or
+  a pod; if it does, no power action, and the node goes back to the step before;
+- drains and cordons that provisioner did not set are never lifted (the adapters refuse too);
+- a balancer move that cannot get its node free within policy.phase_timeout_s is rolled back
+  (resume / uncordon); an admin-forced one waits, and fails visibly after the timeout;
+- a node that does not come back after a reboot is rebooted again, at most policy.max_retries
+  times, then marked `failed` with the reason and left out of further moves.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provisioner import policy as pol
+from provisioner.config import Site
+from provisioner.errors import OperationError
+from provisioner.store import FAILED, STEADY, NodeState, Store
+
+ACTOR = "balancer"
+
+REQUESTED = "requested"
+DRAINING = "draining"
+CORDONING = "cordoning"
+REBOOTING = "rebooting"
+BOOTING = "booting"
+JOINING = "joining"
+SWITCHING = (REQUESTED, DRAINING, CORDONING, REBOOTING, BOOTING, JOINING)
+
+# Test-only fault injection: PROVISIONER_CRASH_AT=<point> makes the pass SIGKILL itself there,
+# to prove that a pass killed at any step leaves a state the next pass can finish or roll back.
+CRASH_ENV = "PROVISIONER_CRASH_AT"
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- locking
+
+
+class PassLocked(Exception):
+    """Another pass holds the lock."""
+
+
+@contextmanager
+def pass_lock(site: Site):
+    """One pass at a time per site (cron may start a pass while the last one still runs).
+
+    flock on a file next to the store: released by the kernel when the holder dies, so a
+    killed pass never leaves a stale lock."""
+    path = Path(str(site.store) + ".balance.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PassLocked(f"another balance pass is running (lock {path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Step:
+    node: str
+    action: str
+    message: str
+    ok: bool = True
+
+    def as_dict(self) -> dict:
+        return {"node": self.node, "action": self.action, "message": self.message, "ok": self.ok}
+
+
+@dataclass
+class PassReport:
+    dry_run: bool
+    moves: list[pol.Move] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    demand: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(s.ok for s in self.steps)
+
+    def as_dict(self) -> dict:
+        return {
+            "dry_run": self.dry_run,
+            "demand": self.demand,
+            "moves": [{"node": m.node, "to": m.to_role, "reason": m.reason} for m in self.moves],
+            "steps": [s.as_dict() for s in self.steps],
+            "notes": self.notes,
+            "errors": self.errors,
+            "ok": self.ok,
+        }
+
+
+# --------------------------------------------------------------------------- the world as seen
+
+
+@dataclass(frozen=True)
+class World:
+    """What one pass observed. Adapter objects are kept as they came (plain dataclasses)."""
+
+    slurm_nodes: dict[str, Any]  # name -> clusters.slurm.SlurmNode
+    pending_jobs: tuple
+    kube_nodes: dict[str, Any]  # name -> clusters.kubernetes.KubeNode (missing: no Node object)
+    pending_pods: tuple
+    states: dict[str, NodeState]
+
+
+PowerFn = Callable[..., list]  # provisioner.power.run_action
+
+
+class Reconciler:
+    def __init__(self, site: Site, store: Store, slurm=None, kube=None, power: PowerFn | None = None,
+                 clock: Callable[[], float] = time.time, actor: str = ACTOR):
+        self.site = site
+        self.store = store
+        self._slurm = slurm
+        self._kube = kube
+        if power is None:
+            from provisioner.power import run_action as power
+        self.power = power
+        self.clock = clock
+        self.actor = actor
+        self.policy = site.policy
+        self.shared = [n.name for n in site.nodes.values() if n.shared]
+        self.label_key = site.kubernetes.label_key
+
+    # Adapters are made on first use: recording an admin's request needs neither cluster.
+    @property
+    def slurm(self):
+        if self._slurm is None:
+            from provisioner.clusters.slurm import SlurmAdapter
+
+            self._slurm = SlurmAdapter(self.site.slurm)
+        return self._slurm
+
+    @property
+    def kube(self):
+        if self._kube is None:
+            from provisioner.clusters.kubernetes import KubernetesAdapter
+
+            self._kube = KubernetesAdapter(self.site.kubernetes)
+        return self._kube
+
+    # -- the pass ------------------------------------------------------------------------
+
+    def run_pass(self, dry_run: bool = False, only: Iterable[str] | None = None,
+                 balance: bool = True) -> PassReport:
+        """One pass. `only`: advance just these nodes (the CLI's `role --now`); `balance=False`
+        skips the policy (no new moves)."""
+        report = PassReport(dry_run=dry_run)
+        self.store.seed((n.name, n.default_role) for n in self.site.nodes.values())
+        try:
+            world = self.observe()
+        except OperationError as exc:
+            report.errors.append(f"observe failed, no action taken: {exc}")
+            return report
+
+        nodes = self.shared if only is None else [n for n in self.shared if n in set(only)]
+        if not dry_run:
+            for name in nodes:
+                st = world.states[name]
+                if st.phase in SWITCHING:
+                    self._advance(name, world, report)
+            if only is not None or not balance:
+                return report
+            world = self._refresh_states(world)
+
+        if balance:
+            decision = pol.decide(self.snapshot(world, record_demand=not dry_run))
+            report.demand = dict(decision.demand)
+            report.notes.extend(decision.notes)
+            report.moves.extend(decision.moves)
+            if not dry_run:
+                for move in decision.moves:
+                    if self._start(move.node, move.to_role, move.reason, actor=self.actor, forced=False, report=report):
+                        self._advance(move.node, self._refresh_states(world), report)
+        return report
+
+    def observe(self) -> World:
+        snap = self.slurm.observe()
+        missing = [n for n in self.shared if n not in snap.nodes]
+        if missing:
+            raise OperationError(f"SLURM does not know shared node(s) {', '.join(missing)}; "
+                                 "add them to slurm.conf or fix the site config")
+        pods = tuple(self.kube.pending_pods())
+        kube_nodes = self.kube.nodes(self.shared)
+        return World(
+            slurm_nodes=snap.nodes,
+            pending_jobs=tuple(snap.pending),
+            kube_nodes=kube_nodes,
+            pending_pods=pods,
+            states=self.store.nodes(self.shared),
+        )
+
+    def _refresh_states(self, world: World) -> World:
+        return World(world.slurm_nodes, world.pending_jobs, world.kube_nodes, world.pending_pods,
+                     self.store.nodes(self.shared))
+
+    # -- the snapshot for the policy -------------------------------------------------
+
+    def snapshot(self, world: World, record_demand: bool) -> pol.Snapshot:
+        now = self.clock()
+        nodes = tuple(self._shared_node(name, world) for name in self.shared)
+        jobs = tuple(
+            pol.PendingJob(j.job_id, j.reason, j.partitions, j.num_nodes, j.cpus_per_node, j.gpus_per_node)
+            for j in world.pending_jobs if not j.req_nodes or set(j.req_nodes) & set(self.shared)
+        )
+        pods = tuple(
+            pol.PendingPod(p.namespace, p.name, p.cpu_m, p.memory, p.gpus, p.node_selector)
+            for p in world.pending_pods
+        )
+        snap = pol.Snapshot(now=now, policy=self.policy, nodes=nodes, jobs=jobs, pods=pods)
+        # Demand persistence: first-seen times live in the store, so they survive between passes.
+        amounts = pol.demand(snap)
+        since = self.store.set_demand(amounts, now) if record_demand else self.store.demand_since()
+        return pol.Snapshot(now=now, policy=self.policy, nodes=nodes, jobs=jobs, pods=pods, demand_since=since)
+
+    def _shared_node(self, name: str, world: World) -> pol.SharedNode:
+        st = world.states[name]
+        s = world.slurm_nodes[name]
+        k = world.kube_nodes.get(name)
+        role = st.target_role if st.phase in SWITCHING and st.target_role else st.desired_role
+        if role == "slurm":
+            busy = s.busy
+            available = s.available
+            held = None if available else (f"held in SLURM by someone else ({s.reason})" if s.held_by_other
+                                            else f"not available in SLURM ({s.state}{', ' + s.reason if s.reason else ''})")
+        else:
+            busy = bool(k and k.busy)
+            available = bool(k and k.ready and not k.unschedulable)
+            held = None if available else ("no Node object in Kubernetes" if k is None else
+                                            "cordoned by someone else" if k.cordoned_by_other else
+                                            "not Ready in Kubernetes" if not k.ready else "cordoned")
+        labels = dict(k.labels) if k else {}
+        labels[self.label_key] = "k8s"
+        return pol.SharedNode(
+            name=name, role=role, phase=st.phase, pinned=st.pinned, busy=busy, available=available,
+            last_switch_at=st.last_switch_at, cpus=s.cpus or (k.cpu_m // 1000 if k else 1),
+            memory=(s.memory_mb << 20) if s.memory_mb else (k.memory if k else 0),
+            gpus=s.gpus or (k.gpus if k else 0), partitions=s.partitions,
+            k8s_labels=tuple(sorted(labels.items())), held_by=held,
+        )
+
+    # -- starting a switch --------------------------------------------------------------
+
+    def request(self, names: list[str], role: str, *, actor: str, reason: str) -> list[Step]:
+        """An admin forces nodes to a role (pinned). Starts the switch where one is needed."""
+        steps = []
+        for name in names:
+            st = self.store.get(name)
+            if st.phase in SWITCHING and st.target_role != role:
+                raise OperationError(f"{name} is switching to {st.target_role} (phase {st.phase}); wait for it to "
+                                     f"finish (`provisioner nodes {name}`), then run role again")
+            if (st.phase == STEADY and st.desired_role == role) or (st.phase in SWITCHING and st.target_role == role):
+                if not st.pinned:
+                    self.store.update(name, actor=actor, kind="pin", message=f"pinned to {role}: {reason}",
+                                      pinned=1, pin_reason=reason)
+                steps.append(Step(name, "pin", f"already {role}" + ("" if st.phase == STEADY else " (switching)")))
+                continue
+            report = PassReport(dry_run=False)
+            self._start(name, role, reason, actor=actor, forced=True, report=report)
+            steps.extend(report.steps)
+        return steps
+
+    def _start(self, name: str, role: str, reason: str, *, actor: str, forced: bool, report: PassReport) -> bool:
+        st = self.store.get(name)
+        if st.phase not in (STEADY, FAILED):
+            return False
+        fields: dict[str, Any] = dict(phase=REQUESTED, target_role=role, phase_since=self.clock(), attempts=0,
+                                      failed_reason=None, switch_reason=reason, switch_actor=actor)
+        if forced:
+            fields.update(pinned=1, pin_reason=reason)
+        ok = self.store.update(name, actor=actor, kind="switch",
+                               message=f"switch to {role} requested{' (pinned)' if forced else ''}: {reason}",
+                               expect={"phase": st.phase}, data={"to": role, "reason": reason, "forced": forced},
+                               **fields)
+        if ok:
+            report.steps.append(Step(name, "requested", f"switch to {role}: {reason}"))
+        return ok
+
+    # -- advancing a switch -------------------------------------------------------------
+
+    def _advance(self, name: str, world: World, report: PassReport) -> None:
+        """Take as many steps as hold now (each one a compare-and-set on the phase)."""
+        for _ in range(len(SWITCHING) + 1):
+            st = self.store.get(name)
+            if st.phase not in SWITCHING:
+                return
+            try:
+                moved = self._step(st, report)
+            except OperationError as exc:
+                report.steps.append(Step(name, st.phase, str(exc), ok=False))
+                self.store.add_event(name, self.actor, "step-failed", f"{st.phase}: {exc}", {"phase": st.phase})
+                return
+            if not moved:
+                return
+
+    def _step(self, st: NodeState, report: PassReport) -> bool:
+        """One step from st.phase. Returns True when the phase changed (so try the next one)."""
+        name, to = st.name, st.target_role
+        now = self.clock()
+        age = now - (st.phase_since or now)
+        forced = st.pinned and st.switch_actor != self.actor
+
+        if st.phase == REQUESTED:
+            if to == "k8s":
+                self.slurm.drain([name], f"switching to k8s: {st.switch_reason or ''}".strip())
+                return self._goto(st, DRAINING, f"draining in SLURM ({st.switch_reason})", report)
+            cordon_ours = self.kube.cordon(name) if self.kube.node(name) else True
+            _crash_point("after-cordon")
+            note = "" if cordon_ours else " (already cordoned by someone else: that cordon stays theirs)"
+            return self._goto(st, CORDONING, f"cordoned in Kubernetes{note}", report)
+
+        if st.phase == DRAINING:
+            s = self.slurm.nodes([name])[name]
+            if s.held_by_other:
+                return self._rollback(st, f"someone else changed the node in SLURM ({s.reason}): hands off", report)
+            if not (s.drain or s.down):
+                return self._rollback(st, "the drain was lifted by someone else", report, resume=False)
+            if s.busy:
+                if not forced and age > self.policy.phase_timeout_s:
+                    return self._rollback(st, f"jobs still running after {int(age)} s", report)
+                if forced and age > self.policy.phase_timeout_s:
+                    report.notes.append(f"{name}: still draining after {int(age)} s (forced by {st.switch_actor})")
+                return False
+            self.slurm.down([name])
+            _crash_point("after-down")
+            return self._goto(st, REBOOTING, "drained and down in SLURM (k8s_connect); will boot the k8s image",
+                              report, desired_role="k8s")
+
+        if st.phase == CORDONING:
+            k = self.kube.node(name)
+            if k is not None and k.busy:
+                if forced:
+                    res = self.kube.evict_pods(name)
+                    if not res.free:
+                        blocked = "; ".join(f"{p} ({why})" for p, why in res.blocked) or ", ".join(res.remaining)
+                        if age > self.policy.phase_timeout_s:
+                            return self._fail(st, f"pods could not be evicted in {int(age)} s: {blocked}", report)
+                        report.notes.append(f"{name}: waiting for pods to leave: {blocked}")
+                        return False
+                else:
+                    return self._rollback(st, f"pods appeared on the node ({', '.join(p.key for p in k.pods)})",
+                                          report)
+            return self._goto(st, REBOOTING, "no pods left; will boot the slurm image", report, desired_role="slurm")
+
+        if st.phase == REBOOTING:
+            return self._reboot(st, report)
+
+        if st.phase == BOOTING:
+            if st.booted_role == to and st.booted_at and st.booted_at >= (st.phase_since or 0):
+                return self._goto(st, JOINING, f"booted the {to} image (version {st.booted_version})", report)
+            return self._timed_out(st, age, f"no boot callback from the {to} image", report)
+
+        if st.phase == JOINING:
+            if to == "slurm":
+                s = self.slurm.nodes([name])[name]
+                if not s.responding:
+                    return self._timed_out(st, age, "slurmd has not registered", report)
+                if s.held_by_other:
+                    return self._fail(st, f"joined SLURM but someone else holds it ({s.reason})", report)
+                self.slurm.resume([name])
+                if self.kube.node(name):
+                    self.kube.label(name, "slurm")
+                return self._finish(st, "resumed in SLURM, labelled sched=slurm", report)
+            k = self.kube.node(name)
+            if k is None or not k.ready:
+                return self._timed_out(st, age, "kubelet is not Ready", report)
+            self.kube.label(name, "k8s")
+            note = "labelled sched=k8s"
+            if k.cordoned_by_us:
+                self.kube.uncordon(name)
+                note += ", uncordoned"
+            elif k.cordoned_by_other:
+                note += "; left cordoned: that cordon is someone else's"
+            return self._finish(st, f"Ready in Kubernetes, {note}", report)
+        return False
+
+    def _reboot(self, st: NodeState, report: PassReport) -> bool:
+        name, to = st.name, st.target_role
+        # Re-check both clusters right before the power action: a job or a pod that arrived
+        # since the last look (an admin resume, a pod bound by nodeName) stops the reboot.
+        s = self.slurm.nodes([name])[name]
+        k = self.kube.node(name)
+        holders = []
+        if s.busy:
+            holders.append(f"SLURM shows jobs on it ({s.state})")
+        if k is not None and k.busy:
+            holders.append(f"Kubernetes shows pods on it ({', '.join(p.key for p in k.pods)})")
+        if holders:
+            back = DRAINING if to == "k8s" else CORDONING
+            prev = "slurm" if to == "k8s" else "k8s"
+            self.store.update(name, actor=self.actor, kind="reboot-refused",
+                              message=f"not rebooting: {'; '.join(holders)}", expect={"phase": REBOOTING},
+                              phase=back, desired_role=prev, phase_since=self.clock())
+            report.steps.append(Step(name, "reboot-refused", "; ".join(holders), ok=True))
+            return False
+        _crash_point("before-power")
+        node = self.site.nodes[name]
+        result = self.power(self.site, [node], "boot", netboot=True, store=self.store, actor=self.actor,
+                            roles={name: to})[0]
+        _crash_point("after-power")
+        if not result.ok:
+            attempts = st.attempts + 1
+            if attempts > self.policy.max_retries:
+                return self._fail(st, f"power action failed {attempts} times: {result.error}", report)
+            self.store.update(name, actor=self.actor, kind="retry", message=f"power failed ({result.error}); "
+                              f"attempt {attempts} of {self.policy.max_retries + 1}", expect={"phase": REBOOTING},
+                              attempts=attempts)
+            report.steps.append(Step(name, "power", f"failed: {result.error}", ok=False))
+            return False
+        return self._goto(st, BOOTING, f"power {result.method} boot with one-time network boot", report)
+
+    # -- phase changes -----------------------------------------------------------------
+
+    def _goto(self, st: NodeState, phase: str, message: str, report: PassReport, **fields: Any) -> bool:
+        ok = self.store.update(st.name, actor=self.actor, kind="phase", message=f"{st.phase} -> {phase}: {message}",
+                               expect={"phase": st.phase}, data={"from": st.phase, "to": phase, "target": st.target_role},
+                               phase=phase, phase_since=self.clock(), **fields)
+        if ok:
+            report.steps.append(Step(st.name, phase, message))
+        return ok
+
+    def _timed_out(self, st: NodeState, age: float, what: str, report: PassReport) -> bool:
+        if age <= self.policy.phase_timeout_s:
+            return False
+        attempts = st.attempts + 1
+        if attempts > self.policy.max_retries:
+            return self._fail(st, f"{what} after {attempts} boot(s) ({int(age)} s in {st.phase})", report)
+        ok = self.store.update(st.name, actor=self.actor, kind="retry",
+                               message=f"{what} within {self.policy.phase_timeout_s} s; rebooting again "
+                                       f"(attempt {attempts + 1} of {self.policy.max_retries + 1})",
+                               expect={"phase": st.phase}, phase=REBOOTING, phase_since=self.clock(), attempts=attempts)
+        if ok:
+            report.steps.append(Step(st.name, "retry", what, ok=False))
+        return ok
+
+    def _fail(self, st: NodeState, reason: str, report: PassReport) -> bool:
+        self.store.update(st.name, actor=self.actor, kind="failed", message=f"switch to {st.target_role} FAILED: {reason}",
+                          expect={"phase": st.phase}, phase=FAILED, failed_reason=reason, phase_since=self.clock())
+        report.steps.append(Step(st.name, FAILED, reason, ok=False))
+        return False
+
+    def _rollback(self, st: NodeState, why: str, report: PassReport, resume: bool = True) -> bool:
+        """Undo a switch that has not reached the reboot: the node stays where it was."""
+        name = st.name
+        if st.target_role == "k8s" and resume:
+            s = self.slurm.nodes([name])[name]
+            if (s.drain or s.down) and s.reason_is_ours:
+                self.slurm.resume([name])
+        elif st.target_role == "slurm":
+            k = self.kube.node(name)
+            if k is not None and k.cordoned_by_us:
+                self.kube.uncordon(name)
+        self.store.update(name, actor=self.actor, kind="rollback", message=f"switch to {st.target_role} rolled back: {why}",
+                          expect={"phase": st.phase}, phase=STEADY, target_role=None, phase_since=self.clock(),
+                          attempts=0)
+        report.steps.append(Step(name, "rollback", why))
+        return False
+
+    def _finish(self, st: NodeState, message: str, report: PassReport) -> bool:
+        now = self.clock()
+        ok = self.store.update(st.name, actor=self.actor, kind="switched",
+                               message=f"now in {st.target_role}: {message}", expect={"phase": st.phase},
+                               data={"to": st.target_role}, phase=STEADY, target_role=None,
+                               phase_since=now, attempts=0, last_switch_at=now, failed_reason=None)
+        if ok:
+            report.steps.append(Step(st.name, "done", message))
+        return False
+
