@@ -1,5 +1,5 @@
 """The SLURM adapter against a real cluster (munged, slurmctld, one slurmd per node; see
-tests/fixtures/slurm_cluster.py): cn[1-2] are the fixed SLURM nodes, sn[1-3] the shared ones."""
+tests/fixtures/slurm_cluster.py): cn[01-02] are the fixed SLURM nodes, sn[01-04] the shared ones."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class Recorder:
 
 def test_observe_idle_cluster(slurm):
     snap = slurm.observe()
-    assert list(snap.nodes) == ["cn1", "cn2", "sn1", "sn2", "sn3"]
+    assert list(snap.nodes) == ["cn01", "cn02", "sn01", "sn02", "sn03", "sn04"]
     for node in snap.nodes.values():
         assert (node.state, node.flags, node.reason) == ("idle", frozenset(), None)
         assert node.available and node.responding and not node.busy and node.cpus == 1
@@ -64,8 +64,8 @@ def test_observe_idle_cluster(slurm):
 
 def test_fixed_nodes_full_new_job_pending_resources(cluster, slurm):
     # The shared nodes are "in Kubernetes" (the paper's down reason), the fixed ones run jobs.
-    slurm.down("sn[1-3]", PAPER_REASON)
-    running = [cluster.sbatch(nodelist=n) for n in ("cn1", "cn2")]
+    slurm.down("sn[01-04]", PAPER_REASON)
+    running = [cluster.sbatch(nodelist=n) for n in ("cn01", "cn02")]
     for job in running:
         cluster.wait_job_running(job)
     waiting = cluster.sbatch("--job-name=needs a node")
@@ -79,8 +79,8 @@ def test_fixed_nodes_full_new_job_pending_resources(cluster, slurm):
     assert job.submit_time and not job.req_nodes
 
     snap = slurm.observe()
-    assert all(snap.nodes[n].busy and snap.nodes[n].state == "allocated" for n in ("cn1", "cn2"))
-    assert all(snap.nodes[n].down and snap.nodes[n].reason_is_ours for n in ("sn1", "sn2", "sn3"))
+    assert all(snap.nodes[n].busy and snap.nodes[n].state == "allocated" for n in ("cn01", "cn02"))
+    assert all(snap.nodes[n].down and snap.nodes[n].reason_is_ours for n in ("sn01", "sn02", "sn03", "sn04"))
     assert [j.job_id for j in snap.pending] == [waiting]
 
 
@@ -88,94 +88,94 @@ def test_fixed_nodes_full_new_job_pending_resources(cluster, slurm):
 
 
 def test_drain_draining_then_drained(cluster, slurm):
-    job = cluster.sbatch(nodelist="sn1")
+    job = cluster.sbatch(nodelist="sn01")
     cluster.wait_job_running(job)
 
-    sn1 = slurm.drain("sn1", "to k8s: 2 pods Pending")["sn1"]
-    assert sn1.draining and not sn1.drained and sn1.busy
-    assert sn1.reason == "provisioner: to k8s: 2 pods Pending" and sn1.reason_is_ours
-    assert (sn1.state, sn1.flags) == ("allocated", frozenset({"drain"}))
+    sn01 = slurm.drain("sn01", "to k8s: 2 pods Pending")["sn01"]
+    assert sn01.draining and not sn01.drained and sn01.busy
+    assert sn01.reason == "provisioner: to k8s: 2 pods Pending" and sn01.reason_is_ours
+    assert (sn01.state, sn01.flags) == ("allocated", frozenset({"drain"}))
     assert cluster.job_state(job)[0] == "RUNNING"  # draining lets the job finish
 
-    assert slurm.drain("sn1", "again")["sn1"].reason == "provisioner: to k8s: 2 pods Pending"  # idempotent
+    assert slurm.drain("sn01", "again")["sn01"].reason == "provisioner: to k8s: 2 pods Pending"  # idempotent
 
     cluster.run("scancel", job)
-    sn1 = poll_node(slurm, "sn1", lambda n: n.drained, "drained")
-    assert (sn1.state, sn1.flags, sn1.alloc_cpus) == ("idle", frozenset({"drain"}), 0)
-    assert not sn1.available and not sn1.held_by_other
+    sn01 = poll_node(slurm, "sn01", lambda n: n.drained, "drained")
+    assert (sn01.state, sn01.flags, sn01.alloc_cpus) == ("idle", frozenset({"drain"}), 0)
+    assert not sn01.available and not sn01.held_by_other
 
 
 def test_down_drained_node_then_resume_starts_pending_job(cluster, slurm):
-    slurm.drain("sn1", "to k8s")
-    sn1 = slurm.down("sn1", PAPER_REASON)["sn1"]  # the paper's Table 1
-    assert sn1.down and sn1.reason == PAPER_REASON and sn1.reason_is_ours
+    slurm.drain("sn01", "to k8s")
+    sn01 = slurm.down("sn01", PAPER_REASON)["sn01"]  # the paper's Table 1
+    assert sn01.down and sn01.reason == PAPER_REASON and sn01.reason_is_ours
 
-    # Everything else is busy or away: the next job can only run where sn1 comes back.
-    slurm.down("sn[2-3]", "in k8s")
-    for n in ("cn1", "cn2"):
+    # Everything else is busy or away: the next job can only run where sn01 comes back.
+    slurm.down("sn[02-04]", "in k8s")
+    for n in ("cn01", "cn02"):
         cluster.wait_job_running(cluster.sbatch(nodelist=n))
     waiting = cluster.sbatch()
     wait_for(lambda: cluster.job_state(waiting)[1] == "(Resources)", 20, "the job to pend (Resources)")
 
-    sn1 = slurm.resume("sn1")["sn1"]
-    assert not sn1.down and not sn1.drain and sn1.reason is None
-    assert cluster.wait_job_running(waiting) == "sn1"
-    assert poll_node(slurm, "sn1", lambda n: n.busy, "busy").state == "allocated"
+    sn01 = slurm.resume("sn01")["sn01"]
+    assert not sn01.down and not sn01.drain and sn01.reason is None
+    assert cluster.wait_job_running(waiting) == "sn01"
+    assert poll_node(slurm, "sn01", lambda n: n.busy, "busy").state == "allocated"
 
 
 def test_down_refuses_a_node_that_runs_jobs(cluster, slurm):
-    job = cluster.sbatch(nodelist="sn2")
+    job = cluster.sbatch(nodelist="sn02")
     cluster.wait_job_running(job)
-    with pytest.raises(OperationError, match=r"not taking down sn2: jobs run there .* drain first"):
-        slurm.down("sn[1-2]", PAPER_REASON)
+    with pytest.raises(OperationError, match=r"not taking down sn02: jobs run there .* drain first"):
+        slurm.down("sn[01-02]", PAPER_REASON)
     assert cluster.job_state(job)[0] == "RUNNING"
-    assert not slurm.nodes("sn1")["sn1"].down  # nothing done to the other node either
+    assert not slurm.nodes("sn01")["sn01"].down  # nothing done to the other node either
 
 
 def test_foreign_drain_is_not_ours_and_never_resumed(cluster, slurm):
-    cluster.run("scontrol", "update", "nodename=sn2", "state=drain", "reason=RMA: bad DIMM, do not touch")
-    slurm.drain("sn1", "to k8s")
-    sn2 = slurm.nodes("sn2")["sn2"]
-    assert sn2.drained and sn2.reason == "RMA: bad DIMM, do not touch"
-    assert not sn2.reason_is_ours and sn2.held_by_other
+    cluster.run("scontrol", "update", "nodename=sn02", "state=drain", "reason=RMA: bad DIMM, do not touch")
+    slurm.drain("sn01", "to k8s")
+    sn02 = slurm.nodes("sn02")["sn02"]
+    assert sn02.drained and sn02.reason == "RMA: bad DIMM, do not touch"
+    assert not sn02.reason_is_ours and sn02.held_by_other
 
     recorder = Recorder(slurm.runner)
     slurm = SlurmAdapter(slurm.settings, recorder)
-    with pytest.raises(OperationError, match=r"not resuming sn2 IDLE\+DRAIN \(RMA: bad DIMM, do not touch\)"):
-        slurm.resume("sn[1-2]")
+    with pytest.raises(OperationError, match=r"not resuming sn02 IDLE\+DRAIN \(RMA: bad DIMM, do not touch\)"):
+        slurm.resume("sn[01-02]")
     with pytest.raises(OperationError, match=r"someone else set that reason"):
-        slurm.drain("sn2", "to k8s")  # would replace their reason with ours, making it "ours"
+        slurm.drain("sn02", "to k8s")  # would replace their reason with ours, making it "ours"
     with pytest.raises(OperationError, match=r"someone else set that reason"):
-        slurm.down("sn2", PAPER_REASON)
+        slurm.down("sn02", PAPER_REASON)
     assert not [a for a in recorder.argvs if "update" in a]  # refused before any action
-    nodes = slurm.nodes("sn[1-2]")
-    assert nodes["sn2"].reason == "RMA: bad DIMM, do not touch" and nodes["sn2"].drained
-    assert nodes["sn1"].drained and nodes["sn1"].reason_is_ours  # all or nothing
+    nodes = slurm.nodes("sn[01-02]")
+    assert nodes["sn02"].reason == "RMA: bad DIMM, do not touch" and nodes["sn02"].drained
+    assert nodes["sn01"].drained and nodes["sn01"].reason_is_ours  # all or nothing
 
 
 def test_paper_scripts_down_counts_as_ours(cluster, slurm):
-    cluster.run("scontrol", "update", "nodename=sn3", "state=down", f"reason={PAPER_REASON}")
-    assert slurm.nodes("sn3")["sn3"].reason_is_ours
-    sn3 = slurm.resume("sn3")["sn3"]
-    assert not sn3.down and sn3.reason is None
+    cluster.run("scontrol", "update", "nodename=sn03", "state=down", f"reason={PAPER_REASON}")
+    assert slurm.nodes("sn03")["sn03"].reason_is_ours
+    sn03 = slurm.resume("sn03")["sn03"]
+    assert not sn03.down and sn03.reason is None
     # slurmctld marks a resumed DOWN node not responding until the slurmd answers its ping
-    poll_node(slurm, "sn3", lambda n: n.available, "available")
+    poll_node(slurm, "sn03", lambda n: n.available, "available")
 
 
 def test_resume_refuses_a_node_whose_slurmd_is_not_running(cluster, slurm):
-    slurm.down("sn3", "to k8s")
-    cluster.stop_slurmd("sn3")  # the node rebooted into the Kubernetes image
+    slurm.down("sn03", "to k8s")
+    cluster.stop_slurmd("sn03")  # the node rebooted into the Kubernetes image
     # slurmctld notices at its next ping of the node (every SlurmdTimeout/3)
-    poll = wait_for(lambda: (lambda n: n if not n.responding else None)(slurm.nodes("sn3")["sn3"]), 40,
-                    "sn3 not responding")
+    poll = wait_for(lambda: (lambda n: n if not n.responding else None)(slurm.nodes("sn03")["sn03"]), 40,
+                    "sn03 not responding")
     assert poll.down and poll.reason_is_ours
-    with pytest.raises(OperationError, match=r"not resuming sn3: slurmd there is not responding"):
-        slurm.resume("sn3")
-    cluster.start_slurmd("sn3")  # the node booted the SLURM image again
-    sn3 = poll_node(slurm, "sn3", lambda n: n.responding, "responding")
-    assert sn3.down and sn3.reason_is_ours  # ReturnToService=1 keeps our down
-    assert not slurm.resume("sn3")["sn3"].down
-    poll_node(slurm, "sn3", lambda n: n.available, "available")
+    with pytest.raises(OperationError, match=r"not resuming sn03: slurmd there is not responding"):
+        slurm.resume("sn03")
+    cluster.start_slurmd("sn03")  # the node booted the SLURM image again
+    sn03 = poll_node(slurm, "sn03", lambda n: n.responding, "responding")
+    assert sn03.down and sn03.reason_is_ours  # ReturnToService=1 keeps our down
+    assert not slurm.resume("sn03")["sn03"].down
+    poll_node(slurm, "sn03", lambda n: n.available, "available")
 
 
 def test_act_on_unknown_node_is_refused(slurm):
@@ -185,7 +185,7 @@ def test_act_on_unknown_node_is_refused(slurm):
 
 def test_resume_of_nodes_in_service_does_nothing(slurm):
     recorder = Recorder(slurm.runner)
-    nodes = SlurmAdapter(slurm.settings, recorder).resume("cn[1-2]")
+    nodes = SlurmAdapter(slurm.settings, recorder).resume("cn[01-02]")
     assert all(n.available for n in nodes.values())
     assert not [a for a in recorder.argvs if "update" in a]
 
@@ -267,16 +267,16 @@ def test_over_ssh_on_the_controller(cluster, sshd):
                              timeout_s=20)
     slurm = SlurmAdapter(settings)
     snap = slurm.observe()
-    assert set(snap.nodes) == {"cn1", "cn2", "sn1", "sn2", "sn3"} and snap.pending == ()
-    assert slurm.drain("sn2", "over ssh")["sn2"].reason == "provisioner: over ssh"
-    assert slurm.down("sn2")["sn2"].down
-    assert not slurm.resume("sn2")["sn2"].drain
-    cluster.wait_node_state("sn2", lambda s: s == "IDLE")
+    assert set(snap.nodes) == {"cn01", "cn02", "sn01", "sn02", "sn03", "sn04"} and snap.pending == ()
+    assert slurm.drain("sn02", "over ssh")["sn02"].reason == "provisioner: over ssh"
+    assert slurm.down("sn02")["sn02"].down
+    assert not slurm.resume("sn02")["sn02"].drain
+    cluster.wait_node_state("sn02", lambda s: s == "IDLE")
 
 
 def test_over_ssh_unknown_host_key_is_refused_before_anything(cluster, sshd):
     settings = SlurmSettings(mode="ssh", controller=sshd.target(known_hosts=sshd.other_known_hosts),
                              slurm_conf=str(cluster.slurm_conf), timeout_s=10)
     with pytest.raises(OperationError, match=r"ssh .*host key"):
-        SlurmAdapter(settings).drain("sn2", "x")
-    assert cluster.node_state("sn2") == "IDLE"
+        SlurmAdapter(settings).drain("sn02", "x")
+    assert cluster.node_state("sn02") == "IDLE"
