@@ -25,6 +25,7 @@ OUT = ROOT / "var" / "bench"
 # name -> module. Add a benchmark by adding a module and one line here.
 BENCHMARKS: dict[str, str] = {
     "boot_storm": "bench.boot_storm",
+    "decide": "bench.decide",
 }
 
 

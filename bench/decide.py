@@ -1,0 +1,105 @@
+"""policy.decide() on synthetic snapshots: 1,000 and 10,000 shared nodes, 100,000 pending jobs,
+50,000 pending pods. Baseline in the same run: a straightforward reference that checks every
+pending job and pod against every node (what the policy does without grouping by shape), on
+the same snapshots, capped in time and extrapolated where it cannot finish."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+from provisioner.config import Policy
+from provisioner.policy import PendingJob, PendingPod, SharedNode, Snapshot, decide
+
+TITLE = "balancer decision: decide() at 1,000 / 10,000 nodes, 100,000 jobs, 50,000 pods"
+GOAL_MS = 200.0
+BASELINE_BUDGET_S = 10.0
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--decide-repeats", type=int, default=5, help="timed runs per size (median reported)")
+
+
+def snapshot(n_nodes: int, n_jobs: int, n_pods: int, seed: int = 1) -> Snapshot:
+    rnd = random.Random(seed)
+    now = 1_000_000.0
+    shapes = [  # (cpus, memory, gpus, partitions)
+        (64, 256 << 30, 0, ("batch",)), (64, 512 << 30, 0, ("batch", "bigmem")),
+        (32, 256 << 30, 4, ("gpu",)), (128, 1024 << 30, 8, ("gpu", "ai")),
+    ]
+    nodes = []
+    for i in range(n_nodes):
+        cpus, mem, gpus, parts = shapes[i % len(shapes)]
+        role = "slurm" if i % 3 else "k8s"
+        phase = "steady" if i % 500 else "booting"
+        nodes.append(SharedNode(
+            name=f"sn{i:05d}", role=role, phase=phase, pinned=i % 97 == 0, busy=rnd.random() < 0.7,
+            available=rnd.random() > 0.02, last_switch_at=now - rnd.randint(0, 7200), cpus=cpus, memory=mem,
+            gpus=gpus, partitions=parts, k8s_labels=(("sched", "k8s"), ("zone", f"z{i % 4}")),
+        ))
+    reasons = ["Resources"] * 6 + ["Priority"] * 3 + ["Dependency"]
+    parts = ["batch", "bigmem", "gpu", "ai", "debug"]
+    jobs = tuple(PendingJob(str(j), rnd.choice(reasons), (rnd.choice(parts),), rnd.choice([1, 1, 1, 2, 4, 16]),
+                            rnd.choice([1, 4, 16, 32, 64, 128]), rnd.choice([0, 0, 0, 1, 4]))
+                 for j in range(n_jobs))
+    pods = tuple(PendingPod(f"ns{p % 40}", f"pod{p}", rnd.choice([100, 500, 1000, 4000, 16000]),
+                            rnd.choice([1 << 28, 1 << 30, 8 << 30]), rnd.choice([0, 0, 0, 1]),
+                            rnd.choice([(), (), (("zone", f"z{p % 5}"),), (("sched", "slurm"),)]))
+                 for p in range(n_pods))
+    policy = Policy(min_nodes={"slurm": 10, "k8s": 10}, max_in_flight=max(2, n_nodes // 100), demand_persist_s=60)
+    return Snapshot(now=now, policy=policy, nodes=tuple(nodes), jobs=jobs, pods=pods,
+                    demand_since={"slurm": now - 600, "k8s": now - 600})
+
+
+def reference_demand(snap: Snapshot, budget_s: float) -> tuple[float, float]:
+    """Per item, scan the nodes for one that serves it. Returns (seconds, fraction done)."""
+    from provisioner.policy import _node_serves_job, _node_serves_pod
+
+    items = [("j", j) for j in snap.jobs if j.reason in snap.slurm_reasons] + [("p", p) for p in snap.pods]
+    start = time.perf_counter()
+    done = 0
+    for kind, item in items:
+        check = _node_serves_job if kind == "j" else _node_serves_pod
+        any(check(n, item) for n in snap.nodes)
+        done += 1
+        if done % 256 == 0 and time.perf_counter() - start > budget_s:
+            break
+    return time.perf_counter() - start, done / len(items)
+
+
+def run(args) -> dict:
+    repeats = getattr(args, "decide_repeats", 5)
+    sizes = []
+    for n_nodes in (1_000, 10_000):
+        snap = snapshot(n_nodes, 100_000, 50_000)
+        decide(snap)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            d = decide(snap)
+            times.append((time.perf_counter() - t) * 1000)
+        ref_s, frac = reference_demand(snap, BASELINE_BUDGET_S)
+        sizes.append({
+            "nodes": n_nodes, "jobs": len(snap.jobs), "pods": len(snap.pods),
+            "decide_ms_median": round(statistics.median(times), 1), "decide_ms_min": round(min(times), 1),
+            "decide_ms_max": round(max(times), 1), "moves": len(d.moves), "notes": len(d.notes),
+            "reference_ms": round(ref_s * 1000 / frac, 0), "reference_extrapolated": frac < 1.0,
+        })
+    return {"sizes": sizes, "goal_ms": GOAL_MS, "repeats": repeats,
+            "met": sizes[-1]["decide_ms_median"] <= GOAL_MS}
+
+
+def summary(result: dict) -> str:
+    lines = ["| nodes | jobs | pods | decide() median ms (min-max) | moves | per-item node scan (baseline) ms | speed-up |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in result["sizes"]:
+        ref = f"{s['reference_ms']:,.0f}" + (" (extrapolated)" if s["reference_extrapolated"] else "")
+        lines.append(f"| {s['nodes']:,} | {s['jobs']:,} | {s['pods']:,} | {s['decide_ms_median']:.1f} "
+                     f"({s['decide_ms_min']:.1f}-{s['decide_ms_max']:.1f}) | {s['moves']} | {ref} | "
+                     f"{s['reference_ms'] / max(s['decide_ms_median'], 1e-9):,.0f} x |")
+    last = result["sizes"][-1]
+    lines.append("")
+    lines.append(f"- <= {result['goal_ms']:g} ms at {last['nodes']:,} nodes: {last['decide_ms_median']:.1f} ms: "
+                 f"{'met' if result['met'] else 'MISSED'}")
+    return "\n".join(lines)
