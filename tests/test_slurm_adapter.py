@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from provisioner.clusters.slurm import PAPER_REASON, LocalRunner, SlurmAdapter
+from provisioner import config
 from provisioner.config import SlurmSettings
 from provisioner.errors import OperationError
+from tests.fixtures.site import write_site
 from tests.fixtures.slurm_cluster import SlurmCluster, wait_for
 from tests.support import require_binary
 
@@ -27,8 +29,14 @@ def cluster(slurm_cluster):
 
 
 @pytest.fixture
-def slurm(cluster) -> SlurmAdapter:
-    return SlurmAdapter(SlurmSettings(slurm_conf=str(cluster.slurm_conf), timeout_s=20))
+def slurm_site(cluster, tmp_path) -> config.Site:
+    """The default test site, its slurm section pointing at the test cluster."""
+    return config.load(write_site(tmp_path / "site", slurm=cluster.site_section()))
+
+
+@pytest.fixture
+def slurm(slurm_site) -> SlurmAdapter:
+    return SlurmAdapter(slurm_site.slurm)
 
 
 def poll_node(slurm: SlurmAdapter, name: str, ok, what: str):
@@ -52,9 +60,9 @@ class Recorder:
 # --------------------------------------------------------------------------- observe
 
 
-def test_observe_idle_cluster(slurm):
+def test_observe_idle_cluster(slurm, slurm_site):
     snap = slurm.observe()
-    assert list(snap.nodes) == ["cn01", "cn02", "sn01", "sn02", "sn03", "sn04"]
+    assert list(snap.nodes) == list(slurm_site.nodes) == ["cn01", "cn02", "sn01", "sn02", "sn03", "sn04"]
     for node in snap.nodes.values():
         assert (node.state, node.flags, node.reason) == ("idle", frozenset(), None)
         assert node.available and node.responding and not node.busy and node.cpus == 1
@@ -201,7 +209,7 @@ def small_cluster():
         require_binary(name)
     # under /tmp (not pytest's 0700 folder): a client running as `nobody` must reach it
     work = Path(tempfile.mkdtemp(prefix="provisioner-slurm-"))
-    cluster = SlurmCluster(work, nodes=["x1"], message_timeout=3)
+    cluster = SlurmCluster(work, nodes=["x1"], message_timeout=2)  # clients give up after ~1 s
     try:
         cluster.start()
         yield cluster
@@ -230,8 +238,8 @@ def test_slurmctld_stopped_observe_fails_clearly_and_nothing_is_attempted(small_
     assert recorder.argvs and not [a for a in recorder.argvs if "update" in a]
 
     # A client that hangs longer than slurm.timeout_s is cut off with its own message.
-    with pytest.raises(OperationError, match=r"gave no answer within 1s; check that slurmctld"):
-        SlurmAdapter(replace(settings, timeout_s=1)).nodes()
+    with pytest.raises(OperationError, match=r"gave no answer within 0.3s; check that slurmctld"):
+        SlurmAdapter(replace(settings, timeout_s=0.3)).nodes()
 
 
 def test_slurm_refusal_carries_slurms_own_text(small_cluster, tmp_path):

@@ -373,6 +373,15 @@ def describe(node: SlurmNode) -> str:
 
 
 class SlurmAdapter:
+    """What provisioner reads from and does to SLURM.
+
+    Observe: nodes(names=None) -> {name: SlurmNode}; pending_jobs() -> [PendingJob];
+    observe() -> SlurmSnapshot (both). Act, for a hostlist or names, all or nothing, each checked
+    afterwards and returning the nodes' new states: drain(nodes, reason), down(nodes, reason),
+    resume(nodes). Every failure is an OperationError with one line that says what to do.
+    `runner` defaults to the one slurm.mode asks for (LocalRunner or SshRunner).
+    """
+
     def __init__(self, settings: SlurmSettings, runner: Runner | None = None):
         self.settings = settings
         self.prefix = settings.reason_prefix
