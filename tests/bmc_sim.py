@@ -93,6 +93,7 @@ def _server_classes():
             self.boots: list[dict] = []
             self.actions: list[str] = []
             self.bootdev_sets: list[dict] = []
+            self.refused = {"busy": 0, "silent": 0}  # requests answered 0xC0 / dropped by a fault
             super().__init__({user: password}, port=port, address=address)
 
         # -- state ------------------------------------------------------------------
@@ -100,13 +101,15 @@ def _server_classes():
             with self.lock:
                 return {"name": self.name, "port": self.port, "power": self.power, "bootdev": self.bootdev,
                         "persistent": self.persistent, "fault": self.fault, "boots": list(self.boots),
-                        "actions": list(self.actions), "bootdev_sets": list(self.bootdev_sets)}
+                        "actions": list(self.actions), "bootdev_sets": list(self.bootdev_sets),
+                        "refused": dict(self.refused)}
 
         def set(self, fault="keep", power=None, bootdev=None, persistent=False, reset=False) -> None:
             with self.lock:
                 if reset:
                     self.power, self.bootdev, self.persistent, self.fault = "off", "default", False, None
                     self.boots, self.actions, self.bootdev_sets = [], [], []
+                    self.refused = {"busy": 0, "silent": 0}
                 if fault != "keep":
                     if fault not in FAULTS:
                         raise ValueError(f"unknown fault {fault!r}")
@@ -135,6 +138,7 @@ def _server_classes():
         # -- pyghmi hooks -----------------------------------------------------------
         def sessionless_data(self, data, sockaddr):
             if self.fault == "silent":
+                self.refused["silent"] += 1
                 return
             d = bytearray(data)
             if len(d) >= 22 and d[0] == 6 and d[2:4] == b"\xff\x07" and d[4] == 6 and d[5] == 16:
@@ -144,8 +148,10 @@ def _server_classes():
 
         def handle_raw_request(self, request, session):
             if self.fault == "silent":
+                self.refused["silent"] += 1
                 return
             if self.fault == "busy":
+                self.refused["busy"] += 1
                 return session.send_ipmi_response(code=0xC0)
             with self.lock:
                 return super().handle_raw_request(request, session)

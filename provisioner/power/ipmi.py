@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -38,6 +39,8 @@ _CONTROL = {"off": 0, "on": 1, "cycle": 2, "reset": 3, "soft": 5}
 _NETWORK = 0x04  # boot flags data 2: "force PXE" device selector (1 << 2)
 _BUSY, _BAD_STATE = 0xC0, 0xD5
 _BUSY_BACKOFF_S = 0.5
+_STARTUP_S = 30.0  # for the worker to start and load pyghmi (not the BMC's time)
+_READY = b"ready\n"
 
 
 class IpmiError(OperationError):
@@ -127,19 +130,39 @@ def _run_worker(request: dict, timeout: float) -> dict:
         [sys.executable, "-m", "provisioner.power.ipmi"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, start_new_session=True,
     )
-    try:
-        out, err = proc.communicate(json.dumps(request).encode(), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # The BMC is silent (or too slow): end the worker, by its pid, and say so.
+    # The clock for the BMC starts once the worker has loaded pyghmi: on a loaded host, Python's
+    # start-up must not eat the BMC's time (and cause a needless, maybe doubled, retry).
+    if not _wait_ready(proc, _STARTUP_S):
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {"ok": False, "kind": "timeout"}
+        out, err = proc.communicate()
+    else:
+        try:
+            out, err = proc.communicate(json.dumps(request).encode() + b"\n", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # The BMC is silent (or too slow): end the worker, by its pid, and say so.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return {"ok": False, "kind": "timeout"}
     try:
         return json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
         lines = err.decode("utf-8", "replace").strip().splitlines()
         tail = _redact(lines[-1] if lines else f"exit status {proc.returncode}", request["password"])
         return {"ok": False, "kind": "error", "detail": f"IPMI worker failed: {tail[:200]}"}
+
+
+def _wait_ready(proc: subprocess.Popen, limit: float) -> bool:
+    """Read the worker's b"ready\\n" straight from the pipe (no buffering ahead of communicate())."""
+    fd, got, deadline = proc.stdout.fileno(), b"", time.monotonic() + limit
+    while not got.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return False
+        chunk = os.read(fd, 1)
+        if not chunk:
+            return False
+        got += chunk
+    return got == _READY
 
 
 def _redact(text: str, password: str | None) -> str:
@@ -231,7 +254,11 @@ def _do(request: dict) -> dict:
 
 
 def _worker_main() -> None:
-    request = json.loads(sys.stdin.read())
+    from pyghmi.ipmi import command  # noqa: F401  (loaded before the caller's clock starts)
+
+    sys.stdout.buffer.write(_READY)
+    sys.stdout.flush()
+    request = json.loads(sys.stdin.readline())
     try:
         res = _do(request)
     except Exception as exc:  # never let a traceback (with locals) out: one redacted line
