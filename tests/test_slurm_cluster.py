@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.fixtures.slurm_cluster import SlurmCluster, require_slurm, wait_for
