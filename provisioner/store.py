@@ -69,6 +69,19 @@ MIGRATIONS: list[str] = [
         amount INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 2 -> 3: per-node image version pins (rollback of one node to an older built version).
+    # A separate table, so the nodes row (and NodeState) stays as it is.
+    """
+    CREATE TABLE image_pins (
+        node     TEXT NOT NULL,
+        image    TEXT NOT NULL,
+        version  TEXT NOT NULL,
+        reason   TEXT,
+        actor    TEXT,
+        since    REAL NOT NULL,
+        PRIMARY KEY (node, image)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -337,6 +350,63 @@ class Store:
             c.execute(f"UPDATE nodes SET {sets} WHERE name = ?", (*fields.values(), name))
             self._event(c, now, name, actor, kind, message, data)
         return True
+
+    # -- image version pins ----------------------------------------------------------
+
+    def image_pin(self, node: str, image: str) -> str | None:
+        """The boot endpoint's hot path when a role uses a built image: one primary-key read."""
+        row = self._conn().execute(
+            "SELECT version FROM image_pins WHERE node = ? AND image = ?", (node, image)).fetchone()
+        return row[0] if row else None
+
+    def image_pins(self, image: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM image_pins", ()
+        if image is not None:
+            sql, args = sql + " WHERE image = ?", (image,)
+        return [dict(r) for r in self._conn().execute(sql + " ORDER BY image, node", args)]
+
+    def pin_image(self, nodes: list[str], image: str, version: str, *, actor: str, reason: str) -> list[str]:
+        """Pin nodes to one version of an image (in one transaction). Returns the nodes changed."""
+        now = time.time()
+        changed = []
+        with self.transaction() as c:
+            for name in nodes:
+                row = c.execute("SELECT version FROM image_pins WHERE node = ? AND image = ?",
+                                (name, image)).fetchone()
+                if row is not None and row[0] == version:
+                    continue
+                c.execute(
+                    "INSERT INTO image_pins (node, image, version, reason, actor, since) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (node, image) DO UPDATE SET version = excluded.version,"
+                    " reason = excluded.reason, actor = excluded.actor, since = excluded.since",
+                    (name, image, version, reason, actor, now),
+                )
+                old = row[0] if row else None
+                self._event(c, now, name, actor, "image-pin",
+                            f"image {image} pinned to version {version}"
+                            + (f" (was {old})" if old else "") + f": {reason}",
+                            {"image": image, "version": version, "old": old, "reason": reason})
+                changed.append(name)
+        return changed
+
+    def unpin_image(self, nodes: list[str], image: str | None = None, *, actor: str, reason: str) -> list[str]:
+        """Drop nodes' version pins (of one image, or all). Returns the nodes changed."""
+        now = time.time()
+        changed = []
+        with self.transaction() as c:
+            for name in nodes:
+                sql, args = "SELECT image, version FROM image_pins WHERE node = ?", [name]
+                if image is not None:
+                    sql, args = sql + " AND image = ?", [name, image]
+                rows = c.execute(sql, args).fetchall()
+                for r in rows:
+                    c.execute("DELETE FROM image_pins WHERE node = ? AND image = ?", (name, r["image"]))
+                    self._event(c, now, name, actor, "image-unpin",
+                                f"image {r['image']} unpinned from version {r['version']}: {reason}",
+                                {"image": r["image"], "version": r["version"], "reason": reason})
+                if rows:
+                    changed.append(name)
+        return changed
 
     # -- demand persistence ----------------------------------------------------------
 
