@@ -18,10 +18,12 @@ import http.client
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +39,8 @@ from tests.support import free_port
 
 TITLE = "boot storm: N nodes fetch their iPXE scripts; provisioner serve vs nginx static files"
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+GRANIAN_THREADS = 2  # blocking threads per worker; 2 did best of 1, 2, 4 here
 LUA = HERE / "boot_storm.lua"
 TARGETS = {"rps": 2000, "p99_ms": 50.0, "ratio": 0.5}  # from issue 2
 SAMPLE = 20
@@ -79,6 +83,8 @@ def add_arguments(group) -> None:
                        help="provisioner serve --workers (default: its own default)")
     group.add_argument("--storm-rounds", type=int, default=3, metavar="R",
                        help="timed runs per server, alternating; the median is reported (default 3)")
+    group.add_argument("--storm-candidates", default="", metavar="NAME[,NAME]",
+                       help=f"also run the same app under other WSGI servers: {', '.join(CANDIDATES)} (not installed by default)")
     group.add_argument("--storm-keep", action="store_true", help="keep the temporary folder (logs, configs)")
 
 
@@ -98,42 +104,62 @@ def _version(cmd: list[str]) -> str:
     return (out.stdout + out.stderr).strip().splitlines()[0]
 
 
-class Nginx:
-    """nginx in the foreground (daemon off) with every path under `prefix`; stopped by pid."""
+class Daemon:
+    """A server in the foreground in its own session, stopped by pid (its whole group)."""
 
-    def __init__(self, binary: str, prefix: Path, www: Path, port: int, workers: int):
-        self.binary, self.prefix, self.port = binary, prefix, port
-        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
-        self.conf = prefix / "nginx.conf"
-        self.conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, www=www, port=port))
+    def __init__(self, cmd: list[str], port: int, log: Path, env: dict | None = None):
+        self.cmd, self.port, self.log, self.env = cmd, port, log, env
         self.proc: subprocess.Popen | None = None
 
-    def start(self, probe: str, timeout: float = 10.0) -> "Nginx":
-        log = open(self.prefix / "stderr.log", "ab")
-        # -e: the error log before the config is read would otherwise be /var/log/nginx/error.log
-        self.proc = subprocess.Popen([self.binary, "-p", str(self.prefix), "-e", str(self.prefix / "error.log"),
-                                      "-c", str(self.conf)], stdout=log, stderr=log, start_new_session=True)
-        log.close()
+    def start(self, probe: str, timeout: float = 60.0) -> "Daemon":
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log, start_new_session=True, cwd=ROOT,
+                                         env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited {self.proc.returncode}: {(self.prefix / 'error.log').read_text()[-500:]}")
+                raise RuntimeError(f"{self.cmd[0]} exited {self.proc.returncode}: {self.log.read_text()[-500:]}")
             try:
                 if _get(self.port, probe)[0] == 200:
                     return self
             except OSError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"nginx did not answer on 127.0.0.1:{self.port} within {timeout} s")
+        raise RuntimeError(f"{self.cmd[0]} did not answer on 127.0.0.1:{self.port} within {timeout} s")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # fast shutdown of master and workers
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+
+
+def nginx(binary: str, prefix: Path, www: Path, port: int, workers: int) -> Daemon:
+    """nginx with `daemon off` and every path under `prefix` (no root, no /var/log)."""
+    (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, www=www, port=port))
+    # -e: the error log used before the config is read would otherwise be /var/log/nginx/error.log
+    return Daemon([binary, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)], port,
+                  prefix / "stderr.log")
+
+
+def granian(config_path: Path, port: int, workers: int, log: Path) -> Daemon:
+    """The same app (bench.wsgi) under granian, a Rust HTTP server: a candidate, not the default."""
+    try:
+        import granian as _  # noqa: F401
+    except ImportError:
+        raise RuntimeError("granian is not installed; `.venv/bin/pip install granian` to compare with it") from None
+    return Daemon([sys.executable, "-m", "granian", "--interface", "wsgi", "--factory", "--host", "127.0.0.1",
+                   "--port", str(port), "--workers", str(workers), "--blocking-threads", str(GRANIAN_THREADS),
+                   "--no-ws", "--http", "1", "--log-level", "warning", "bench.wsgi:create"],
+                  port, log, env={**os.environ, "PROVISIONER_CONFIG": str(config_path)})
+
+
+CANDIDATES = {"granian": granian}
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -167,6 +193,50 @@ def _wrk(url: str, macs_file: Path, seconds: float, args, scripts: Path | None =
                 "checked": raw["checked"], "bad": raw["bad"],
             }
     raise RuntimeError(f"wrk gave no result (exit {out.returncode}): {(out.stderr or out.stdout)[-500:]}")
+
+
+def _tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by process `root` and all its descendants."""
+    procs: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+        procs[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+    ticks, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        ticks += procs.get(pid, (0, 0))[1]
+        todo.extend(child for child, (ppid, _) in procs.items() if ppid == pid)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all processes on the machine have used since boot (from /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured(url: str, server_pid: int, macs_file: Path, seconds: float, args) -> dict:
+    """One timed wrk run, with the CPU time the server, wrk and everything else used meanwhile."""
+    server0, busy0 = _tree_cpu_s(server_pid), _machine_busy_s()
+    wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = _wrk(url, macs_file, seconds, args)
+    wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_s = _tree_cpu_s(server_pid) - server0
+    busy_s = _machine_busy_s() - busy0
+    wrk_s = (wrk1.ru_utime + wrk1.ru_stime) - (wrk0.ru_utime + wrk0.ru_stime)
+    result.update({
+        "server_cpu_s": round(server_s, 2), "wrk_cpu_s": round(wrk_s, 2),
+        "other_cpu_s": round(max(0.0, busy_s - server_s - wrk_s), 2),
+        "server_cpu_us_per_request": server_s / result["requests"] * 1e6 if result["requests"] else None,
+    })
+    return result
 
 
 def _sample(port: int, expected: dict[str, str], macs: list[str]) -> int:
@@ -219,41 +289,53 @@ def run(args) -> dict:
             d.chmod(0o755)
 
         workers = args.storm_workers or default_workers()
-        nginx = Nginx(nginx_bin, tmp / "nginx", tmp / "www", port_n, workers=len(os.sched_getaffinity(0)))
-        servers.append(nginx)
-        nginx.start(f"/ipxe?mac={macs[0]}")
+        nproc = len(os.sched_getaffinity(0))
+        web = nginx(nginx_bin, tmp / "nginx", tmp / "www", port_n, workers=nproc)
+        servers.append(web)
+        web.start(f"/ipxe?mac={macs[0]}")
         t0 = time.monotonic()
         boot = BootServer(path, port_p, tmp / "serve.log", workers=workers)
         servers.append(boot)
         boot.start(timeout=120)
         serve_start_s = time.monotonic() - t0
+        targets = {
+            "provisioner": {"label": f"provisioner serve (gunicorn, {workers} workers)", "port": port_p,
+                            "pid": boot.proc.pid},
+            "nginx": {"label": f"nginx, {nproc} workers, static files", "port": port_n, "pid": web.proc.pid},
+        }
+        for name in filter(None, args.storm_candidates.split(",")):
+            if name not in CANDIDATES:
+                raise RuntimeError(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
+            port = free_port()
+            daemon = CANDIDATES[name](path, port, workers, tmp / f"{name}.log")
+            servers.append(daemon)
+            daemon.start("/healthz", timeout=120)
+            targets[name] = {"label": f"candidate: the same app under {name}, {workers} workers", "port": port,
+                             "pid": daemon.proc.pid}
 
         rnd = random.Random(2)
         sample = sorted({macs[0], macs[-1], *rnd.sample(macs, min(SAMPLE, n))})
-        targets = {
-            "provisioner": {"label": f"provisioner serve ({workers} workers)", "port": port_p},
-            "nginx": {"label": f"nginx, static files ({nginx_bin})", "port": port_n},
-        }
         for t in targets.values():
             t["sampled"] = _sample(t["port"], expected, sample)
 
         runs: dict[str, list[dict]] = {k: [] for k in targets}
         for r in range(args.storm_rounds):
-            order = list(targets) if r % 2 == 0 else list(reversed(targets))
+            keys = list(targets)
+            order = keys[r % len(keys):] + keys[:r % len(keys)]  # each server goes first in turn
             for key in order:
                 url = f"http://127.0.0.1:{targets[key]['port']}"
                 if args.storm_warmup > 0:
                     _wrk(url, macs_file, args.storm_warmup, args)
-                runs[key].append(_wrk(url, macs_file, args.storm_duration, args))
+                runs[key].append(_measured(url, targets[key]["pid"], macs_file, args.storm_duration, args))
 
         # Every response of a full-concurrency run must be one of the expected scripts.
         checks = {k: _wrk(f"http://127.0.0.1:{t['port']}", macs_file, 2, args, scripts) for k, t in targets.items()}
         # The endpoint reads the store on every request: a role change shows on the next one.
         node = site.nodes[next(iter(site.nodes))]
         Store(site.store).set_role([node.name], "k8s", actor="bench", reason="freshness check", pin=True)
-        status, text = _get(port_p, f"/ipxe?mac={node.macs[0]}")
-        fresh = status == 200 and text == renderer.node(node, "k8s", node.macs[0]).text
-        server_errors = (tmp / "serve.log").read_text(errors="replace").count("Traceback")
+        want = renderer.node(node, "k8s", node.macs[0]).text
+        fresh = all(_get(t["port"], f"/ipxe?mac={node.macs[0]}") == (200, want) for k, t in targets.items() if k != "nginx")
+        server_errors = sum(p.read_text(errors="replace").count("Traceback") for p in tmp.glob("*.log"))
     finally:
         for s in reversed(servers):
             s.stop()
@@ -268,18 +350,22 @@ def run(args) -> dict:
                    "workers": workers, "rounds": args.storm_rounds},
         "versions": {"wrk": _version([wrk, "-v"]), "nginx": _version([nginx_bin, "-v"])},
         "setup": {"prerender_s": round(prerender_s, 2), "serve_start_s": round(serve_start_s, 2)},
-        "targets": {k: {"label": t["label"], "sampled_ok": t["sampled"], "runs": runs[k],
+        "targets": {k: {"label": t["label"], "port": t["port"], "sampled_ok": t["sampled"], "runs": runs[k],
                         "median": _median(runs[k]), "check": checks[k]} for k, t in targets.items()},
         "role_change_seen_on_next_request": fresh,
         "server_tracebacks": server_errors,
         "goals": TARGETS,
+        "nproc": len(os.sched_getaffinity(0)),
     }
-    p, x = result["targets"]["provisioner"]["median"], result["targets"]["nginx"]["median"]
-    result["ratio"] = p["requests_per_s"] / x["requests_per_s"] if x["requests_per_s"] else None
+    nginx_rps = result["targets"]["nginx"]["median"]["requests_per_s"]
+    for t in result["targets"].values():
+        t["x_nginx"] = t["median"]["requests_per_s"] / nginx_rps if nginx_rps else None
+    p = result["targets"]["provisioner"]
+    result["ratio"] = p["x_nginx"]
     result["met"] = {
-        "rps": p["requests_per_s"] >= TARGETS["rps"],
-        "p99_ms": p["p99_ms"] < TARGETS["p99_ms"],
-        "ratio": result["ratio"] is not None and result["ratio"] >= TARGETS["ratio"],
+        "rps": p["median"]["requests_per_s"] >= TARGETS["rps"],
+        "p99_ms": p["median"]["p99_ms"] < TARGETS["p99_ms"],
+        "ratio": p["x_nginx"] is not None and p["x_nginx"] >= TARGETS["ratio"],
         "correct": all(t["check"]["bad"] == 0 and t["check"]["checked"] > 0 and t["check"]["non_2xx"] == 0
                        and all(r["non_2xx"] == 0 for r in t["runs"]) for t in result["targets"].values())
                    and fresh and server_errors == 0,
@@ -300,18 +386,18 @@ def summary(result: dict) -> str:
         f"{p['duration_s']:g} s per run after {p['warmup_s']:g} s warm-up, {p['rounds']} round(s); "
         f"{result['versions']['wrk']}; {result['versions']['nginx']}",
         "",
-        "| server | requests/s | p50 ms | p90 ms | p99 ms | max ms | non-2xx | socket errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | requests/s | x nginx | p50 ms | p90 ms | p99 ms | max ms | non-2xx | socket errors "
+        "| server CPU us/request |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for t in result["targets"].values():
         m = t["median"]
         errs = sum(m["socket_errors"].values())
-        lines.append(f"| {t['label']} | {m['requests_per_s']:,.0f} | {m['p50_ms']:.2f} | {m['p90_ms']:.2f} | "
-                     f"{m['p99_ms']:.2f} | {m['max_ms']:.1f} | {m['non_2xx']} | {errs} |")
+        lines.append(f"| {t['label']} | {m['requests_per_s']:,.0f} | {t['x_nginx']:.3f} | {m['p50_ms']:.2f} | "
+                     f"{m['p90_ms']:.2f} | {m['p99_ms']:.2f} | {m['max_ms']:.1f} | {m['non_2xx']} | {errs} | "
+                     f"{m['server_cpu_us_per_request']:.0f} |")
     pm, nm = result["targets"]["provisioner"]["median"], result["targets"]["nginx"]["median"]
     ratio = result["ratio"] or 0.0
-    lines.append(f"| provisioner / nginx | {ratio:.3f} x | {pm['p50_ms'] / max(nm['p50_ms'], 1e-9):.1f} x | "
-                 f"{pm['p90_ms'] / max(nm['p90_ms'], 1e-9):.1f} x | {pm['p99_ms'] / max(nm['p99_ms'], 1e-9):.1f} x | | | |")
     g, met = result["goals"], result["met"]
     mark = {True: "met", False: "MISSED"}
     lines += [
@@ -321,14 +407,23 @@ def summary(result: dict) -> str:
         f"- >= {g['ratio']} x nginx: {ratio:.3f} x (would need {g['ratio'] * nm['requests_per_s']:,.0f}/s): "
         f"{mark[met['ratio']]}",
     ]
+    if len(result["targets"]) > 2:
+        lines.append("- (the goals are for provisioner serve; candidate rows are there for comparison)")
     checks = "; ".join(f"{k}: {t['sampled_ok']} sampled scripts byte-identical, check run {t['check']['checked']:,} "
                        f"responses, {t['check']['bad']} wrong" for k, t in result["targets"].items())
     lines.append(f"- correctness: {checks}; role change seen on the next request: "
                  f"{'yes' if result['role_change_seen_on_next_request'] else 'NO'}; server tracebacks: "
                  f"{result['server_tracebacks']}: {'ok' if met['correct'] else 'FAILED'}")
+    for k, t in result["targets"].items():
+        m = t["median"]
+        secs = m["server_cpu_s"] + m["wrk_cpu_s"] + m["other_cpu_s"]
+        lines.append(f"- CPU during the {k} run ({p['duration_s']:g} s x {result['nproc']} cores): server "
+                     f"{m['server_cpu_s']:.1f} s, wrk {m['wrk_cpu_s']:.1f} s, other processes {m['other_cpu_s']:.1f} s "
+                     f"(of {secs:.1f} s used)")
     if p["rounds"] > 1:
         for k, t in result["targets"].items():
-            rates = ", ".join(f"{r['requests_per_s']:,.0f}" for r in t["runs"])
+            rates = ", ".join(f"{r['requests_per_s']:,.0f} ({r['server_cpu_us_per_request']:.0f} us CPU/request, "
+                              f"others {r['other_cpu_s']:.1f} s)" for r in t["runs"])
             spread = statistics.pstdev([r["requests_per_s"] for r in t["runs"]])
             lines.append(f"- {k} requests/s per round: {rates} (stdev {spread:,.0f})")
     return "\n".join(lines)
