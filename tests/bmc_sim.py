@@ -293,8 +293,10 @@ def _standalone(args) -> None:
                 continue
         except ValueError:
             continue
-        specs.append({"name": node.name, "port": node.bmc.port, "user": node.bmc.user,
-                      "password": node.bmc.password})
+        password = node.bmc.password
+        if node.bmc.password_file:  # not read by load(check_files=False)
+            password = Path(node.bmc.password_file).read_text().strip()
+        specs.append({"name": node.name, "port": node.bmc.port, "user": node.bmc.user, "password": password})
     if not specs:
         sys.exit("no node with a loopback bmc.address in that site config")
 

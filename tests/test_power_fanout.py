@@ -129,7 +129,7 @@ def test_password_never_appears_in_output_events_or_logs(tmp_path, bmcs):
     res = cli(path, "power", "bn[01-05]", "on", "--netboot", "--json")
     seen += [res.stdout, res.stderr]
     bmcs.set_fault("bn03", None)  # silence costs the whole timeout: once is enough
-    for i, action in enumerate(("status", "reset", "cycle", "soft", "off", "reset")):  # the last: 0xD5 (off)
+    for i, action in enumerate(("reset", "soft", "reset")):  # the last: 0xD5 (off)
         res = cli(path, "power", "bn[01-05]", action, *(["--json"] if i % 2 else ["--netboot"]))
         seen += [res.stdout, res.stderr]
     history = cli(path, "history", "--json", "--limit", "0")
@@ -148,13 +148,12 @@ def test_password_never_appears_in_output_events_or_logs(tmp_path, bmcs):
 
 def test_password_never_appears_in_logs(tmp_path, bmcs, caplog):
     caplog.set_level(logging.DEBUG)
-    site = config.load(bmc_site(tmp_path / "site", bmcs, names=["bn01", "bn02", "bn03", "bn04"]))
+    site = config.load(bmc_site(tmp_path / "site", bmcs, names=["bn01", "bn02", "bn03"]))
     bmcs.set_fault("bn02", "password")
-    bmcs.set_fault("bn03", "silent")
-    bmcs.set_fault("bn04", "busy")
-    for action in ("on", "reset"):
+    bmcs.set_fault("bn03", "busy")  # (silence is logged the same way, and costs the whole timeout)
+    for action in ("on", "reset", "cycle"):
         results = run_action(site, list(site.nodes.values()), action, netboot=True)
-        assert [r.ok for r in results][1:] == [False, False, False]
+        assert [r.ok for r in results] == [True, False, False]
     assert "retrying" in caplog.text  # the log did get written
     assert BMC_PASSWORD not in caplog.text
 

@@ -75,7 +75,7 @@ def ssh_site(tmp_path, sshd, method: str, reboot_command: str = "true", bmc_port
     path = write_site(
         tmp_path / "site", nodes=[node],
         site={"boot_url": boot_url, "listen": boot_url.split("//")[1]},
-        power={"timeout_s": 2.0, "retries": 1,
+        power={"timeout_s": 3.0, "retries": 1,
                "ssh": {"user": "root", "key_file": sshd.key_file, "known_hosts": known_hosts or sshd.known_hosts,
                        "reboot_command": reboot_command, "timeout_s": 10}},
         **sections,
