@@ -27,6 +27,7 @@ POWER_METHODS = ("ipmi", "ssh", "kexec", "kexec+ipmi")
 SHARE_RULES = ("proportional", "slurm-first", "k8s-first")
 
 _MAC_RE = re.compile(r"^[0-9a-f]{12}$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # image names, overlay keys: safe in paths and URLs
 
 
 def normalize_mac(value: str) -> str | None:
@@ -77,6 +78,9 @@ class Node:
 
 @dataclass(frozen=True)
 class Image:
+    """A role's image: explicit files (kernel, initrds) or, with `name`, a built image whose
+    version and files come from its published version (resolved per request by the renderer)."""
+
     role: str
     version: str
     kernel: str  # relative to site.image_root
@@ -84,6 +88,12 @@ class Image:
     rootfs: str | None = None
     cmdline: str = ""
     template: str | None = None  # default: "<role>.ipxe.j2"
+    name: str | None = None  # a built image (images/NAME/image.yaml); kernel etc. then empty
+    overlay: bool = False  # resolved built versions only: the node gets its overlay initrd
+
+    @property
+    def resolved(self) -> bool:
+        return self.name is None or bool(self.kernel)
 
     def files(self) -> list[str]:
         return [self.kernel, *self.initrds, *([self.rootfs] if self.rootfs else [])]
@@ -148,6 +158,15 @@ class PowerSettings:
 
 
 @dataclass(frozen=True)
+class OverlaySettings:
+    """What per-node overlays are rendered from: `files` (key -> path, read when an overlay is
+    built; secrets such as the munge key live here) and plain `values` (key -> string)."""
+
+    files: dict[str, str] = field(default_factory=dict, repr=False)
+    values: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
 class Site:
     path: Path
     name: str
@@ -164,6 +183,8 @@ class Site:
     slurm: SlurmSettings
     kubernetes: KubernetesSettings
     power: PowerSettings
+    image_definitions: Path = field(default_factory=lambda: _default_definitions())
+    overlay: OverlaySettings = field(default_factory=OverlaySettings)
 
     def node_by_mac(self) -> dict[str, Node]:
         return {mac: node for node in self.nodes.values() for mac in node.macs}
@@ -295,13 +316,13 @@ class _Loader:
         top = self.mapping(
             data,
             "",
-            {"site", "images", "defaults", "nodes", "policy", "slurm", "kubernetes", "power"},
+            {"site", "images", "defaults", "nodes", "policy", "slurm", "kubernetes", "power", "overlay"},
         )
         s = self.mapping(
             top.get("site"),
             "site",
             {"name", "boot_url", "listen", "store", "image_root", "templates", "secret_file",
-             "check_callback_source"},
+             "check_callback_source", "image_definitions"},
             required=("boot_url",),
         )
         boot_url = self.string(s.get("boot_url"), "site.boot_url", required=True).rstrip("/")
@@ -319,6 +340,9 @@ class _Loader:
         secret = self.string(s.get("secret_file"), "site.secret_file", None)
         secret_file = self.resolve(secret) if secret else store.with_name("secret")
 
+        image_definitions = self.resolve(
+            self.string(s.get("image_definitions"), "site.image_definitions", str(_default_definitions()))
+        )
         images = self.images(top.get("images"), image_root, templates)
         nodes = self.nodes(top.get("nodes"), top.get("defaults"), templates)
         return Site(
@@ -339,6 +363,8 @@ class _Loader:
             slurm=self.slurm(top.get("slurm")),
             kubernetes=self.kubernetes(top.get("kubernetes")),
             power=self.power(top.get("power")),
+            image_definitions=image_definitions,
+            overlay=self.overlay(top.get("overlay")),
         )
 
     def images(self, value: Any, image_root: Path, templates: Path) -> dict[str, Image]:
@@ -346,8 +372,11 @@ class _Loader:
         out = {}
         for role in ROLES:
             where = f"images.{role}"
+            if isinstance(m[role], dict) and "image" in m[role]:
+                out[role] = self.built_image(role, m[role], templates)
+                continue
             d = self.mapping(
-                m[role], where, {"version", "kernel", "initrds", "initrd", "rootfs", "cmdline", "template"},
+                m[role], where, {"version", "kernel", "initrds", "initrd", "rootfs", "cmdline", "template", "image"},
                 required=("kernel",),
             )
             initrds = d.get("initrds", d.get("initrd", []))
@@ -373,6 +402,48 @@ class _Loader:
             self.check_template(templates, img.template or f"{role}.ipxe.j2", f"{where}.template")
             out[role] = img
         return out
+
+    def built_image(self, role: str, value: dict, templates: Path) -> Image:
+        """`images.ROLE: {image: NAME}`: the files and the version come from NAME's published
+        version under site.image_root/NAME/ (`provisioner image build NAME`)."""
+        where = f"images.{role}"
+        d = self.mapping(value, where, {"image", "cmdline", "template", "version", "kernel", "initrds",
+                                        "initrd", "rootfs"}, required=("image",))
+        for key in ("version", "kernel", "initrds", "initrd", "rootfs"):
+            if key in d:
+                raise self.err(f"{where}.{key}", "not with image: the version and files come from the "
+                                                 "image's published version (see `provisioner image list`)")
+        name = self.string(d.get("image"), f"{where}.image", required=True)
+        if not _NAME_RE.match(name):
+            raise self.err(f"{where}.image", f"must be an image name (lower case, digits, - and _), got {name!r}")
+        img = Image(role=role, version="current", kernel="", name=name,
+                    cmdline=self.string(d.get("cmdline"), f"{where}.cmdline", ""),
+                    template=self.string(d.get("template"), f"{where}.template"))
+        self.check_template(templates, img.template or f"{role}.ipxe.j2", f"{where}.template")
+        return img
+
+    def overlay(self, value: Any) -> OverlaySettings:
+        d = self.mapping(value, "overlay", {"files", "values"})
+        out_files: dict[str, str] = {}
+        out_values: dict[str, str] = {}
+        for section, out in (("files", out_files), ("values", out_values)):
+            raw = d.get(section) or {}
+            if not isinstance(raw, dict):
+                raise self.err(f"overlay.{section}", f"must be a mapping of name: {'path' if section == 'files' else 'value'}")
+            for key, item in raw.items():
+                where = f"overlay.{section}.{key}"
+                if not isinstance(key, str) or not _NAME_RE.match(key) or "-" in key:
+                    raise self.err(where, "names are lower case letters, digits and _ (templates use them)")
+                if key in out_files or key in out_values:
+                    raise self.err(where, "given in both overlay.files and overlay.values")
+                text = self.string(item, where, required=True)
+                if section == "files":
+                    path = self.resolve(text)
+                    if self.check_files and not path.is_file():
+                        raise self.err(where, f"file {path} does not exist")
+                    text = str(path)
+                out[key] = text
+        return OverlaySettings(files=out_files, values=out_values)
 
     def check_template(self, templates: Path, name: str, where: str) -> None:
         if "/" in name or name.startswith("."):
@@ -600,6 +671,11 @@ def parse_listen(value: str, err=None) -> tuple[str, int]:
             raise err(msg)
         raise ValueError(msg)
     return m.group(1) or "0.0.0.0", int(m.group(2))
+
+
+def _default_definitions() -> Path:
+    # The repository's images/ folder: one sub-folder per image with its image.yaml.
+    return Path(__file__).resolve().parent.parent / "images"
 
 
 def _default_templates() -> Path:

@@ -16,6 +16,7 @@ from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
 from provisioner import ROLES
+from provisioner.boot import overlay
 from provisioner.boot.render import Renderer, Script
 from provisioner.config import Site, normalize_mac
 from provisioner.errors import ProvisionerError
@@ -93,12 +94,14 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
                     ("boot-refused", None, f"unknown MAC {mac}: not in the site config", ("unknown", mac), {"mac": mac}))
         try:
             role = store.desired_role(node.name) or node.default_role
+            image_name = renderer.image_name(role)
+            pin = store.image_pin(node.name, image_name) if image_name else None
         except ProvisionerError as exc:
             # Without the store we cannot know the desired role; guessing could boot the wrong
             # image on a node that is mid-switch, so the node waits and asks again.
             return (renderer.unknown(f"node {node.name}: state store unavailable", mac),
                     ("store-error", node.name, f"store unavailable for {node.name}: {exc}", None, {}))
-        script = renderer.node(node, role, mac)
+        script = renderer.node(node, role, mac, pin)
         if not script.ok:
             return script, ("boot-refused", node.name, script.reason or "cannot render", ("render", node.name), {"mac": mac})
         return script, None
@@ -149,6 +152,53 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
             resp.headers["Retry-After"] = "5"
             return resp
         return jsonify({"ok": True, "node": name, "booted_role": role, "desired_role": desired})
+
+    @app.get("/overlay/<name>.cpio.gz")
+    def node_overlay(name: str):
+        """The node's own overlay initrd. Token (purpose "overlay"), MAC and source address must
+        all be this node's; a refusal carries nothing of the overlay, and nothing secret (the
+        token included) goes into the answer, the log or the event."""
+        node = site.nodes.get(name)
+        if node is None:
+            return _error(404, f"unknown node {name}")
+        mac = normalize_mac(request.args.get("mac", "")[:MAX_MAC_PARAM])
+        why = None
+        if not overlay.check(renderer.secret, name, request.args.get("token")):
+            why = "wrong or no overlay token"
+        elif mac is None or mac not in node.macs:
+            why = f"MAC {mac or '(missing or malformed)'} is not one of this node's"
+        elif site.check_callback_source and node.ip and request.remote_addr != node.ip:
+            why = f"source {request.remote_addr} is not the node's address {node.ip}"
+        if why:
+            record("overlay-refused", name, f"overlay of {name} refused: {why}", ("ov-refused", name, why), mac=mac)
+            return _error(403, f"overlay of {name} refused: {why}")
+        try:
+            role = store.desired_role(name) or node.default_role
+            image_name = renderer.image_name(role)
+            pin = store.image_pin(name, image_name) if image_name else None
+        except ProvisionerError as exc:
+            log.error("store unavailable for %s: %s", name, exc)
+            resp = _error(429, "state store busy; retry")
+            resp.headers["Retry-After"] = "5"
+            return resp
+        wanted = request.args.get("image")
+        if image_name is None or (wanted is not None and wanted != image_name):
+            # Only the overlay of the image the node is to boot now (least privilege).
+            return _error(409, f"node {name} now boots role {role}, not image {wanted or '?'}; ask for its script again")
+        image, pub, why = renderer.resolve(role, request.args.get("version") or pin)
+        if image is None or not pub.overlay:
+            return _error(404, f"node {name}: {why or f'image {image_name} has no overlay'}")
+        try:
+            data = overlay.build(site, node, role, pub)
+        except ProvisionerError as exc:
+            # The reason names the template or the site setting, never a secret's value.
+            record("overlay-failed", name, f"overlay of {name} cannot be built: {exc}", ("ov-failed", name))
+            return _error(409, f"overlay of {name} cannot be built; see `provisioner history {name}`")
+        record("overlay-served", name, f"overlay of {name} ({image_name} {pub.version}) served",
+               ("ov-served", name, pub.version), image=image_name, version=pub.version, mac=mac)
+        resp = Response(data, status=200, mimetype="application/gzip")
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
 
     @app.route("/images/<path:subpath>", methods=["GET", "HEAD"])
     def images(subpath: str):

@@ -17,7 +17,10 @@ import jinja2
 import jinja2.meta
 from jinja2 import nodes as jnodes
 
+from provisioner.boot import overlay
 from provisioner.config import Image, Node, Site
+from provisioner.errors import OperationError
+from provisioner.images.versions import Published, Resolver
 from provisioner.tokens import node_token
 
 RETRY_S = 30
@@ -64,8 +67,12 @@ class Renderer:
         self._max_scripts = 4 * sum(len(n.macs) for n in site.nodes.values()) + 64
         self._deps: dict[str, tuple[jinja2.Template, tuple[str, ...] | None]] = {}
         self._image_files = {
-            role: [(f, str(site.image_root / f)) for f in image.files()] for role, image in site.images.items()
+            role: [(f, str(site.image_root / f)) for f in image.files()]
+            for role, image in site.images.items() if image.name is None
         }
+        # Roles that name a built image (images.ROLE.image): version and files come from its
+        # published version, looked up per request (one readlink; manifests parsed once).
+        self.resolver = Resolver(site.image_root)
 
     # -- public --------------------------------------------------------------------
 
@@ -78,10 +85,37 @@ class Renderer:
         script = self._render("unknown.ipxe.j2", ctx)
         return Script(script.text, False, reason if script.ok else script.reason)
 
-    def node(self, node: Node, role: str, mac: str | None = None) -> Script:
+    def image_name(self, role: str) -> str | None:
+        """The built image a role boots (None: the role names its files in the config)."""
+        return self.site.images[role].name
+
+    def resolve(self, role: str, pin: str | None = None) -> tuple[Image | None, Published | None, str | None]:
+        """The role's image with concrete files: (image, published version or None, None), or
+        (None, None, why not). For a built image: the pinned version if given, else the current."""
         image = self.site.images[role]
+        if image.name is None:
+            return image, None, None
+        version = pin or self.resolver.current(image.name)
+        if version is None:
+            return None, None, (f"image {image.name} has no published version; "
+                                f"run `provisioner image build {image.name}`")
+        pub = self.resolver.get(image.name, version)
+        if pub is None:
+            what = "pinned to" if pin else "published as current:"
+            return None, None, f"image {image.name} {what} version {version}, which does not exist under the image root"
+        cmdline = " ".join(c for c in (pub.cmdline, image.cmdline) if c)
+        return Image(role=role, version=version, kernel=pub.kernel, initrds=pub.initrds, rootfs=pub.rootfs,
+                     cmdline=cmdline, template=image.template, name=image.name, overlay=bool(pub.overlay)), pub, None
+
+    def node(self, node: Node, role: str, mac: str | None = None, pin: str | None = None) -> Script:
+        """The node's script for `role`; `pin`: the version of the role's built image the node is
+        pinned to (the boot endpoint reads it from the store)."""
+        image, pub, why = self.resolve(role, pin)
+        if image is None:
+            return self.unknown(f"node {node.name}: {why}", mac)
         # Checked on every call, not cached: an image removed from disk shows on the next boot.
-        missing = [f for f, path in self._image_files[role] if not _is_file(path)]
+        files = self._image_files[role] if pub is None else zip(image.files(), pub.paths)
+        missing = [f for f, path in files if not _is_file(path)]
         if missing:
             return self.unknown(f"node {node.name}: image {role} version {image.version} is missing "
                                 f"{', '.join(missing)} under the image root", mac)
@@ -101,6 +135,14 @@ class Renderer:
         return script
 
     def context(self, node: Node, role: str, image: Image, mac: str | None) -> dict:
+        pub = None
+        if image.name is not None:
+            # A built image: the version and files of its published version (or the caller's,
+            # already resolved). Callers outside the boot endpoint (kexec) pass the config's.
+            resolved, pub, why = self.resolve(role, None if not image.resolved else image.version)
+            if resolved is None:
+                raise OperationError(f"node {node.name}: {why}")
+            image = resolved
         base = self.site.boot_url
         token = node_token(self.secret, node.name)
         callback = f"{base}/api/v1/nodes/{quote(node.name)}/booted"
@@ -108,6 +150,10 @@ class Renderer:
             "kernel_url": self.image_url(image.kernel),
             "initrd_urls": [self.image_url(p) for p in image.initrds],
             "rootfs_url": self.image_url(image.rootfs) if image.rootfs else None,
+            # The per-node overlay initrd (built images whose definition has one); iPXE-only:
+            # its URL carries ${netX/mac}.
+            "overlay_url": overlay.url(self.site, self.secret, node, pub) if pub and pub.overlay else None,
+            "name": image.name,
         }
         args = [
             image.cmdline,

@@ -1,0 +1,114 @@
+#!/bin/sh
+# provisioner: /init of every image's busybox initramfs (built by provisioner/images).
+#
+# Reads its parameters from the kernel command line (provisioner.node, .role, .version,
+# .callback, .token, and .rootfs for images with a root file system), loads the NIC drivers,
+# gets an address by DHCP, and applies the node's overlay (the extra initrd the boot endpoint
+# serves to this node only, unpacked by the kernel under /provisioner/overlay). Then either:
+#   - with provisioner.rootfs=URL: fetches the squashfs root into RAM, mounts it read-only under a
+#     tmpfs overlay, copies the overlay files in and switches to its /sbin/init (systemd), whose
+#     provisioner-callback.service calls back once the node's services run; or
+#   - without: stays in the initramfs (the tiny test image): prints PROVISIONER-BOOTED on the
+#     console, posts the boot callback and stays up.
+/bin/busybox --install -s
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /run /tmp /var/run
+
+say() { echo "provisioner: $*"; }
+
+# The value of KEY=VALUE on the kernel command line (values never contain spaces).
+arg() {
+    for w in $(cat /proc/cmdline); do
+        case "$w" in "$1="*) echo "${w#*=}"; return 0 ;; esac
+    done
+    return 1
+}
+
+NODE=$(arg provisioner.node)
+ROLE=$(arg provisioner.role)
+VERSION=$(arg provisioner.version)
+CALLBACK=$(arg provisioner.callback)
+TOKEN=$(arg provisioner.token)
+ROOTFS=$(arg provisioner.rootfs)
+
+# Drivers in dependency order (the image builder wrote the list).
+if [ -f /etc/provisioner/modules ]; then
+    while read -r m; do
+        [ -n "$m" ] || continue
+        insmod "/lib/modules/provisioner/$m.ko" 2>/dev/null || say "module $m not loaded"
+    done < /etc/provisioner/modules
+fi
+
+# Copies the overlay's files (not its directories: the image's own modes and owners stay) to $1.
+OVERLAY=no
+apply_overlay() {
+    [ -d /provisioner/overlay ] || return 0
+    OVERLAY=yes
+    (cd /provisioner/overlay && find . ! -type d) | while read -r f; do
+        mkdir -p "$1/${f%/*}"
+        cp -p "/provisioner/overlay/$f" "$1/$f"
+    done
+}
+
+ifconfig lo 127.0.0.1 up
+IFACE=
+IP=
+net_up() {
+    tries=0
+    while [ $tries -lt 30 ]; do
+        for dev in /sys/class/net/*; do
+            n=${dev##*/}
+            [ "$n" = lo ] && continue
+            ifconfig "$n" up 2>/dev/null
+            if udhcpc -i "$n" -s /etc/provisioner/udhcpc.sh -n -q -t 3 -T 2 >/dev/null 2>&1; then
+                IFACE=$n
+                IP=$(cat "/run/provisioner-ip.$n" 2>/dev/null)
+                return 0
+            fi
+        done
+        tries=$((tries + 1))
+        sleep 1
+    done
+    return 1
+}
+net_up || say "no DHCP answer on any interface"
+
+if [ -n "$ROOTFS" ]; then
+    say "fetching the root file system $ROOTFS"
+    mkdir -p /newroot /ro /rw
+    until wget -q -O /rootfs.squashfs "$ROOTFS"; do
+        say "cannot fetch the root file system; retrying in 5 s"
+        rm -f /rootfs.squashfs
+        sleep 5
+    done
+    mount -t squashfs -o loop,ro /rootfs.squashfs /ro || { say "cannot mount the root file system"; sleep 30; reboot -f; }
+    mount -t tmpfs -o mode=0755 tmpfs /rw
+    mkdir -p /rw/upper /rw/work
+    mount -t overlay overlay -o lowerdir=/ro,upperdir=/rw/upper,workdir=/rw/work /newroot \
+        || { say "cannot mount the overlay root"; sleep 30; reboot -f; }
+    apply_overlay /newroot
+    rm -rf /provisioner/overlay
+    [ -s /etc/resolv.conf ] && cp /etc/resolv.conf /newroot/etc/resolv.conf
+    say "node=$NODE role=$ROLE version=$VERSION overlay=$OVERLAY: starting the image's init"
+    for m in dev proc sys; do mount --move "/$m" "/newroot/$m"; done
+    exec switch_root /newroot /sbin/init
+fi
+
+# The tiny test image stays here.
+apply_overlay /
+rm -rf /provisioner/overlay
+if [ -s /etc/hostname ]; then hostname "$(cat /etc/hostname)"; elif [ -n "$NODE" ]; then hostname "$NODE"; fi
+echo "PROVISIONER-BOOTED node=$NODE role=$ROLE version=$VERSION overlay=$OVERLAY hostname=$(hostname) ip=$IP"
+if [ -n "$CALLBACK" ]; then
+    n=0
+    until wget -q -O /tmp/callback.out --post-data "role=$ROLE&version=$VERSION&token=$TOKEN" "$CALLBACK"; do
+        n=$((n + 1))
+        [ $((n % 10)) = 1 ] && say "callback to $CALLBACK failed; retrying"
+        sleep 2
+    done
+    echo "PROVISIONER-CALLBACK-OK node=$NODE role=$ROLE version=$VERSION"
+fi
+while :; do sleep 3600; done

@@ -1,0 +1,153 @@
+"""A node's overlay: the small extra initrd (newc cpio, gzip) with the files that make a shared
+image this node's: hostname, the role's config and secrets (slurm.conf + munge key, or the
+kubelet bootstrap kubeconfig). Rendered per request from the templates of the image version the
+node boots (copied into the version folder at build) and the files the site config names
+(overlay.files / overlay.values), in memory: secrets are never written to disk or logged.
+
+The kernel unpacks it under /provisioner/overlay; the image's /init copies the files into place.
+Only the node itself may fetch it: a per-node token (an HMAC with its own purpose, not the
+callback's) in its iPXE script, checked with its MAC and source address by the boot endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import quote
+
+import jinja2
+
+from provisioner.config import Node, Site
+from provisioner.errors import OperationError
+from provisioner.images.cpio import gzip_archive
+from provisioner.images.versions import Published
+from provisioner.tokens import check_token, node_token
+
+PURPOSE = "overlay"
+PREFIX = "provisioner/overlay"
+
+
+def token(secret: bytes, node: str) -> str:
+    return node_token(secret, node, PURPOSE)
+
+
+def check(secret: bytes, node: str, presented: str | None) -> bool:
+    return check_token(secret, node, presented, PURPOSE)
+
+
+def url(site: Site, secret: bytes, node: Node, pub: Published) -> str:
+    """The overlay URL in the node's iPXE script. iPXE fills in ${netX/mac}: the MAC of the NIC
+    that booted, which the endpoint checks against the node's MACs."""
+    return (f"{site.boot_url}/overlay/{quote(node.name)}.cpio.gz?image={quote(pub.image)}"
+            f"&version={quote(pub.version)}&token={token(secret, node.name)}&mac=${{netX/mac}}")
+
+
+class _Files(Mapping):
+    """overlay.files for templates: each file read (as text) only when a template uses it. An
+    unset key is an Undefined with a hint, so `| default(...)` still works."""
+
+    def __init__(self, env: jinja2.Environment, site: Site, section: str):
+        self.env, self.site, self.section = env, site, section
+        self.source = site.overlay.files if section == "files" else site.overlay.values
+
+    def __getitem__(self, key):
+        if key not in self.source:
+            return self.env.undefined(hint=f"overlay.{self.section}.{key} is not set in {self.site.path}", name=key)
+        if self.section == "values":
+            return self.source[key]
+        data = _read(self.site, key)
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise OperationError(f"overlay.files.{key} is binary: the image's overlay must `copy:` it, "
+                                 "not use it in a template") from None
+
+    def __getattr__(self, key):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        return self[key]
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self):
+        return len(self.source)
+
+
+def _read(site: Site, key: str) -> bytes:
+    path = site.overlay.files[key]
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise OperationError(f"cannot read overlay.files.{key} ({path}): {exc.strerror}; "
+                             f"fix it in {site.path}") from None
+
+
+_envs: dict[str, jinja2.Environment] = {}
+
+
+def _env(folder: str) -> jinja2.Environment:
+    # One environment per version folder: its templates never change, so compile once.
+    env = _envs.get(folder)
+    if env is None:
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(os.path.join(folder, "overlay")),
+                                 undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+        env.filters["b64encode"] = lambda s: base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+        if len(_envs) > 64:
+            _envs.clear()
+        _envs[folder] = env
+    return env
+
+
+def render_files(site: Site, node: Node, role: str, pub: Published) -> list[tuple[dict, bytes]]:
+    """(entry, content) for each file of the node's overlay. Raises OperationError naming the
+    template or the site setting at fault (never a secret's value)."""
+    env = _env(pub.folder)
+    ctx = {
+        "node": {"name": node.name, "pool": node.pool, "ip": node.ip, "macs": list(node.macs)},
+        "role": role,
+        "image": {"name": pub.image, "version": pub.version},
+        "site": {"name": site.name, "boot_url": site.boot_url},
+        "files": _Files(env, site, "files"),
+        "values": _Files(env, site, "values"),
+    }
+    out = []
+    for entry in pub.overlay:
+        if entry.get("copy"):
+            key = entry["copy"]
+            if key not in site.overlay.files:
+                if entry.get("optional"):
+                    continue
+                raise OperationError(f"image {pub.image} needs overlay.files.{key} for {entry['path']}; "
+                                     f"set it in {site.path}")
+            data = _read(site, key)
+        else:
+            try:
+                data = env.get_template(entry["template"]).render(ctx).encode()
+            except jinja2.UndefinedError as exc:
+                raise OperationError(f"overlay template {entry['template']} of {pub.image} {pub.version}: "
+                                     f"{exc.message}") from None
+            except jinja2.TemplateError as exc:
+                raise OperationError(f"overlay template {entry['template']} of {pub.image} {pub.version}: "
+                                     f"{type(exc).__name__}: {exc.message}") from None
+        out.append((entry, data))
+    return out
+
+
+def build(site: Site, node: Node, role: str, pub: Published) -> bytes:
+    """The node's overlay as a gzip-compressed newc cpio archive."""
+    files = render_files(site, node, role, pub)
+
+    def fill(w) -> None:
+        # 0700: the unpacked secrets are root's only, until /init has copied them into place.
+        w.dir("provisioner", 0o700)
+        w.dir(PREFIX, 0o700)
+        for entry, data in files:
+            name = PREFIX + entry["path"]
+            w.parents(name)
+            w.file(name, data, int(entry["mode"], 8), entry.get("uid", 0), entry.get("gid", 0))
+
+    return gzip_archive(fill, mtime=int(time.time()))

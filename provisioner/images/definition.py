@@ -1,0 +1,252 @@
+"""images/NAME/image.yaml -> a validated Definition (errors name the file and the field).
+
+A definition says what an image contains (base distribution, packages, services, kernel and the
+drivers its initramfs loads, kernel arguments) and which per-node overlay files it needs. The
+folder next to it holds the overlay templates (overlay/*.j2) and, for images with a root file
+system, files copied into it (files/, a tree that mirrors the root). images/_common holds what
+every image shares: the initramfs /init and, for Debian roots, the boot-callback service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from provisioner import ROLES
+from provisioner.config import _NAME_RE, _Loader
+from provisioner.errors import ConfigError, UsageError
+
+BUILDERS = ("initramfs", "debian")
+COMMON = "_common"
+_PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_SERVICE_RE = re.compile(r"^[A-Za-z0-9@_.:-]+$")
+
+
+@dataclass(frozen=True)
+class OverlayEntry:
+    path: str  # absolute path on the node
+    template: str | None = None  # a Jinja2 file in overlay/
+    copy: str | None = None  # a key of the site's overlay.files, copied byte for byte
+    mode: int = 0o644
+    owner: str = "root"
+    optional: bool = False  # copy only: skipped when the site names no such file
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "template": self.template, "copy": self.copy, "mode": f"{self.mode:04o}",
+                "owner": self.owner, "optional": self.optional}
+
+
+@dataclass(frozen=True)
+class Repository:
+    name: str
+    url: str
+    suite: str
+    components: tuple[str, ...]
+    key: str | None
+    packages: tuple[str, ...]  # what the image takes from it (named in the early failure)
+
+    def source_line(self, keyring: str | None) -> str:
+        opts = f"[signed-by={keyring}] " if keyring else ""
+        comps = " ".join(self.components)
+        return f"deb {opts}{self.url} {self.suite}{(' ' + comps) if comps and self.suite != '/' else ''}".rstrip()
+
+
+@dataclass(frozen=True)
+class Definition:
+    name: str
+    folder: Path
+    path: Path  # image.yaml
+    description: str
+    role: str | None
+    builder: str
+    suite: str
+    mirror: str
+    components: tuple[str, ...]
+    repositories: tuple[Repository, ...]
+    packages: tuple[str, ...]
+    services: tuple[str, ...]
+    kernel_package: str
+    modules: tuple[str, ...]
+    cmdline: str
+    overlay: tuple[OverlayEntry, ...]
+
+    @property
+    def common(self) -> Path:
+        return self.folder.parent / COMMON
+
+    def sources(self) -> list[Path]:
+        """Every file the build reads from the definitions folder (what the hash covers)."""
+        files = [p for p in sorted(self.folder.rglob("*")) if p.is_file()]
+        common = [self.common / "init.sh", self.common / "udhcpc.sh"]
+        if self.builder == "debian":
+            common += [p for p in sorted((self.common / "rootfs").rglob("*")) if p.is_file()]
+        return files + [p for p in common if p.is_file()]
+
+    def digest(self) -> str:
+        """sha256 over the definition's files (names and contents): what a version was built from."""
+        h = hashlib.sha256()
+        base = self.folder.parent
+        for p in self.sources():
+            h.update(str(p.relative_to(base)).encode() + b"\0")
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        return h.hexdigest()
+
+
+def names(definitions: Path) -> list[str]:
+    """The images defined under the definitions folder (sub-folders with an image.yaml)."""
+    if not definitions.is_dir():
+        return []
+    return sorted(p.parent.name for p in definitions.glob("*/image.yaml") if not p.parent.name.startswith("_"))
+
+
+def load(definitions: Path, name: str) -> Definition:
+    if not _NAME_RE.match(name or ""):
+        raise UsageError(f"image name {name!r}: lower case letters, digits, - and _")
+    path = definitions / name / "image.yaml"
+    if not path.is_file():
+        known = ", ".join(names(definitions)) or "none"
+        raise UsageError(f"no image {name}: {path} does not exist (defined: {known})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(path, f"line {mark.line + 1}" if mark else "yaml",
+                          f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    return _DefinitionLoader(path).definition(name, data)
+
+
+class _DefinitionLoader(_Loader):
+    def __init__(self, path: Path):
+        super().__init__(path, check_files=True)
+
+    def names_list(self, value, where: str, pattern: re.Pattern, what: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.err(where, f"must be a list of {what}")
+        out = []
+        for i, item in enumerate(value):
+            s = self.string(item, f"{where}[{i}]", required=True)
+            if not pattern.match(s):
+                raise self.err(f"{where}[{i}]", f"not a valid {what}: {s!r}")
+            out.append(s)
+        return tuple(out)
+
+    def definition(self, name: str, data) -> Definition:
+        top = self.mapping(data, "", {"description", "role", "builder", "base", "repositories", "packages",
+                                      "services", "kernel", "cmdline", "overlay"}, required=("builder", "kernel"))
+        builder = self.choice(top.get("builder"), "builder", BUILDERS)
+        role = top.get("role")
+        if role is not None:
+            role = self.choice(role, "role", ROLES)
+        base = self.mapping(top.get("base"), "base", {"distribution", "suite", "mirror", "components"})
+        self.choice(base.get("distribution"), "base.distribution", ("debian",), "debian")
+        suite = self.string(base.get("suite"), "base.suite", "bookworm")
+        mirror = self.string(base.get("mirror"), "base.mirror", "http://deb.debian.org/debian").rstrip("/")
+        if not re.match(r"^https?://\S+$", mirror):
+            raise self.err("base.mirror", f"must be an http(s) URL, got {mirror!r}")
+        components = self.names_list(base.get("components"), "base.components", _PKG_RE, "component") or ("main",)
+        kernel = self.mapping(top.get("kernel"), "kernel", {"package", "modules"}, required=("package",))
+        kernel_package = self.string(kernel.get("package"), "kernel.package", required=True)
+        if not _PKG_RE.match(kernel_package):
+            raise self.err("kernel.package", f"not a Debian package name: {kernel_package!r}")
+        packages = self.names_list(top.get("packages"), "packages", _PKG_RE, "Debian package name")
+        services = self.names_list(top.get("services"), "services", _SERVICE_RE, "systemd unit name")
+        repositories = self.repositories(top.get("repositories"))
+        if builder == "initramfs":
+            for key in ("packages", "services", "repositories"):
+                if top.get(key):
+                    raise self.err(key, "not with builder initramfs (it has no root file system); use builder debian")
+        folder = self.path.parent
+        overlay = self.overlay(top.get("overlay"), folder / "overlay")
+        if builder == "initramfs":
+            for i, e in enumerate(overlay):
+                if e.owner not in ("root", "0"):
+                    raise self.err(f"overlay[{i}].owner", "an initramfs image has only root")
+        return Definition(
+            name=name, folder=folder, path=self.path,
+            description=self.string(top.get("description"), "description", ""),
+            role=role, builder=builder, suite=suite, mirror=mirror, components=components,
+            repositories=repositories, packages=packages, services=services,
+            kernel_package=kernel_package,
+            modules=self.names_list(kernel.get("modules"), "kernel.modules", _MODULE_RE, "kernel module name"),
+            cmdline=self.string(top.get("cmdline"), "cmdline", ""),
+            overlay=overlay,
+        )
+
+    def repositories(self, value) -> tuple[Repository, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.err("repositories", "must be a list of repositories")
+        out = []
+        for i, raw in enumerate(value):
+            where = f"repositories[{i}]"
+            d = self.mapping(raw, where, {"name", "url", "suite", "components", "key", "packages"},
+                             required=("name", "url", "suite", "packages"))
+            url = self.string(d.get("url"), f"{where}.url", required=True)
+            if not re.match(r"^https?://\S+$", url):
+                raise self.err(f"{where}.url", f"must be an http(s) URL, got {url!r}")
+            key = self.string(d.get("key"), f"{where}.key")
+            if key is not None and not re.match(r"^https?://\S+$", key):
+                raise self.err(f"{where}.key", f"must be an http(s) URL of the repository's signing key, got {key!r}")
+            pkgs = self.names_list(d.get("packages"), f"{where}.packages", _PKG_RE, "Debian package name")
+            if not pkgs:
+                raise self.err(f"{where}.packages", "name the packages the image takes from this repository")
+            out.append(Repository(
+                name=self.string(d.get("name"), f"{where}.name", required=True),
+                url=url.rstrip("/") + "/",
+                suite=self.string(d.get("suite"), f"{where}.suite", required=True),
+                components=self.names_list(d.get("components"), f"{where}.components", _PKG_RE, "component"),
+                key=key, packages=pkgs,
+            ))
+        return tuple(out)
+
+    def overlay(self, value, templates: Path) -> tuple[OverlayEntry, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.err("overlay", "must be a list of {path, template or copy} entries")
+        out, seen = [], set()
+        for i, raw in enumerate(value):
+            where = f"overlay[{i}]"
+            d = self.mapping(raw, where, {"path", "template", "copy", "mode", "owner", "optional"}, required=("path",))
+            path = self.string(d.get("path"), f"{where}.path", required=True)
+            pp = PurePosixPath(path)
+            if not pp.is_absolute() or ".." in pp.parts or len(pp.parts) < 2 or path.endswith("/"):
+                raise self.err(f"{where}.path", f"must be an absolute file path on the node, got {path!r}")
+            if path in seen:
+                raise self.err(f"{where}.path", f"{path} is listed twice")
+            seen.add(path)
+            template, copy = d.get("template"), d.get("copy")
+            if (template is None) == (copy is None):
+                raise self.err(where, "give exactly one of template (a file in overlay/) or copy (a key of the "
+                                      "site's overlay.files)")
+            if template is not None:
+                template = self.string(template, f"{where}.template")
+                if "/" in template or template.startswith(".") or not (templates / template).is_file():
+                    raise self.err(f"{where}.template", f"no template {template!r} in {templates}")
+            if copy is not None:
+                copy = self.string(copy, f"{where}.copy")
+                if not _NAME_RE.match(copy) or "-" in copy:
+                    raise self.err(f"{where}.copy", f"must be a key of overlay.files (letters, digits, _), got {copy!r}")
+            mode = d.get("mode", "0644")
+            try:
+                mode = int(str(mode), 8)
+            except ValueError:
+                mode = -1
+            if not 0 <= mode <= 0o7777:
+                raise self.err(f"{where}.mode", f"must be an octal mode such as \"0600\", got {d.get('mode')!r}")
+            owner = self.string(d.get("owner"), f"{where}.owner", "root")
+            if not re.match(r"^[a-z_][a-z0-9_-]*$|^[0-9]+$", owner):
+                raise self.err(f"{where}.owner", f"must be a user name or a number, got {owner!r}")
+            optional = self.boolean(d.get("optional"), f"{where}.optional", False)
+            if optional and template is not None:
+                raise self.err(f"{where}.optional", "only copy entries can be optional")
+            out.append(OverlayEntry(path=path, template=template, copy=copy, mode=mode, owner=owner, optional=optional))
+        return tuple(out)
