@@ -260,12 +260,15 @@ def run(args) -> dict:
     try:
         port_p, port_n = free_port(), free_port()
         macs = [mac_of(i) for i in range(1, n + 1)]
+        templates = tmp / "templates"  # a private copy: edits in the work tree cannot disturb a run
+        shutil.copytree(ROOT / "pxe-templates", templates)
         width = max(5, len(str(n)))
         path = write_site(
             tmp / "site",
             nodes=[{"name": f"bn[{1:0{width}d}-{n:0{width}d}]", "pool": "slurm", "macs": macs,
                     "bmc": {"address": "127.0.0.1"}}],
-            site={"name": "bench", "boot_url": f"http://127.0.0.1:{port_p}", "listen": f"127.0.0.1:{port_p}"},
+            site={"name": "bench", "boot_url": f"http://127.0.0.1:{port_p}", "listen": f"127.0.0.1:{port_p}",
+                  "templates": str(templates)},
         )
         site = config.load(path)
         macs_file = tmp / "macs.txt"
@@ -330,11 +333,19 @@ def run(args) -> dict:
 
         # Every response of a full-concurrency run must be one of the expected scripts.
         checks = {k: _wrk(f"http://127.0.0.1:{t['port']}", macs_file, 2, args, scripts) for k, t in targets.items()}
-        # The endpoint reads the store on every request: a role change shows on the next one.
-        node = site.nodes[next(iter(site.nodes))]
-        Store(site.store).set_role([node.name], "k8s", actor="bench", reason="freshness check", pin=True)
-        want = renderer.node(node, "k8s", node.macs[0]).text
-        fresh = all(_get(t["port"], f"/ipxe?mac={node.macs[0]}") == (200, want) for k, t in targets.items() if k != "nginx")
+        # Nothing is answered from a stale cache: a role change in the store and an edit of a
+        # template show on the very next request, on every server that renders.
+        dynamic = [t["port"] for k, t in targets.items() if k != "nginx"]
+        first, second = list(site.nodes.values())[:2] if n > 1 else [site.nodes[next(iter(site.nodes))]] * 2
+        Store(site.store).set_role([first.name], "k8s", actor="bench", reason="freshness check", pin=True)
+        want = renderer.node(first, "k8s", first.macs[0]).text
+        role_seen = all(_get(port, f"/ipxe?mac={first.macs[0]}") == (200, want) for port in dynamic)
+        base = templates / "_linux.ipxe.j2"
+        base.write_text(base.read_text() + "# edited by the benchmark\n")
+        want = renderer.node(second, second.default_role, second.macs[0]).text
+        edit_seen = "# edited by the benchmark" in want and all(
+            _get(port, f"/ipxe?mac={second.macs[0]}") == (200, want) for port in dynamic)
+        fresh = role_seen and edit_seen
         server_errors = sum(p.read_text(errors="replace").count("Traceback") for p in tmp.glob("*.log"))
     finally:
         for s in reversed(servers):
@@ -352,7 +363,8 @@ def run(args) -> dict:
         "setup": {"prerender_s": round(prerender_s, 2), "serve_start_s": round(serve_start_s, 2)},
         "targets": {k: {"label": t["label"], "port": t["port"], "sampled_ok": t["sampled"], "runs": runs[k],
                         "median": _median(runs[k]), "check": checks[k]} for k, t in targets.items()},
-        "role_change_seen_on_next_request": fresh,
+        "role_change_seen_on_next_request": role_seen,
+        "template_edit_seen_on_next_request": edit_seen,
         "server_tracebacks": server_errors,
         "goals": TARGETS,
         "nproc": len(os.sched_getaffinity(0)),
@@ -411,8 +423,10 @@ def summary(result: dict) -> str:
         lines.append("- (the goals are for provisioner serve; candidate rows are there for comparison)")
     checks = "; ".join(f"{k}: {t['sampled_ok']} sampled scripts byte-identical, check run {t['check']['checked']:,} "
                        f"responses, {t['check']['bad']} wrong" for k, t in result["targets"].items())
-    lines.append(f"- correctness: {checks}; role change seen on the next request: "
-                 f"{'yes' if result['role_change_seen_on_next_request'] else 'NO'}; server tracebacks: "
+    yes = {True: "yes", False: "NO"}
+    lines.append(f"- correctness: {checks}; seen on the very next request: a role change: "
+                 f"{yes[result['role_change_seen_on_next_request']]}, a template edit: "
+                 f"{yes[result['template_edit_seen_on_next_request']]}; server tracebacks: "
                  f"{result['server_tracebacks']}: {'ok' if met['correct'] else 'FAILED'}")
     for k, t in result["targets"].items():
         m = t["median"]
