@@ -9,7 +9,8 @@ does not:
 - reset or cycle while powered off answers 0xD5 (not supported in present state);
 - a boot (power on, reset, cycle) consumes a one-time boot device and records what it used.
 Faults can be injected per BMC: "password" (the BMC's password changes, so logins are rejected),
-"silent" (every packet dropped), "busy" (every command answers 0xC0).
+"silent" (every packet dropped), "busy" (every command answers 0xC0), "stuck" (power commands are
+accepted but the power state never changes, like a failed relay).
 
 The simulator always runs in its OWN process: pyghmi keeps client and server sessions in shared
 class-level state, so a simulator inside the process under test would share it with the client
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-FAULTS = (None, "password", "silent", "busy")
+FAULTS = (None, "password", "silent", "busy", "stuck")
 
 # ----------------------------------------------------------------------------------- the server
 # (only imported in the simulator's own process; see the module docstring)
@@ -153,6 +154,8 @@ def _server_classes():
             if self.fault == "busy":
                 self.refused["busy"] += 1
                 return session.send_ipmi_response(code=0xC0)
+            if self.fault == "stuck" and request["netfn"] == 0 and request["command"] == 2:
+                return session.send_ipmi_response()  # "done", and nothing happens
             with self.lock:
                 return super().handle_raw_request(request, session)
 

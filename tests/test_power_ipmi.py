@@ -184,6 +184,15 @@ def test_each_fault_has_its_own_error_within_the_timeout(bmcs):
     assert ipmi.power(bmc(bmcs, "bn06"), "on", timeout=TIMEOUT).power == "on"
 
 
+def test_a_power_change_that_does_not_happen_is_an_error(bmcs):
+    bmcs.set_fault("bn01", "stuck")
+    with pytest.raises(ipmi.IpmiError, match="accepted on but the power is still off"):
+        # It waits for the switch for part of the attempt's budget: a longer budget keeps the
+        # worker from being cut off first on a busy test machine.
+        ipmi.power(bmc(bmcs, "bn01"), "on", timeout=2 * TIMEOUT, retries=0)
+    assert bmcs.state("bn01")["power"] == "off"
+
+
 def test_nothing_listens(bmcs):
     from tests.support import free_port
     import socket

@@ -5,7 +5,13 @@ request on stdin so the password never shows in a process list). Why not in this
 keeps every session in class-level state shared by all threads, and in 1.6.19 a session that
 ended (logged out, or failed to log in) poisons the next one to the same BMC (a stale
 `initting_sessions` entry: TypeError, or a hang); a silent BMC also holds pyghmi for its own
-fixed ~5 s. A worker process starts clean, and killing it enforces power.timeout_s exactly.
+fixed ~5 s. A worker process starts clean, and killing it cuts each attempt's BMC conversation
+at power.timeout_s (the clock starts once the worker has loaded pyghmi).
+
+Retries: a BMC that answered 0xC0 did nothing, so retrying is safe. After a timeout we cannot
+know whether a reset got through, so a retried reset may reset twice; every attempt sets the
+one-time network boot again, so the boot that counts still network-boots. The resulting power
+state is read back and must be what the action implies (soft-off excepted: that is up to the OS).
 
 Errors are subclasses of OperationError, one per cause, so callers (and the fan-out) can tell
 them apart. The BMC password appears in none of them, nor in logs: anything pyghmi says is
@@ -39,6 +45,7 @@ _CONTROL = {"off": 0, "on": 1, "cycle": 2, "reset": 3, "soft": 5}
 _NETWORK = 0x04  # boot flags data 2: "force PXE" device selector (1 << 2)
 _BUSY, _BAD_STATE = 0xC0, 0xD5
 _BUSY_BACKOFF_S = 0.5
+_EXPECTED = {"on": "on", "off": "off", "reset": "on", "cycle": "on", "boot": "on"}  # power state after
 _STARTUP_S = 30.0  # for the worker to start and load pyghmi (not the BMC's time)
 _READY = b"ready\n"
 
@@ -90,7 +97,7 @@ def power(bmc: Bmc, action: str, *, netboot: bool = False, timeout: float = 5.0,
         raise ValueError(f"unknown power action {action!r}")
     who = f"BMC {bmc.address}:{bmc.port}" + (f" (node {node})" if node else "")
     request = {"address": bmc.address, "port": bmc.port, "user": bmc.user, "password": bmc.password,
-               "action": action, "netboot": bool(netboot)}
+               "action": action, "netboot": bool(netboot), "timeout": timeout}
     attempts = retries + 1
     last: dict[str, Any] = {}
     for attempt in range(1, attempts + 1):
@@ -212,6 +219,7 @@ def _do(request: dict) -> dict:
     from pyghmi.ipmi import command as ipmi_command
 
     action = request["action"]
+    started = time.monotonic()
     try:
         cmd = ipmi_command.Command(bmc=request["address"], port=int(request["port"]), userid=request["user"],
                                    password=request["password"], keepalive=False)
@@ -239,6 +247,15 @@ def _do(request: dict) -> dict:
             if step:
                 _raw(cmd, step, 0, 2, (_CONTROL[step],))
         result["power"] = _power_state(cmd)
+        expected = _EXPECTED.get(action)
+        # Verify: some BMCs take a moment to switch. Poll within this attempt's budget (the parent
+        # kills the worker at its timeout anyway); soft-off is the OS's business and not waited for.
+        deadline = started + 0.6 * float(request.get("timeout", 5.0))
+        while expected and result["power"] != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+            result["power"] = _power_state(cmd)
+        if expected and result["power"] != expected:
+            raise _Failed("error", action, None, f"the BMC accepted {action} but the power is still {result['power']}")
         return result
     except _Failed as f:
         return {"ok": False, "kind": f.kind, "step": f.step, "code": f.code, "detail": f.detail}
