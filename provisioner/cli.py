@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from provisioner import ROLES, __version__
 from provisioner import config as configmod
@@ -254,6 +255,107 @@ def cmd_power(ctx: Context) -> int:
     return EXIT_OK
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_image_build(ctx: Context) -> int:
+    import logging
+
+    from provisioner import images
+
+    logging.basicConfig(level=logging.INFO, format="provisioner: %(message)s", stream=sys.stderr)
+    site = ctx.site
+    r = images.build(site.image_definitions, site.image_root, ctx.args.name, cache=ctx.args.cache,
+                     publish=not ctx.args.no_publish, store=ctx.store, actor=default_actor())
+    if ctx.args.json:
+        emit_json({"image": r.image, "version": r.version, "path": str(r.path), "published": r.published,
+                   "previous": r.previous, "seconds": r.seconds, "manifest": r.manifest})
+        return EXIT_OK
+    size = sum(f["size"] for f in r.manifest["files"].values())
+    print(f"{r.image} {r.version}: built in {r.seconds:.1f} s ({_size(size)}) in {r.path}")
+    if r.published:
+        print(f"{r.image} {r.version}: published" + (f" (was {r.previous})" if r.previous else ""))
+    else:
+        print(f"not published; `provisioner image publish {r.image} {r.version}` makes it current")
+    return EXIT_OK
+
+
+def cmd_image_list(ctx: Context) -> int:
+    from provisioner import images
+
+    site = ctx.site
+    if ctx.args.name:
+        names = [ctx.args.name]
+        if not images.list_versions(site.image_root, ctx.args.name) and \
+                ctx.args.name not in images.definition_names(site.image_definitions):
+            raise UsageError(f"no image {ctx.args.name}: not defined in {site.image_definitions} and never built")
+    else:
+        names = sorted(set(images.built_images(site.image_root)) | set(images.definition_names(site.image_definitions)))
+    pins: dict[tuple[str, str], list[str]] = {}
+    for p in ctx.store.image_pins():
+        pins.setdefault((p["image"], p["version"]), []).append(p["node"])
+    roles = {i.name: r for r, i in site.images.items() if i.name}
+    rows = [v.as_dict(pins.get((v.image, v.version))) | {"role": roles.get(v.image)}
+            for n in names for v in images.list_versions(site.image_root, n)]
+    if ctx.args.json:
+        emit_json(rows)
+        return EXIT_OK
+    emit_table(["image", "version", "current", "size", "built", "kernel", "pinned"],
+               [[r["image"], r["version"], "*" if r["current"] else "", _size(r["size"]), r["built_at"],
+                 r["kernel_release"], fold(r["pinned_nodes"]) if r["pinned_nodes"] else ""] for r in rows])
+    unbuilt = [n for n in names if not any(r["image"] == n for r in rows)]
+    if unbuilt:
+        print(f"not built yet: {', '.join(unbuilt)} (`provisioner image build NAME`)")
+    return EXIT_OK
+
+
+def cmd_image_publish(ctx: Context) -> int:
+    from provisioner import images
+
+    old = images.publish(ctx.site.image_root, ctx.args.name, ctx.args.version, store=ctx.store,
+                         actor=default_actor(), reason=ctx.args.reason)
+    print(f"{ctx.args.name} {ctx.args.version}: current" + (f" (was {old})" if old and old != ctx.args.version else ""))
+    return EXIT_OK
+
+
+def cmd_image_remove(ctx: Context) -> int:
+    from provisioner import images
+
+    images.remove(ctx.site.image_root, ctx.args.name, ctx.args.version, store=ctx.store, actor=default_actor())
+    print(f"{ctx.args.name} {ctx.args.version}: removed")
+    return EXIT_OK
+
+
+def cmd_image_pin(ctx: Context) -> int:
+    from provisioner import images
+
+    names = ctx.nodes(ctx.args.nodeset)
+    v = images.find_version(ctx.site.image_root, ctx.args.version, ctx.args.image)
+    changed = ctx.store.pin_image(names, v.image, v.version, actor=default_actor(), reason=ctx.args.reason)
+    if changed:
+        print(f"{fold(changed)}: pinned to {v.image} {v.version}; they boot it from their next boot on")
+    others = [n for n in names if n not in changed]
+    if others:
+        print(f"{fold(others)}: already pinned to {v.image} {v.version}")
+    return EXIT_OK
+
+
+def cmd_image_unpin(ctx: Context) -> int:
+    names = ctx.nodes(ctx.args.nodeset)
+    changed = ctx.store.unpin_image(names, ctx.args.image, actor=default_actor(), reason=ctx.args.reason)
+    if changed:
+        print(f"{fold(changed)}: unpinned; they boot the current version")
+    others = [n for n in names if n not in changed]
+    if others:
+        print(f"{fold(others)}: were not pinned")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -311,6 +413,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="boot = on when off, reset when on")
     sp.add_argument("--netboot", action="store_true", help="one-time network boot first (next boot only)")
     sp.add_argument("--json", action="store_true")
+
+    img = sub.add_parser("image", help="diskless images: build, list, publish, remove, pin (rollback)",
+                         description="diskless images: build, list, publish, remove, pin (rollback)")
+    isub = img.add_subparsers(dest="image_command", metavar="IMAGE_COMMAND", required=True)
+
+    def add_image(name: str, handler: Callable[[Context], int], help_: str) -> argparse.ArgumentParser:
+        isp = isub.add_parser(name, help=help_, description=help_)
+        isp.set_defaults(handler=handler)
+        return isp
+
+    isp = add_image("build", cmd_image_build, "build an image into a new version, then publish it")
+    isp.add_argument("name", help="an image defined in site.image_definitions (images/NAME/image.yaml)")
+    isp.add_argument("--no-publish", action="store_true", help="build only; publish later with `image publish`")
+    isp.add_argument("--cache", type=Path, help="download cache (default: $PROVISIONER_CACHE or .cache/images)")
+    isp.add_argument("--json", action="store_true")
+    isp = add_image("list", cmd_image_list, "versions of each image: current, size, pinned nodes")
+    isp.add_argument("name", nargs="?")
+    isp.add_argument("--json", action="store_true")
+    isp = add_image("publish", cmd_image_publish, "make a version current (also: roll back to an old one)")
+    isp.add_argument("name")
+    isp.add_argument("version")
+    isp.add_argument("--reason", default="published by admin", help="why (recorded in the history)")
+    isp = add_image("remove", cmd_image_remove, "delete a version (not the current one, nor a pinned one)")
+    isp.add_argument("name")
+    isp.add_argument("version")
+    isp = add_image("pin", cmd_image_pin, "boot nodes from one version of an image (per-node rollback)")
+    isp.add_argument("nodeset")
+    isp.add_argument("version", help="VERSION or NAME/VERSION")
+    isp.add_argument("--image", help="the image, when several have this version")
+    isp.add_argument("--reason", default="pinned by admin", help="why (recorded in the history)")
+    isp = add_image("unpin", cmd_image_unpin, "nodes boot the current version again")
+    isp.add_argument("nodeset")
+    isp.add_argument("--image", help="only this image's pin (default: all)")
+    isp.add_argument("--reason", default="unpinned by admin", help="why (recorded in the history)")
 
     sp = add("history", cmd_history, "show the event log, oldest first")
     sp.add_argument("nodeset", nargs="?", help="only these nodes (default: everything)")
