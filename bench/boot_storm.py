@@ -83,6 +83,8 @@ def add_arguments(group) -> None:
                        help="provisioner serve --workers (default: its own default)")
     group.add_argument("--storm-rounds", type=int, default=3, metavar="R",
                        help="timed runs per server, alternating; the median is reported (default 3)")
+    group.add_argument("--storm-close", action="store_true",
+                       help="a new connection per request (Connection: close) instead of keep-alive")
     group.add_argument("--storm-candidates", default="", metavar="NAME[,NAME]",
                        help=f"also run the same app under other WSGI servers: {', '.join(CANDIDATES)} (not installed by default)")
     group.add_argument("--storm-keep", action="store_true", help="keep the temporary folder (logs, configs)")
@@ -175,6 +177,8 @@ def _get(port: int, path: str) -> tuple[int, str]:
 def _wrk(url: str, macs_file: Path, seconds: float, args, scripts: Path | None = None) -> dict:
     cmd = [_binary("wrk"), f"-t{args.storm_wrk_threads}", f"-c{args.storm_connections}", f"-d{max(1, round(seconds))}s",
            "--timeout", "5s", "-s", str(LUA), url, "--", str(macs_file)]
+    if args.storm_close:
+        cmd[1:1] = ["-H", "Connection: close"]
     if scripts is not None:
         cmd.append(str(scripts))
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
@@ -358,7 +362,8 @@ def run(args) -> dict:
     result = {
         "params": {"nodes": n, "duration_s": args.storm_duration, "warmup_s": args.storm_warmup,
                    "connections": args.storm_connections, "wrk_threads": args.storm_wrk_threads,
-                   "workers": workers, "rounds": args.storm_rounds},
+                   "workers": workers, "rounds": args.storm_rounds,
+                   "connection": "close" if args.storm_close else "keep-alive"},
         "versions": {"wrk": _version([wrk, "-v"]), "nginx": _version([nginx_bin, "-v"])},
         "setup": {"prerender_s": round(prerender_s, 2), "serve_start_s": round(serve_start_s, 2)},
         "targets": {k: {"label": t["label"], "port": t["port"], "sampled_ok": t["sampled"], "runs": runs[k],
@@ -394,7 +399,8 @@ def _median(runs: list[dict]) -> dict:
 def summary(result: dict) -> str:
     p = result["params"]
     lines = [
-        f"{p['nodes']:,} nodes, wrk {p['wrk_threads']} threads x {p['connections']} connections, "
+        f"{p['nodes']:,} nodes, wrk {p['wrk_threads']} threads x {p['connections']} connections "
+        f"({p['connection']}), "
         f"{p['duration_s']:g} s per run after {p['warmup_s']:g} s warm-up, {p['rounds']} round(s); "
         f"{result['versions']['wrk']}; {result['versions']['nginx']}",
         "",
