@@ -213,7 +213,10 @@ def cmd_render(ctx: Context) -> int:
         raise UsageError(f"unknown node {name}: not in {ctx.site.path} (see `provisioner nodes`)")
     node = ctx.site.nodes[name]
     role = ctx.args.role or ctx.store.desired_role(name) or node.default_role
-    script = Renderer(ctx.site, load_or_create_secret(ctx.site.secret_file)).node(node, role, ctx.args.mac)
+    renderer = Renderer(ctx.site, load_or_create_secret(ctx.site.secret_file))
+    image_name = renderer.image_name(role)  # a built image: the node's version pin applies, as when it boots
+    pin = ctx.store.image_pin(name, image_name) if image_name else None
+    script = renderer.node(node, role, ctx.args.mac, pin)
     sys.stdout.write(script.text)
     if not script.ok:
         print(f"provisioner: {name} would get the unknown-node script: {script.reason}", file=sys.stderr)
@@ -299,8 +302,7 @@ def cmd_image_list(ctx: Context) -> int:
     pins: dict[tuple[str, str], list[str]] = {}
     for p in ctx.store.image_pins():
         pins.setdefault((p["image"], p["version"]), []).append(p["node"])
-    roles = {i.name: r for r, i in site.images.items() if i.name}
-    rows = [v.as_dict(pins.get((v.image, v.version))) | {"role": roles.get(v.image)}
+    rows = [v.as_dict(pins.get((v.image, v.version))) | {"roles": [r for r, i in site.images.items() if i.name == v.image]}
             for n in names for v in images.list_versions(site.image_root, n)]
     if ctx.args.json:
         emit_json(rows)

@@ -11,7 +11,7 @@ The public API, for the CLI, the tests and the balancer:
     Resolver(image_root): the boot endpoint's cheap per-request view of the published versions
 """
 
-from provisioner.images.build import BuildResult, build, default_cache, preflight
+from provisioner.images.builder import BuildResult, build, default_cache, preflight
 from provisioner.images.definition import Definition, load as load_definition, names as definition_names
 from provisioner.images.versions import (
     Published, Resolver, Version, built_images, current, find_version, get, list_versions, publish, remove,
