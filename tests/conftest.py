@@ -20,4 +20,5 @@ pytest_plugins = [
     "tests.fixtures.sshd",
     "tests.fixtures.bmc",
     "tests.fixtures.slurm_cluster",
+    "tests.tinyimage",
 ]
