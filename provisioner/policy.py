@@ -225,6 +225,8 @@ def decide(snap: Snapshot) -> Decision:
     for side in (SLURM, K8S):
         if not wanted[side]:
             continue
+        if p.demand_persist_s <= 0:  # persistence switched off: demand counts on first sight
+            continue
         since = snap.demand_since.get(side)
         age = None if since is None else snap.now - since
         if age is None or age < p.demand_persist_s:
