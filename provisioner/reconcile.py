@@ -201,7 +201,17 @@ class Reconciler:
                     self._advance(name, world, report)
             if only is not None or not balance:
                 return report
-            world = self._refresh_states(world)
+            if report.steps:
+                # The switches just taken changed both clusters (a node resumed in SLURM, one
+                # drained): deciding on the start-of-pass view would move a second node for
+                # demand the first one already covers.
+                try:
+                    world = self.observe()
+                except OperationError as exc:
+                    report.errors.append(f"observe failed after advancing switches, no new moves: {exc}")
+                    return report
+            else:
+                world = self._refresh_states(world)
 
         if balance:
             decision = pol.decide(self.snapshot(world, record_demand=not dry_run))
