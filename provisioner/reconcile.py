@@ -12,8 +12,13 @@ A node's switch (phases stored in nodes.phase; target_role says where it goes):
             desired role := k8s] -> rebooting -> booting (wait for the boot callback)
             -> joining (kubelet Ready: label sched=k8s, uncordon if ours) -> steady
   to slurm: requested -> cordoning (k8s cordon, evict if an admin forced it, wait for no pods)
-            -> [desired role := slurm] -> rebooting -> booting -> joining (slurmd responding:
-            resume, label sched=slurm) -> steady
+            -> [desired role := slurm] -> rebooting -> booting -> joining (a slurmd started since
+            the reboot has registered: resume, label sched=slurm; steady once SLURM shows it
+            available) -> steady
+
+booting and joining share one clock: their phase_since is the moment of the power action, so
+"the node must be back within phase_timeout_s of its reboot", and a callback or a slurmd
+registration older than that reboot never counts.
 
 Safety rules kept here:
 - right before any power action, both clusters are asked again whether the node runs a job or
@@ -51,6 +56,11 @@ REBOOTING = "rebooting"
 BOOTING = "booting"
 JOINING = "joining"
 SWITCHING = (REQUESTED, DRAINING, CORDONING, REBOOTING, BOOTING, JOINING)
+
+# slurmd reports its start time from the node's clock, which a freshly booted diskless node may
+# not have synced yet: a slurmd that started up to this long before the reboot still counts as
+# this boot's. One that ran before the previous switch is older (a cron pass is a minute apart).
+CLOCK_SLACK_S = 60
 
 # Test-only fault injection: PROVISIONER_CRASH_AT=<point> makes the pass SIGKILL itself there,
 # to prove that a pass killed at any step leaves a state the next pass can finish or roll back.
@@ -397,20 +407,33 @@ class Reconciler:
 
         if st.phase == BOOTING:
             if st.booted_role == to and st.booted_at and st.booted_at >= (st.phase_since or 0):
-                return self._goto(st, JOINING, f"booted the {to} image (version {st.booted_version})", report)
+                return self._goto(st, JOINING, f"booted the {to} image (version {st.booted_version})", report,
+                                  phase_since=st.phase_since)
             return self._timed_out(st, age, f"no boot callback from the {to} image", report)
 
         if st.phase == JOINING:
             if to == "slurm":
                 s = self.slurm.nodes([name])[name]
-                if not s.responding:
+                # SLURM notices a slurmd that went away only after SlurmdTimeout (300 s by
+                # default): until then the old one still "responds". Only a slurmd started
+                # since the reboot proves that the new image joined.
+                since_boot = s.slurmd_start_time is not None and \
+                    s.slurmd_start_time >= int(st.phase_since or 0) - CLOCK_SLACK_S
+                if not (s.responding and since_boot):
                     return self._timed_out(st, age, "slurmd has not registered", report)
                 if s.held_by_other:
                     return self._fail(st, f"joined SLURM but someone else holds it ({s.reason})", report)
-                self.slurm.resume([name])
+                if s.drain or s.down:
+                    s = self.slurm.resume([name])[name]
+                    report.steps.append(Step(name, "resumed", "slurmd registered; resumed in SLURM"))
+                if not s.available:
+                    # Right after a resume slurmctld pings the node (NOT_RESPONDING for a moment):
+                    # done only once SLURM would give it a job, on this pass or the next.
+                    return self._timed_out(st, age, f"SLURM does not show it available ({s.state}"
+                                           f"{'+' + '+'.join(sorted(s.flags)) if s.flags else ''})", report)
                 if self.kube.node(name):
                     self.kube.label(name, "slurm")
-                return self._finish(st, "resumed in SLURM, labelled sched=slurm", report)
+                return self._finish(st, "available in SLURM, labelled sched=slurm", report)
             k = self.kube.node(name)
             if k is None or not k.ready:
                 return self._timed_out(st, age, "kubelet is not Ready", report)
@@ -445,6 +468,8 @@ class Reconciler:
             return False
         _crash_point("before-power")
         node = self.site.nodes[name]
+        # Taken before the action: a fast node may call back before this pass records BOOTING.
+        powered_at = self.clock()
         result = self.power(self.site, [node], "boot", netboot=True, store=self.store, actor=self.actor,
                             roles={name: to})[0]
         _crash_point("after-power")
@@ -457,14 +482,16 @@ class Reconciler:
                               attempts=attempts)
             report.steps.append(Step(name, "power", f"failed: {result.error}", ok=False))
             return False
-        return self._goto(st, BOOTING, f"power {result.method} boot with one-time network boot", report)
+        return self._goto(st, BOOTING, f"power {result.method} boot with one-time network boot", report,
+                          phase_since=powered_at)
 
     # -- phase changes -----------------------------------------------------------------
 
     def _goto(self, st: NodeState, phase: str, message: str, report: PassReport, **fields: Any) -> bool:
+        fields.setdefault("phase_since", self.clock())
         ok = self.store.update(st.name, actor=self.actor, kind="phase", message=f"{st.phase} -> {phase}: {message}",
                                expect={"phase": st.phase}, data={"from": st.phase, "to": phase, "target": st.target_role},
-                               phase=phase, phase_since=self.clock(), **fields)
+                               phase=phase, **fields)
         if ok:
             report.steps.append(Step(st.name, phase, message))
         return ok
