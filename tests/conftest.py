@@ -20,5 +20,6 @@ pytest_plugins = [
     "tests.fixtures.sshd",
     "tests.fixtures.bmc",
     "tests.fixtures.slurm_cluster",
+    "tests.fixtures.balance",
     "tests.tinyimage",
 ]

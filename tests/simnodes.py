@@ -1,0 +1,520 @@
+"""Simulated shared nodes: a real SLURM cluster, the Kubernetes test API server, BMC simulators
+and the real boot endpoint, tied together by one site.yaml. No VM: a node is its BMC + its boot
++ its daemon.
+
+When a simulated node's BMC gets a power on / reset / cycle, the node "boots" (in a worker
+thread, never inside the BMC's handler), as a real diskless node would:
+
+1. it asks the real boot server for its script (`GET /ipxe?mac=<its MAC>`) and reads
+   `provisioner.role=`, `provisioner.version=`, `provisioner.callback=` and `provisioner.token=`
+   from the kernel line;
+2. it becomes that role: slurm -> its k8s Node goes NotReady (if it exists), then its real slurmd
+   starts; k8s -> its slurmd stops, then its k8s Node is Ready (created, as a kubelet registers
+   it, when missing);
+3. it POSTs the boot callback (role, version, token) from its own loopback address (node.ip), so
+   the boot server's source check is exercised too.
+Power off: slurmd stops, the k8s Node goes NotReady.
+
+A reboot of a node that still runs a SLURM job or a pod would kill that work: the harness records
+it in `violations` (tests assert it stays empty).
+
+Outside pytest (the demo uses it):
+
+    python -m tests.simnodes --workdir /tmp/sim [--k8s 'sn[03-04]'] [--schedule-every 2]
+
+starts everything, prints the config path, and waits for Ctrl-C / SIGTERM; everything it started
+is stopped by pid on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # python -m tests.simnodes from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from provisioner.nodeset import expand  # noqa: E402
+from tests.bmc_sim import BmcSim, BmcSpec  # noqa: E402
+from tests.fixtures.boot_server import BootServer  # noqa: E402
+from tests.fixtures.site import mac, write_site  # noqa: E402
+from tests.fixtures.slurm_cluster import SlurmCluster, wait_for  # noqa: E402
+from tests.kube_apiserver import KubeApiServer  # noqa: E402
+from tests.support import free_port  # noqa: E402
+
+BMC_PASSWORD = "s3cret-bmc-pw"  # the password file write_site() writes
+PAPER_REASON = "k8s_connect"
+NODE_CPU, NODE_MEMORY = "1", "500Mi"  # as slurm.conf says: CPUs=1 RealMemory=500
+
+# Test-sized policy: no waiting unless a test asks for it.
+FAST_POLICY = {"demand_persist_s": 0, "cooldown_s": 0, "phase_timeout_s": 20, "max_retries": 1,
+               "max_in_flight": 2, "min_nodes": {"slurm": 0, "k8s": 0}}
+# pyghmi against the simulator answers in 0.1-1 s, sometimes more (a lost-packet retransmit):
+# 3 s keeps healthy BMCs from failing on a loaded 2-core machine.
+FAST_POWER = {"timeout_s": 3.0, "retries": 1, "fanout": 8}
+
+
+def provisioner_cmd() -> list[str]:
+    """The installed console script, as cron runs it."""
+    exe = Path(sys.executable).parent / "provisioner"
+    if not exe.exists():
+        exe = ROOT / ".venv" / "bin" / "provisioner"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "provisioner"]
+
+
+def kernel_args(script: str) -> dict[str, str]:
+    """`key=value` words of the iPXE script's kernel line ({} when it has none: unknown node)."""
+    for line in script.splitlines():
+        words = line.split()
+        if words[:1] == ["kernel"]:
+            return dict(w.split("=", 1) for w in words[1:] if "=" in w)
+    return {}
+
+
+class SimNode:
+    def __init__(self, name: str, mac_addr: str, ip: str, role: str):
+        self.name, self.mac, self.ip = name, mac_addr, ip
+        self.role = role  # the image it runs now (None: off, or booting)
+        self.generation = 0  # bumped by each power event: a newer one supersedes a boot in progress
+        self.lock = threading.Lock()
+
+
+class SimSite:
+    """Everything a balancer pass talks to, on loopback, under `workdir`.
+
+    fixed: SLURM-only nodes (slurmd always running). shared: nodes in the shared pool; `roles`
+    says which side each starts on (default slurm). fixed_k8s: Kubernetes-only nodes (a Ready Node
+    labelled sched=k8s, no BMC). boot_delay: seconds between the power event and the boot script
+    request (a real node spends them in firmware). join_delay: seconds between the boot callback
+    (posted early by the image's init) and its daemon joining the cluster (slurmd registering,
+    the kubelet going Ready).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, fixed: str = "cn[01-02]", shared: str = "sn[01-04]",
+                 fixed_k8s: str = "kn01", roles: dict[str, str] | None = None, boot_delay: float = 0.2,
+                 join_delay: float = 0.0, policy: dict | None = None, power: dict | None = None):
+        self.workdir = Path(workdir).resolve()
+        self.fixed = expand(fixed) if fixed else []
+        self.shared = expand(shared)
+        self.fixed_k8s = expand(fixed_k8s) if fixed_k8s else []
+        self.initial_roles = {n: (roles or {}).get(n, "slurm") for n in self.shared}
+        self.boot_delay = boot_delay
+        self.join_delay = join_delay
+        self.policy = {**FAST_POLICY, **(policy or {})}
+        self.power = {**FAST_POWER, **(power or {})}
+        self.nodes = {n: SimNode(n, mac(i, 3), f"127.0.0.{10 + i}", self.initial_roles[n])
+                      for i, n in enumerate(self.shared, start=1)}
+        self.slurm: SlurmCluster | None = None
+        self.kube: KubeApiServer | None = None
+        self.bmc: BmcSim | None = None
+        self.boot: BootServer | None = None
+        self.config: Path | None = None
+        self.port = 0
+        self.boots: list[dict] = []  # one record per simulated boot (role, ok, error, ...)
+        self.violations: list[str] = []  # reboots of nodes that still ran work
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._store = None
+        self.first_event = 0  # events before this id belong to earlier tests
+
+    # ----------------------------------------------------------------------- life cycle
+
+    def start(self) -> "SimSite":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            # The main scheduling loop every 2 s (default 60): a pending job starts on a node that
+            # just joined within seconds, as the paper's loop expects, instead of a minute later.
+            self.slurm = SlurmCluster(self.workdir / "slurm", nodes=[*self.fixed, *self.shared],
+                                      started=[*self.fixed, *[n for n, r in self.initial_roles.items() if r == "slurm"]],
+                                      extra_conf="SchedulerParameters=batch_sched_delay=0,sched_interval=2")
+            self.slurm.start()
+            self.kube = KubeApiServer(folder=self.workdir / "kube").start()
+            self.kube.kubeconfig = self.kube.write_kubeconfig(self.workdir / "kube" / "kubeconfig")
+            self.bmc = BmcSim.start([BmcSpec(n, free_port(socket.SOCK_DGRAM), "admin", BMC_PASSWORD)
+                                     for n in self.shared], self.workdir / "bmc", on_power=self._on_power)
+            self.port = free_port()
+            self.config = self.write_config()
+            self.boot = BootServer(self.config, self.port, self.workdir / "serve.log").start()
+            self.reset()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop everything started here (by pid); safe to call twice and after a failed start."""
+        for t in list(self._threads):
+            t.join(timeout=15)
+        if self.boot:
+            self.boot.stop()
+        if self.bmc:
+            self.bmc.stop()
+        if self.kube:
+            self.kube.close()
+        if self.slurm:
+            self.slurm.stop()
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> "SimSite":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def write_config(self, policy: dict | None = None, power: dict | None = None,
+                     kubernetes: dict | None = None) -> Path:
+        """(Re)write site.yaml. Each `provisioner` run reads it afresh: tests change the policy
+        knobs between passes; the boot server only needs the nodes and images, which stay."""
+        # Fixed nodes are never power-cycled here; their BMC entry only satisfies the defaults.
+        bmc = {"address": "127.0.0.1"}
+        nodes = [{"name": n, "pool": "slurm", "macs": [mac(i, 1)], "bmc": bmc} for i, n in enumerate(self.fixed, 1)]
+        nodes += [{"name": n, "pool": "k8s", "macs": [mac(i, 2)], "bmc": bmc} for i, n in enumerate(self.fixed_k8s, 1)]
+        nodes += [{"name": n.name, "pool": "shared", "default_role": self.initial_roles[n.name], "macs": [n.mac],
+                   "ip": n.ip, "bmc": {"address": "127.0.0.1", "port": self.bmc.port(n.name)}}
+                  for n in self.nodes.values()]
+        url = f"http://127.0.0.1:{self.port}"
+        return write_site(
+            self.workdir / "site", nodes=nodes,
+            site={"boot_url": url, "listen": f"127.0.0.1:{self.port}", "name": "sim"},
+            slurm=self.slurm.site_section(),
+            kubernetes={"kubeconfig": str(self.kube.kubeconfig), "timeout_s": 5, **(kubernetes or {})},
+            policy={**self.policy, **(policy or {})},
+            power={**self.power, **(power or {})},
+        )
+
+    @property
+    def store(self):
+        from provisioner import config
+        from provisioner.store import Store
+
+        if self._store is None:
+            self._store = Store(config.load(self.config).store)
+        return self._store
+
+    # ----------------------------------------------------------------------- reset
+
+    def reset(self, roles: dict[str, str] | None = None, policy: dict | None = None,
+              power: dict | None = None, kubernetes: dict | None = None, boot_delay: float = 0.2,
+              join_delay: float = 0.0) -> None:
+        """Between tests: no jobs, no pods, every shared node steady on its side (default: its
+        initial role), powered on, unpinned, no fault, empty BMC history, store rows fresh."""
+        from provisioner.store import STEADY
+
+        self.wait_idle()
+        roles = {**self.initial_roles, **(roles or {})}
+        self.config = self.write_config(policy, power, kubernetes)
+        self.boot_delay, self.join_delay = boot_delay, join_delay
+        self.bmc.reset()
+        self.bmc.set_power(self.shared, "on")
+        self.slurm.scancel_all()
+        self.kube.reset()
+        for name in self.fixed_k8s:
+            self.kube.add_node(name, labels={"sched": "k8s"}, cpu=NODE_CPU, memory=NODE_MEMORY)
+        # SLURM: only the nodes not already as wanted are touched (a resume costs a few seconds:
+        # slurmctld pings the node before it counts as responding).
+        up = [*self.fixed, *[n for n, r in roles.items() if r == "slurm"]]
+        for name in up:
+            self.slurm.start_slurmd(name, wait=False)
+        for name in up:
+            if self.slurm.node_state(name) != "IDLE":
+                self.slurm.run("scontrol", "update", f"nodename={name}", "state=resume", check=False)
+        for name in up:
+            self.slurm.wait_node_state(name, lambda s: s == "IDLE")
+        for name, role in roles.items():
+            node = self.nodes[name]
+            if role == "k8s":
+                view = self.slurm_view(name)
+                if not (view.down and not view.drain and view.reason == PAPER_REASON):
+                    self.slurm.run("scontrol", "update", f"nodename={name}", "state=resume", check=False)
+                    self.slurm.run("scontrol", "update", f"nodename={name}", "state=down", f"reason={PAPER_REASON}")
+                self.slurm.stop_slurmd(name)
+                self.kube.add_node(name, labels={"sched": "k8s"}, cpu=NODE_CPU, memory=NODE_MEMORY, ip=node.ip)
+            node.role = role
+            self.store.update(name, actor="test", kind="test-reset", message=f"test reset: steady in {role}",
+                              desired_role=role, booted_role=role, booted_version="1", booted_at=time.time(),
+                              pinned=0, pin_reason=None, phase=STEADY, target_role=None, phase_since=None,
+                              attempts=0, failed_reason=None, last_switch_at=None, switch_reason=None,
+                              switch_actor=None)
+        self.store.set_demand({"slurm": 0, "k8s": 0}, time.time())
+        self.boots.clear()
+        self.violations.clear()
+        self.bmc.events.clear()
+        last = self.store.events(limit=1)
+        self.first_event = last[-1].id + 1 if last else 0
+
+    def wait_idle(self, timeout: float = 20) -> None:
+        """Wait for the boots in progress to finish (so a test starts from a still world)."""
+        deadline = time.monotonic() + timeout
+        for t in list(self._threads):
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    # ----------------------------------------------------------------------- the simulated nodes
+
+    def _on_power(self, event: dict) -> None:
+        """BmcSim's reader thread: hand the work to a thread of its own (a BMC answers at once)."""
+        node = self.nodes.get(event.get("bmc"))
+        if node is None:
+            return
+        with node.lock:
+            node.generation += 1
+            gen = node.generation
+        self._check_no_work(node.name, event["action"])
+        target = self._boot if event.get("boot") else self._power_off
+        t = threading.Thread(target=target, args=(node, gen, event), name=f"sim-{node.name}-{gen}", daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _check_no_work(self, name: str, action: str) -> None:
+        if action not in ("off", "soft", "reset", "cycle"):
+            return
+        jobs = self.slurm.run("squeue", "-h", "-w", name, "-o", "%i", check=False).split()
+        pods = [p["metadata"]["name"] for p in self.kube.pods(name)
+                if p["status"].get("phase") not in ("Succeeded", "Failed")
+                and not any(o.get("kind") == "DaemonSet" for o in p["metadata"].get("ownerReferences") or [])]
+        if jobs or pods:
+            self.violations.append(f"{name}: power {action} while it ran jobs {jobs} / pods {pods}")
+
+    def _current(self, node: SimNode, gen: int) -> bool:
+        return node.generation == gen
+
+    def _power_off(self, node: SimNode, gen: int, event: dict) -> None:
+        with node.lock:
+            node.role = None
+        self.slurm.stop_slurmd(node.name)
+        if self.kube.node(node.name):
+            self.kube.set_node_ready(node.name, False)
+
+    def _boot(self, node: SimNode, gen: int, event: dict) -> None:
+        record: dict[str, Any] = {"node": node.name, "how": event["action"], "bootdev": event["boot"].get("bootdev"),
+                                  "started": time.time(), "ok": False}
+        self.boots.append(record)
+        with node.lock:
+            node.role = None
+        # The old OS is gone at once: its daemons stop answering.
+        self.slurm.stop_slurmd(node.name)
+        if self.kube.node(node.name):
+            self.kube.set_node_ready(node.name, False)
+        try:
+            time.sleep(self.boot_delay)
+            if not self._current(node, gen):
+                record["error"] = "superseded by a newer power event"
+                return
+            with urllib.request.urlopen(f"{self.boot.url}/ipxe?mac={urllib.parse.quote(node.mac)}", timeout=10) as r:
+                script = r.read().decode()
+            args = kernel_args(script)
+            role = args.get("provisioner.role")
+            if role not in ("slurm", "k8s"):
+                record["error"] = f"no bootable script: {script.splitlines()[1:3]}"
+                return
+            record["role"] = role
+            if not self._current(node, gen):
+                record["error"] = "superseded by a newer power event"
+                return
+            # The image's init calls back early; its cluster daemon joins later (join_delay).
+            record["callback"] = self._callback(node, args)
+            record["ok"] = record["callback"] == 200
+            time.sleep(self.join_delay)
+            if not self._current(node, gen):
+                return
+            if role == "slurm":
+                self.slurm.start_slurmd(node.name, wait=False)
+            elif self.kube.node(node.name) is None:  # the kubelet registers the node
+                self.kube.add_node(node.name, cpu=NODE_CPU, memory=NODE_MEMORY, ip=node.ip)
+            else:
+                self.kube.set_node_ready(node.name, True)
+            with node.lock:
+                node.role = role
+            record["joined"] = time.time()
+        except Exception as exc:  # recorded for the test to see; a boot that fails leaves the node down
+            record["error"] = f"{type(exc).__name__}: {exc}"
+
+    def _callback(self, node: SimNode, args: dict[str, str]) -> int:
+        url = urllib.parse.urlsplit(args["provisioner.callback"])
+        body = json.dumps({"role": args["provisioner.role"], "version": args.get("provisioner.version"),
+                           "token": args["provisioner.token"]})
+        # From the node's own address: the boot server checks the callback's source.
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10, source_address=(node.ip, 0))
+        try:
+            conn.request("POST", url.path, body, {"Content-Type": "application/json"})
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    # ----------------------------------------------------------------------- driving passes
+
+    def cli(self, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        """`provisioner --config SITE ARGS...`, as an admin (or cron) runs it."""
+        return subprocess.run([*provisioner_cmd(), "--config", str(self.config), *args], capture_output=True,
+                              text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+
+    def balance(self, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict | None]:
+        """One `provisioner balance --json` pass: (process, its report or None)."""
+        start = time.monotonic()
+        proc = self.cli("balance", "--json", *args, env=env)
+        try:
+            report = json.loads(proc.stdout) if proc.stdout.strip() else None
+        except ValueError:
+            report = None
+        self._trace(start, [(s["node"], s["action"]) for s in report["steps"]] if report else proc.returncode)
+        return proc, report
+
+    def pass_in_process(self) -> dict:
+        """One pass through the same code as `provisioner balance`, in this process: it skips
+        the console script's start-up (the Kubernetes client alone takes 1-2 s to import), for
+        tests that drive many passes after the CLI has been exercised."""
+        from provisioner import config
+        from provisioner.reconcile import Reconciler, pass_lock
+
+        start = time.monotonic()
+        site = config.load(self.config)
+        rec = Reconciler(site, self.store)
+        try:
+            with pass_lock(site):
+                report = rec.run_pass().as_dict()
+        finally:
+            if rec._kube is not None:
+                rec._kube.close()
+        self._trace(start, [(s["node"], s["action"]) for s in report["steps"]], "in-process ")
+        return report
+
+    def passes_until(self, done: Callable[[], Any], timeout: float = 60, what: str = "the goal",
+                     schedule: bool = True, cli: bool = True) -> list[dict]:
+        """Run balance passes (the CLI's, or with cli=False the same code in this process) and,
+        with `schedule`, a Kubernetes scheduler pass after each, until done() is truthy; fail after
+        `timeout` s with the last reports. Returns the reports."""
+        reports: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            if cli:
+                proc, report = self.balance()
+                if report is None:
+                    raise AssertionError(f"balance printed no report (exit {proc.returncode}): {proc.stderr[-2000:]}")
+            else:
+                report = self.pass_in_process()
+            reports.append(report)
+            if schedule:
+                self.kube.schedule()
+            if done():
+                return reports
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last reports:\n"
+                                     + json.dumps(reports[-3:], indent=1)[-4000:] + f"\nstore: {self.states()}")
+            time.sleep(0.2)
+
+    @staticmethod
+    def _trace(start: float, what: Any, how: str = "") -> None:
+        if os.environ.get("SIMNODES_TRACE"):  # a time line of the passes, for slow or failing tests
+            print(f"{time.strftime('%H:%M:%S')} {how}pass ({time.monotonic() - start:.1f} s): {what}", file=sys.stderr)
+
+    # ----------------------------------------------------------------------- looking
+
+    def events(self, nodes: Iterable[str] | None = None, kinds: Iterable[str] | None = None) -> list:
+        """Store events since the last reset (oldest first)."""
+        return [e for e in self.store.events(nodes, kinds=kinds, include_site=nodes is None)
+                if e.id >= self.first_event]
+
+    def state(self, name: str):
+        return self.store.get(name)
+
+    def states(self) -> dict[str, tuple]:
+        return {n: (s.phase, s.desired_role, s.target_role, s.failed_reason) for n, s in self.store.nodes(self.shared).items()}
+
+    def ipxe(self, name: str) -> str:
+        with urllib.request.urlopen(f"{self.boot.url}/ipxe?mac={urllib.parse.quote(self.nodes[name].mac)}",
+                                    timeout=10) as r:
+            return r.read().decode()
+
+    def slurm_view(self, name: str):
+        from provisioner.clusters.slurm import SlurmAdapter
+        from provisioner.config import SlurmSettings
+
+        return SlurmAdapter(SlurmSettings(**{k: v for k, v in self.slurm.site_section().items()})).nodes([name])[name]
+
+    def in_slurm(self, name: str) -> bool:
+        """Serving SLURM: slurmd registered, the node IDLE/ALLOCATED/MIXED with no drain or down."""
+        return self.slurm_view(name).available and self.slurm.running(f"slurmd:{name}")
+
+    def in_k8s(self, name: str, label: bool = True) -> bool:
+        """Serving Kubernetes: Ready, schedulable, and (label=True) labelled sched=k8s."""
+        node = self.kube.node(name)
+        if node is None:
+            return False
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
+        labelled = (node["metadata"].get("labels") or {}).get("sched") == "k8s"
+        return ready and not node["spec"].get("unschedulable") and (labelled or not label)
+
+    def serving(self, name: str) -> set[str]:
+        """The sides a node serves now (a healthy node serves exactly one)."""
+        return {side for side, ok in (("slurm", self.in_slurm(name)), ("k8s", self.in_k8s(name))) if ok}
+
+    def bmc_actions(self, name: str) -> list[str]:
+        return [e["action"] for e in list(self.bmc.events) if e.get("bmc") == name and e.get("event") == "power"]
+
+    def submit_pending(self, *args: str, reason: str = "Resources", **kw) -> str:
+        """sbatch a job and wait until SLURM has looked at it: Pending with `reason`."""
+        job = self.slurm.sbatch(*args, **kw)
+        wait_for(lambda: self.slurm.job_state(job) == ("PENDING", f"({reason})"), 20, f"job {job} Pending ({reason})")
+        return job
+
+    def fill_fixed(self) -> list[str]:
+        """A job on each fixed SLURM node, running; returns their ids."""
+        jobs = [self.slurm.sbatch(nodelist=n) for n in self.fixed]
+        for job in jobs:
+            self.slurm.wait_job_running(job)
+        return jobs
+
+
+# --------------------------------------------------------------------------- standalone
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.simnodes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="folder for everything (site.yaml, logs, state)")
+    p.add_argument("--fixed", default="cn[01-02]", help="fixed SLURM nodes (hostlist)")
+    p.add_argument("--shared", default="sn[01-04]", help="shared nodes (hostlist)")
+    p.add_argument("--fixed-k8s", default="kn01", help="fixed Kubernetes nodes (hostlist)")
+    p.add_argument("--k8s", default="", help="shared nodes that start in Kubernetes (default: all in SLURM)")
+    p.add_argument("--boot-delay", type=float, default=2.0, help="seconds a simulated node takes to boot")
+    p.add_argument("--schedule-every", type=float, default=2.0,
+                   help="run the Kubernetes scheduler every N seconds (0: never)")
+    p.add_argument("--policy", default="{}", help='policy overrides as JSON, e.g. {"demand_persist_s": 10}')
+    args = p.parse_args(argv)
+    roles = {n: "k8s" for n in (expand(args.k8s) if args.k8s else [])}
+    sim = SimSite(args.workdir, fixed=args.fixed, shared=args.shared, fixed_k8s=args.fixed_k8s, roles=roles,
+                  boot_delay=args.boot_delay, policy=json.loads(args.policy))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    sim.start()
+    try:
+        print(f"config: {sim.config}", flush=True)
+        print(f"  SLURM_CONF={sim.slurm.slurm_conf}", flush=True)
+        print(f"  KUBECONFIG={sim.kube.kubeconfig}", flush=True)
+        print(f"  boot server {sim.boot.url}; try: provisioner --config {sim.config} balance --dry-run", flush=True)
+        while not stop.wait(args.schedule_every or 3600):
+            if args.schedule_every:
+                sim.kube.schedule()
+    finally:
+        sim.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

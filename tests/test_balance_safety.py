@@ -1,0 +1,215 @@
+"""The balancer's safety promises, against the real parts (tests/simnodes.py): work that arrives
+late stops a reboot, a pass killed at any step leaves nothing stranded, one pass at a time, and a
+dead BMC fails one node visibly without holding up the others."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+
+from provisioner.reconcile import CRASH_ENV
+from tests.simnodes import ROOT, kernel_args, provisioner_cmd
+
+pytestmark = pytest.mark.integration
+
+ALL_K8S = {n: "k8s" for n in ("sn01", "sn02", "sn03", "sn04")}
+
+
+def slurm_wants_a_node(sim) -> tuple[list[str], str]:
+    """Fixed SLURM nodes full, one job Pending (Resources); returns (running jobs, pending job)."""
+    running = sim.fill_fixed()
+    return running, sim.submit_pending("--job-name=needs-a-node")
+
+
+def k8s_wants_a_node(sim) -> list[str]:
+    """kn01 full, two small pods Unschedulable; the fixed SLURM nodes run jobs (returned)."""
+    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
+    for i in range(2):
+        sim.kube.add_pod(f"web-{i}", namespace="ml")
+    sim.kube.schedule()
+    return sim.fill_fixed()
+
+
+def settled(sim) -> bool:
+    """Every shared node steady (or failed) and serving exactly the side the store says."""
+    states = sim.store.nodes(sim.shared)
+    return all(s.phase == "steady" and sim.serving(n) == {s.desired_role} for n, s in states.items())
+
+
+def running(sim, jobs) -> bool:
+    return all(sim.slurm.job_state(j)[0] == "RUNNING" for j in jobs)
+
+
+# --------------------------------------------------------------------------- work arrives late
+
+
+def test_pod_bound_between_decision_and_power_stops_the_reboot(balance_site):
+    sim = balance_site(roles=ALL_K8S)
+    jobs, pending = slurm_wants_a_node(sim)
+    seen = {"cordon": False, "lists": 0}
+
+    def bind_after_cordon(entry):
+        # In the pass itself: after sn01 is cordoned and found empty, a pod is bound to it by
+        # nodeName (bypassing the scheduler, as a DaemonSet-less static workload would).
+        if entry["method"] == "PATCH" and entry["path"] == "/api/v1/nodes/sn01" and "unschedulable" in entry["body"]:
+            seen["cordon"] = True
+        elif seen["cordon"] and entry["method"] == "GET" and entry["path"] == "/api/v1/nodes":
+            seen["lists"] += 1
+            if seen["lists"] == 2:  # the pre-power re-check's look
+                sim.kube.add_pod("late-0", node="sn01")
+
+    sim.kube.hooks.append(bind_after_cordon)
+    proc, report = sim.balance()
+    sim.kube.hooks.clear()
+    assert proc.returncode == 0, proc.stderr
+    steps = [(s["node"], s["action"]) for s in report["steps"]]
+    assert ("sn01", "reboot-refused") in steps and ("sn01", "booting") not in steps, steps
+    refused = next(s for s in report["steps"] if s["action"] == "reboot-refused")
+    assert "Kubernetes shows pods on it (default/late-0)" in refused["message"]
+    assert sim.bmc_actions("sn01") == []
+    assert kernel_args(sim.ipxe("sn01"))["provisioner.role"] == "k8s"  # the boot script went back too
+
+    # Later passes roll sn01 back (uncordoned, pod untouched) and give the job another node.
+    sim.passes_until(lambda: sim.slurm.job_state(pending)[0] == "RUNNING" and settled(sim), timeout=60,
+                     what="the pending job to run elsewhere", cli=False)
+    assert sim.slurm.job_state(pending)[1] == "sn02"
+    assert sim.bmc_actions("sn01") == [] and sim.serving("sn01") == {"k8s"}
+    assert sim.kube.pod("late-0")["status"]["phase"] == "Running"
+    assert sim.state("sn01").desired_role == "k8s" and running(sim, jobs)
+
+
+def test_job_started_after_the_drain_stops_the_reboot(balance_site):
+    sim = balance_site()
+    fixed_jobs = k8s_wants_a_node(sim)
+    proc, _ = sim.balance(env={CRASH_ENV: "before-power"})
+    assert proc.returncode == -9
+    st = sim.state("sn01")
+    assert (st.phase, st.desired_role) == ("rebooting", "k8s")
+    # Meanwhile an admin puts sn01 back into service and a job lands on it.
+    sim.slurm.run("scontrol", "update", "nodename=sn01", "state=resume")
+    job = sim.slurm.sbatch(nodelist="sn01")
+    sim.slurm.wait_job_running(job)
+
+    proc, report = sim.balance()
+    refused = [s for s in report["steps"] if s["node"] == "sn01" and s["action"] == "reboot-refused"]
+    assert refused and "SLURM shows jobs on it" in refused[0]["message"]
+    assert sim.state("sn01").desired_role == "slurm"
+    assert kernel_args(sim.ipxe("sn01"))["provisioner.role"] == "slurm"
+
+    sim.passes_until(lambda: settled(sim) and sim.serving("sn02") == {"k8s"}, timeout=60,
+                     what="sn01 rolled back, another node moved", cli=False)
+    assert sim.bmc_actions("sn01") == [] and sim.serving("sn01") == {"slurm"}
+    assert running(sim, [job, *fixed_jobs])
+    history = [e.message for e in sim.events(["sn01"])]
+    assert any("rolled back: the drain was lifted by someone else" in m for m in history)
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+@pytest.mark.parametrize("to,point", [
+    ("slurm", "after-cordon"), ("slurm", "before-power"), ("slurm", "after-power"),
+    ("k8s", "after-down"), ("k8s", "before-power"), ("k8s", "after-power"),
+])
+def test_kill_9_at_each_step_then_passes_finish_the_switch(balance_site, to, point):
+    if to == "slurm":
+        sim = balance_site(roles=ALL_K8S)
+        jobs, pending = slurm_wants_a_node(sim)
+
+        def goal():
+            return sim.slurm.job_state(pending)[0] == "RUNNING"
+    else:
+        sim = balance_site()
+        jobs = k8s_wants_a_node(sim)
+
+        def goal():
+            return all(p["spec"].get("nodeName") for p in sim.kube.pods() if p["metadata"]["name"].startswith("web"))
+
+    proc, _ = sim.balance(env={CRASH_ENV: point})
+    assert proc.returncode == -9, (proc.returncode, proc.stderr)
+    assert sim.state("sn01").phase != "steady"  # killed mid-switch
+
+    # The killed pass was the CLI, as cron runs it; the passes after it run the same code in
+    # this process (faster: no console-script start-up each time).
+    sim.passes_until(lambda: goal() and settled(sim), timeout=60, what=f"the switch to finish after kill -9 {point}",
+                     cli=False)
+    # The node ended on the side the demand asked for, exactly once rebooted into it (twice when
+    # the pass died after the power action and before recording it), and nothing was killed.
+    assert sim.serving("sn01") == {to} and sim.state("sn01").desired_role == to
+    assert sim.bmc_actions("sn01") == (["reset", "reset"] if point == "after-power" else ["reset"]), sim.bmc.events
+    assert running(sim, jobs)
+    if to == "k8s":
+        assert sim.kube.pod("big-0")["status"]["phase"] == "Running"
+    assert all(sim.serving(n) == {sim.state(n).desired_role} for n in sim.shared)
+
+
+# --------------------------------------------------------------------------- one pass at a time
+
+
+def test_twenty_passes_at_once_exactly_one_acts(balance_site):
+    # A long client timeout: the pass that holds the lock is held up below on purpose.
+    sim = balance_site(roles=ALL_K8S, kubernetes={"timeout_s": 90})
+    slurm_wants_a_node(sim)
+    gate = threading.Event()
+    # The pass that got the lock waits at its first Kubernetes request until every other one
+    # has exited: all 20 run at the same time, whatever the machine's speed.
+    sim.kube.hooks.append(lambda entry: gate.wait(80))
+    argv = [*provisioner_cmd(), "--config", str(sim.config), "balance", "--json"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for _ in range(20)]
+    try:
+        deadline = time.monotonic() + 60
+        while sum(p.poll() is not None for p in procs) < 19 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiting = [p for p in procs if p.poll() is None]
+        assert len(waiting) == 1, f"{len(waiting)} passes still running while one holds the lock"
+    finally:
+        gate.set()
+        outputs = [p.communicate(timeout=90) for p in procs]
+        sim.kube.hooks.clear()
+    assert [p.returncode for p in procs] == [0] * 20, [o[1] for o in outputs]
+    reports = [json.loads(out) for out, _ in outputs if out.strip()]
+    assert len(reports) == 1
+    assert [(m["node"], m["to"]) for m in reports[0]["moves"]] == [("sn01", "slurm")]
+    skipped = [err for out, err in outputs if not out.strip()]
+    assert len(skipped) == 19 and all("another balance pass is running" in e for e in skipped)
+    requested = [e for n in sim.shared for e in sim.events([n], kinds=["switch"])]
+    assert len(requested) == 1
+
+
+# --------------------------------------------------------------------------- a dead BMC
+
+
+def test_silent_bmc_fails_its_node_after_retries_and_the_others_still_move(balance_site):
+    sim = balance_site(policy={"max_retries": 1}, power={"timeout_s": 2.0, "retries": 1})
+    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
+    for i in range(2):  # two whole nodes wanted: sn01 and sn02 move at once
+        sim.kube.add_pod(f"train-{i}", namespace="ml", requests={"cpu": "1", "memory": "128Mi"})
+    sim.kube.schedule()
+    sim.bmc.set_fault("sn01", "silent")
+
+    sim.passes_until(lambda: sim.state("sn01").phase == "failed" and sim.serving("sn02") == {"k8s"}, timeout=60,
+                     what="sn01 failed and sn02 in Kubernetes", cli=False)
+    st = sim.state("sn01")
+    assert "power action failed 2 times" in st.failed_reason and "did not answer within 2s (2 attempts)" in st.failed_reason
+    retries = [e.message for e in sim.events(["sn01"], kinds=["retry"])]
+    assert len(retries) == 1  # max_retries=1: one retry, then failed
+    # Visible to the admin, not silently stranded.
+    listing = sim.cli("nodes", "sn01").stdout
+    assert "failed (power action failed 2 times" in listing
+    view = sim.slurm_view("sn01")
+    assert view.down and view.reason == "k8s_connect" and sim.serving("sn01") == set()
+
+    # A failed node is left out of further moves...
+    before = len(sim.events(["sn01"]))
+    sim.balance()
+    assert [e.kind for e in sim.events(["sn01"])[before:]] == []
+    # ...until the admin fixes the BMC and says where it goes.
+    sim.bmc.set_fault("sn01", None)
+    assert sim.cli("role", "sn01", "slurm", "--reason", "BMC replaced", "--now").returncode == 0
+    sim.passes_until(lambda: sim.state("sn01").phase == "steady" and sim.serving("sn01") == {"slurm"},
+                     timeout=40, what="sn01 back in SLURM", cli=False)

@@ -1,0 +1,23 @@
+"""Pure checks of balancer details that the integration tests (test_balance_switch/safety) rely on."""
+
+from provisioner.config import Policy
+from provisioner.policy import PendingPod, SharedNode, Snapshot, decide
+from tests.simnodes import kernel_args
+
+
+def test_demand_persist_zero_moves_on_first_sight():
+    # demand_persist_s: 0 switches persistence off: the first pass that sees demand acts on it.
+    policy = Policy(demand_persist_s=0, cooldown_s=0)
+    node = SharedNode("sn01", "slurm", cpus=4, k8s_labels=(("sched", "k8s"),))
+    snap = Snapshot(now=1000.0, policy=policy, nodes=(node,), pods=(PendingPod("ml", "p0", cpu_m=500),),
+                    demand_since={"slurm": None, "k8s": None})
+    assert [(m.node, m.to_role) for m in decide(snap).moves] == [("sn01", "k8s")]
+
+
+def test_kernel_args_of_a_node_script_and_of_the_unknown_node_script():
+    script = ("#!ipxe\nimgfree\nkernel --name kernel http://b/images/k8s/vmlinuz console=ttyS0 provisioner.node=sn01 "
+              "provisioner.role=k8s provisioner.callback=http://b/api/v1/nodes/sn01/booted provisioner.token=t0k || goto failed\n")
+    args = kernel_args(script)
+    assert args["provisioner.role"] == "k8s" and args["provisioner.token"] == "t0k"
+    assert args["provisioner.callback"] == "http://b/api/v1/nodes/sn01/booted"
+    assert kernel_args("#!ipxe\necho provisioner: unknown MAC\nsleep 10\n") == {}
