@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,35 +162,37 @@ def cmd_role(ctx: Context) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def _print_report(report) -> None:
+def _print_report(report, stamp: str = "") -> None:
     for e in report.errors:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{stamp}error: {e}", file=sys.stderr)
     for s in report.steps:
-        print(f"{s.node}: {s.action}: {s.message}" + ("" if s.ok else " [FAILED]"))
+        print(f"{stamp}{s.node}: {s.action}: {s.message}" + ("" if s.ok else " [FAILED]"))
     for m in report.moves:
-        print(f"move {m.node} -> {m.to_role}: {m.reason}")
+        print(f"{stamp}move {m.node} -> {m.to_role}: {m.reason}")
     for n in report.notes:
-        print(f"note: {n}")
+        print(f"{stamp}note: {n}")
 
 
 def cmd_balance(ctx: Context) -> int:
     from provisioner.reconcile import PassLocked, pass_lock
 
+    # cron appends every pass to one log: each text line starts with the time of the pass.
+    stamp = "" if ctx.args.json else iso(time.time())[:19] + " "
     try:
         with pass_lock(ctx.site):
             report = _reconciler(ctx).run_pass(dry_run=ctx.args.dry_run)
     except PassLocked as exc:
         # cron starts a pass every minute; one still running is normal, not an error.
-        print(f"provisioner: {exc}; exiting", file=sys.stderr)
+        print(f"{stamp}provisioner: {exc}; exiting", file=sys.stderr)
         return EXIT_OK
     if ctx.args.json:
         emit_json(report.as_dict())
     else:
         if ctx.args.dry_run:
-            print("dry run: nothing changed")
-        _print_report(report)
+            print(f"{stamp}dry run: nothing changed")
+        _print_report(report, stamp)
         if not (report.steps or report.moves or report.notes or report.errors):
-            print("nothing to do")
+            print(f"{stamp}nothing to do")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
