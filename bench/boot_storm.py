@@ -8,8 +8,11 @@ ceiling: the same bytes with no lookup and no rendering.
 
 Before the load, a sample of MACs is fetched from both and compared byte for byte with the
 pre-rendered scripts; after it, a check run makes wrk compare every response body with the
-10,000 expected scripts, and a role change in the store must show on the very next request.
+10,000 expected scripts, and a role change in the store and a template edit must show on the
+very next request. Each timed run also records the CPU time of the server, of wrk and of every
+other process (the machine may be shared), and the server's CPU time per request.
 Everything runs on 127.0.0.1 in a temporary folder and is stopped by pid at the end.
+`--storm-candidates granian` adds the same app under another WSGI server, for comparison.
 """
 
 from __future__ import annotations
