@@ -123,3 +123,25 @@ def test_images_range_and_conditional(client):
 def test_healthz(client):
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json["ok"] is True
+
+
+def test_template_edit_shows_on_the_next_request(tmp_path):
+    """The render cache must never serve a script from a template the admin has since edited."""
+    import shutil
+    import time
+
+    from tests.fixtures.site import ROOT, write_site
+
+    templates = tmp_path / "tpl"
+    shutil.copytree(ROOT / "pxe-templates", templates)
+    site = config.load(write_site(tmp_path / "s", site={"templates": str(templates)}))
+    client = create_app(site).test_client()
+    first = client.get(f"/ipxe?mac={mac(1, 3)}").text
+    assert first == client.get(f"/ipxe?mac={mac(1, 3)}").text  # cached: identical
+    base = templates / "_linux.ipxe.j2"
+    base.write_text(base.read_text().replace("imgfree", "imgfree\necho site-specific step"))
+    later = time.time() + 2
+    import os
+    os.utime(base, (later, later))  # a different mtime even on coarse-grained file systems
+    second = client.get(f"/ipxe?mac={mac(1, 3)}").text
+    assert "echo site-specific step" in second and "echo site-specific step" not in first
