@@ -215,6 +215,7 @@ class SimSite:
         initial role), powered on, unpinned, no fault, empty BMC history, store rows fresh."""
         from provisioner.store import STEADY
 
+        start = time.monotonic()
         self.wait_idle()
         roles = {**self.initial_roles, **(roles or {})}
         self.config = self.write_config(policy, power, kubernetes)
@@ -256,6 +257,7 @@ class SimSite:
         self.bmc.events.clear()
         last = self.store.events(limit=1)
         self.first_event = last[-1].id + 1 if last else 0
+        self._trace(start, roles, "reset: ")
 
     def wait_idle(self, timeout: float = 20) -> None:
         """Wait for the boots in progress to finish (so a test starts from a still world)."""
@@ -372,7 +374,7 @@ class SimSite:
             report = json.loads(proc.stdout) if proc.stdout.strip() else None
         except ValueError:
             report = None
-        self._trace(start, [(s["node"], s["action"]) for s in report["steps"]] if report else proc.returncode)
+        self._trace(start, [(s["node"], s["action"]) for s in report["steps"]] if report else proc.returncode, "pass ")
         return proc, report
 
     def pass_in_process(self) -> dict:
@@ -391,7 +393,7 @@ class SimSite:
         finally:
             if rec._kube is not None:
                 rec._kube.close()
-        self._trace(start, [(s["node"], s["action"]) for s in report["steps"]], "in-process ")
+        self._trace(start, [(s["node"], s["action"]) for s in report["steps"]], "in-process pass ")
         return report
 
     def passes_until(self, done: Callable[[], Any], timeout: float = 60, what: str = "the goal",
@@ -421,7 +423,7 @@ class SimSite:
     @staticmethod
     def _trace(start: float, what: Any, how: str = "") -> None:
         if os.environ.get("SIMNODES_TRACE"):  # a time line of the passes, for slow or failing tests
-            print(f"{time.strftime('%H:%M:%S')} {how}pass ({time.monotonic() - start:.1f} s): {what}", file=sys.stderr)
+            print(f"{time.strftime('%H:%M:%S')} {how}({time.monotonic() - start:.1f} s): {what}", file=sys.stderr)
 
     # ----------------------------------------------------------------------- looking
 

@@ -96,7 +96,7 @@ def test_role_now_switches_through_the_state_machine_and_the_boot_script_follows
     assert "sn01: booting: power ipmi boot with one-time network boot" in proc.stdout
     assert sim.state("sn01").pinned and sim.state("sn01").desired_role == "k8s"
 
-    sim.passes_until(lambda: sim.state("sn01").phase == "steady", timeout=40, what="sn01 to finish")
+    sim.passes_until(lambda: sim.state("sn01").phase == "steady", timeout=40, what="sn01 to finish", cli=False)
     assert sim.serving("sn01") == {"k8s"}
     after = sim.ipxe("sn01")
     args = kernel_args(after)
@@ -125,7 +125,7 @@ def test_role_now_switches_through_the_state_machine_and_the_boot_script_follows
         assert sim.in_slurm("sn01"), f"sn01 reported switched but SLURM does not serve it: {sim.slurm_view('sn01')}"
         return True
 
-    sim.passes_until(done, timeout=40, what="sn01 back in SLURM")
+    sim.passes_until(done, timeout=40, what="sn01 back in SLURM", cli=False)
     assert kernel_args(sim.ipxe("sn01"))["provisioner.role"] == "slurm"
 
 
