@@ -25,7 +25,9 @@ Safety rules kept here:
   a pod; if it does, no power action, and the node goes back to the step before;
 - drains and cordons that provisioner did not set are never lifted (the adapters refuse too);
 - a balancer move that cannot get its node free within policy.phase_timeout_s is rolled back
-  (resume / uncordon); an admin-forced one waits, and fails visibly after the timeout;
+  (resume / uncordon); an admin-forced one waits for running jobs to end however long they
+  take (a note in each pass after the timeout), and fails visibly when pods cannot be evicted
+  within the timeout (a PodDisruptionBudget);
 - a node that does not come back after a reboot is rebooted again, at most policy.max_retries
   times, then marked `failed` with the reason and left out of further moves.
 """

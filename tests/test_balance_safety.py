@@ -108,6 +108,29 @@ def test_job_started_after_the_drain_stops_the_reboot(balance_site):
     assert any("rolled back: the drain was lifted by someone else" in m for m in history)
 
 
+def test_admin_forced_switches_wait_for_jobs_and_evict_pods_never_kill(balance_site):
+    sim = balance_site(roles={"sn02": "k8s"})
+    job = sim.slurm.sbatch(nodelist="sn01")
+    sim.slurm.wait_job_running(job)
+    sim.kube.add_pod("api-0", node="sn02")  # a ReplicaSet's pod: evicted, it comes back Pending
+
+    for name, role in (("sn01", "k8s"), ("sn02", "slurm")):
+        proc = sim.cli("role", name, role, "--reason", "maintenance", "--now")
+        assert proc.returncode == 0, proc.stderr
+    # sn01 drains and waits for its job; sn02's pod was evicted through the Eviction API.
+    for _ in range(2):
+        sim.pass_in_process()
+    assert sim.state("sn01").phase == "draining" and sim.slurm.job_state(job)[0] == "RUNNING"
+    assert sim.bmc_actions("sn01") == []
+    assert sim.kube.pod("api-0") is None
+    assert any(p["metadata"]["name"].startswith("api-") and not p["spec"].get("nodeName") for p in sim.kube.pods())
+
+    sim.slurm.run("scancel", job)  # the job ends on its own terms: now sn01 may go
+    sim.passes_until(lambda: settled(sim) and sim.serving("sn01") == {"k8s"} and sim.serving("sn02") == {"slurm"},
+                     timeout=60, what="both forced switches", cli=False, schedule=False)
+    assert sim.bmc_actions("sn01") == sim.bmc_actions("sn02") == ["reset"]
+
+
 # --------------------------------------------------------------------------- crashes
 
 
