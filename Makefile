@@ -6,6 +6,7 @@ PIP    := $(VENV)/bin/pip
 CONFIG ?= examples/site.yaml
 LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: all venv system-deps demo test test-fast bench check clean
 
@@ -22,11 +23,12 @@ venv: $(VENV)/.installed
 system-deps:
 	./scripts/install-system-deps.sh
 
-# Runs the main job on the embedded default: the boot endpoint serving examples/site.yaml,
-# state in SQLite (var/provisioner.db).
-demo: venv
-	$(VENV)/bin/provisioner --config $(CONFIG) check
-	$(VENV)/bin/provisioner --config $(CONFIG) serve --listen $(LISTEN)
+# The whole thing on one machine (scripts/demo.py): a real SLURM cluster, the Kubernetes test API
+# server, BMC simulators, the boot server and two qemu VMs that network-boot from it; the balancer
+# runs every few seconds and moves a VM between the slurm and the k8s image when work is pending.
+# Interactive (Ctrl-C stops everything); scripted: make demo DEMO_ARGS='--duration 180'.
+demo: system-deps venv
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 # Installs everything it needs (Debian packages, the venv) and runs the whole suite.
 test: system-deps venv

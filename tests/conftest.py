@@ -22,4 +22,5 @@ pytest_plugins = [
     "tests.fixtures.slurm_cluster",
     "tests.fixtures.balance",
     "tests.tinyimage",
+    "tests.fixtures.vms",
 ]

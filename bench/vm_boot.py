@@ -1,0 +1,259 @@
+"""A real VM's boot vs a whole switch, in the same run: qemu (TCG unless KVM works) network-boots
+the tiny image through iPXE from `provisioner serve`, powered through a BMC simulator over IPMI
+(tests/fixtures/vms.py: VmSite, with the real SLURM cluster and the Kubernetes test API server).
+
+Per round, on the shared VM sn01:
+- raw boot: IPMI one-time network boot + reset (provisioner.power.run_action) -> the boot
+  callback recorded by the server; the console, polled every 0.1 s, splits it into phases;
+- switch to slurm: cn01 is busy, a job is submitted (Pending, Resources) -> it RUNS on sn01,
+  which the balancer had to move from Kubernetes: detect, cordon, IPMI, boot, slurmd joins, resume;
+- switch to k8s: kn01 is full, a pod is submitted (Unschedulable) -> it is bound to sn01.
+The balancer runs back to back as `provisioner balance` processes (as cron runs it, without the
+minute in between: --vm-pass-interval), policy demand_persist_s=0, cooldown_s=0; the Kubernetes
+scheduler runs every 0.25 s. Each switch's phases come from the store's events.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from provisioner import config, images
+from provisioner.power import run_action
+
+TITLE = "VM boot: raw IPMI boot -> callback vs pending work -> running on the switched VM"
+TARGET_OVERHEAD_S = 15.0
+
+# Console markers of a boot, in order (first appearance after the power action).
+CONSOLE_MARKS = [
+    ("ipxe", r"iPXE initialising devices"),          # firmware done, the NIC's ROM runs
+    ("script", r"provisioner: sn01 -> "),             # DHCP done, stage 1 + the node's script fetched
+    ("files", r"initramfs\.img\.\.\. ok"),            # kernel + initramfs downloaded
+    ("kernel", r"Linux version"),                     # the kernel runs
+    ("init", r"PROVISIONER-BOOTED"),                  # /init: drivers, DHCP, overlay applied
+    ("callback", r"PROVISIONER-CALLBACK-OK"),         # the callback was accepted
+]
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--vm-rounds", type=int, default=3, metavar="R",
+                       help="rounds of raw boot + switch to slurm + switch to k8s (default 3)")
+    group.add_argument("--vm-pass-interval", type=float, default=1.0, metavar="S",
+                       help="seconds between the end of a balancer pass and the next (default 1; cron: 60)")
+    group.add_argument("--vm-keep", action="store_true", help="keep the working folder (consoles, logs, store)")
+
+
+class Console:
+    """Polls a VM's console after byte `since` and timestamps the first sight of each marker."""
+
+    def __init__(self, vm, since: int):
+        import re
+
+        self.vm, self.since = vm, since
+        self.marks = [(name, re.compile(rx)) for name, rx in CONSOLE_MARKS]
+        self.seen: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set() and len(self.seen) < len(self.marks):
+            text, now = self.vm.serial_text(self.since), time.time()
+            for name, rx in self.marks:
+                if name not in self.seen and rx.search(text):
+                    self.seen[name] = now
+            self.stop.wait(0.1)
+
+    def done(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join(5)
+        return dict(self.seen)
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Bench:
+    def __init__(self, sim, pass_interval: float):
+        self.sim, self.pass_interval = sim, pass_interval
+        self.site = config.load(sim.config)
+        self.pass_seconds: list[float] = []
+
+    def raw_boot(self) -> dict:
+        sim, vm = self.sim, self.sim.vm("sn01")
+        role = sim.state("sn01").desired_role
+        n = len(sim.boots)
+        console = Console(vm, vm.serial_mark())
+        t0 = time.time()
+        result = run_action(self.site, [self.site.nodes["sn01"]], "boot", netboot=True)[0]
+        if not result.ok:
+            raise RuntimeError(f"IPMI boot of sn01 failed: {result.error}")
+        _wait(lambda: len(sim.boots) > n and (sim.boots[-1].get("joined") or sim.boots[-1].get("error")),
+              sim.boot_timeout + 10, "sn01 to boot")
+        record = sim.boots[-1]
+        if not record.get("ok"):
+            raise RuntimeError(f"sn01 did not boot: {record.get('error')}")
+        state = sim.state("sn01")
+        marks = console.done()
+        return {"role": role, "seconds": state.booted_at - t0, "ipmi_s": record["started"] - t0,
+                "console": {k: v - t0 for k, v in marks.items()}}
+
+    def switch(self, to: str, submit, done) -> dict:
+        """submit() creates the pending work; done() is true once it runs on sn01."""
+        sim = self.sim
+        first_event = (sim.store.events(limit=1) or [None])[-1]
+        after = first_event.id if first_event else 0
+        n = len(sim.boots)
+        vm = sim.vm("sn01")
+        console = Console(vm, vm.serial_mark())
+        reached: dict[str, float] = {}
+        stop = threading.Event()
+
+        def watch():  # the scheduler's reaction and the goal, at 0.25 s resolution
+            while not stop.is_set():
+                sim.kube.schedule()
+                if "running" not in reached and done():
+                    reached["running"] = time.time()
+                stop.wait(0.25)
+
+        t0 = time.time()
+        submit()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            deadline = time.monotonic() + 300
+            while "running" not in reached or sim.state("sn01").phase != "steady":
+                started = time.monotonic()
+                proc, report = sim.balance()
+                self.pass_seconds.append(time.monotonic() - started)
+                if report is None:
+                    raise RuntimeError(f"balance failed: {proc.stderr[-500:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"switch to {to} not done in 300 s: {sim.states()}")
+                time.sleep(self.pass_interval)
+        finally:
+            stop.set()
+            watcher.join(5)
+        marks = console.done()
+        events = [e for e in sim.store.events(["sn01"]) if e.id > after]
+
+        def first(pred) -> float | None:
+            return next((e.ts for e in events if pred(e)), None)
+
+        boot = next((b for b in sim.boots[n:] if b.get("ok")), None)
+        t = {
+            "requested": first(lambda e: e.kind == "switch"),
+            "power": boot["started"] if boot else None,  # the BMC got the reset
+            "callback": first(lambda e: e.kind == "booted"),
+            "joined": boot.get("joined") if boot else None,  # slurmd started / kubelet Ready
+            "switched": first(lambda e: e.kind == "switched"),
+            "running": reached["running"],
+        }
+        if None in t.values():
+            raise RuntimeError(f"switch to {to}: missing timestamps {t}; events: {[e.message for e in events]}")
+        return {"to": to, "seconds": t["running"] - t0, "at": {k: v - t0 for k, v in t.items()},
+                "console": {k: v - t0 for k, v in marks.items()}}
+
+
+def run(args) -> dict:
+    from tests.fixtures.vms import VmSite
+    from tests.tinyimage import CACHE, DEFINITIONS
+    from tests.vm import accelerator
+
+    rounds = getattr(args, "vm_rounds", 3)
+    interval = getattr(args, "vm_pass_interval", 1.0)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-vm-"))
+    built = images.build(DEFINITIONS, workdir / "images", "tiny", cache=CACHE, actor="bench")
+    sim = VmSite(workdir / "site", workdir / "images", shared="sn01", roles={"sn01": "k8s"},
+                 policy={"demand_persist_s": 0, "cooldown_s": 0})
+    out: dict = {"rounds": rounds, "pass_interval_s": interval, "accel": accelerator(), "image": built.version,
+                 "raw": [], "to_slurm": [], "to_k8s": [], "workdir": str(workdir)}
+    try:
+        sim.start()
+        bench = Bench(sim, interval)
+        sim.fill_fixed()  # cn01 busy for the whole run: SLURM work needs a shared node
+        sim.kube.add_pod("fill-kn01", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
+        for r in range(rounds):
+            out["raw"].append(bench.raw_boot())
+            job: dict = {}
+
+            def submit_job():
+                job["id"] = sim.slurm.sbatch("--job-name=bench")
+
+            out["to_slurm"].append(bench.switch("slurm", submit_job,
+                                                lambda: sim.slurm.job_state(job["id"]) == ("RUNNING", "sn01")))
+            sim.slurm.run("scancel", job["id"])
+            _wait(lambda: not sim.slurm.job_state(job["id"])[0], 30, "the job to end")
+            pod = f"bench-{r}"
+            out["to_k8s"].append(bench.switch(
+                "k8s", lambda: sim.kube.add_pod(pod, namespace="bench", requests={"cpu": "1", "memory": "128Mi"}),
+                lambda: any(p["metadata"]["name"] == pod and p["spec"].get("nodeName") == "sn01"
+                            for p in sim.kube.pods())))
+            sim.kube.set_pod_phase("bench", pod, "Succeeded")
+        out["pass_s_median"] = statistics.median(bench.pass_seconds)
+        out["violations"] = list(sim.violations)
+    finally:
+        sim.stop()
+        if not getattr(args, "vm_keep", False):
+            shutil.rmtree(workdir, ignore_errors=True)
+    raw = statistics.median(x["seconds"] for x in out["raw"])
+    out["raw_median_s"] = raw
+    for key in ("to_slurm", "to_k8s"):
+        out[f"{key}_median_s"] = statistics.median(x["seconds"] for x in out[key])
+        out[f"{key}_overhead_s"] = out[f"{key}_median_s"] - raw
+    out["met"] = all(out[f"{k}_overhead_s"] <= TARGET_OVERHEAD_S for k in ("to_slurm", "to_k8s"))
+    return out
+
+
+def _stats(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def summary(result: dict) -> str:
+    raw = [x["seconds"] for x in result["raw"]]
+    lines = [f"{result['rounds']} rounds, qemu {result['accel'].upper()}, balancer passes back to back "
+             f"({result['pass_interval_s']:g} s apart; one pass takes {result['pass_s_median']:.1f} s)", "",
+             "| measured | median s (min-max) | overhead over the raw boot |", "| --- | ---: | ---: |",
+             f"| raw boot: IPMI boot -> callback | {_stats(raw)} | |"]
+    for key, what in (("to_slurm", "switch k8s -> slurm: job submitted -> running on the VM"),
+                      ("to_k8s", "switch slurm -> k8s: pod submitted -> running on the VM")):
+        lines.append(f"| {what} | {_stats([x['seconds'] for x in result[key]])} | "
+                     f"{result[f'{key}_overhead_s']:+.1f} s |")
+    lines += ["", "Where the time goes (median s since the power action for the raw boot; since the work was "
+                  "submitted for the switches):", "",
+              "| phase | raw boot | to slurm | to k8s |", "| --- | ---: | ---: | ---: |"]
+
+    def med(rows, path) -> str:
+        vals = [r[path[0]].get(path[1]) for r in rows]
+        vals = [v for v in vals if v is not None]
+        return f"{statistics.median(vals):.1f}" if vals else "-"
+
+    rows = [("balancer requested the switch", ("at", "requested")),
+            ("BMC got the reset (cordon/drain + IPMI done)", ("at", "power"))]
+    rows += [(f"console: {name}", ("console", name)) for name, _ in CONSOLE_MARKS]
+    rows += [("callback recorded by the server", ("at", "callback")),
+             ("slurmd started / kubelet Ready", ("at", "joined")),
+             ("balancer: switch done (resumed / uncordoned)", ("at", "switched")),
+             ("the work runs on the VM", ("at", "running"))]
+    for label, path in rows:
+        raw_v = med(result["raw"], path) if path[0] == "console" else "-"
+        lines.append(f"| {label} | {raw_v} | {med(result['to_slurm'], path)} | {med(result['to_k8s'], path)} |")
+    lines.append("")
+    lines.append(f"- target: switch overhead <= {TARGET_OVERHEAD_S:g} s over the raw boot: "
+                 f"{'met' if result['met'] else 'MISSED'} (to slurm {result['to_slurm_overhead_s']:+.1f} s, "
+                 f"to k8s {result['to_k8s_overhead_s']:+.1f} s)")
+    if result.get("violations"):
+        lines.append(f"- WARNING: nodes rebooted while they ran work: {result['violations']}")
+    return "\n".join(lines)
