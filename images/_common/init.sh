@@ -92,6 +92,9 @@ if [ -n "$ROOTFS" ]; then
     apply_overlay /newroot
     rm -rf /provisioner/overlay
     [ -s /etc/resolv.conf ] && cp /etc/resolv.conf /newroot/etc/resolv.conf
+    # Hand the NIC over as the kernel found it: udev in the root can only rename an interface
+    # that is down, and systemd-networkd waits forever for one udev could not set up.
+    [ -n "$IFACE" ] && { ip addr flush dev "$IFACE"; ip link set "$IFACE" down; }
     say "node=$NODE role=$ROLE version=$VERSION overlay=$OVERLAY: starting the image's init"
     for m in dev proc sys; do mount --move "/$m" "/newroot/$m"; done
     exec switch_root /newroot /sbin/init
