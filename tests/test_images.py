@@ -131,6 +131,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.integration  # builds (and, the first time, downloads) the tiny image
 def test_tiny_manifest_matches_the_files(tiny_image):
     m = tiny_image.manifest
     assert m["image"] == "tiny" and m["version"] == tiny_image.version and m["builder"] == "initramfs"
@@ -153,6 +154,7 @@ def _cpio(args: list[str], data: bytes, cwd: Path | None = None) -> str:
     return res.stdout.decode()
 
 
+@pytest.mark.integration  # builds (and, the first time, downloads) the tiny image
 def test_tiny_initramfs_contents(tiny_image, tmp_path):
     """Listed and unpacked by Debian's cpio, an independent reader of the newc format."""
     data = gzip.decompress(tiny_image.initramfs.read_bytes())
@@ -231,6 +233,7 @@ def _script_version(config: Path, node: str) -> str:
     return re.search(r"provisioner\.version=(\S+)", text).group(1)
 
 
+@pytest.mark.integration  # builds (and, the first time, downloads) the tiny image
 def test_versions_list_publish_pin_remove(tiny_image, tmp_path):
     root = clone_root(tiny_image, tmp_path)
     config = tiny_site(tmp_path / "site", root)
@@ -285,6 +288,7 @@ def test_versions_list_publish_pin_remove(tiny_image, tmp_path):
     assert "regression on sn01" in next(e["message"] for e in events if e["kind"] == "image-pin")
 
 
+@pytest.mark.integration  # builds (and, the first time, downloads) the tiny image
 def test_k8s_build_through_the_cli(tiny_image, tmp_path):
     config = tiny_site(tmp_path / "site", clone_root(tiny_image, tmp_path))
     r = cli(config, "image", "build", "k8s")

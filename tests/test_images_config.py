@@ -77,6 +77,7 @@ def test_overlay_key_in_both_sections(tmp_path):
 # --------------------------------------------------------------------------- resolving per request
 
 
+@pytest.mark.integration  # builds (and, the first time, downloads) the tiny image
 def test_renderer_follows_current_and_pins(tiny_image, tmp_path):
     root = clone_root(tiny_image, tmp_path)
     site = config.load(tiny_site(tmp_path / "site", root, images={"slurm": {"image": "tiny", "cmdline": "quiet"},
@@ -106,6 +107,7 @@ def test_renderer_follows_current_and_pins(tiny_image, tmp_path):
     assert ctx["image"]["kernel_url"].endswith(f"/images/tiny/{v2}/vmlinuz") and ctx["image"]["overlay_url"]
 
 
+@pytest.mark.integration  # builds (and, the first time, downloads) the tiny image
 def test_boot_endpoint_applies_a_nodes_pin(tiny_image, tmp_path):
     root = clone_root(tiny_image, tmp_path)
     site = config.load(tiny_site(tmp_path / "site", root))

@@ -301,6 +301,7 @@ def test_secrets_never_in_events_or_the_server_log(overlay_server):
         assert s not in text, s
 
 
+@pytest.mark.integration  # builds (and, the first time, downloads) the tiny image
 def test_an_overlay_that_cannot_be_built_is_refused_with_the_reason(tiny_image, tmp_path):
     """Through the Flask app: the tiny image's overlay needs nothing from the site, so give it a
     template that needs a value the site does not set."""
