@@ -67,10 +67,20 @@ def emit_table(headers: list[str], rows: list[list]) -> None:
 
 
 def cmd_check(ctx: Context) -> int:
+    from provisioner.images import Resolver
+
     site = ctx.site
     shared = sum(1 for n in site.nodes.values() if n.shared)
+    resolver = Resolver(site.image_root)
+
+    def version(image) -> str:
+        if image.name is None:
+            return f"{image.version}"
+        current = resolver.current(image.name)
+        return f"{image.name} {current}" if current else f"{image.name} (NOT BUILT: run `provisioner image build {image.name}`)"
+
     print(f"{site.path}: ok: {len(site.nodes)} nodes ({shared} shared), "
-          f"images {', '.join(f'{r} {i.version}' for r, i in site.images.items())}")
+          f"images: {', '.join(f'{r} -> {version(i)}' for r, i in site.images.items())}")
     return EXIT_OK
 
 

@@ -46,6 +46,8 @@ def serve(site: Site, listen: str | None = None, workers: int | None = None, thr
         "timeout": 60,
         "graceful_timeout": 10,
         "accesslog": "-" if access_log else None,
+        # The path without the query string: /overlay/ and callback URLs carry per-node tokens.
+        "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"',
         "errorlog": "-",
         "loglevel": "info",
         "proc_name": "provisioner-boot",
