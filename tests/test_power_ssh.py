@@ -224,3 +224,17 @@ def test_status_and_on_use_the_bmc_even_for_ssh_methods(tmp_path, sshd, bmcs):
     site = ssh_site(tmp_path / "nobmc", sshd, "ssh", no_bmc=True)
     [res] = run_action(site, [site.nodes["sn01"]], "status")
     assert not res.ok and res.error_kind == "config" and "has no BMC" in res.error
+
+
+def test_kexec_into_a_built_image_brings_the_node_overlay(tmp_path, tiny_image):
+    """iPXE loads the overlay with ${netX/mac}; over SSH the node's own MAC stands in."""
+    from tests.tinyimage import clone_root, tiny_site
+
+    from provisioner import config
+
+    site = config.load(tiny_site(tmp_path / "site", clone_root(tiny_image, tmp_path / "root")))
+    node = site.nodes["sn01"]
+    argv = kexec_argv(site, node, "k8s", b"x" * 32)
+    overlay = [a for a in argv[6:] if "/overlay/" in a]
+    assert len(overlay) == 1 and "${" not in overlay[0]
+    assert overlay[0].startswith(f"{site.boot_url}/overlay/sn01.cpio.gz?") and f"mac={node.macs[0]}" in overlay[0]

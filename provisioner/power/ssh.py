@@ -60,8 +60,11 @@ def kexec_argv(site: Site, node: Node, role: str, secret: bytes) -> list[str]:
 
     image = site.images[role]
     ctx = Renderer(site, secret).context(node, role, image, None)
-    return ["sh", "-c", KEXEC_SCRIPT, "provisioner-kexec", ctx["image"]["kernel_url"], ctx["kernel_args"],
-            *ctx["image"]["initrd_urls"]]
+    initrds = list(ctx["image"]["initrd_urls"])
+    if ctx["image"].get("overlay_url"):
+        # iPXE fills in ${netX/mac}; over SSH the node is known, so its first MAC stands in.
+        initrds.append(ctx["image"]["overlay_url"].replace("${netX/mac}", node.macs[0]))
+    return ["sh", "-c", KEXEC_SCRIPT, "provisioner-kexec", ctx["image"]["kernel_url"], ctx["kernel_args"], *initrds]
 
 
 def kexec(site: Site, node: Node, role: str, secret: bytes) -> SshOutcome:
