@@ -111,8 +111,8 @@ class VM:
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-netdev", f"user,id=n0,bootfile={self.boot_url}",
             "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
-            # no disk: a diskless node; "n" also after a reset (the BMC's one-time device is used
-            # by the firmware each boot; here the network is the only device anyway)
+            # No disk: a diskless node. "n" stays in force across resets; without it the firmware
+            # tries the (absent) disk and CD-ROM first and then still reaches the NIC's iPXE ROM.
             "-boot", "n" if netboot else "order=cn",
         ]
 
