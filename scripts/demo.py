@@ -114,6 +114,8 @@ class Demo:
             "  provisioner history sn01                # the audit log",
             f"  tail -f {sim.workdir}/vms/sn01.serial.log   # sn01's console",
             "Or type here: `pods N` (N one-CPU pods), `jobs N` (N jobs), `finish` (end all work), `quit`.",
+            "Every node has 1 CPU: `jobs 3` fills cn01 and sn01 and leaves one job waiting, so the balancer",
+            "moves sn02 to SLURM; then `finish` and `pods 3` make Kubernetes want a node back.",
             "Ctrl-C stops everything.",
             "",
         ])
