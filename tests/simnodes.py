@@ -299,23 +299,34 @@ class SimSite:
     def _current(self, node: SimNode, gen: int) -> bool:
         return node.generation == gen
 
-    def _power_off(self, node: SimNode, gen: int, event: dict) -> None:
+    def _leave(self, node: SimNode) -> None:
+        """The node's OS is gone (power off, reset): its daemons stop answering at once."""
         with node.lock:
             node.role = None
         self.slurm.stop_slurmd(node.name)
         if self.kube.node(node.name):
             self.kube.set_node_ready(node.name, False)
 
+    def _join(self, node: SimNode, role: str) -> None:
+        """What the booted image's daemons do: slurmd registers, or the kubelet reports Ready
+        (registering the Node when Kubernetes has none)."""
+        if role == "slurm":
+            self.slurm.start_slurmd(node.name, wait=False)
+        elif self.kube.node(node.name) is None:
+            self.kube.add_node(node.name, cpu=NODE_CPU, memory=NODE_MEMORY, ip=node.ip)
+        else:
+            self.kube.set_node_ready(node.name, True)
+        with node.lock:
+            node.role = role
+
+    def _power_off(self, node: SimNode, gen: int, event: dict) -> None:
+        self._leave(node)
+
     def _boot(self, node: SimNode, gen: int, event: dict) -> None:
         record: dict[str, Any] = {"node": node.name, "how": event["action"], "bootdev": event["boot"].get("bootdev"),
                                   "started": time.time(), "ok": False}
         self.boots.append(record)
-        with node.lock:
-            node.role = None
-        # The old OS is gone at once: its daemons stop answering.
-        self.slurm.stop_slurmd(node.name)
-        if self.kube.node(node.name):
-            self.kube.set_node_ready(node.name, False)
+        self._leave(node)
         try:
             time.sleep(self.boot_delay)
             if not self._current(node, gen):
@@ -338,14 +349,7 @@ class SimSite:
             time.sleep(self.join_delay)
             if not self._current(node, gen):
                 return
-            if role == "slurm":
-                self.slurm.start_slurmd(node.name, wait=False)
-            elif self.kube.node(node.name) is None:  # the kubelet registers the node
-                self.kube.add_node(node.name, cpu=NODE_CPU, memory=NODE_MEMORY, ip=node.ip)
-            else:
-                self.kube.set_node_ready(node.name, True)
-            with node.lock:
-                node.role = role
+            self._join(node, role)
             record["joined"] = time.time()
         except Exception as exc:  # recorded for the test to see; a boot that fails leaves the node down
             record["error"] = f"{type(exc).__name__}: {exc}"
