@@ -139,8 +139,9 @@ class SimSite:
         try:
             # The main scheduling loop every 2 s (default 60): a pending job starts on a node that
             # just joined within seconds, as the paper's loop expects, instead of a minute later.
+            in_slurm = [n for n, r in self.initial_roles.items() if r == "slurm"]
             self.slurm = SlurmCluster(self.workdir / "slurm", nodes=[*self.fixed, *self.shared],
-                                      started=[*self.fixed, *[n for n, r in self.initial_roles.items() if r == "slurm"]],
+                                      started=[*self.fixed, *in_slurm],
                                       extra_conf="SchedulerParameters=batch_sched_delay=0,sched_interval=2")
             self.slurm.start()
             self.kube = KubeApiServer(folder=self.workdir / "kube").start()
@@ -444,7 +445,8 @@ class SimSite:
         return self.store.get(name)
 
     def states(self) -> dict[str, tuple]:
-        return {n: (s.phase, s.desired_role, s.target_role, s.failed_reason) for n, s in self.store.nodes(self.shared).items()}
+        return {n: (s.phase, s.desired_role, s.target_role, s.failed_reason)
+                for n, s in self.store.nodes(self.shared).items()}
 
     def ipxe(self, name: str) -> str:
         with urllib.request.urlopen(f"{self.boot.url}/ipxe?mac={urllib.parse.quote(self.nodes[name].mac)}",

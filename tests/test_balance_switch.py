@@ -71,7 +71,8 @@ def test_reverse_unschedulable_pods_get_an_idle_slurm_node(balance_site):
     assert bound() == {"sn01"}  # 3 x 100m fit on one node: one node moved
     moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
     assert moves == [("sn01", "k8s")]
-    assert "3 pods Pending (Unschedulable) in namespace ml" in reports[[bool(r["moves"]) for r in reports].index(True)]["moves"][0]["reason"]
+    reason = next(r["moves"][0]["reason"] for r in reports if r["moves"])
+    assert "3 pods Pending (Unschedulable) in namespace ml; sn01 idle in slurm" in reason
     steps = [s["action"] for r in reports for s in r["steps"] if s["node"] == "sn01"]
     assert steps == ["requested", "draining", "rebooting", "booting", "joining", "done"]
     # Ready, labelled sched=k8s, schedulable; in SLURM: down with the paper's reason.

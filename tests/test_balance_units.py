@@ -15,8 +15,9 @@ def test_demand_persist_zero_moves_on_first_sight():
 
 
 def test_kernel_args_of_a_node_script_and_of_the_unknown_node_script():
-    script = ("#!ipxe\nimgfree\nkernel --name kernel http://b/images/k8s/vmlinuz console=ttyS0 provisioner.node=sn01 "
-              "provisioner.role=k8s provisioner.callback=http://b/api/v1/nodes/sn01/booted provisioner.token=t0k || goto failed\n")
+    script = ("#!ipxe\nimgfree\nkernel --name kernel http://b/images/k8s/vmlinuz console=ttyS0 "
+              "provisioner.node=sn01 provisioner.role=k8s provisioner.callback=http://b/api/v1/nodes/sn01/booted "
+              "provisioner.token=t0k || goto failed\n")
     args = kernel_args(script)
     assert args["provisioner.role"] == "k8s" and args["provisioner.token"] == "t0k"
     assert args["provisioner.callback"] == "http://b/api/v1/nodes/sn01/booted"
