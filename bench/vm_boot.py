@@ -153,6 +153,8 @@ class Bench:
             return next((e.ts for e in events if pred(e)), None)
 
         boot = next((b for b in sim.boots[n:] if b.get("ok")), None)
+        if boot is not None and (boot["role"] != to or sim.state("sn01").booted_role != to):
+            raise RuntimeError(f"switch to {to}: the VM booted {boot['role']} (store: {sim.state('sn01').booted_role})")
         t = {
             "requested": first(lambda e: e.kind == "switch"),
             "power": boot["started"] if boot else None,  # the BMC got the reset
