@@ -20,6 +20,7 @@ from provisioner.nodeset import fold, select
 from provisioner.store import Store, default_actor, iso
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+ROLE_NOW_WAIT_S = 60.0  # `role --now` waits this long for a running balance pass to finish
 
 
 # --------------------------------------------------------------------------- helpers
@@ -163,7 +164,7 @@ def cmd_role(ctx: Context) -> int:
               f"follow it with `provisioner nodes {fold(started)}`")
         return EXIT_OK
     try:
-        with pass_lock(ctx.site):
+        with pass_lock(ctx.site, wait_s=ROLE_NOW_WAIT_S):
             report = rec.run_pass(only=started)
     except PassLocked as exc:
         print(f"{exc}; it will carry the switch on")

@@ -82,19 +82,25 @@ class PassLocked(Exception):
 
 
 @contextmanager
-def pass_lock(site: Site):
+def pass_lock(site: Site, wait_s: float = 0.0):
     """One pass at a time per site (cron may start a pass while the last one still runs).
 
     flock on a file next to the store: released by the kernel when the holder dies, so a
-    killed pass never leaves a stale lock."""
+    killed pass never leaves a stale lock. cron's passes do not wait (wait_s=0); an admin's
+    `role --now` waits a little for a running pass to finish."""
     path = Path(str(site.store) + ".balance.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PassLocked(f"another balance pass is running (lock {path})") from None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise PassLocked(f"another balance pass is running (lock {path})") from None
+                time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield

@@ -22,3 +22,34 @@ def test_kernel_args_of_a_node_script_and_of_the_unknown_node_script():
     assert args["provisioner.role"] == "k8s" and args["provisioner.token"] == "t0k"
     assert args["provisioner.callback"] == "http://b/api/v1/nodes/sn01/booted"
     assert kernel_args("#!ipxe\necho provisioner: unknown MAC\nsleep 10\n") == {}
+
+
+def test_pass_lock_waits_only_when_asked(tmp_path):
+    """cron's passes give up at once on a held lock; `role --now` waits for the pass to end."""
+    import threading
+    import time
+
+    import pytest
+
+    from provisioner import config
+    from provisioner.reconcile import PassLocked, pass_lock
+    from tests.fixtures.site import write_site
+
+    site = config.load(write_site(tmp_path))
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with pass_lock(site):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+    with pytest.raises(PassLocked):
+        with pass_lock(site):
+            pass
+    threading.Timer(0.3, release.set).start()
+    with pass_lock(site, wait_s=10):
+        assert release.is_set()
+    t.join(5)
