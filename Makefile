@@ -8,7 +8,7 @@ LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: all venv system-deps demo test test-fast bench check clean
+.PHONY: all venv system-deps demo serve test test-fast bench check clean
 
 all: test
 
@@ -40,6 +40,11 @@ test-fast: venv
 
 bench: system-deps venv
 	$(PY) -m bench.run
+
+# Just the boot endpoint, on the reference config (examples/site.yaml), state in var/.
+serve: venv
+	$(VENV)/bin/provisioner --config $(CONFIG) check
+	$(VENV)/bin/provisioner --config $(CONFIG) serve --listen $(LISTEN)
 
 check: venv
 	$(VENV)/bin/provisioner --config $(CONFIG) check
