@@ -24,6 +24,7 @@ from pathlib import Path
 
 from provisioner import config, images
 from provisioner.power import run_action
+from tests.fixtures.slurm_cluster import wait_for
 
 TITLE = "VM boot: raw IPMI boot -> callback vs pending work -> running on the switched VM"
 TARGET_OVERHEAD_S = 15.0
@@ -74,17 +75,6 @@ class Console:
         return dict(self.seen)
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
 class Bench:
     def __init__(self, sim, pass_interval: float):
         self.sim, self.pass_interval = sim, pass_interval
@@ -100,7 +90,7 @@ class Bench:
         result = run_action(self.site, [self.site.nodes["sn01"]], "boot", netboot=True)[0]
         if not result.ok:
             raise RuntimeError(f"IPMI boot of sn01 failed: {result.error}")
-        _wait(lambda: len(sim.boots) > n and (sim.boots[-1].get("joined") or sim.boots[-1].get("error")),
+        wait_for(lambda: len(sim.boots) > n and (sim.boots[-1].get("joined") or sim.boots[-1].get("error")),
               sim.boot_timeout + 10, "sn01 to boot")
         record = sim.boots[-1]
         if not record.get("ok"):
@@ -197,7 +187,7 @@ def run(args) -> dict:
             out["to_slurm"].append(bench.switch("slurm", submit_job,
                                                 lambda: sim.slurm.job_state(job["id"]) == ("RUNNING", "sn01")))
             sim.slurm.run("scancel", job["id"])
-            _wait(lambda: not sim.slurm.job_state(job["id"])[0], 30, "the job to end")
+            wait_for(lambda: not sim.slurm.job_state(job["id"])[0], 30, "the job to end")
             pod = f"bench-{r}"
             out["to_k8s"].append(bench.switch(
                 "k8s", lambda: sim.kube.add_pod(pod, namespace="bench", requests={"cpu": "1", "memory": "128Mi"}),
