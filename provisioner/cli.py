@@ -64,6 +64,16 @@ def emit_table(headers: list[str], rows: list[list]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def report_changed(names: list[str], changed: list[str], done: str, untouched: str) -> int:
+    """One line for the nodes a command changed, one for those it left as they were."""
+    if changed:
+        print(f"{fold(changed)}: {done}")
+    others = [n for n in names if n not in changed]
+    if others:
+        print(f"{fold(others)}: {untouched}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -210,12 +220,7 @@ def cmd_balance(ctx: Context) -> int:
 def cmd_release(ctx: Context) -> int:
     names = ctx.nodes(ctx.args.nodeset)
     changed = ctx.store.release(names, actor=default_actor(), reason=ctx.args.reason)
-    if changed:
-        print(f"{fold(changed)}: unpinned; the balancer may move them again")
-    others = [n for n in names if n not in changed]
-    if others:
-        print(f"{fold(others)}: were not pinned")
-    return EXIT_OK
+    return report_changed(names, changed, "unpinned; the balancer may move them again", "were not pinned")
 
 
 def cmd_render(ctx: Context) -> int:
@@ -353,23 +358,14 @@ def cmd_image_pin(ctx: Context) -> int:
     names = ctx.nodes(ctx.args.nodeset)
     v = images.find_version(ctx.site.image_root, ctx.args.version, ctx.args.image)
     changed = ctx.store.pin_image(names, v.image, v.version, actor=default_actor(), reason=ctx.args.reason)
-    if changed:
-        print(f"{fold(changed)}: pinned to {v.image} {v.version}; they boot it from their next boot on")
-    others = [n for n in names if n not in changed]
-    if others:
-        print(f"{fold(others)}: already pinned to {v.image} {v.version}")
-    return EXIT_OK
+    return report_changed(names, changed, f"pinned to {v.image} {v.version}; they boot it from their next boot on",
+                          f"already pinned to {v.image} {v.version}")
 
 
 def cmd_image_unpin(ctx: Context) -> int:
     names = ctx.nodes(ctx.args.nodeset)
     changed = ctx.store.unpin_image(names, ctx.args.image, actor=default_actor(), reason=ctx.args.reason)
-    if changed:
-        print(f"{fold(changed)}: unpinned; they boot the current version")
-    others = [n for n in names if n not in changed]
-    if others:
-        print(f"{fold(others)}: were not pinned")
-    return EXIT_OK
+    return report_changed(names, changed, "unpinned; they boot the current version", "were not pinned")
 
 
 # --------------------------------------------------------------------------- parser
