@@ -38,7 +38,7 @@ from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret
 from tests.fixtures.boot_server import BootServer
 from tests.fixtures.site import write_site
-from tests.support import free_port
+from tests.support import Daemon, free_port
 
 TITLE = "boot storm: N nodes fetch their iPXE scripts; provisioner serve vs nginx static files"
 HERE = Path(__file__).resolve().parent
@@ -107,39 +107,6 @@ def _binary(name: str) -> str:
 def _version(cmd: list[str]) -> str:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     return (out.stdout + out.stderr).strip().splitlines()[0]
-
-
-class Daemon:
-    """A server in the foreground in its own session, stopped by pid (its whole group)."""
-
-    def __init__(self, cmd: list[str], port: int, log: Path, env: dict | None = None):
-        self.cmd, self.port, self.log, self.env = cmd, port, log, env
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, probe: str, timeout: float = 60.0) -> "Daemon":
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log, start_new_session=True, cwd=ROOT,
-                                         env=self.env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.cmd[0]} exited {self.proc.returncode}: {self.log.read_text()[-500:]}")
-            try:
-                if _get(self.port, probe)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.cmd[0]} did not answer on 127.0.0.1:{self.port} within {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
 
 
 def nginx(binary: str, prefix: Path, www: Path, port: int, workers: int) -> Daemon:
