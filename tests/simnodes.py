@@ -266,9 +266,12 @@ class SimSite:
     def wait_idle(self, timeout: float = 20) -> None:
         """Wait for the boots in progress to finish (so a test starts from a still world)."""
         deadline = time.monotonic() + timeout
-        for t in list(self._threads):
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
-        self._threads = [t for t in self._threads if t.is_alive()]
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
 
     # ----------------------------------------------------------------------- the simulated nodes
 
@@ -283,9 +286,9 @@ class SimSite:
         self._check_no_work(node.name, event["action"])
         target = self._boot if event.get("boot") else self._power_off
         t = threading.Thread(target=target, args=(node, gen, event), name=f"sim-{node.name}-{gen}", daemon=True)
-        with self._lock:
+        with self._lock:  # started before it is listed: wait_idle() may join any listed thread
+            t.start()
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
 
     def _check_no_work(self, name: str, action: str) -> None:
         if action not in ("off", "soft", "reset", "cycle"):
