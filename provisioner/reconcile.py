@@ -216,7 +216,7 @@ class Reconciler:
             for name in nodes:
                 st = world.states[name]
                 if st.phase in SWITCHING:
-                    self._advance(name, world, report)
+                    self._advance(name, report)
             if only is not None or not balance:
                 return report
             if report.steps:
@@ -239,7 +239,7 @@ class Reconciler:
             if not dry_run:
                 for move in decision.moves:
                     if self._start(move.node, move.to_role, move.reason, actor=self.actor, forced=False, report=report):
-                        self._advance(move.node, self._refresh_states(world), report)
+                        self._advance(move.node, report)
         return report
 
     def observe(self) -> World:
@@ -346,7 +346,7 @@ class Reconciler:
 
     # -- advancing a switch -------------------------------------------------------------
 
-    def _advance(self, name: str, world: World, report: PassReport) -> None:
+    def _advance(self, name: str, report: PassReport) -> None:
         """Take as many steps as hold now (each one a compare-and-set on the phase)."""
         for _ in range(len(SWITCHING) + 1):
             st = self.store.get(name)
