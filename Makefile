@@ -8,7 +8,7 @@ LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: all venv system-deps demo serve test test-fast bench check clean
+.PHONY: all venv system-deps kube-bins demo serve test test-fast bench check clean
 
 all: test
 
@@ -23,22 +23,28 @@ venv: $(VENV)/.installed
 system-deps:
 	./scripts/install-system-deps.sh
 
-# The whole thing on one machine (scripts/demo.py): a real SLURM cluster, the Kubernetes test API
-# server, BMC simulators, the boot server and two qemu VMs that network-boot from it; the balancer
+# The real Kubernetes components (tools/k8s, tools/etcd: pinned Go modules), built once into
+# ~/.cache/provisioner and reused: a cold build takes about half an hour on 2 cores.
+kube-bins:
+	tools/build.sh etcd >/dev/null
+	tools/build.sh k8s >/dev/null
+
+# The whole thing on one machine (scripts/demo.py): a real SLURM cluster, a real Kubernetes control
+# plane, BMC simulators, the boot server and two qemu VMs that network-boot from it; the balancer
 # runs every few seconds and moves a VM between the slurm and the k8s image when work is pending.
 # Interactive (Ctrl-C stops everything); scripted: make demo DEMO_ARGS='--duration 180'.
-demo: system-deps venv
+demo: system-deps venv kube-bins
 	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 # Installs everything it needs (Debian packages, the venv) and runs the whole suite.
-test: system-deps venv
+test: system-deps venv kube-bins
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Unit tests only (no daemons): quick feedback while editing.
 test-fast: venv
 	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
-bench: system-deps venv
+bench: system-deps venv kube-bins
 	$(PY) -m bench.run
 
 # Just the boot endpoint, on the reference config (examples/site.yaml), state in var/.

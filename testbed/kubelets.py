@@ -1,0 +1,227 @@
+"""Simulated kubelets: the part of a kubelet the control plane sees, for nodes that run no real
+one (the simulated shared nodes, the fixed Kubernetes nodes, the benchmark's thousand nodes).
+
+A kubelet that starts registers its Node (labels, capacity, a fresh status.nodeInfo.bootID) and
+posts Ready; while it runs it renews its Lease in kube-node-lease (the heartbeat the real
+node-lifecycle controller watches), starts the pods the real scheduler bound to it (status
+Running and Ready, which is what the real disruption controller counts), and finishes the
+deletion of its pods that were evicted or deleted (the final delete a kubelet makes once the
+containers stopped). When its node powers off it simply stops: no more heartbeats, so the real
+controller marks the node NotReady after its grace period, as for a real node.
+
+One thread serves every simulated node; nothing here decides anything for the product.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from testbed.kube_api import Api, ApiError, ns_path
+
+LEASE_S = 40  # the kubelet's default nodeLeaseDurationSeconds
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _micro_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class SimKubelet:
+    name: str
+    cpu: str = "4"
+    memory: str = "16Gi"
+    gpus: int = 0
+    ip: str = "10.0.9.1"
+    boot_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    running: bool = True
+    ready: bool = True  # False: the kubelet runs but reports NotReady (e.g. its runtime is down)
+    not_ready_reason: str = ""
+
+
+def ready_condition(ready: bool, message: str = "") -> dict:
+    t = now()
+    return {"type": "Ready", "status": "True" if ready else "False",
+            "reason": "KubeletReady" if ready else "KubeletNotReady",
+            "message": message or ("kubelet is posting ready status" if ready else "container runtime is down"),
+            "lastHeartbeatTime": t, "lastTransitionTime": t}
+
+
+class Kubelets:
+    def __init__(self, api: Api, interval: float = 0.5, version: str = "v1.34.3"):
+        self.api = api
+        self.interval = interval
+        self.version = version
+        self.nodes: dict[str, SimKubelet] = {}
+        self.errors: list[str] = []  # what a tick could not do (a test may show them)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._phases: dict[tuple[str, str], str] = {}  # (namespace, pod) -> phase a test asked for
+
+    # -- life cycle of the simulator --------------------------------------------------
+
+    def start(self) -> "Kubelets":
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="sim-kubelets", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        with self._lock:
+            self.nodes.clear()
+
+    # -- what a node does -----------------------------------------------------------------
+
+    def boot(self, name: str, *, cpu: str = "4", memory: str = "16Gi", gpus: int = 0, ip: str | None = None,
+             labels: dict | None = None, taints: list | None = None, unschedulable: bool = False,
+             ready: bool = True, provider_id: str | None = None) -> str:
+        """The node's kubelet starts: register the Node if Kubernetes has none (with labels,
+        taints, unschedulable as given), post its status (Ready, a new bootID) and start
+        heartbeating. Returns the bootID."""
+        k = SimKubelet(name, str(cpu), str(memory), gpus, ip or f"10.0.9.{len(self.nodes) + 1}", ready=ready)
+        status = self._status(k)
+        if self.api.get(ns_path("nodes", name=name)) is None:
+            spec: dict = {}
+            if taints:
+                spec["taints"] = taints
+            if unschedulable:
+                spec["unschedulable"] = True
+            if provider_id:
+                spec["providerID"] = provider_id
+            self.api.create(ns_path("nodes"), {
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                                                      "kubernetes.io/arch": "amd64", **(labels or {})}},
+                "spec": spec, "status": status})
+        # A kubelet posts its status on start, also over an existing Node (a reboot).
+        self.api.patch(ns_path("nodes", name=name, sub="status"), {"status": status})
+        self._renew(name)
+        with self._lock:
+            self.nodes[name] = k
+        self._wake.set()
+        return k.boot_id
+
+    def halt(self, name: str) -> None:
+        """Power off: the kubelet is gone, its heartbeats stop (the Node object stays)."""
+        with self._lock:
+            k = self.nodes.pop(name, None)
+        if k:
+            k.running = False
+
+    def set_ready(self, name: str, ready: bool, message: str = "") -> None:
+        """The kubelet stays up but reports (Not)Ready, as when its container runtime fails."""
+        with self._lock:
+            k = self.nodes.get(name)
+        if k is None:
+            raise KeyError(f"no running simulated kubelet on {name}")
+        k.ready = ready
+        self.api.patch(ns_path("nodes", name=name, sub="status"),
+                       {"status": {"conditions": [ready_condition(ready, message)]}})
+
+    def running(self, name: str) -> bool:
+        with self._lock:
+            return name in self.nodes
+
+    def set_pod_phase(self, namespace: str, name: str, phase: str) -> None:
+        """The pod's containers ended (Succeeded/Failed) or run (Running): the kubelet reports it."""
+        self._phases[(namespace, name)] = phase
+        self.api.patch(ns_path("pods", namespace, name, "status"), {"status": self._pod_status(phase)})
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            try:
+                self.tick()
+            except Exception as exc:  # the API server restarting, a race with a test's reset
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                del self.errors[:-20]
+
+    def tick(self) -> None:
+        with self._lock:
+            nodes = dict(self.nodes)
+        if not nodes:
+            return
+        for name in nodes:
+            self._renew(name)
+        for pod in self.api.items(ns_path("pods"), fieldSelector="spec.nodeName!="):
+            meta, spec, status = pod["metadata"], pod["spec"], pod.get("status") or {}
+            if spec.get("nodeName") not in nodes:
+                continue
+            path = ns_path("pods", meta["namespace"], meta["name"])
+            if meta.get("deletionTimestamp"):
+                # The containers stopped: the kubelet's final delete (grace 0, this very pod).
+                self.api.delete(path, {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}})
+            elif status.get("phase") == "Pending":
+                phase = self._phases.get((meta["namespace"], meta["name"]), "Running")
+                self.api.patch(path + "/status", {"status": self._pod_status(phase, spec, nodes[spec["nodeName"]])})
+
+    def _renew(self, name: str) -> None:
+        path = ns_path("leases", "kube-node-lease", name)
+        body = {"spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_S, "renewTime": _micro_now()}}
+        try:
+            if self.api.patch(path, body, ok_missing=True) is None:
+                self.api.create(ns_path("leases", "kube-node-lease"),
+                                {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                                 "metadata": {"name": name, "namespace": "kube-node-lease"}, **body})
+        except ApiError as exc:
+            if exc.status != 409:  # created by a concurrent tick
+                raise
+
+    # -- status documents ------------------------------------------------------------------
+
+    def _status(self, k: SimKubelet) -> dict:
+        capacity = {"cpu": k.cpu, "memory": k.memory, "pods": "110", "ephemeral-storage": "50Gi"}
+        if k.gpus:
+            capacity["nvidia.com/gpu"] = str(k.gpus)
+        t = now()
+        pressure = [{"type": c, "status": "False", "reason": f"KubeletHas{r}", "message": "",
+                     "lastHeartbeatTime": t, "lastTransitionTime": t}
+                    for c, r in (("MemoryPressure", "SufficientMemory"), ("DiskPressure", "NoDiskPressure"),
+                                 ("PIDPressure", "SufficientPID"))]
+        return {
+            "capacity": capacity, "allocatable": dict(capacity),
+            "conditions": [*pressure, ready_condition(k.ready)],
+            "addresses": [{"type": "InternalIP", "address": k.ip}, {"type": "Hostname", "address": k.name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {"machineID": uuid.uuid5(uuid.NAMESPACE_DNS, k.name).hex,
+                         "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_URL, k.name)), "bootID": k.boot_id,
+                         "kernelVersion": "6.1.0-simulated", "osImage": "provisioner simulated node",
+                         "containerRuntimeVersion": "simulated://1", "kubeletVersion": self.version,
+                         "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+        }
+
+    @staticmethod
+    def _pod_status(phase: str, spec: dict | None = None, k: SimKubelet | None = None) -> dict:
+        t = now()
+        running = phase == "Running"
+        conds = [{"type": c, "status": "True" if (running or c in ("Initialized", "PodScheduled")) else "False",
+                  "lastProbeTime": None, "lastTransitionTime": t}
+                 for c in ("Initialized", "Ready", "ContainersReady", "PodScheduled")]
+        status: dict = {"phase": phase, "conditions": conds}
+        if spec is not None and k is not None:
+            status.update(hostIP=k.ip, podIP=f"10.244.0.{abs(hash(t + k.name)) % 250 + 2}", startTime=t,
+                          containerStatuses=[
+                              {"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": running,
+                               "restartCount": 0, "started": running,
+                               "containerID": f"simulated://{uuid.uuid4().hex}",
+                               "state": {"running": {"startedAt": t}} if running else
+                               {"terminated": {"exitCode": 0 if phase == "Succeeded" else 1, "startedAt": t,
+                                               "finishedAt": t, "reason": "Completed" if phase == "Succeeded"
+                                               else "Error"}}}
+                              for c in spec.get("containers") or []])
+        return status

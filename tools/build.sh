@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Builds a pinned Go component (tools/NAME: a wrapper module whose go.mod/go.sum pin the
+# release) into a cache OUTSIDE the checkout, keyed by the pins, so a fresh clone on the same
+# machine reuses it and a changed pin builds anew:
+#     ~/.cache/provisioner/NAME-VERSION-KEY/bin/<command>...
+# Prints that folder on stdout; what it does and its progress go to stderr. A second run only
+# checks that the binaries are there.
+#
+# Usage: tools/build.sh NAME [--print-dir]       NAME: k8s | etcd
+#        PROVISIONER_CACHE=DIR overrides ~/.cache/provisioner.
+set -euo pipefail
+name=${1:?usage: tools/build.sh NAME [--print-dir]}
+here=$(cd "$(dirname "$0")" && pwd)
+dir=$here/$name
+[ -f "$dir/build.conf" ] || { echo "tools/build.sh: no component '$name' (no tools/$name/build.conf)" >&2; exit 2; }
+# build.conf sets: MODULE (whose version names the build), CMDS (package paths), STATIC (commands
+# built with CGO_ENABLED=0), EST (how long a cold build takes), and may define ldflags().
+STATIC=(); ldflags() { :; }
+# shellcheck source=/dev/null
+. "$dir/build.conf"
+V=$(sed -n "s|^[[:space:]]*$MODULE \\(v[^ ]*\\)\\( //.*\\)\\{0,1\\}\$|\\1|p" "$dir/go.mod" | head -1)
+[ -n "$V" ] || { echo "FAILED: tools/$name/go.mod does not pin $MODULE; regenerate it with tools/$name/gen-gomod.sh" >&2; exit 1; }
+# The key covers what changes the binaries: the pins and the recipe (this file, build.conf).
+key=$(cat "$dir/go.mod" "$dir/go.sum" "$dir/build.conf" "$here/build.sh" | sha256sum | cut -c1-12)
+root=${PROVISIONER_CACHE:-$HOME/.cache/provisioner}
+out=$root/$name-$V-$key
+if [ "${2:-}" = --print-dir ]; then echo "$out"; exit 0; fi
+
+bins=(); for p in "${CMDS[@]}"; do bins+=("${p##*/}"); done
+[ "$name" = etcd ] && bins=(etcd)   # etcd's main package is its module root (.../server/v3)
+have=1; for b in "${bins[@]}"; do [ -x "$out/bin/$b" ] || have=0; done
+if [ $have = 1 ]; then echo "$out"; exit 0; fi
+
+log=$out.log
+fail() {
+    echo "FAILED: building $name $V: $1." >&2
+    echo "  Log: $log" >&2
+    echo "  Retry: tools/build.sh $name (finished downloads and compiled packages are kept in Go's caches)" >&2
+    exit 1
+}
+command -v go >/dev/null ||
+    { echo "FAILED: building $name $V: no 'go' on PATH (Go >= 1.24 is needed; Debian 12's golang-go is too old)" >&2; exit 1; }
+mkdir -p "$root"
+: > "$log"
+echo "Building $name $V (${bins[*]}) from the Go module proxy into $out" >&2
+echo "  One-time step: $EST on 2 cores from a cold Go cache, a minute or two warm; later runs reuse it." >&2
+cd "$dir"
+echo "  [1/3] downloading modules..." >&2
+go mod download >>"$log" 2>&1 || fail "go mod download (is the Go module proxy reachable?)"
+total=$(go list -deps "${CMDS[@]}" 2>>"$log" | wc -l) || fail "go list"
+echo "  [2/3] compiling (up to $total packages; cached ones are skipped; a line per 100)..." >&2
+tmp=$(mktemp -d "$root/.$name-build.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+start=$SECONDS
+ld="-s -w $(ldflags "$V")"
+for p in "${CMDS[@]}"; do
+    b=${p##*/}; [ "$name" = etcd ] && b=etcd
+    cgo=1; for s in "${STATIC[@]}"; do [ "$s" = "$b" ] && cgo=0; done
+    CGO_ENABLED=$cgo go build -v -p 2 -trimpath -pgo=off -ldflags "$ld" -o "$tmp/$b" "$p" 2>&1
+done | tee -a "$log" |
+    awk -v t="$total" '!/^(#|go: )/ { n++; if (n % 100 == 0) { printf "      %d packages compiled (of up to %d)\n", n, t > "/dev/stderr"; fflush() } }'
+for b in "${bins[@]}"; do [ -x "$tmp/$b" ] || fail "no $b was produced (see the end of the log)"; done
+echo "  [3/3] checking the binaries..." >&2
+check "$tmp" "$V" >>"$log" 2>&1 || fail "the built binaries do not report version $V"
+mkdir -p "$out" && rm -rf "$out/bin" && mv "$tmp" "$out/bin" && trap - EXIT
+echo "Built $name $V in $((SECONDS - start)) s: $out/bin" >&2
+echo "$out"
