@@ -82,6 +82,13 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (node, image)
     );
     """,
+    # 3 -> 4: the Kubernetes bootID the node's Node object showed before its reboot. A node
+    # counts as joined only once its kubelet reports another one: a Ready condition left over
+    # from before the reboot (the node-lifecycle controller notices a silent kubelet only after
+    # its grace period) must not pass for the new image's kubelet.
+    """
+    ALTER TABLE nodes ADD COLUMN k8s_boot_id TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -91,7 +98,7 @@ FAILED = "failed"
 _NODE_COLUMNS = (
     "name", "desired_role", "booted_role", "booted_version", "booted_at", "pinned", "pin_reason",
     "phase", "target_role", "phase_since", "attempts", "failed_reason", "last_switch_at", "updated_at",
-    "switch_reason", "switch_actor",
+    "switch_reason", "switch_actor", "k8s_boot_id",
 )
 
 
@@ -113,6 +120,7 @@ class NodeState:
     updated_at: float
     switch_reason: str | None = None
     switch_actor: str | None = None
+    k8s_boot_id: str | None = None  # status.nodeInfo.bootID before the last reboot (None: no Node then)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _NODE_COLUMNS}

@@ -13,10 +13,11 @@ a cluster and look at it through the real API.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from testbed.kube_api import MERGE, Api, ns_path
+from testbed.kube_api import MERGE, Api, ApiError, ns_path
 from testbed.kube_control_plane import PROVISIONER_USER, VERSION, ControlPlane
 from testbed.kubelets import Kubelets
 from testbed.process import free_port
@@ -260,6 +261,39 @@ class KubeCluster:
 
         return wait_for(tried, timeout, f"pod {namespace}/{name} marked Unschedulable by the scheduler")
 
+    def settle(self, timeout: float = 30, quiet_s: float = 1.5) -> dict[str, str]:
+        """Wait until the scheduler and the kubelets are done with what there is: every pod for
+        the default scheduler is bound (and, on a running kubelet, started) or marked
+        Unschedulable, and nothing changed for quiet_s (a pod that fits since a node turned
+        Ready is retried within that). Returns {"namespace/name": node} of the bound pods."""
+        last: list = [None, 0.0]
+
+        def still() -> dict | None:
+            view = {}
+            for p in self.pods():
+                meta, spec, status = p["metadata"], p["spec"], p.get("status") or {}
+                key = f"{meta['namespace']}/{meta['name']}"
+                if meta.get("deletionTimestamp") or spec.get("schedulerName", "default-scheduler") != \
+                        "default-scheduler":
+                    continue
+                on = spec.get("nodeName")
+                if on:
+                    if status.get("phase") == "Pending" and self.kubelets.running(on):
+                        return None  # its kubelet is about to start it
+                    view[key] = on
+                elif condition(p, "PodScheduled").get("reason") != "Unschedulable":
+                    return None  # not looked at yet
+                else:
+                    view[key] = None
+            now = time.monotonic()
+            if view != last[0]:
+                last[0], last[1] = view, now
+                return None
+            return [view] if now - last[1] >= quiet_s else None
+
+        (view,) = wait_for(still, timeout, "the scheduler and the kubelets to settle", interval=0.1)
+        return {k: v for k, v in view.items() if v}
+
     def wait_gone(self, name: str, namespace: str = "default", timeout: float = 30) -> None:
         wait_for(lambda: self.pod(name, namespace) is None, timeout, f"pod {namespace}/{name} gone")
 
@@ -277,6 +311,16 @@ class KubeCluster:
     def unreachable_kubeconfig(self, path: Path) -> Path:
         """A kubeconfig with the right credentials for an API server that is not there."""
         return self.plane.kubeconfig(PROVISIONER_USER, path, server=f"https://127.0.0.1:{free_port()}")
+
+    def kubeconfig_for_cert(self, user: str, path: Path, groups: tuple[str, ...] = ()) -> Path:
+        """A kubeconfig for another user, authenticated by a client certificate of the cluster CA."""
+        import yaml
+
+        crt, key = self.plane.ca.issue(f"user-{user}", user, groups)
+        cfg = yaml.safe_load(self.plane.kubeconfig(PROVISIONER_USER, path).read_text())
+        cfg["users"] = [{"name": PROVISIONER_USER, "user": {"client-certificate": str(crt), "client-key": str(key)}}]
+        path.write_text(yaml.safe_dump(cfg))
+        return path
 
     def kubeconfig_with_token(self, path: Path, token: str) -> Path:
         return self.plane.kubeconfig(PROVISIONER_USER, path, token=token)
@@ -297,6 +341,27 @@ class KubeCluster:
                                      "resources": resources}],
                           "matchConditions": [{"name": "provisioner-only",
                                                "expression": f"request.userInfo.username == '{PROVISIONER_USER}'"}]}]})
+        # The API server picks up a new webhook configuration within a moment: wait until a
+        # dry-run write of provisioner's is refused, then start the test's clock afresh.
+        as_provisioner = Api(self.server, str(self.plane.ca.cert), self.plane.tokens[PROVISIONER_USER])
+        probe_node = next(iter(n["metadata"]["name"] for n in self.api.items(ns_path("nodes"))), None)
+
+        def refused() -> bool:
+            try:
+                as_provisioner.request("PATCH", ns_path("nodes", name=probe_node), {"metadata": {}}, ctype=MERGE,
+                                       params={"dryRun": "All"})
+            except ApiError as exc:
+                return exc.status == 500
+            return False
+
+        try:
+            if probe_node and "nodes" in resources:
+                wait_for(refused, 15, "the broken webhook to take effect")
+            else:
+                time.sleep(2)
+        finally:
+            as_provisioner.close()
+        self._mark = self.plane.audit_mark()
         try:
             yield
         finally:

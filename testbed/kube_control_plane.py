@@ -155,12 +155,17 @@ class ControlPlane:
             "--kube-api-qps=200", "--kube-api-burst=400", "--v=1"], kcm_port,
             http_probe(f"https://127.0.0.1:{kcm_port}/healthz", _insecure()), timeout)
         sched_port = free_port()
+        # Retries of unschedulable pods after 1-2 s (default 1-10 s): a pod that fits once a node
+        # turns Ready is placed within a second or two, which keeps the tests short.
+        (f / "scheduler.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kubescheduler.config.k8s.io/v1", "kind": "KubeSchedulerConfiguration",
+            "clientConnection": {"kubeconfig": str(self.kubeconfig("system:kube-scheduler")), "qps": 200,
+                                 "burst": 400},
+            "leaderElection": {"leaderElect": False}, "podInitialBackoffSeconds": 1, "podMaxBackoffSeconds": 2}))
         self._run("kube-scheduler", [
-            str(self.bins["kube-scheduler"]), f"--kubeconfig={self.kubeconfig('system:kube-scheduler')}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={sched_port}",
-            f"--cert-dir={f / 'scheduler-certs'}",
-            "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics",
-            "--kube-api-qps=200", "--kube-api-burst=400", "--v=1"], sched_port,
+            str(self.bins["kube-scheduler"]), f"--config={f / 'scheduler.yaml'}",
+            "--bind-address=127.0.0.1", f"--secure-port={sched_port}", f"--cert-dir={f / 'scheduler-certs'}",
+            "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics", "--v=1"], sched_port,
             http_probe(f"https://127.0.0.1:{sched_port}/healthz", _insecure()), timeout)
         # Pods can be created once the service-account controller made the namespace's account.
         self.wait_service_account("default", timeout)

@@ -103,7 +103,8 @@ class Kubelets:
             self.api.create(ns_path("nodes"), {
                 "apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                                                      "kubernetes.io/arch": "amd64", **(labels or {})}},
+                                                      "kubernetes.io/arch": "amd64", "beta.kubernetes.io/os": "linux",
+                                                      "beta.kubernetes.io/arch": "amd64", **(labels or {})}},
                 "spec": spec, "status": status})
         # A kubelet posts its status on start, also over an existing Node (a reboot).
         self.api.patch(ns_path("nodes", name=name, sub="status"), {"status": status})

@@ -46,6 +46,7 @@ CORDON_ANNOTATION = "provisioner/cordoned"
 _MIRROR_ANNOTATION = "kubernetes.io/config.mirror"  # static pods: bound to their node, not evictable
 _FINISHED = ("Succeeded", "Failed")
 _CONFLICT_RETRIES = 3
+LIST_PAGE = 500  # items per list call: bounded memory per call, a few calls for a big queue
 
 # --------------------------------------------------------------------------- observations
 
@@ -112,6 +113,7 @@ class KubeNode:
     # Pods that hold the node: not DaemonSet-owned, not static (mirror) pods, not finished.
     pods: tuple[PodOnNode, ...]
     ready_reason: str = ""  # the Ready condition's reason (KubeletReady, KubeletNotReady, ...)
+    boot_id: str = ""  # status.nodeInfo.bootID: the kubelet reports a new one after every boot
 
     @property
     def busy(self) -> bool:
@@ -152,44 +154,48 @@ def _resources(d: dict[str, Any] | None) -> tuple[int, int, int]:
     return (_cpu_m(d["cpu"]) if "cpu" in d else 0, _amount(d["memory"]) if "memory" in d else 0, gpus)
 
 
-def _container_requests(c: client.V1Container) -> tuple[int, int, int]:
-    r = c.resources
+def _container_requests(c: dict) -> tuple[int, int, int]:
+    r = c.get("resources") or {}
     # A limit without a request is also the request (the API server defaults it so).
-    merged = {**((r.limits if r else None) or {}), **((r.requests if r else None) or {})}
-    return _resources(merged)
+    return _resources({**(r.get("limits") or {}), **(r.get("requests") or {})})
 
 
-def pod_requests(spec: client.V1PodSpec) -> tuple[int, int, int]:
-    """The pod's effective request, as the scheduler computes it: the larger of the containers'
-    sum and the largest init container, plus the pod overhead."""
+def pod_requests(spec: dict) -> tuple[int, int, int]:
+    """The pod's effective request (a pod spec as the API sends it), as the scheduler computes
+    it: the larger of the containers' sum and the largest init container, plus the overhead."""
     total = [0, 0, 0]
-    for c in spec.containers or []:
+    for c in spec.get("containers") or []:
         for i, v in enumerate(_container_requests(c)):
             total[i] += v
-    for c in spec.init_containers or []:
+    for c in spec.get("initContainers") or []:
         for i, v in enumerate(_container_requests(c)):
             total[i] = max(total[i], v)
-    for i, v in enumerate(_resources(spec.overhead)):
+    for i, v in enumerate(_resources(spec.get("overhead"))):
         total[i] += v
     return total[0], total[1], total[2]
 
 
-def _controller_kind(meta: client.V1ObjectMeta) -> str | None:
-    return next((o.kind for o in meta.owner_references or [] if o.controller), None)
-
-
-def _holds_node(pod: client.V1Pod) -> bool:
+def _holds_node(pod: dict) -> bool:
     """A pod that must leave before the node can switch: not finished, not a DaemonSet pod (it
     runs on every node and leaves with the node), not a static pod (same)."""
-    if (pod.status.phase if pod.status else None) in _FINISHED:
+    meta = pod.get("metadata") or {}
+    if (pod.get("status") or {}).get("phase") in _FINISHED:
         return False
-    if _controller_kind(pod.metadata) == "DaemonSet":
+    if any(o.get("controller") and o.get("kind") == "DaemonSet" for o in meta.get("ownerReferences") or []):
         return False
-    return _MIRROR_ANNOTATION not in (pod.metadata.annotations or {})
+    return _MIRROR_ANNOTATION not in (meta.get("annotations") or {})
 
 
-def _pod_key(pod: client.V1Pod) -> str:
-    return f"{pod.metadata.namespace}/{pod.metadata.name}"
+def _pod_key(pod: dict) -> str:
+    return f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+
+
+def _condition(obj: dict, kind: str) -> dict | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == kind), None)
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -258,6 +264,10 @@ class KubernetesAdapter:
         if code == 403:
             return OperationError(f"Kubernetes API {self.host} forbids {what} (HTTP 403: {msg}): grant the "
                                   "provisioner's account RBAC rights on nodes, pods and pods/eviction")
+        if code and code >= 500 and "calling webhook" in msg:
+            # The real server answers 500 when an admission webhook it must call is down.
+            return OperationError(f"Kubernetes API {self.host} failed while {what} (HTTP {code}: {msg}): check the "
+                                  "admission webhook named there (its service, or its failurePolicy), then retry")
         if code and code >= 500:
             return OperationError(f"Kubernetes API {self.host} failed while {what} (HTTP {code}: {msg}): check the "
                                   "API server's health, then retry")
@@ -275,52 +285,81 @@ class KubernetesAdapter:
         info = self._call("reading the server version", client.VersionApi(self._api_client).get_code)
         return info.git_version
 
+    def _list(self, what: str, fn, **kwargs) -> list[dict]:
+        """Every item of a list call, as the API sends it (plain dicts: the client's model
+        classes cost ~1 ms per pod, seconds for a big queue), in pages of LIST_PAGE."""
+        items: list[dict] = []
+        token = None
+        while True:
+            resp = self._call(what, fn, limit=LIST_PAGE, _continue=token, _preload_content=False, **kwargs)
+            try:
+                page = json.loads(resp.data)
+            except ValueError:
+                raise OperationError(f"Kubernetes API {self.host}: {what}: unreadable answer (not JSON); check "
+                                     "that kubernetes.kubeconfig points at a Kubernetes API server") from None
+            items.extend(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+
     def pending_pods(self) -> list[PendingPod]:
         """Pods the scheduler could not place. Pods not yet looked at by the scheduler, being
-        deleted, scheduled, or finished are not demand."""
-        pods = self._call("listing pending pods", self.core.list_pod_for_all_namespaces,
-                          field_selector="status.phase=Pending")
+        deleted, scheduled, or finished are not demand. One paged list, whatever the queue."""
+        pods = self._list("listing pending pods", self.core.list_pod_for_all_namespaces,
+                          field_selector="status.phase=Pending,spec.nodeName=")
         out = []
-        for pod in pods.items:
-            if pod.spec.node_name or pod.metadata.deletion_timestamp:
+        for pod in pods:
+            meta, spec = pod["metadata"], pod.get("spec") or {}
+            if spec.get("nodeName") or meta.get("deletionTimestamp"):
                 continue
-            conditions = (pod.status.conditions if pod.status else None) or []
-            cond = next((c for c in conditions if c.type == "PodScheduled"), None)
-            if not cond or cond.status != "False" or cond.reason != "Unschedulable":
+            cond = _condition(pod, "PodScheduled")
+            if not cond or cond.get("status") != "False" or cond.get("reason") != "Unschedulable":
                 continue
-            cpu_m, memory, gpus = pod_requests(pod.spec)
+            cpu_m, memory, gpus = pod_requests(spec)
             out.append(PendingPod(
-                namespace=pod.metadata.namespace,
-                name=pod.metadata.name,
+                namespace=meta["namespace"],
+                name=meta["name"],
                 cpu_m=cpu_m,
                 memory=memory,
                 gpus=gpus,
-                node_selector=tuple(sorted((pod.spec.node_selector or {}).items())),
-                tolerations=tuple(Toleration(t.key, t.operator or "Equal", t.value, t.effect)
-                                  for t in pod.spec.tolerations or []),
-                node_affinity=_required_affinity(pod.spec),
-                priority=pod.spec.priority or 0,
-                created=pod.metadata.creation_timestamp,
-                message=cond.message or "",
+                node_selector=tuple(sorted((spec.get("nodeSelector") or {}).items())),
+                tolerations=tuple(Toleration(t.get("key"), t.get("operator") or "Equal", t.get("value"),
+                                             t.get("effect")) for t in spec.get("tolerations") or []),
+                node_affinity=_required_affinity(spec),
+                priority=spec.get("priority") or 0,
+                created=_time(meta.get("creationTimestamp")),
+                message=cond.get("message") or "",
             ))
         return out
 
     def nodes(self, names: Iterable[str] | None = None) -> dict[str, KubeNode]:
         """The nodes (all, or those named that exist in Kubernetes) with the pods holding them.
-        A name missing from the result has no Node object (never joined, or deleted)."""
+        A name missing from the result has no Node object (never joined, or deleted).
+
+        Two paged lists (nodes; pods bound to a node and not finished), or for a single name two
+        calls selected by name: the cost does not grow with the pending queue."""
         wanted = set(names) if names is not None else None
-        node_list = self._call("listing nodes", self.core.list_node)
-        pods = self._call("listing pods", self.core.list_pod_for_all_namespaces,
-                          field_selector="status.phase!=Succeeded,status.phase!=Failed")
+        running = "status.phase!=Succeeded,status.phase!=Failed"
+        if wanted is not None and len(wanted) == 1:
+            (one,) = wanted
+            node_list = self._list("listing nodes", self.core.list_node, field_selector=f"metadata.name={one}")
+            pods = self._list("listing pods", self.core.list_pod_for_all_namespaces,
+                              field_selector=f"spec.nodeName={one},{running}")
+        else:
+            node_list = self._list("listing nodes", self.core.list_node)
+            pods = self._list("listing pods", self.core.list_pod_for_all_namespaces,
+                              field_selector=f"spec.nodeName!=,{running}")
         by_node: dict[str, list[PodOnNode]] = {}
-        for pod in pods.items:
-            if pod.spec.node_name and _holds_node(pod):
-                by_node.setdefault(pod.spec.node_name, []).append(PodOnNode(
-                    pod.metadata.namespace, pod.metadata.name, pod.status.phase or "Unknown",
-                    pod.metadata.deletion_timestamp is not None))
+        for pod in pods:
+            on = (pod.get("spec") or {}).get("nodeName")
+            if on and (wanted is None or on in wanted) and _holds_node(pod):
+                by_node.setdefault(on, []).append(PodOnNode(
+                    pod["metadata"]["namespace"], pod["metadata"]["name"],
+                    (pod.get("status") or {}).get("phase") or "Unknown",
+                    pod["metadata"].get("deletionTimestamp") is not None))
         out = {}
-        for node in node_list.items:
-            name = node.metadata.name
+        for node in node_list:
+            name = node["metadata"]["name"]
             if wanted is None or name in wanted:
                 out[name] = self._kube_node(node, by_node.get(name, []))
         return out
@@ -329,24 +368,26 @@ class KubernetesAdapter:
         """One node, or None when Kubernetes has no Node object of that name."""
         return self.nodes([name]).get(name)
 
-    def _kube_node(self, node: client.V1Node, pods: list[PodOnNode]) -> KubeNode:
-        labels = node.metadata.labels or {}
-        ready = next((c for c in (node.status.conditions or []) if c.type == "Ready"), None) if node.status else None
-        unschedulable = bool(node.spec and node.spec.unschedulable)
-        cpu_m, memory, gpus = _resources(node.status.allocatable if node.status else None)
+    def _kube_node(self, node: dict, pods: list[PodOnNode]) -> KubeNode:
+        meta, spec, status = node["metadata"], node.get("spec") or {}, node.get("status") or {}
+        labels = meta.get("labels") or {}
+        ready = _condition(node, "Ready")
+        unschedulable = bool(spec.get("unschedulable"))
+        cpu_m, memory, gpus = _resources(status.get("allocatable"))
         return KubeNode(
-            name=node.metadata.name,
-            ready=bool(ready and ready.status == "True"),
+            name=meta["name"],
+            ready=bool(ready and ready.get("status") == "True"),
             unschedulable=unschedulable,
-            cordoned_by_us=unschedulable and _ours(node),
+            cordoned_by_us=unschedulable and _ours(meta),
             role=labels.get(self.settings.label_key),
             labels=tuple(sorted(labels.items())),
-            taints=tuple(Taint(t.key, t.value, t.effect) for t in (node.spec.taints if node.spec else None) or []),
+            taints=tuple(Taint(t["key"], t.get("value"), t["effect"]) for t in spec.get("taints") or []),
             cpu_m=cpu_m,
             memory=memory,
             gpus=gpus,
             pods=tuple(sorted(pods, key=lambda p: p.key)),
-            ready_reason=(ready.reason or "") if ready else "",
+            ready_reason=(ready.get("reason") or "") if ready else "",
+            boot_id=(status.get("nodeInfo") or {}).get("bootID") or "",
         )
 
     # -- act -------------------------------------------------------------------------
@@ -434,16 +475,16 @@ class KubernetesAdapter:
         evicted: list[str] = []
         blocked: list[tuple[str, str]] = []
         for pod in self._pods_holding(name, what):
-            if pod.metadata.deletion_timestamp:
+            meta = pod["metadata"]
+            if meta.get("deletionTimestamp"):
                 continue  # already on its way out
             key = _pod_key(pod)
             body = client.V1Eviction(api_version="policy/v1", kind="Eviction",
-                                     metadata=client.V1ObjectMeta(name=pod.metadata.name,
-                                                                  namespace=pod.metadata.namespace))
+                                     metadata=client.V1ObjectMeta(name=meta["name"], namespace=meta["namespace"]))
             try:
                 self._call(f"evicting pod {key} from node {name}" + (f" (after evicting {', '.join(evicted)})"
                                                                      if evicted else ""),
-                           self.core.create_namespaced_pod_eviction, pod.metadata.name, pod.metadata.namespace,
+                           self.core.create_namespaced_pod_eviction, meta["name"], meta["namespace"],
                            body, expect=(404, 429))
             except ApiException as exc:
                 if exc.status == 429:
@@ -455,9 +496,9 @@ class KubernetesAdapter:
         remaining = tuple(sorted(_pod_key(p) for p in self._pods_holding(name, f"checking node {name} after evictions")))
         return EvictionResult(node=name, evicted=tuple(evicted), blocked=tuple(blocked), remaining=remaining)
 
-    def _pods_holding(self, name: str, what: str) -> list[client.V1Pod]:
-        pods = self._call(what, self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={name}")
-        return [p for p in pods.items if _holds_node(p)]
+    def _pods_holding(self, name: str, what: str) -> list[dict]:
+        pods = self._list(what, self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={name}")
+        return [p for p in pods if _holds_node(p)]
 
     def delete_node(self, name: str) -> bool:
         """Delete the Node object of a node provisioner cordoned and emptied (its kubelet
@@ -494,18 +535,18 @@ def _no_node(name: str, what: str) -> OperationError:
                           "kubelet registers")
 
 
-def _ours(node: client.V1Node) -> bool:
-    return (node.metadata.annotations or {}).get(CORDON_ANNOTATION) == "true"
+def _ours(node) -> bool:
+    """The cordon mark: on a V1Node (acting) or a node's metadata dict (observing)."""
+    annotations = node.get("annotations") if isinstance(node, dict) else node.metadata.annotations
+    return (annotations or {}).get(CORDON_ANNOTATION) == "true"
 
 
-def _required_affinity(spec: client.V1PodSpec) -> tuple:
-    na = spec.affinity.node_affinity if spec.affinity else None
-    req = na.required_during_scheduling_ignored_during_execution if na else None
-    if not req:
-        return ()
+def _required_affinity(spec: dict) -> tuple:
+    req = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
+           .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
     return tuple(
-        tuple((e.key, e.operator, tuple(e.values or ())) for e in term.match_expressions or [])
-        for term in req.node_selector_terms or []
+        tuple((e["key"], e["operator"], tuple(e.get("values") or ())) for e in term.get("matchExpressions") or [])
+        for term in req.get("nodeSelectorTerms") or []
     )
 
 
