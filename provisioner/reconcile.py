@@ -10,7 +10,8 @@ A node's switch (phases stored in nodes.phase; target_role says where it goes):
 
   to k8s:   requested -> draining (SLURM drain, our reason) -> [DRAINED: down k8s_connect,
             desired role := k8s] -> rebooting -> booting (wait for the boot callback)
-            -> joining (kubelet Ready: label sched=k8s, uncordon if ours) -> steady
+            -> joining (kubelet Ready with a bootID other than before the reboot: label
+            sched=k8s, uncordon if ours) -> steady
   to slurm: requested -> cordoning (k8s cordon, evict if an admin forced it, wait for no pods)
             -> [desired role := slurm] -> rebooting -> booting -> joining (a slurmd started since
             the reboot has registered: resume, label sched=slurm; steady once SLURM shows it
@@ -445,6 +446,11 @@ class Reconciler:
             k = self.kube.node(name)
             if k is None or not k.ready:
                 return self._timed_out(st, age, "kubelet is not Ready", report)
+            if st.k8s_boot_id and k.boot_id == st.k8s_boot_id:
+                # Ready, but from the boot before the reboot: the control plane notices a silent
+                # kubelet only after its grace period (40 s by default).
+                return self._timed_out(st, age, "the Node still shows the boot from before the reboot "
+                                       f"(bootID {st.k8s_boot_id[:8]}...); its kubelet has not re-registered", report)
             self.kube.label(name, "k8s")
             note = "labelled sched=k8s"
             if k.cordoned_by_us:
@@ -491,7 +497,7 @@ class Reconciler:
             report.steps.append(Step(name, "power", f"failed: {result.error}", ok=False))
             return False
         return self._goto(st, BOOTING, f"power {result.method} boot with one-time network boot", report,
-                          phase_since=powered_at)
+                          phase_since=powered_at, k8s_boot_id=k.boot_id if k is not None else None)
 
     # -- phase changes -----------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""Simulated shared nodes: a real SLURM cluster, the Kubernetes test API server, BMC simulators
-and the real boot endpoint, tied together by one site.yaml. No VM: a node is its BMC + its boot
+"""Simulated shared nodes: a real SLURM cluster, a real Kubernetes control plane (testbed/),
+BMC simulators and the real boot endpoint, tied together by one site.yaml. No VM: a node is its BMC + its boot
 + its daemon.
 
 When a simulated node's BMC gets a power on / reset / cycle, the node "boots" (in a worker
@@ -8,19 +8,20 @@ thread, never inside the BMC's handler), as a real diskless node would:
 1. it asks the real boot server for its script (`GET /ipxe?mac=<its MAC>`) and reads
    `provisioner.role=`, `provisioner.version=`, `provisioner.callback=` and `provisioner.token=`
    from the kernel line;
-2. it becomes that role: slurm -> its k8s Node goes NotReady (if it exists), then its real slurmd
-   starts; k8s -> its slurmd stops, then its k8s Node is Ready (created, as a kubelet registers
-   it, when missing);
+2. it becomes that role: slurm -> its real slurmd starts; k8s -> its simulated kubelet starts:
+   registers the Node when Kubernetes has none, posts Ready with a new bootID, renews its Lease;
 3. it POSTs the boot callback (role, version, token) from its own loopback address (node.ip), so
    the boot server's source check is exercised too.
-Power off: slurmd stops, the k8s Node goes NotReady.
+Power off (and the first moment of a reset): slurmd stops, the kubelet's heartbeats stop; the
+real node-lifecycle controller marks the Node NotReady after its grace period, so for a few
+seconds a rebooting node still looks Ready, as in production.
 
 A reboot of a node that still runs a SLURM job or a pod would kill that work: the harness records
 it in `violations` (tests assert it stays empty).
 
 Outside pytest (the demo uses it):
 
-    python -m tests.simnodes --workdir /tmp/sim [--k8s 'sn[03-04]'] [--schedule-every 2]
+    python -m tests.simnodes --workdir /tmp/sim [--k8s 'sn[03-04]']
 
 starts everything, prints the config path, and waits for Ctrl-C / SIGTERM; everything it started
 is stopped by pid on the way out.
@@ -54,7 +55,7 @@ from tests.bmc_sim import BmcSim, BmcSpec  # noqa: E402
 from tests.fixtures.boot_server import BootServer  # noqa: E402
 from tests.fixtures.site import mac, write_site  # noqa: E402
 from tests.fixtures.slurm_cluster import SlurmCluster, wait_for  # noqa: E402
-from tests.kube_apiserver import KubeApiServer  # noqa: E402
+from testbed.kube_cluster import KubeCluster  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
 BMC_PASSWORD = "s3cret-bmc-pw"  # the password file write_site() writes
@@ -107,7 +108,8 @@ class SimSite:
 
     def __init__(self, workdir: str | os.PathLike, fixed: str = "cn[01-02]", shared: str = "sn[01-04]",
                  fixed_k8s: str = "kn01", roles: dict[str, str] | None = None, boot_delay: float = 0.2,
-                 join_delay: float = 0.0, policy: dict | None = None, power: dict | None = None):
+                 join_delay: float = 0.0, policy: dict | None = None, power: dict | None = None,
+                 kube: KubeCluster | None = None):
         self.workdir = Path(workdir).resolve()
         self.fixed = expand(fixed) if fixed else []
         self.shared = expand(shared)
@@ -120,7 +122,8 @@ class SimSite:
         self.nodes = {n: SimNode(n, mac(i, 3), f"127.0.0.{10 + i}", self.initial_roles[n])
                       for i, n in enumerate(self.shared, start=1)}
         self.slurm: SlurmCluster | None = None
-        self.kube: KubeApiServer | None = None
+        self.kube: KubeCluster | None = kube  # given: shared (e.g. the test session's), not stopped here
+        self._own_kube = kube is None
         self.bmc: BmcSim | None = None
         self.boot: BootServer | None = None
         self.config: Path | None = None
@@ -144,8 +147,8 @@ class SimSite:
                                       started=[*self.fixed, *in_slurm],
                                       extra_conf="SchedulerParameters=batch_sched_delay=0,sched_interval=2")
             self.slurm.start()
-            self.kube = KubeApiServer(folder=self.workdir / "kube").start()
-            self.kube.kubeconfig = self.kube.write_kubeconfig(self.workdir / "kube" / "kubeconfig")
+            if self._own_kube:
+                self.kube = KubeCluster(self.workdir / "kube").start()
             self.bmc = BmcSim.start([BmcSpec(n, free_port(socket.SOCK_DGRAM), "admin", BMC_PASSWORD)
                                      for n in self.shared], self.workdir / "bmc", on_power=self._on_power)
             self.port = free_port()
@@ -165,8 +168,8 @@ class SimSite:
             self.boot.stop()
         if self.bmc:
             self.bmc.stop()
-        if self.kube:
-            self.kube.close()
+        if self.kube and self._own_kube:
+            self.kube.stop()
         if self.slurm:
             self.slurm.stop()
         if self._store is not None:
@@ -194,7 +197,7 @@ class SimSite:
             self.workdir / "site", nodes=nodes,
             site={"boot_url": url, "listen": f"127.0.0.1:{self.port}", "name": "sim"},
             slurm=self.slurm.site_section(),
-            kubernetes={"kubeconfig": str(self.kube.kubeconfig), "timeout_s": 5, **(kubernetes or {})},
+            kubernetes={"kubeconfig": str(self.kube.provisioner_kubeconfig), "timeout_s": 5, **(kubernetes or {})},
             policy={**self.policy, **(policy or {})},
             power={**self.power, **(power or {})},
         )
@@ -254,7 +257,7 @@ class SimSite:
                               desired_role=role, booted_role=role, booted_version="1", booted_at=time.time(),
                               pinned=0, pin_reason=None, phase=STEADY, target_role=None, phase_since=None,
                               attempts=0, failed_reason=None, last_switch_at=None, switch_reason=None,
-                              switch_actor=None)
+                              switch_actor=None, k8s_boot_id=None)
         self.store.set_demand({"slurm": 0, "k8s": 0}, time.time())
         self.boots.clear()
         self.violations.clear()
@@ -308,18 +311,15 @@ class SimSite:
         with node.lock:
             node.role = None
         self.slurm.stop_slurmd(node.name)
-        if self.kube.node(node.name):
-            self.kube.set_node_ready(node.name, False)
+        self.kube.power_off(node.name)
 
     def _join(self, node: SimNode, role: str) -> None:
-        """What the booted image's daemons do: slurmd registers, or the kubelet reports Ready
-        (registering the Node when Kubernetes has none)."""
+        """What the booted image's daemons do: slurmd registers, or the kubelet starts (registers
+        the Node when Kubernetes has none, reports Ready with this boot's bootID)."""
         if role == "slurm":
             self.slurm.start_slurmd(node.name, wait=False)
-        elif self.kube.node(node.name) is None:
-            self.kube.add_node(node.name, cpu=NODE_CPU, memory=NODE_MEMORY, ip=node.ip)
         else:
-            self.kube.set_node_ready(node.name, True)
+            self.kube.boot(node.name, cpu=NODE_CPU, memory=NODE_MEMORY, ip=node.ip)
         with node.lock:
             node.role = role
 
@@ -408,9 +408,9 @@ class SimSite:
         return report
 
     def passes_until(self, done: Callable[[], Any], timeout: float = 60, what: str = "the goal",
-                     schedule: bool = True, cli: bool = True) -> list[dict]:
-        """Run balance passes (the CLI's, or with cli=False the same code in this process) and,
-        with `schedule`, a Kubernetes scheduler pass after each, until done() is truthy; fail after
+                     cli: bool = True) -> list[dict]:
+        """Run balance passes (the CLI's, or with cli=False the same code in this process) until
+        done() is truthy (the Kubernetes scheduler runs on its own meanwhile); fail after
         `timeout` s with the last reports. Returns the reports."""
         reports: list[dict] = []
         deadline = time.monotonic() + timeout
@@ -422,8 +422,6 @@ class SimSite:
             else:
                 report = self.pass_in_process()
             reports.append(report)
-            if schedule:
-                self.kube.schedule()
             if done():
                 return reports
             if time.monotonic() > deadline:
@@ -525,8 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fixed-k8s", default="kn01", help="fixed Kubernetes nodes (hostlist)")
     p.add_argument("--k8s", default="", help="shared nodes that start in Kubernetes (default: all in SLURM)")
     p.add_argument("--boot-delay", type=float, default=2.0, help="seconds a simulated node takes to boot")
-    p.add_argument("--schedule-every", type=float, default=2.0,
-                   help="run the Kubernetes scheduler every N seconds (0: never)")
     p.add_argument("--policy", default="{}", help='policy overrides as JSON, e.g. {"demand_persist_s": 10}')
     args = p.parse_args(argv)
     roles = {n: "k8s" for n in (expand(args.k8s) if args.k8s else [])}
@@ -541,9 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  SLURM_CONF={sim.slurm.slurm_conf}", flush=True)
         print(f"  KUBECONFIG={sim.kube.kubeconfig}", flush=True)
         print(f"  boot server {sim.boot.url}; try: provisioner --config {sim.config} balance --dry-run", flush=True)
-        while not stop.wait(args.schedule_every or 3600):
-            if args.schedule_every:
-                sim.kube.schedule()
+        stop.wait()
     finally:
         sim.stop()
     return 0
