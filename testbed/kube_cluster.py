@@ -103,6 +103,8 @@ class KubeCluster:
         Returns its bootID."""
         boot_id = self.kubelets.boot(name, cpu=cpu, memory=memory, gpus=gpus, ip=ip, labels=labels, taints=taints,
                                      unschedulable=unschedulable, ready=ready)
+        if labels:  # also when a Node of that name was there already (a kubelet keeps its labels)
+            self.patch_node(name, {"metadata": {"labels": labels}})
         return boot_id
 
     def boot(self, name: str, **kw) -> str:
@@ -237,6 +239,11 @@ class KubeCluster:
     def pods(self, node: str | None = None, namespace: str | None = None) -> list[dict]:
         params = {"fieldSelector": f"spec.nodeName={node}"} if node else {}
         return self.api.items(ns_path("pods", namespace), **params)
+
+    def delete_pod(self, name: str, namespace: str = "default") -> None:
+        """Its owner deletes it at once (grace 0: also when no kubelet is there to finish it)."""
+        self.api.delete(ns_path("pods", namespace, name), {"gracePeriodSeconds": 0})
+        self.wait_gone(name, namespace)
 
     def set_pod_phase(self, namespace: str, name: str, phase: str) -> None:
         self.kubelets.set_pod_phase(namespace, name, phase)

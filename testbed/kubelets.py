@@ -93,19 +93,7 @@ class Kubelets:
         k = SimKubelet(name, str(cpu), str(memory), gpus, ip or f"10.0.9.{len(self.nodes) + 1}", ready=ready)
         status = self._status(k)
         if self.api.get(ns_path("nodes", name=name)) is None:
-            spec: dict = {}
-            if taints:
-                spec["taints"] = taints
-            if unschedulable:
-                spec["unschedulable"] = True
-            if provider_id:
-                spec["providerID"] = provider_id
-            self.api.create(ns_path("nodes"), {
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                                                      "kubernetes.io/arch": "amd64", "beta.kubernetes.io/os": "linux",
-                                                      "beta.kubernetes.io/arch": "amd64", **(labels or {})}},
-                "spec": spec, "status": status})
+            self._register(name, status, labels, taints, unschedulable, provider_id)
         # A kubelet posts its status on start, also over an existing Node (a reboot).
         self.api.patch(ns_path("nodes", name=name, sub="status"), {"status": status})
         self._renew(name)
@@ -113,6 +101,27 @@ class Kubelets:
             self.nodes[name] = k
         self._wake.set()
         return k.boot_id
+
+    def _register(self, name: str, status: dict, labels, taints, unschedulable, provider_id) -> None:
+        """Create the Node as a kubelet registers it; one that appeared meanwhile is kept (a
+        kubelet then only posts its status over it)."""
+        spec: dict = {}
+        if taints:
+            spec["taints"] = taints
+        if unschedulable:
+            spec["unschedulable"] = True
+        if provider_id:
+            spec["providerID"] = provider_id
+        try:
+            self.api.create(ns_path("nodes"), {
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                                                      "kubernetes.io/arch": "amd64", "beta.kubernetes.io/os": "linux",
+                                                      "beta.kubernetes.io/arch": "amd64", **(labels or {})}},
+                "spec": spec, "status": status})
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
 
     def halt(self, name: str) -> None:
         """Power off: the kubelet is gone, its heartbeats stop (the Node object stays)."""

@@ -388,21 +388,22 @@ class SimSite:
         self._trace(start, [(s["node"], s["action"]) for s in report["steps"]] if report else proc.returncode, "pass ")
         return proc, report
 
-    def pass_in_process(self) -> dict:
+    def pass_in_process(self, kube=None) -> dict:
         """One pass through the same code as `provisioner balance`, in this process: it skips
         the console script's start-up (the Kubernetes client alone takes 1-2 s to import), for
-        tests that drive many passes after the CLI has been exercised."""
+        tests that drive many passes after the CLI has been exercised. kube: the pass's
+        Kubernetes adapter (a test may wrap one to act at a precise moment of the pass)."""
         from provisioner import config
         from provisioner.reconcile import Reconciler, pass_lock
 
         start = time.monotonic()
         site = config.load(self.config)
-        rec = Reconciler(site, self.store)
+        rec = Reconciler(site, self.store, kube=kube)
         try:
             with pass_lock(site):
                 report = rec.run_pass().as_dict()
         finally:
-            if rec._kube is not None:
+            if rec._kube is not None and kube is None:
                 rec._kube.close()
         self._trace(start, [(s["node"], s["action"]) for s in report["steps"]], "in-process pass ")
         return report

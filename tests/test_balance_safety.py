@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 
 import pytest
 
+from provisioner import config
+from provisioner.clusters.kubernetes import KubernetesAdapter
 from provisioner.reconcile import CRASH_ENV
+from testbed.kube_control_plane import PROVISIONER_USER
+from testbed.tcp_gate import TcpGate
+from testbed.wait import wait_for
 from tests.simnodes import ROOT, kernel_args, provisioner_cmd
 
 pytestmark = pytest.mark.integration
@@ -30,7 +34,8 @@ def k8s_wants_a_node(sim) -> list[str]:
     sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
     for i in range(2):
         sim.kube.add_pod(f"web-{i}", namespace="ml")
-    sim.kube.schedule()
+    for i in range(2):
+        sim.kube.wait_unschedulable(f"web-{i}", "ml")
     return sim.fill_fixed()
 
 
@@ -50,22 +55,30 @@ def running(sim, jobs) -> bool:
 def test_pod_bound_between_decision_and_power_stops_the_reboot(balance_site):
     sim = balance_site(roles=ALL_K8S)
     jobs, pending = slurm_wants_a_node(sim)
-    seen = {"cordon": False, "lists": 0}
+    # In the pass itself: after sn01 is cordoned and found empty, right at the pre-power
+    # re-check, a pod is bound to it by nodeName (bypassing the scheduler, as a static workload
+    # would). The pass runs in this process with its adapter wrapped to do exactly that.
+    adapter = KubernetesAdapter(config.load(sim.config).kubernetes)
+    cordon, node = adapter.cordon, adapter.node
+    seen = {"cordon": False, "looks": 0}
 
-    def bind_after_cordon(entry):
-        # In the pass itself: after sn01 is cordoned and found empty, a pod is bound to it by
-        # nodeName (bypassing the scheduler, as a DaemonSet-less static workload would).
-        if entry["method"] == "PATCH" and entry["path"] == "/api/v1/nodes/sn01" and "unschedulable" in entry["body"]:
-            seen["cordon"] = True
-        elif seen["cordon"] and entry["method"] == "GET" and entry["path"] == "/api/v1/nodes":
-            seen["lists"] += 1
-            if seen["lists"] == 2:  # the pre-power re-check's look
+    def cordon_then_note(name):
+        seen["cordon"] = seen["cordon"] or name == "sn01"
+        return cordon(name)
+
+    def look(name):
+        if seen["cordon"] and name == "sn01":
+            seen["looks"] += 1
+            if seen["looks"] == 2:  # CORDONING found it empty; this is the pre-power re-check
                 sim.kube.add_pod("late-0", node="sn01")
+                sim.kube.wait_bound("late-0")
+        return node(name)
 
-    sim.kube.hooks.append(bind_after_cordon)
-    proc, report = sim.balance()
-    sim.kube.hooks.clear()
-    assert proc.returncode == 0, proc.stderr
+    adapter.cordon, adapter.node = cordon_then_note, look
+    try:
+        report = sim.pass_in_process(kube=adapter)
+    finally:
+        adapter.close()
     steps = [(s["node"], s["action"]) for s in report["steps"]]
     assert ("sn01", "reboot-refused") in steps and ("sn01", "booting") not in steps, steps
     refused = next(s for s in report["steps"] if s["action"] == "reboot-refused")
@@ -112,7 +125,11 @@ def test_admin_forced_switches_wait_for_jobs_and_evict_pods_never_kill(balance_s
     sim = balance_site(roles={"sn02": "k8s"})
     job = sim.slurm.sbatch(nodelist="sn01")
     sim.slurm.wait_job_running(job)
-    sim.kube.add_pod("api-0", node="sn02")  # a ReplicaSet's pod: evicted, it comes back Pending
+    # A ReplicaSet's pod on sn02: evicted, the ReplicaSet makes another one (Pending: it may only
+    # run on sn02, which is cordoned now).
+    sim.kube.add_replicaset("api", 1, node_selector={"kubernetes.io/hostname": "sn02"})
+    (api,) = [p["metadata"]["name"] for p in wait_for(lambda: sim.kube.pods("sn02"), 30, "the api pod on sn02")]
+    sim.kube.wait_bound(api)
 
     for name, role in (("sn01", "k8s"), ("sn02", "slurm")):
         proc = sim.cli("role", name, role, "--reason", "maintenance", "--now")
@@ -122,12 +139,12 @@ def test_admin_forced_switches_wait_for_jobs_and_evict_pods_never_kill(balance_s
         sim.pass_in_process()
     assert sim.state("sn01").phase == "draining" and sim.slurm.job_state(job)[0] == "RUNNING"
     assert sim.bmc_actions("sn01") == []
-    assert sim.kube.pod("api-0") is None
+    sim.kube.wait_gone(api)  # its kubelet finished the eviction
     assert any(p["metadata"]["name"].startswith("api-") and not p["spec"].get("nodeName") for p in sim.kube.pods())
 
     sim.slurm.run("scancel", job)  # the job ends on its own terms: now sn01 may go
     sim.passes_until(lambda: settled(sim) and sim.serving("sn01") == {"k8s"} and sim.serving("sn02") == {"slurm"},
-                     timeout=60, what="both forced switches", cli=False, schedule=False)
+                     timeout=60, what="both forced switches", cli=False)
     assert sim.booted_once("sn01") and sim.booted_once("sn02")
 
 
@@ -176,12 +193,16 @@ def test_kill_9_at_each_step_then_passes_finish_the_switch(balance_site, to, poi
 
 def test_twenty_passes_at_once_exactly_one_acts(balance_site):
     # A long client timeout: the pass that holds the lock is held up below on purpose.
-    sim = balance_site(roles=ALL_K8S, kubernetes={"timeout_s": 90})
+    sim = balance_site(roles=ALL_K8S)
     slurm_wants_a_node(sim)
-    gate = threading.Event()
-    # The pass that got the lock waits at its first Kubernetes request until every other one
-    # has exited: all 20 run at the same time, whatever the machine's speed.
-    sim.kube.hooks.append(lambda entry: gate.wait(80))
+    # The pass that got the lock waits at its first Kubernetes request (its connection held by
+    # a TCP gate in front of the real API server) until every other one has exited: all 20 run
+    # at the same time, whatever the machine's speed.
+    tcp = TcpGate(int(sim.kube.server.rsplit(":", 1)[1])).start()
+    gated = sim.kube.plane.kubeconfig(PROVISIONER_USER, sim.workdir / "kubeconfig-gated",
+                                      server=f"https://127.0.0.1:{tcp.port}")
+    sim.config = sim.write_config(kubernetes={"kubeconfig": str(gated), "timeout_s": 90})
+    tcp.hold()
     argv = [*provisioner_cmd(), "--config", str(sim.config), "balance", "--json"]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
              for _ in range(20)]
@@ -191,10 +212,11 @@ def test_twenty_passes_at_once_exactly_one_acts(balance_site):
             time.sleep(0.05)
         waiting = [p for p in procs if p.poll() is None]
         assert len(waiting) == 1, f"{len(waiting)} passes still running while one holds the lock"
+        wait_for(lambda: tcp.held >= 1, 30, "the pass holding the lock to wait at the gate")
     finally:
-        gate.set()
+        tcp.release()
         outputs = [p.communicate(timeout=90) for p in procs]
-        sim.kube.hooks.clear()
+        tcp.stop()
     assert [p.returncode for p in procs] == [0] * 20, [o[1] for o in outputs]
     reports = [json.loads(out) for out, _ in outputs if out.strip()]
     assert len(reports) == 1
@@ -213,7 +235,8 @@ def test_silent_bmc_fails_its_node_after_retries_and_the_others_still_move(balan
     sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
     for i in range(2):  # two whole nodes wanted: sn01 and sn02 move at once
         sim.kube.add_pod(f"train-{i}", namespace="ml", requests={"cpu": "1", "memory": "128Mi"})
-    sim.kube.schedule()
+    for i in range(2):
+        sim.kube.wait_unschedulable(f"train-{i}", "ml")
     sim.bmc.set_fault("sn01", "silent")
 
     sim.passes_until(lambda: sim.state("sn01").phase == "failed" and sim.serving("sn02") == {"k8s"}, timeout=60,

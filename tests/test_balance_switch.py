@@ -1,4 +1,4 @@
-"""The balancer moves shared nodes between real SLURM and the Kubernetes test API server, through
+"""The balancer moves shared nodes between real SLURM and a real Kubernetes control plane, through
 BMC simulators and the real boot endpoint (tests/simnodes.py). Passes run through the real CLI,
 as cron runs them: `provisioner --config SITE balance --json`."""
 
@@ -60,8 +60,8 @@ def test_reverse_unschedulable_pods_get_an_idle_slurm_node(balance_site):
     fill_kn01(sim)
     for i in range(3):
         sim.kube.add_pod(f"web-{i}", namespace="ml")
-    sim.kube.schedule()  # the scheduler finds no room: the pods are Unschedulable
-    assert all(not p["spec"].get("nodeName") for p in sim.kube.pods() if p["metadata"]["name"].startswith("web"))
+    for i in range(3):  # the real scheduler finds no room
+        sim.kube.wait_unschedulable(f"web-{i}", "ml")
 
     def bound():
         pods = [p for p in sim.kube.pods() if p["metadata"]["name"].startswith("web")]
@@ -139,7 +139,7 @@ def test_dry_run_changes_nothing(balance_site):
     sim.submit_pending()
     last_event = sim.store.events(limit=1)[-1].id
     slurm_before = {n: sim.slurm.node_state(n) for n in sim.shared}
-    requests_before = len(sim.kube.requests)
+    audit_mark = sim.kube.plane.audit_mark()
 
     proc, report = sim.balance("--dry-run")
     assert proc.returncode == 0, proc.stderr
@@ -156,7 +156,8 @@ def test_dry_run_changes_nothing(balance_site):
 
     assert sim.store.events(limit=1)[-1].id == last_event  # no event, no state change
     assert sim.store.demand_since() == {}
-    assert [r for r in sim.kube.requests[requests_before:] if r["method"] != "GET"] == []
+    calls = sim.kube.plane.audit(audit_mark)
+    assert calls and {r["verb"] for r in calls} == {"list"}  # the API server saw reads only
     assert {n: sim.slurm.node_state(n) for n in sim.shared} == slurm_before
     assert sim.bmc_actions("sn01") == [] and sim.state("sn01").phase == "steady"
 
@@ -167,7 +168,8 @@ def test_pinned_nodes_and_minimums_are_respected(balance_site):
     fill_kn01(sim)
     for i in range(4):  # each fills a whole shared node: Kubernetes wants 4 nodes
         sim.kube.add_pod(f"train-{i}", namespace="ml", requests={"cpu": "1", "memory": "128Mi"})
-    sim.kube.schedule()
+    for i in range(4):
+        sim.kube.wait_unschedulable(f"train-{i}", "ml")
 
     reports = sim.passes_until(lambda: sim.serving("sn02") == sim.serving("sn03") == {"k8s"}, timeout=60,
                                what="sn02 and sn03 in Kubernetes", cli=False)
@@ -187,10 +189,11 @@ def test_no_flapping_when_demand_blinks(balance_site):
     sim = balance_site(policy={"demand_persist_s": 2})
     fill_kn01(sim)
     reports = []
-    for i in range(3):  # a pod that is Unschedulable for one pass, then gone (it finished)
-        sim.kube.add_pod(f"blink-{i}", unschedulable=True)
+    for i in range(3):  # a pod that is Unschedulable for one pass, then gone (its owner deleted it)
+        sim.kube.add_pod(f"blink-{i}")
+        sim.kube.wait_unschedulable(f"blink-{i}")
         reports.append(sim.pass_in_process())
-        sim.kube.cluster.modify("pods", "default", f"blink-{i}", lambda p: p["status"].update(phase="Succeeded"))
+        sim.kube.delete_pod(f"blink-{i}")
         reports.append(sim.pass_in_process())
     assert [m for r in reports for m in r["moves"]] == []
     assert any("k8s: demand seen for 0 s, waiting for 2 s" in n for r in reports for n in r["notes"])
@@ -198,7 +201,31 @@ def test_no_flapping_when_demand_blinks(balance_site):
     assert all(sim.bmc_actions(n) == [] for n in sim.shared)
 
     # Demand that stays does move a node, once it has lasted demand_persist_s.
-    sim.kube.add_pod("stays", unschedulable=True)
-    sim.passes_until(lambda: switch_events(sim, "sn01"), timeout=30, what="a move after 2 s", schedule=False,
-                     cli=False)
+    sim.kube.add_pod("stays")
+    sim.kube.wait_unschedulable("stays")
+    sim.passes_until(lambda: switch_events(sim, "sn01"), timeout=30, what="a move after 2 s", cli=False)
     assert "switch to k8s requested" in switch_events(sim, "sn01")[0]
+
+
+def test_a_node_still_ready_from_before_its_reboot_is_not_taken_as_joined(balance_site):
+    """sn01 left Kubernetes moments ago: its Node still says Ready, since the control plane
+    notices a silent kubelet only after its grace period (40 s in production, 8 s here). Switched
+    back to k8s, it counts as joined only once the kubelet of the new boot has reported (another
+    status.nodeInfo.bootID), not on the old Ready condition."""
+    sim = balance_site(join_delay=4.0)
+    old_boot = sim.kube.add_node("sn01", labels={"sched": "slurm"}, unschedulable=True,
+                                 cpu="1", memory="500Mi")
+    sim.kube.patch_node("sn01", {"metadata": {"annotations": {"provisioner/cordoned": "true"}}})
+    assert sim.kube.ready("sn01")
+
+    proc = sim.cli("role", "sn01", "k8s", "--reason", "stale Ready", "--now")
+    assert proc.returncode == 0, proc.stderr
+    sim.passes_until(lambda: sim.state("sn01").phase == "steady", timeout=40, what="sn01 in Kubernetes", cli=False)
+
+    joined = [b for b in sim.boots if b["node"] == "sn01"][-1]["joined"]
+    (switched,) = sim.events(["sn01"], kinds=["switched"])
+    assert switched.ts >= joined, "declared joined on the Ready condition of the boot before the reboot"
+    assert sim.state("sn01").k8s_boot_id == old_boot  # what the reboot was compared against
+    node = sim.kube.node("sn01")
+    assert node["status"]["nodeInfo"]["bootID"] != old_boot and not node["spec"].get("unschedulable")
+    assert sim.serving("sn01") == {"k8s"}
