@@ -1,6 +1,6 @@
 """A real VM's boot vs a whole switch, in the same run: qemu (TCG unless KVM works) network-boots
 the tiny image through iPXE from `provisioner serve`, powered through a BMC simulator over IPMI
-(tests/fixtures/vms.py: VmSite, with the real SLURM cluster and the Kubernetes test API server).
+(tests/fixtures/vms.py: VmSite, with the real SLURM cluster and a real Kubernetes control plane).
 
 Per round, on the shared VM sn01:
 - raw boot: IPMI one-time network boot + reset (provisioner.power.run_action) -> the boot
@@ -9,8 +9,9 @@ Per round, on the shared VM sn01:
   which the balancer had to move from Kubernetes: detect, cordon, IPMI, boot, slurmd joins, resume;
 - switch to k8s: kn01 is full, a pod is submitted (Unschedulable) -> it is bound to sn01.
 The balancer runs back to back as `provisioner balance` processes (as cron runs it, without the
-minute in between: --vm-pass-interval), policy demand_persist_s=0, cooldown_s=0; the Kubernetes
-scheduler runs every 0.25 s. Each switch's phases come from the store's events.
+minute in between: --vm-pass-interval), policy demand_persist_s=0, cooldown_s=0; the real
+kube-scheduler retries unschedulable pods within 1-2 s. Each switch's phases come from the
+store's events.
 """
 
 from __future__ import annotations
@@ -111,9 +112,8 @@ class Bench:
         reached: dict[str, float] = {}
         stop = threading.Event()
 
-        def watch():  # the scheduler's reaction and the goal, at 0.25 s resolution
+        def watch():  # the goal, at 0.25 s resolution (the real scheduler runs on its own)
             while not stop.is_set():
-                sim.kube.schedule()
                 if "running" not in reached and done():
                     reached["running"] = time.time()
                 stop.wait(0.25)

@@ -2,7 +2,8 @@
 """`make demo`: the whole thing on one machine, with real parts.
 
 A real SLURM cluster (slurmctld, munged, one slurmd per node: cn01 fixed, sn01 and sn02 shared),
-the Kubernetes test API server (kn01 fixed), one IPMI BMC simulator per shared node, the boot
+a real Kubernetes control plane (kube-apiserver, kube-scheduler, kube-controller-manager and etcd
+v1.34.3, built from their Go modules; kn01 fixed), one IPMI BMC simulator per shared node, the boot
 server (`provisioner serve`), and two qemu VMs, sn01 and sn02, that network-boot through iPXE
 from it: the tiny image, as the slurm role or the k8s role. The balancer (`provisioner balance`,
 as cron would run it, but every few seconds instead of every minute) moves a shared node when
@@ -40,6 +41,7 @@ from tests.fixtures.vms import IPXE_ROM, VmSite  # noqa: E402
 from tests.simnodes import provisioner_cmd  # noqa: E402
 from tests.tinyimage import CACHE, DEFINITIONS  # noqa: E402
 from tests.vm import QEMU, accelerator, qemu_binary  # noqa: E402
+from testbed.kube_control_plane import BinariesMissing, kubectl_path  # noqa: E402
 
 # The demo's policy: demand must last a few seconds before a node moves (no flapping on a blip),
 # no cooldown (so the same node can be seen going both ways within a minute).
@@ -85,7 +87,7 @@ class Demo:
         self.log("demo", f"building the tiny image (a Debian kernel + busybox initramfs) into {self.workdir}/images")
         built = images.build(DEFINITIONS, self.workdir / "images", "tiny", cache=CACHE, actor="demo")
         self.log("demo", f"tiny image version {built.version} built and published in {built.seconds:.1f} s")
-        self.log("demo", "starting slurmctld + munged + slurmd (cn01, sn01, sn02), the Kubernetes test API server "
+        self.log("demo", "starting slurmctld + munged + slurmd (cn01, sn01, sn02), a real Kubernetes control plane "
                          "(kn01), BMC simulators for sn01 and sn02, and the boot server")
         self.sim = VmSite(self.workdir, self.workdir / "images", shared="sn[01-02]", roles={"sn02": "k8s"},
                           policy=POLICY)
@@ -100,7 +102,7 @@ class Demo:
         sim = self.sim
         env = (f"export SLURM_CONF={sim.slurm.slurm_conf} KUBECONFIG={sim.kube.kubeconfig} "
                f"PROVISIONER_CONFIG={sim.config} PATH={Path(provisioner_cmd()[0]).parent}:$PATH")
-        kubectl = ROOT / ".cache/kubectl/usr/bin/kubectl"
+        kubectl = kubectl_path()
         mac = sim.nodes["sn01"].mac
         return "\n".join([
             "",
@@ -138,9 +140,8 @@ class Demo:
             if p["metadata"]["namespace"] == "ml" and p["status"].get("phase") in ("Running", "Pending"):
                 if p["spec"].get("nodeName"):
                     self.sim.kube.set_pod_phase("ml", p["metadata"]["name"], "Succeeded")
-                else:
-                    self.sim.kube.cluster.modify("pods", "ml", p["metadata"]["name"],
-                                                 lambda pod: pod["status"].update(phase="Failed"))
+                else:  # never started: its owner withdraws it
+                    self.sim.kube.delete_pod(p["metadata"]["name"], "ml")
         self.log(who, "all demo jobs cancelled and pods finished")
 
     # ----------------------------------------------------------------------- watching
@@ -216,7 +217,6 @@ class Demo:
             if time.monotonic() >= next_pass:
                 next_pass = time.monotonic() + self.args.every
                 self.balance()
-            self.sim.kube.schedule()  # the Kubernetes scheduler
             if scenario and scenario.step():
                 self.log("demo", "scenario complete: sn01 went to Kubernetes and came back to SLURM, "
                                  "each time booting the other image")
@@ -299,6 +299,10 @@ def preflight() -> str | None:
     for tool in ("slurmctld", "slurmd", "munged"):
         if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
             return f"{tool} is missing; run `make system-deps`"
+    try:
+        kubectl_path()
+    except BinariesMissing as exc:
+        return str(exc)
     return None
 
 

@@ -33,17 +33,4 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Debian's kubectl (kubernetes-client, 1.20) is the independent client of the test API server.
-# It is extracted into .cache instead of installed: some images ship another /usr/bin/kubectl
-# (google-cloud-sdk) that the package would collide with.
-KUBECTL=.cache/kubectl/usr/bin/kubectl
-if [ ! -x "$KUBECTL" ]; then
-  tmp=$(mktemp -d)
-  (cd "$tmp" && apt-get download -qq kubernetes-client >/dev/null 2>&1) || {
-    apt-get update -qq && (cd "$tmp" && apt-get download -qq kubernetes-client)
-  }
-  mkdir -p .cache/kubectl
-  dpkg-deb -x "$tmp"/kubernetes-client_*.deb .cache/kubectl
-  rm -rf "$tmp"
-fi
 echo "install-system-deps: ok"

@@ -222,9 +222,9 @@ def test_a_node_still_ready_from_before_its_reboot_is_not_taken_as_joined(balanc
     assert proc.returncode == 0, proc.stderr
     sim.passes_until(lambda: sim.state("sn01").phase == "steady", timeout=40, what="sn01 in Kubernetes", cli=False)
 
-    joined = [b for b in sim.boots if b["node"] == "sn01"][-1]["joined"]
     (switched,) = sim.events(["sn01"], kinds=["switched"])
-    assert switched.ts >= joined, "declared joined on the Ready condition of the boot before the reboot"
+    joined = [b for b in sim.boots if b["node"] == "sn01"][-1].get("joined")
+    assert joined and switched.ts >= joined, "declared joined on the Ready condition of the boot before the reboot"
     assert sim.state("sn01").k8s_boot_id == old_boot  # what the reboot was compared against
     node = sim.kube.node("sn01")
     assert node["status"]["nodeInfo"]["bootID"] != old_boot and not node["spec"].get("unschedulable")

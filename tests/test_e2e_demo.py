@@ -1,5 +1,5 @@
 """`make demo`'s scripted run, end to end: scripts/demo.py --duration starts the whole thing
-(real SLURM, the Kubernetes test API server, BMC simulators, the boot server, two VMs), submits
+(real SLURM, a real Kubernetes control plane, BMC simulators, the boot server, two VMs), submits
 work itself, and exits 0 once sn01 went to Kubernetes and came back, each time booting the other
 image. Afterwards nothing it started may still run."""
 

@@ -1,7 +1,7 @@
 """End to end, with real VMs: qemu (TCG) network-boots through Debian's iPXE ROM from the real
 `provisioner serve`, powered through the BMC simulators over IPMI, and the balancer switches a VM
 between the slurm and the k8s image, driven only by pending work in the real SLURM cluster and in
-the Kubernetes test API server. The console and the boot callback prove which image booted.
+a real Kubernetes control plane. The console and the boot callback prove which image booted.
 
 The world is tests/fixtures/vms.py's VmSite (one session; VMs reused between tests): cn01 fixed
 SLURM node, sn01 a shared node that is a VM, kn01 fixed Kubernetes node.
@@ -99,12 +99,13 @@ def test_balancer_switches_a_vm_to_k8s_and_back(e2e_site):
     sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
     for i in range(2):
         sim.kube.add_pod(f"web-{i}", namespace="ml")
-    sim.kube.schedule()
+    for i in range(2):
+        sim.kube.wait_unschedulable(f"web-{i}", "ml")
     mark = vm.serial_mark()
 
     def pods_on_sn01():
         pods = [p for p in sim.kube.pods() if p["metadata"]["name"].startswith("web")]
-        return all(p["spec"].get("nodeName") == "sn01" for p in pods)
+        return all(p["spec"].get("nodeName") == "sn01" and p["status"].get("phase") == "Running" for p in pods)
 
     reports = sim.passes_until(pods_on_sn01, timeout=SWITCH_TIMEOUT_S, what="the pods to run on sn01")
     moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
