@@ -26,6 +26,7 @@ OUT = ROOT / "var" / "bench"
 BENCHMARKS: dict[str, str] = {
     "boot_storm": "bench.boot_storm",
     "decide": "bench.decide",
+    "observe": "bench.observe",
     "vm_boot": "bench.vm_boot",
 }
 

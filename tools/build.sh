@@ -38,6 +38,7 @@ fail() {
     echo "  Retry: tools/build.sh $name (finished downloads and compiled packages are kept in Go's caches)" >&2
     exit 1
 }
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin   # Go's own installer puts it there
 command -v go >/dev/null ||
     { echo "FAILED: building $name $V: no 'go' on PATH (Go >= 1.24 is needed; Debian 12's golang-go is too old)" >&2; exit 1; }
 mkdir -p "$root"
