@@ -261,3 +261,48 @@ def test_silent_bmc_fails_its_node_after_retries_and_the_others_still_move(balan
     assert sim.cli("role", "sn01", "slurm", "--reason", "BMC replaced", "--now").returncode == 0
     sim.passes_until(lambda: sim.state("sn01").phase == "steady" and sim.serving("sn01") == {"slurm"},
                      timeout=40, what="sn01 back in SLURM", cli=False)
+
+
+# --------------------------------------------------------------------------- PodDisruptionBudgets
+
+
+def test_a_pdb_decides_a_forced_switch_refused_visibly_then_let_through(balance_site):
+    """The real API server applies the budget the real disruption controller computed: one that
+    allows no disruption makes the forced switch fail, visibly, with nothing deleted; once it
+    allows one, the same switch evicts the pod and goes through."""
+    sim = balance_site(roles={"sn01": "k8s"}, policy={"phase_timeout_s": 6})
+    sim.kube.add_replicaset("db", 1, node_selector={"kubernetes.io/hostname": "sn01"})
+    (db,) = [p["metadata"]["name"] for p in wait_for(lambda: sim.kube.pods("sn01"), 30, "the db pod on sn01")]
+    sim.kube.wait_bound(db)
+    sim.kube.add_pdb("db", match_labels={"app": "db"}, min_available=1)
+    sim.kube.wait_pdb("db", allowed=0)
+    mark = sim.kube.plane.audit_mark()
+
+    assert sim.cli("role", "sn01", "slurm", "--reason", "maintenance", "--now").returncode == 0
+    sim.passes_until(lambda: sim.state("sn01").phase == "failed", timeout=40, what="the switch to fail", cli=False)
+
+    reason = sim.state("sn01").failed_reason
+    assert "pods could not be evicted in" in reason and f"default/{db}" in reason
+    assert "Cannot evict pod as it would violate the pod's disruption budget" in reason
+    assert "failed (pods could not be evicted" in sim.cli("nodes", "sn01").stdout
+    pod = sim.kube.pod(db)
+    assert pod["spec"]["nodeName"] == "sn01" and not pod["metadata"].get("deletionTimestamp")
+    calls = sim.kube.plane.audit(mark)
+    evictions = [c["code"] for c in calls if c["subresource"] == "eviction"]
+    assert evictions and set(evictions) == {429}
+    assert not [c for c in calls if c["verb"] == "delete"]
+    assert sim.bmc_actions("sn01") == []
+
+    # The budget now allows one disruption: the admin asks again, the eviction goes through.
+    sim.kube.api.patch("/apis/policy/v1/namespaces/default/poddisruptionbudgets/db",
+                       {"spec": {"minAvailable": 0}})
+    sim.kube.wait_pdb("db", allowed=1)
+    mark = sim.kube.plane.audit_mark()
+    assert sim.cli("role", "sn01", "slurm", "--reason", "maintenance, budget relaxed", "--now").returncode == 0
+    sim.passes_until(lambda: sim.state("sn01").phase == "steady" and sim.serving("sn01") == {"slurm"}, timeout=60,
+                     what="sn01 in SLURM", cli=False)
+    calls = sim.kube.plane.audit(mark)
+    assert [c["code"] for c in calls if c["subresource"] == "eviction"] == [201]
+    assert not [c for c in calls if c["verb"] == "delete"]
+    assert sim.kube.pod(db) is None  # evicted; its ReplicaSet's new pod waits for a node
+    assert sim.booted_once("sn01")

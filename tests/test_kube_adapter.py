@@ -393,3 +393,12 @@ def test_client_config_problems_say_what_to_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(OperationError, match=r"Service host/port is not set\): check kubernetes.in_cluster"):
         KubernetesAdapter(KubernetesSettings(in_cluster=True))
+
+
+def test_the_real_control_plane_processes_run(kube):
+    """kube-apiserver, kube-scheduler, kube-controller-manager and etcd are real processes here."""
+    import os
+
+    pids = kube.plane.pids()
+    for name in ("kube-apiserver", "kube-scheduler", "kube-controller-manager", "etcd"):
+        assert os.path.basename(os.readlink(f"/proc/{pids[name]}/exe")) == name

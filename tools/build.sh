@@ -18,10 +18,17 @@ dir=$here/$name
 STATIC=(); ldflags() { :; }
 # shellcheck source=/dev/null
 . "$dir/build.conf"
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin   # Go's own installer puts it there
+command -v go >/dev/null ||
+    { echo "FAILED: building $name: no 'go' on PATH (Go >= 1.24 is needed; Debian 12's golang-go is too old)" >&2; exit 1; }
 V=$(sed -n "s|^[[:space:]]*$MODULE \\(v[^ ]*\\)\\( //.*\\)\\{0,1\\}\$|\\1|p" "$dir/go.mod" | head -1)
 [ -n "$V" ] || { echo "FAILED: tools/$name/go.mod does not pin $MODULE; regenerate it with tools/$name/gen-gomod.sh" >&2; exit 1; }
-# The key covers what changes the binaries: the pins and the recipe (this file, build.conf).
-key=$(cat "$dir/go.mod" "$dir/go.sum" "$dir/build.conf" "$here/build.sh" | sha256sum | cut -c1-12)
+# The key covers what changes the binaries: the pins, the component's recipe (build.conf) and
+# RECIPE, the version of the build command below (bump it when that command changes; an edit
+# of a comment here must not cost a rebuild).
+RECIPE=1
+key=$( (cat "$dir/go.mod" "$dir/go.sum" "$dir/build.conf"; echo "recipe $RECIPE; $(go env GOVERSION 2>/dev/null)") |
+      sha256sum | cut -c1-12)
 root=${PROVISIONER_CACHE:-$HOME/.cache/provisioner}
 out=$root/$name-$V-$key
 if [ "${2:-}" = --print-dir ]; then echo "$out"; exit 0; fi
@@ -38,9 +45,6 @@ fail() {
     echo "  Retry: tools/build.sh $name (finished downloads and compiled packages are kept in Go's caches)" >&2
     exit 1
 }
-command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin   # Go's own installer puts it there
-command -v go >/dev/null ||
-    { echo "FAILED: building $name $V: no 'go' on PATH (Go >= 1.24 is needed; Debian 12's golang-go is too old)" >&2; exit 1; }
 mkdir -p "$root"
 : > "$log"
 echo "Building $name $V (${bins[*]}) from the Go module proxy into $out" >&2
