@@ -392,8 +392,9 @@ class Reconciler:
                 return False
             self.slurm.down([name])
             _crash_point("after-down")
+            k = self.kube.node(name)
             return self._goto(st, REBOOTING, "drained and down in SLURM (k8s_connect); will boot the k8s image",
-                              report, desired_role="k8s")
+                              report, desired_role="k8s", k8s_boot_id=k.boot_id if k is not None else None)
 
         if st.phase == CORDONING:
             k = self.kube.node(name)
@@ -409,7 +410,8 @@ class Reconciler:
                 else:
                     return self._rollback(st, f"pods appeared on the node ({', '.join(p.key for p in k.pods)})",
                                           report)
-            return self._goto(st, REBOOTING, "no pods left; will boot the slurm image", report, desired_role="slurm")
+            return self._goto(st, REBOOTING, "no pods left; will boot the slurm image", report, desired_role="slurm",
+                              k8s_boot_id=k.boot_id if k is not None else None)
 
         if st.phase == REBOOTING:
             return self._reboot(st, report)
@@ -463,6 +465,13 @@ class Reconciler:
 
     def _reboot(self, st: NodeState, report: PassReport) -> bool:
         name, to = st.name, st.target_role
+        if st.power_at and st.power_at >= (st.phase_since or 0):
+            # A power action was on its way when the pass that sent it stopped, before recording
+            # it. Powering the node again would interrupt its boot (or its new kubelet's first
+            # pods): wait for this boot instead; if it never comes, BOOTING's timeout retries.
+            return self._goto(st, BOOTING, f"a power action was sent at {time.strftime('%H:%M:%S', time.localtime(st.power_at))} "
+                              "by a pass that stopped before recording it; waiting for that boot", report,
+                              phase_since=st.power_at)
         # Re-check both clusters right before the power action: a job or a pod that arrived
         # since the last look (an admin resume, a pod bound by nodeName) stops the reboot.
         s = self.slurm.nodes([name])[name]
@@ -483,7 +492,12 @@ class Reconciler:
         _crash_point("before-power")
         node = self.site.nodes[name]
         # Taken before the action: a fast node may call back before this pass records BOOTING.
+        # Written before it too: a pass that dies between the action and its record must not
+        # make the next one power the node again (see the top of this method).
         powered_at = self.clock()
+        if not self.store.update(name, actor=self.actor, kind="power-intent", message=f"powering {name} to boot "
+                                 f"the {to} image", expect={"phase": REBOOTING}, power_at=powered_at):
+            return False
         result = self.power(self.site, [node], "boot", netboot=True, store=self.store, actor=self.actor,
                             roles={name: to})[0]
         _crash_point("after-power")

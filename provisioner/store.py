@@ -86,8 +86,11 @@ MIGRATIONS: list[str] = [
     # counts as joined only once its kubelet reports another one: a Ready condition left over
     # from before the reboot (the node-lifecycle controller notices a silent kubelet only after
     # its grace period) must not pass for the new image's kubelet.
+    # power_at: written right before a switch's power action, so that a pass that dies between
+    # the action and its record does not make the next pass power the node a second time.
     """
     ALTER TABLE nodes ADD COLUMN k8s_boot_id TEXT;
+    ALTER TABLE nodes ADD COLUMN power_at REAL;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -98,7 +101,7 @@ FAILED = "failed"
 _NODE_COLUMNS = (
     "name", "desired_role", "booted_role", "booted_version", "booted_at", "pinned", "pin_reason",
     "phase", "target_role", "phase_since", "attempts", "failed_reason", "last_switch_at", "updated_at",
-    "switch_reason", "switch_actor", "k8s_boot_id",
+    "switch_reason", "switch_actor", "k8s_boot_id", "power_at",
 )
 
 
@@ -121,6 +124,7 @@ class NodeState:
     switch_reason: str | None = None
     switch_actor: str | None = None
     k8s_boot_id: str | None = None  # status.nodeInfo.bootID before the last reboot (None: no Node then)
+    power_at: float | None = None  # when the last switch power action was about to be sent
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _NODE_COLUMNS}

@@ -177,11 +177,13 @@ def test_kill_9_at_each_step_then_passes_finish_the_switch(balance_site, to, poi
     # this process (faster: no console-script start-up each time).
     sim.passes_until(lambda: goal() and settled(sim), timeout=60, what=f"the switch to finish after kill -9 {point}",
                      cli=False)
-    # The node ended on the side the demand asked for, exactly once rebooted into it (twice when
-    # the pass died after the power action and before recording it), and nothing was killed.
+    # The node ended on the side the demand asked for, rebooted into it exactly once (also when
+    # the pass died after the power action and before recording it: the next pass sees the
+    # node's boot callback and does not power it again), and nothing was killed.
     assert sim.serving("sn01") == {to} and sim.state("sn01").desired_role == to
     boots, attempts = sim.reboots("sn01")
-    assert (2 if point == "after-power" else 1) <= boots <= attempts, (boots, attempts, sim.bmc_actions("sn01"))
+    assert boots == 1 or (point != "after-power" and 1 <= boots <= attempts), \
+        (boots, attempts, sim.bmc_actions("sn01"))
     assert running(sim, jobs)
     if to == "k8s":
         assert sim.kube.pod("big-0")["status"]["phase"] == "Running"
