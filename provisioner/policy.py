@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 
 from provisioner.config import Policy
 from provisioner.nodeset import fold
+from provisioner.states import FAILED, K8S, SLURM, STEADY
 
-SLURM, K8S = "slurm", "k8s"
 OTHER = {SLURM: K8S, K8S: SLURM}
-STEADY = "steady"
-FAILED = "failed"
 
 
 # --------------------------------------------------------------------------- the snapshot

@@ -6,7 +6,10 @@ asks for, and exits. Nothing waits minutes inside a pass; the next pass (cron, e
 picks up where this one stopped, also after a crash, because every node's switch is a state
 machine persisted in the store and every step is idempotent.
 
-A node's switch (phases stored in nodes.phase; target_role says where it goes):
+A node's switch is the state machine of provisioner/states.py (its phases, and the transitions
+declared there; a phase change not in that table is refused). Each switching phase has a handler
+here, `_on_<phase>`, that checks the preconditions of the next step against both clusters and
+takes it:
 
   to k8s:   requested -> draining (SLURM drain, our reason) -> [DRAINED: down k8s_connect,
             desired role := k8s] -> rebooting -> booting (wait for the boot callback)
@@ -19,7 +22,8 @@ A node's switch (phases stored in nodes.phase; target_role says where it goes):
 
 booting and joining share one clock: their phase_since is the moment of the power action, so
 "the node must be back within phase_timeout_s of its reboot", and a callback or a slurmd
-registration older than that reboot never counts.
+registration older than that reboot never counts. The power action is written ahead
+(power_at): a pass that dies between the action and its record does not power the node twice.
 
 Safety rules kept here:
 - right before any power action, both clusters are asked again whether the node runs a job or
@@ -46,19 +50,14 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import policy as pol
+from provisioner.clusters.interfaces import KubeClient, PowerFn, SlurmClient
 from provisioner.config import Site
 from provisioner.errors import OperationError
-from provisioner.store import FAILED, STEADY, NodeState, Store
+from provisioner.states import (BOOTING, CORDONING, DRAINING, FAILED, JOINING, K8S, REBOOTING, REQUESTED, SLURM,
+                                STEADY, SWITCHING, other, transition)
+from provisioner.store import NodeState, Store
 
 ACTOR = "balancer"
-
-REQUESTED = "requested"
-DRAINING = "draining"
-CORDONING = "cordoning"
-REBOOTING = "rebooting"
-BOOTING = "booting"
-JOINING = "joining"
-SWITCHING = (REQUESTED, DRAINING, CORDONING, REBOOTING, BOOTING, JOINING)
 
 # slurmd reports its start time from the node's clock, which a freshly booted diskless node may
 # not have synced yet: a slurmd that started up to this long before the reboot still counts as
@@ -162,12 +161,9 @@ class World:
     states: dict[str, NodeState]
 
 
-PowerFn = Callable[..., list]  # provisioner.power.run_action
-
-
 class Reconciler:
-    def __init__(self, site: Site, store: Store, slurm=None, kube=None, power: PowerFn | None = None,
-                 clock: Callable[[], float] = time.time, actor: str = ACTOR):
+    def __init__(self, site: Site, store: Store, slurm: SlurmClient | None = None, kube: KubeClient | None = None,
+                 power: PowerFn | None = None, clock: Callable[[], float] = time.time, actor: str = ACTOR):
         self.site = site
         self.store = store
         self._slurm = slurm
@@ -183,7 +179,7 @@ class Reconciler:
 
     # Adapters are made on first use: recording an admin's request needs neither cluster.
     @property
-    def slurm(self):
+    def slurm(self) -> SlurmClient:
         if self._slurm is None:
             from provisioner.clusters.slurm import SlurmAdapter
 
@@ -191,7 +187,7 @@ class Reconciler:
         return self._slurm
 
     @property
-    def kube(self):
+    def kube(self) -> KubeClient:
         if self._kube is None:
             from provisioner.clusters.kubernetes import KubernetesAdapter
 
@@ -287,7 +283,7 @@ class Reconciler:
         s = world.slurm_nodes[name]
         k = world.kube_nodes.get(name)
         role = st.target_role if st.phase in SWITCHING and st.target_role else st.desired_role
-        if role == "slurm":
+        if role == SLURM:
             busy = s.busy
             available = s.available
             held = None if available else (f"held in SLURM by someone else ({s.reason})" if s.held_by_other
@@ -299,7 +295,7 @@ class Reconciler:
                                             "cordoned by someone else" if k.cordoned_by_other else
                                             "not Ready in Kubernetes" if not k.ready else "cordoned")
         labels = dict(k.labels) if k else {}
-        labels[self.label_key] = "k8s"
+        labels[self.label_key] = K8S
         return pol.SharedNode(
             name=name, role=role, phase=st.phase, pinned=st.pinned, busy=busy, available=available,
             last_switch_at=st.last_switch_at, cpus=s.cpus or (k.cpu_m // 1000 if k else 1),
@@ -333,6 +329,7 @@ class Reconciler:
         st = self.store.get(name)
         if st.phase not in (STEADY, FAILED):
             return False
+        transition(st.phase, REQUESTED, role)
         fields: dict[str, Any] = dict(phase=REQUESTED, target_role=role, phase_since=self.clock(), attempts=0,
                                       failed_reason=None, switch_reason=reason, switch_actor=actor)
         if forced:
@@ -363,105 +360,117 @@ class Reconciler:
                 return
 
     def _step(self, st: NodeState, report: PassReport) -> bool:
-        """One step from st.phase. Returns True when the phase changed (so try the next one)."""
-        name, to = st.name, st.target_role
+        """One step from st.phase, by the phase's handler. True when the phase changed (so try
+        the next one)."""
+        return self._HANDLERS[st.phase](self, st, report)
+
+    def _forced(self, st: NodeState) -> bool:
+        return bool(st.pinned and st.switch_actor != self.actor)
+
+    def _age(self, st: NodeState) -> float:
         now = self.clock()
-        age = now - (st.phase_since or now)
-        forced = st.pinned and st.switch_actor != self.actor
+        return now - (st.phase_since or now)
 
-        if st.phase == REQUESTED:
-            if to == "k8s":
-                self.slurm.drain([name], f"switching to k8s: {st.switch_reason or ''}".strip())
-                return self._goto(st, DRAINING, f"draining in SLURM ({st.switch_reason})", report)
-            cordon_ours = self.kube.cordon(name) if self.kube.node(name) else True
-            _crash_point("after-cordon")
-            note = "" if cordon_ours else " (already cordoned by someone else: that cordon stays theirs)"
-            return self._goto(st, CORDONING, f"cordoned in Kubernetes{note}", report)
+    def _on_requested(self, st: NodeState, report: PassReport) -> bool:
+        name = st.name
+        if st.target_role == K8S:
+            self.slurm.drain([name], f"switching to k8s: {st.switch_reason or ''}".strip())
+            return self._goto(st, DRAINING, f"draining in SLURM ({st.switch_reason})", report)
+        cordon_ours = self.kube.cordon(name) if self.kube.node(name) else True
+        _crash_point("after-cordon")
+        note = "" if cordon_ours else " (already cordoned by someone else: that cordon stays theirs)"
+        return self._goto(st, CORDONING, f"cordoned in Kubernetes{note}", report)
 
-        if st.phase == DRAINING:
-            s = self.slurm.nodes([name])[name]
-            if s.held_by_other:
-                return self._rollback(st, f"someone else changed the node in SLURM ({s.reason}): hands off", report)
-            if not (s.drain or s.down):
-                return self._rollback(st, "the drain was lifted by someone else", report, resume=False)
-            if s.busy:
-                if not forced and age > self.policy.phase_timeout_s:
-                    return self._rollback(st, f"jobs still running after {int(age)} s", report)
-                if forced and age > self.policy.phase_timeout_s:
-                    report.notes.append(f"{name}: still draining after {int(age)} s (forced by {st.switch_actor})")
+    def _on_draining(self, st: NodeState, report: PassReport) -> bool:
+        name, age, forced = st.name, self._age(st), self._forced(st)
+        s = self.slurm.nodes([name])[name]
+        if s.held_by_other:
+            return self._rollback(st, f"someone else changed the node in SLURM ({s.reason}): hands off", report)
+        if not (s.drain or s.down):
+            return self._rollback(st, "the drain was lifted by someone else", report, resume=False)
+        if s.busy:
+            if not forced and age > self.policy.phase_timeout_s:
+                return self._rollback(st, f"jobs still running after {int(age)} s", report)
+            if forced and age > self.policy.phase_timeout_s:
+                report.notes.append(f"{name}: still draining after {int(age)} s (forced by {st.switch_actor})")
+            return False
+        self.slurm.down([name])
+        _crash_point("after-down")
+        k = self.kube.node(name)
+        return self._goto(st, REBOOTING, "drained and down in SLURM (k8s_connect); will boot the k8s image",
+                          report, desired_role=K8S, k8s_boot_id=k.boot_id if k is not None else None)
+
+    def _on_cordoning(self, st: NodeState, report: PassReport) -> bool:
+        name, age = st.name, self._age(st)
+        k = self.kube.node(name)
+        if k is not None and k.busy:
+            if not self._forced(st):
+                return self._rollback(st, f"pods appeared on the node ({', '.join(p.key for p in k.pods)})", report)
+            res = self.kube.evict_pods(name)
+            if not res.free:
+                blocked = "; ".join(f"{p} ({why})" for p, why in res.blocked) or ", ".join(res.remaining)
+                if age > self.policy.phase_timeout_s:
+                    return self._fail(st, f"pods could not be evicted in {int(age)} s: {blocked}", report)
+                report.notes.append(f"{name}: waiting for pods to leave: {blocked}")
                 return False
-            self.slurm.down([name])
-            _crash_point("after-down")
-            k = self.kube.node(name)
-            return self._goto(st, REBOOTING, "drained and down in SLURM (k8s_connect); will boot the k8s image",
-                              report, desired_role="k8s", k8s_boot_id=k.boot_id if k is not None else None)
+        return self._goto(st, REBOOTING, "no pods left; will boot the slurm image", report, desired_role=SLURM,
+                          k8s_boot_id=k.boot_id if k is not None else None)
 
-        if st.phase == CORDONING:
-            k = self.kube.node(name)
-            if k is not None and k.busy:
-                if forced:
-                    res = self.kube.evict_pods(name)
-                    if not res.free:
-                        blocked = "; ".join(f"{p} ({why})" for p, why in res.blocked) or ", ".join(res.remaining)
-                        if age > self.policy.phase_timeout_s:
-                            return self._fail(st, f"pods could not be evicted in {int(age)} s: {blocked}", report)
-                        report.notes.append(f"{name}: waiting for pods to leave: {blocked}")
-                        return False
-                else:
-                    return self._rollback(st, f"pods appeared on the node ({', '.join(p.key for p in k.pods)})",
-                                          report)
-            return self._goto(st, REBOOTING, "no pods left; will boot the slurm image", report, desired_role="slurm",
-                              k8s_boot_id=k.boot_id if k is not None else None)
+    def _on_rebooting(self, st: NodeState, report: PassReport) -> bool:
+        return self._reboot(st, report)
 
-        if st.phase == REBOOTING:
-            return self._reboot(st, report)
+    def _on_booting(self, st: NodeState, report: PassReport) -> bool:
+        to = st.target_role
+        if st.booted_role == to and st.booted_at and st.booted_at >= (st.phase_since or 0):
+            return self._goto(st, JOINING, f"booted the {to} image (version {st.booted_version})", report,
+                              phase_since=st.phase_since)
+        return self._timed_out(st, self._age(st), f"no boot callback from the {to} image", report)
 
-        if st.phase == BOOTING:
-            if st.booted_role == to and st.booted_at and st.booted_at >= (st.phase_since or 0):
-                return self._goto(st, JOINING, f"booted the {to} image (version {st.booted_version})", report,
-                                  phase_since=st.phase_since)
-            return self._timed_out(st, age, f"no boot callback from the {to} image", report)
+    def _on_joining(self, st: NodeState, report: PassReport) -> bool:
+        return self._joined_slurm(st, report) if st.target_role == SLURM else self._joined_k8s(st, report)
 
-        if st.phase == JOINING:
-            if to == "slurm":
-                s = self.slurm.nodes([name])[name]
-                # SLURM notices a slurmd that went away only after SlurmdTimeout (300 s by
-                # default): until then the old one still "responds". Only a slurmd started
-                # since the reboot proves that the new image joined.
-                since_boot = s.slurmd_start_time is not None and \
-                    s.slurmd_start_time >= int(st.phase_since or 0) - CLOCK_SLACK_S
-                if not (s.responding and since_boot):
-                    return self._timed_out(st, age, "slurmd has not registered", report)
-                if s.held_by_other:
-                    return self._fail(st, f"joined SLURM but someone else holds it ({s.reason})", report)
-                if s.drain or s.down:
-                    s = self.slurm.resume([name])[name]
-                    report.steps.append(Step(name, "resumed", "slurmd registered; resumed in SLURM"))
-                if not s.available:
-                    # Right after a resume slurmctld pings the node (NOT_RESPONDING for a moment):
-                    # done only once SLURM would give it a job, on this pass or the next.
-                    return self._timed_out(st, age, f"SLURM does not show it available ({s.state}"
-                                           f"{'+' + '+'.join(sorted(s.flags)) if s.flags else ''})", report)
-                if self.kube.node(name):
-                    self.kube.label(name, "slurm")
-                return self._finish(st, "available in SLURM, labelled sched=slurm", report)
-            k = self.kube.node(name)
-            if k is None or not k.ready:
-                return self._timed_out(st, age, "kubelet is not Ready", report)
-            if st.k8s_boot_id and k.boot_id == st.k8s_boot_id:
-                # Ready, but from the boot before the reboot: the control plane notices a silent
-                # kubelet only after its grace period (40 s by default).
-                return self._timed_out(st, age, "the Node still shows the boot from before the reboot "
-                                       f"(bootID {st.k8s_boot_id[:8]}...); its kubelet has not re-registered", report)
-            self.kube.label(name, "k8s")
-            note = "labelled sched=k8s"
-            if k.cordoned_by_us:
-                self.kube.uncordon(name)
-                note += ", uncordoned"
-            elif k.cordoned_by_other:
-                note += "; left cordoned: that cordon is someone else's"
-            return self._finish(st, f"Ready in Kubernetes, {note}", report)
-        return False
+    def _joined_slurm(self, st: NodeState, report: PassReport) -> bool:
+        name, age = st.name, self._age(st)
+        s = self.slurm.nodes([name])[name]
+        # SLURM notices a slurmd that went away only after SlurmdTimeout (300 s by default):
+        # until then the old one still "responds". Only a slurmd started since the reboot
+        # proves that the new image joined.
+        since_boot = s.slurmd_start_time is not None and \
+            s.slurmd_start_time >= int(st.phase_since or 0) - CLOCK_SLACK_S
+        if not (s.responding and since_boot):
+            return self._timed_out(st, age, "slurmd has not registered", report)
+        if s.held_by_other:
+            return self._fail(st, f"joined SLURM but someone else holds it ({s.reason})", report)
+        if s.drain or s.down:
+            s = self.slurm.resume([name])[name]
+            report.steps.append(Step(name, "resumed", "slurmd registered; resumed in SLURM"))
+        if not s.available:
+            # Right after a resume slurmctld pings the node (NOT_RESPONDING for a moment):
+            # done only once SLURM would give it a job, on this pass or the next.
+            return self._timed_out(st, age, f"SLURM does not show it available ({s.state}"
+                                   f"{'+' + '+'.join(sorted(s.flags)) if s.flags else ''})", report)
+        if self.kube.node(name):
+            self.kube.label(name, SLURM)
+        return self._finish(st, "available in SLURM, labelled sched=slurm", report)
+
+    def _joined_k8s(self, st: NodeState, report: PassReport) -> bool:
+        name, age = st.name, self._age(st)
+        k = self.kube.node(name)
+        if k is None or not k.ready:
+            return self._timed_out(st, age, "kubelet is not Ready", report)
+        if st.k8s_boot_id and k.boot_id == st.k8s_boot_id:
+            # Ready, but from the boot before the reboot: the control plane notices a silent
+            # kubelet only after its grace period (40 s by default).
+            return self._timed_out(st, age, "the Node still shows the boot from before the reboot "
+                                   f"(bootID {st.k8s_boot_id[:8]}...); its kubelet has not re-registered", report)
+        self.kube.label(name, K8S)
+        note = "labelled sched=k8s"
+        if k.cordoned_by_us:
+            self.kube.uncordon(name)
+            note += ", uncordoned"
+        elif k.cordoned_by_other:
+            note += "; left cordoned: that cordon is someone else's"
+        return self._finish(st, f"Ready in Kubernetes, {note}", report)
 
     def _reboot(self, st: NodeState, report: PassReport) -> bool:
         name, to = st.name, st.target_role
@@ -482,11 +491,11 @@ class Reconciler:
         if k is not None and k.busy:
             holders.append(f"Kubernetes shows pods on it ({', '.join(p.key for p in k.pods)})")
         if holders:
-            back = DRAINING if to == "k8s" else CORDONING
-            prev = "slurm" if to == "k8s" else "k8s"
+            back = DRAINING if to == K8S else CORDONING
+            transition(REBOOTING, back, to)
             self.store.update(name, actor=self.actor, kind="reboot-refused",
                               message=f"not rebooting: {'; '.join(holders)}", expect={"phase": REBOOTING},
-                              phase=back, desired_role=prev, phase_since=self.clock())
+                              phase=back, desired_role=other(to), phase_since=self.clock())
             report.steps.append(Step(name, "reboot-refused", "; ".join(holders), ok=True))
             return False
         _crash_point("before-power")
@@ -516,6 +525,7 @@ class Reconciler:
     # -- phase changes -----------------------------------------------------------------
 
     def _goto(self, st: NodeState, phase: str, message: str, report: PassReport, **fields: Any) -> bool:
+        transition(st.phase, phase, st.target_role)  # refuses a change the table does not declare
         fields.setdefault("phase_since", self.clock())
         ok = self.store.update(st.name, actor=self.actor, kind="phase", message=f"{st.phase} -> {phase}: {message}",
                                expect={"phase": st.phase}, data={"from": st.phase, "to": phase, "target": st.target_role},
@@ -530,6 +540,7 @@ class Reconciler:
         attempts = st.attempts + 1
         if attempts > self.policy.max_retries:
             return self._fail(st, f"{what} after {attempts} boot(s) ({int(age)} s in {st.phase})", report)
+        transition(st.phase, REBOOTING, st.target_role)
         ok = self.store.update(st.name, actor=self.actor, kind="retry",
                                message=f"{what} within {self.policy.phase_timeout_s} s; rebooting again "
                                        f"(attempt {attempts + 1} of {self.policy.max_retries + 1})",
@@ -539,6 +550,7 @@ class Reconciler:
         return ok
 
     def _fail(self, st: NodeState, reason: str, report: PassReport) -> bool:
+        transition(st.phase, FAILED, st.target_role)
         self.store.update(st.name, actor=self.actor, kind="failed", message=f"switch to {st.target_role} FAILED: {reason}",
                           expect={"phase": st.phase}, phase=FAILED, failed_reason=reason, phase_since=self.clock())
         report.steps.append(Step(st.name, FAILED, reason, ok=False))
@@ -546,12 +558,13 @@ class Reconciler:
 
     def _rollback(self, st: NodeState, why: str, report: PassReport, resume: bool = True) -> bool:
         """Undo a switch that has not reached the reboot: the node stays where it was."""
+        transition(st.phase, STEADY, st.target_role)
         name = st.name
-        if st.target_role == "k8s" and resume:
+        if st.target_role == K8S and resume:
             s = self.slurm.nodes([name])[name]
             if (s.drain or s.down) and s.reason_is_ours:
                 self.slurm.resume([name])
-        elif st.target_role == "slurm":
+        elif st.target_role == SLURM:
             k = self.kube.node(name)
             if k is not None and k.cordoned_by_us:
                 self.kube.uncordon(name)
@@ -562,6 +575,7 @@ class Reconciler:
         return False
 
     def _finish(self, st: NodeState, message: str, report: PassReport) -> bool:
+        transition(st.phase, STEADY, st.target_role)
         now = self.clock()
         ok = self.store.update(st.name, actor=self.actor, kind="switched",
                                message=f"now in {st.target_role}: {message}", expect={"phase": st.phase},
@@ -571,3 +585,12 @@ class Reconciler:
             report.steps.append(Step(st.name, "done", message))
         return False
 
+    # The handler of each switching phase (states.SWITCHING); each returns True when it moved on.
+    _HANDLERS = {
+        REQUESTED: _on_requested,
+        DRAINING: _on_draining,
+        CORDONING: _on_cordoning,
+        REBOOTING: _on_rebooting,
+        BOOTING: _on_booting,
+        JOINING: _on_joining,
+    }

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provisioner import ROLES
 from provisioner.errors import OperationError
+from provisioner.states import FAILED, ROLES, STEADY  # noqa: F401  (FAILED: re-exported for callers)
 
 # Each entry migrates from version i to i+1. Append, never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -94,9 +94,6 @@ MIGRATIONS: list[str] = [
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-
-STEADY = "steady"
-FAILED = "failed"
 
 _NODE_COLUMNS = (
     "name", "desired_role", "booted_role", "booted_version", "booted_at", "pinned", "pin_reason",

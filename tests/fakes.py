@@ -1,0 +1,127 @@
+"""Small in-process stand-ins for the two clusters and for power control, implementing the
+Protocols of provisioner/clusters/interfaces.py, for the fast tests of the state machine
+(test_states.py). They keep a plain state that a test sets and reads; every call is recorded.
+The real adapters are tested against the real daemons elsewhere; these only let a table of
+transitions run in milliseconds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from provisioner.clusters.kubernetes import EvictionResult, KubeNode, PodOnNode
+from provisioner.clusters.slurm import PAPER_REASON, SlurmNode, SlurmSnapshot
+from provisioner.errors import OperationError
+from provisioner.power.dispatch import PowerResult
+
+OURS = "provisioner: switching"
+
+
+class FakeSlurm:
+    def __init__(self, **nodes: SlurmNode):
+        self.state: dict[str, SlurmNode] = dict(nodes)
+        self.calls: list[tuple] = []
+        self.resume_leaves_not_responding = False  # slurmctld pings a resumed node first
+
+    def set(self, name: str, **changes) -> None:
+        self.state[name] = replace(self.state[name], **changes)
+
+    def observe(self) -> SlurmSnapshot:
+        return SlurmSnapshot(dict(self.state), ())
+
+    def nodes(self, names=None) -> dict[str, SlurmNode]:
+        names = [names] if isinstance(names, str) else names
+        return {n: self.state[n] for n in (names if names is not None else self.state)}
+
+    def drain(self, nodes, reason: str) -> dict[str, SlurmNode]:
+        self.calls.append(("drain", tuple(nodes), reason))
+        for n in nodes:
+            self.set(n, flags=self.state[n].flags | {"drain"}, reason=f"provisioner: {reason}", reason_is_ours=True)
+        return self.nodes(nodes)
+
+    def down(self, nodes, reason: str = PAPER_REASON) -> dict[str, SlurmNode]:
+        self.calls.append(("down", tuple(nodes)))
+        for n in nodes:
+            self.set(n, state="down", flags=self.state[n].flags - {"drain"}, reason=reason, reason_is_ours=True)
+        return self.nodes(nodes)
+
+    def resume(self, nodes) -> dict[str, SlurmNode]:
+        self.calls.append(("resume", tuple(nodes)))
+        for n in nodes:
+            flags = frozenset({"not_responding"}) if self.resume_leaves_not_responding else frozenset()
+            self.set(n, state="idle", flags=flags, reason=None, reason_is_ours=False)
+        return self.nodes(nodes)
+
+
+class FakeKube:
+    def __init__(self, **nodes: KubeNode):
+        self.state: dict[str, KubeNode] = dict(nodes)
+        self.calls: list[tuple] = []
+        self.evictable = True  # False: a PodDisruptionBudget refuses every eviction
+
+    def set(self, name: str, **changes) -> None:
+        self.state[name] = replace(self.state[name], **changes)
+
+    def pending_pods(self) -> list:
+        return []
+
+    def nodes(self, names=None) -> dict[str, KubeNode]:
+        return {n: k for n, k in self.state.items() if names is None or n in set(names)}
+
+    def node(self, name: str) -> KubeNode | None:
+        return self.state.get(name)
+
+    def cordon(self, name: str) -> bool:
+        self.calls.append(("cordon", name))
+        k = self.state[name]
+        if k.unschedulable:
+            return k.cordoned_by_us
+        self.set(name, unschedulable=True, cordoned_by_us=True)
+        return True
+
+    def uncordon(self, name: str) -> None:
+        self.calls.append(("uncordon", name))
+        k = self.state[name]
+        if k.unschedulable and not k.cordoned_by_us:
+            raise OperationError(f"node {name} was cordoned by someone else")
+        self.set(name, unschedulable=False, cordoned_by_us=False)
+
+    def label(self, name: str, role: str) -> None:
+        self.calls.append(("label", name, role))
+        self.set(name, role=role)
+
+    def evict_pods(self, name: str) -> EvictionResult:
+        self.calls.append(("evict", name))
+        pods = tuple(p.key for p in self.state[name].pods)
+        if not self.evictable:
+            return EvictionResult(name, (), tuple((p, "Cannot evict pod as it would violate the pod's disruption "
+                                                      "budget.") for p in pods), pods)
+        self.set(name, pods=())
+        return EvictionResult(name, pods, (), ())
+
+    def close(self) -> None:
+        pass
+
+
+class FakePower:
+    def __init__(self, ok: bool = True, error: str = "BMC did not answer within 5s (2 attempts)"):
+        self.ok, self.error = ok, error
+        self.calls: list[tuple] = []
+
+    def __call__(self, site, nodes, action, *, netboot=False, **kwargs) -> list[PowerResult]:
+        self.calls.append((action, tuple(n.name for n in nodes), netboot))
+        return [PowerResult(n.name, action, self.ok, state="on" if self.ok else None, method="ipmi",
+                            netboot=netboot, error=None if self.ok else self.error,
+                            error_kind=None if self.ok else "timeout") for n in nodes]
+
+
+def slurm_node(name: str, state: str = "idle", **kw) -> SlurmNode:
+    return SlurmNode(name=name, state=state, cpus=4, memory_mb=16000, partitions=("batch",), **kw)
+
+
+def kube_node(name: str, ready: bool = True, role: str | None = "k8s", pods: tuple[str, ...] = (), **kw) -> KubeNode:
+    return KubeNode(name=name, ready=ready, unschedulable=kw.pop("unschedulable", False),
+                    cordoned_by_us=kw.pop("cordoned_by_us", False), role=role, labels=(), taints=(), cpu_m=4000,
+                    memory=16 << 30, gpus=0,
+                    pods=tuple(PodOnNode("default", p, "Running", False) for p in pods),
+                    ready_reason="KubeletReady" if ready else "NodeStatusUnknown", boot_id=kw.pop("boot_id", "boot-1"),
+                    **kw)

@@ -1,0 +1,247 @@
+"""The switch state machine, one row per transition (and per branch that only a long integration
+run would reach), against in-process fakes of the two clusters and of power (tests/fakes.py):
+milliseconds each, so `make test-fast` covers every step. The same steps run against the real
+daemons in test_balance_*.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+
+from provisioner import config
+from provisioner.reconcile import PassReport, Reconciler
+from provisioner.states import (BOOTING, CORDONING, DRAINING, FAILED, JOINING, K8S, PHASES, REBOOTING, REQUESTED,
+                                SLURM, STEADY, TRANSITIONS, IllegalTransition, other, transition)
+from provisioner.store import Store
+from tests.fakes import OURS, FakeKube, FakePower, FakeSlurm, kube_node, slurm_node
+from tests.fixtures.site import write_site
+
+NOW = 1_800_000_000.0
+TIMEOUT = 20  # policy.phase_timeout_s of the test site
+LATE = TIMEOUT + 1
+
+
+@dataclass
+class Case:
+    id: str
+    phase: str
+    to: str
+    then: str  # the phase after one step
+    step: str | None = None  # the action of the step the report shows last (None: no step)
+    age: float = 0  # seconds since the phase began
+    state: dict = field(default_factory=dict)  # more NodeState fields
+    slurm: dict = field(default_factory=dict)  # SlurmNode fields of sn01
+    kube: dict | None = field(default_factory=dict)  # KubeNode fields of sn01; None: no Node object
+    power_ok: bool = True
+    evictable: bool = True
+    resume_pings: bool = False  # slurmctld pings a resumed node first (not responding for a moment)
+    check: Callable | None = None  # check(state_after, report, slurm, kube, power)
+
+
+def forced(**more) -> dict:
+    return {"pinned": 1, "switch_actor": "admin", **more}
+
+
+def calls(fake, kind: str) -> list:
+    return [c for c in fake.calls if c[0] == kind]
+
+
+CASES = [
+    # requested
+    Case("requested-to-k8s-drains", REQUESTED, K8S, DRAINING, "draining",
+         check=lambda st, r, s, k, p: calls(s, "drain") and s.state["sn01"].drain),
+    Case("requested-to-slurm-cordons", REQUESTED, SLURM, CORDONING, "cordoning",
+         check=lambda st, r, s, k, p: k.state["sn01"].cordoned_by_us),
+    Case("requested-to-slurm-without-a-node-object", REQUESTED, SLURM, CORDONING, "cordoning", kube=None,
+         check=lambda st, r, s, k, p: not k.calls),
+    Case("requested-to-slurm-someone-elses-cordon-stays-theirs", REQUESTED, SLURM, CORDONING, "cordoning",
+         kube={"unschedulable": True},
+         check=lambda st, r, s, k, p: "someone else" in r.steps[-1].message and not k.state["sn01"].cordoned_by_us),
+    # draining
+    Case("draining-drained-goes-down-and-reboots", DRAINING, K8S, REBOOTING, "rebooting",
+         slurm={"flags": frozenset({"drain"}), "reason": OURS, "reason_is_ours": True},
+         kube={"boot_id": "old-boot"},
+         check=lambda st, r, s, k, p: calls(s, "down") and st.desired_role == K8S and st.k8s_boot_id == "old-boot"),
+    Case("draining-jobs-run-waits", DRAINING, K8S, DRAINING, None, age=5,
+         slurm={"state": "allocated", "alloc_cpus": 2, "flags": frozenset({"drain"}), "reason": OURS,
+                "reason_is_ours": True}),
+    Case("draining-jobs-outlast-the-timeout-balancer-rolls-back", DRAINING, K8S, STEADY, "rollback", age=LATE,
+         slurm={"state": "allocated", "alloc_cpus": 2, "flags": frozenset({"drain"}), "reason": OURS,
+                "reason_is_ours": True},
+         check=lambda st, r, s, k, p: calls(s, "resume") and st.desired_role == SLURM),
+    Case("draining-forced-waits-for-jobs-however-long", DRAINING, K8S, DRAINING, None, age=LATE, state=forced(),
+         slurm={"state": "allocated", "alloc_cpus": 2, "flags": frozenset({"drain"}), "reason": OURS,
+                "reason_is_ours": True},
+         check=lambda st, r, s, k, p: any("still draining" in n for n in r.notes)),
+    Case("draining-lifted-by-someone-else", DRAINING, K8S, STEADY, "rollback",
+         check=lambda st, r, s, k, p: "lifted by someone else" in r.steps[-1].message and not calls(s, "resume")),
+    Case("draining-someone-elses-hold-hands-off", DRAINING, K8S, STEADY, "rollback",
+         slurm={"flags": frozenset({"drain"}), "reason": "bad DIMM", "reason_is_ours": False},
+         check=lambda st, r, s, k, p: "hands off" in r.steps[-1].message and not calls(s, "resume")),
+    # cordoning
+    Case("cordoning-empty-reboots", CORDONING, SLURM, REBOOTING, "rebooting",
+         kube={"unschedulable": True, "cordoned_by_us": True},
+         check=lambda st, r, s, k, p: st.desired_role == SLURM and st.k8s_boot_id == "boot-1"),
+    Case("cordoning-pods-appeared-balancer-rolls-back", CORDONING, SLURM, STEADY, "rollback",
+         kube={"unschedulable": True, "cordoned_by_us": True, "pods": ("web-1",)},
+         check=lambda st, r, s, k, p: calls(k, "uncordon") and not calls(k, "evict")),
+    Case("cordoning-forced-evicts-and-reboots", CORDONING, SLURM, REBOOTING, "rebooting", state=forced(),
+         kube={"unschedulable": True, "cordoned_by_us": True, "pods": ("web-1",)},
+         check=lambda st, r, s, k, p: calls(k, "evict")),
+    Case("cordoning-forced-pdb-blocks-waits", CORDONING, SLURM, CORDONING, None, age=5, state=forced(),
+         evictable=False, kube={"unschedulable": True, "cordoned_by_us": True, "pods": ("db-0",)},
+         check=lambda st, r, s, k, p: any("waiting for pods to leave" in n for n in r.notes)),
+    Case("cordoning-forced-pdb-blocks-past-the-timeout-fails", CORDONING, SLURM, FAILED, "failed", age=LATE,
+         state=forced(), evictable=False, kube={"unschedulable": True, "cordoned_by_us": True, "pods": ("db-0",)},
+         check=lambda st, r, s, k, p: "could not be evicted" in st.failed_reason and "disruption budget" in
+         st.failed_reason),
+    # rebooting
+    Case("rebooting-powers-and-waits-for-the-boot", REBOOTING, K8S, BOOTING, "booting",
+         slurm={"state": "down", "reason": "k8s_connect", "reason_is_ours": True},
+         check=lambda st, r, s, k, p: p.calls == [("boot", ("sn01",), True)] and st.power_at == NOW
+         and st.phase_since == NOW),
+    Case("rebooting-refused-jobs-appeared", REBOOTING, K8S, DRAINING, "reboot-refused",
+         slurm={"state": "allocated", "alloc_cpus": 1},
+         check=lambda st, r, s, k, p: not p.calls and st.desired_role == SLURM),
+    Case("rebooting-refused-pods-appeared", REBOOTING, SLURM, CORDONING, "reboot-refused",
+         kube={"unschedulable": True, "cordoned_by_us": True, "pods": ("late-0",)},
+         check=lambda st, r, s, k, p: not p.calls and st.desired_role == K8S),
+    Case("rebooting-power-fails-counts-an-attempt", REBOOTING, K8S, REBOOTING, "power", power_ok=False,
+         slurm={"state": "down"}, check=lambda st, r, s, k, p: st.attempts == 1 and not r.steps[-1].ok),
+    Case("rebooting-power-fails-past-max-retries", REBOOTING, K8S, FAILED, "failed", power_ok=False,
+         state={"attempts": 1}, slurm={"state": "down"},
+         check=lambda st, r, s, k, p: "power action failed 2 times" in st.failed_reason),
+    Case("rebooting-after-a-pass-died-past-its-power-action", REBOOTING, K8S, BOOTING, "booting", age=30,
+         state={"power_at": NOW - 10}, slurm={"state": "down"},
+         check=lambda st, r, s, k, p: not p.calls and st.phase_since == NOW - 10),
+    Case("rebooting-to-slurm-powers", REBOOTING, SLURM, BOOTING, "booting",
+         kube={"unschedulable": True, "cordoned_by_us": True}, check=lambda st, r, s, k, p: len(p.calls) == 1),
+    Case("rebooting-to-slurm-power-fails-past-max-retries", REBOOTING, SLURM, FAILED, "failed", power_ok=False,
+         state={"attempts": 1}, kube={"unschedulable": True, "cordoned_by_us": True}),
+    # booting
+    Case("booting-to-slurm-callback", BOOTING, SLURM, JOINING, "joining", age=10,
+         state={"booted_role": SLURM, "booted_at": NOW - 1}),
+    Case("booting-to-slurm-wrong-image-called-back-reboots-again", BOOTING, SLURM, REBOOTING, "retry", age=LATE,
+         state={"booted_role": K8S, "booted_at": NOW - 1}),
+    Case("booting-to-slurm-no-callback-after-the-last-retry-fails", BOOTING, SLURM, FAILED, "failed", age=LATE,
+         state={"attempts": 1}),
+    Case("booting-callback-of-this-boot", BOOTING, K8S, JOINING, "joining", age=10,
+         state={"booted_role": K8S, "booted_at": NOW - 5, "booted_version": "7"},
+         check=lambda st, r, s, k, p: st.phase_since == NOW - 10),
+    Case("booting-callback-from-before-the-reboot-does-not-count", BOOTING, K8S, BOOTING, None, age=10,
+         state={"booted_role": K8S, "booted_at": NOW - 60}),
+    Case("booting-no-callback-in-time-reboots-again", BOOTING, K8S, REBOOTING, "retry", age=LATE,
+         check=lambda st, r, s, k, p: st.attempts == 1 and st.phase_since == NOW),
+    Case("booting-no-callback-after-the-last-retry-fails", BOOTING, K8S, FAILED, "failed", age=LATE,
+         state={"attempts": 1}, check=lambda st, r, s, k, p: "no boot callback" in st.failed_reason),
+    # joining k8s
+    Case("joining-k8s-new-kubelet-ready", JOINING, K8S, STEADY, "done", age=5, state={"k8s_boot_id": "old-boot"},
+         kube={"boot_id": "new-boot", "unschedulable": True, "cordoned_by_us": True, "role": "slurm"},
+         check=lambda st, r, s, k, p: k.state["sn01"].role == K8S and not k.state["sn01"].unschedulable
+         and st.last_switch_at == NOW),
+    Case("joining-k8s-ready-from-before-the-reboot-is-not-joined", JOINING, K8S, JOINING, None, age=5,
+         state={"k8s_boot_id": "boot-1"}, kube={"boot_id": "boot-1"},
+         check=lambda st, r, s, k, p: not calls(k, "label")),
+    Case("joining-k8s-someone-elses-cordon-stays", JOINING, K8S, STEADY, "done", age=5,
+         kube={"boot_id": "new", "unschedulable": True, "cordoned_by_us": False},
+         check=lambda st, r, s, k, p: k.state["sn01"].unschedulable and not calls(k, "uncordon")),
+    Case("joining-k8s-not-ready-in-time-reboots-again", JOINING, K8S, REBOOTING, "retry", age=LATE,
+         kube={"ready": False}),
+    Case("joining-k8s-no-node-after-the-last-retry-fails", JOINING, K8S, FAILED, "failed", age=LATE, kube=None,
+         state={"attempts": 1}, check=lambda st, r, s, k, p: "kubelet is not Ready" in st.failed_reason),
+    # joining slurm
+    Case("joining-slurm-new-slurmd-resumed", JOINING, SLURM, STEADY, "done", age=5,
+         slurm={"state": "down", "reason": "k8s_connect", "reason_is_ours": True, "slurmd_start_time": NOW - 2},
+         check=lambda st, r, s, k, p: calls(s, "resume") and k.state["sn01"].role == SLURM
+         and any(x.action == "resumed" for x in r.steps)),
+    Case("joining-slurm-slurmd-from-before-the-reboot-is-not-joined", JOINING, SLURM, JOINING, None, age=5,
+         slurm={"state": "down", "reason": "k8s_connect", "reason_is_ours": True,
+                "slurmd_start_time": NOW - 3600},
+         check=lambda st, r, s, k, p: not calls(s, "resume")),
+    Case("joining-slurm-not-registered-in-time-reboots-again", JOINING, SLURM, REBOOTING, "retry", age=LATE,
+         slurm={"state": "down", "flags": frozenset({"not_responding"}), "reason": "k8s_connect",
+                "reason_is_ours": True}),
+    Case("joining-slurm-resumed-but-not-yet-responding-waits", JOINING, SLURM, JOINING, "resumed", age=5,
+         resume_pings=True, slurm={"state": "down", "reason": "k8s_connect", "reason_is_ours": True, "slurmd_start_time": NOW - 2}),
+    Case("joining-slurm-held-by-someone-else-fails", JOINING, SLURM, FAILED, "failed", age=5,
+         slurm={"state": "down", "reason": "admin: bad fan", "reason_is_ours": False, "slurmd_start_time": NOW - 2},
+         check=lambda st, r, s, k, p: "someone else holds it" in st.failed_reason and not calls(s, "resume")),
+]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    path = write_site(tmp_path_factory.mktemp("states") / "site",
+                      policy={"phase_timeout_s": TIMEOUT, "max_retries": 1, "cooldown_s": 0})
+    return config.load(path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_transition(case: Case, site, tmp_path):
+    store = Store(str(tmp_path / "state.db"))
+    store.seed((n.name, n.default_role) for n in site.nodes.values())
+    desired = other(case.to) if case.phase in (REQUESTED, DRAINING, CORDONING) else case.to
+    store.update("sn01", actor="test", kind="test", message="arranged", phase=case.phase, target_role=case.to,
+                 desired_role=desired, phase_since=NOW - case.age, **{"switch_actor": "balancer", **case.state})
+    slurm = FakeSlurm(sn01=slurm_node("sn01", **case.slurm))
+    kube = FakeKube(**({} if case.kube is None else {"sn01": kube_node("sn01", **case.kube)}))
+    kube.evictable = case.evictable
+    slurm.resume_leaves_not_responding = case.resume_pings
+    power = FakePower(ok=case.power_ok)
+    rec = Reconciler(site, store, slurm=slurm, kube=kube, power=power, clock=lambda: NOW)
+    report = PassReport(dry_run=False)
+
+    rec._step(store.get("sn01"), report)
+
+    after = store.get("sn01")
+    assert after.phase == case.then, (report.steps, report.notes)
+    assert (report.steps[-1].action if report.steps else None) == case.step, report.steps
+    if case.check:
+        assert case.check(after, report, slurm, kube, power), (after, report.steps, report.notes)
+    if after.phase != case.phase:  # every phase change is a declared one, and an event says why
+        transition(case.phase, after.phase, case.to)
+        assert store.events(["sn01"], limit=1)[-1].kind != "test"
+    store.close()
+
+
+def test_every_declared_transition_has_a_row():
+    covered = {(c.phase, c.then, c.to) for c in CASES if c.then != c.phase}
+    covered |= {(STEADY, REQUESTED, r) for r in (SLURM, K8S)} | {(FAILED, REQUESTED, r) for r in (SLURM, K8S)}
+    declared = {(t.source, t.target, d) for t in TRANSITIONS for d in t.directions}
+    assert declared - covered == set()
+    assert len(CASES) >= 20
+
+
+def test_a_switch_starts_from_steady_or_failed_only(site, tmp_path):
+    store = Store(str(tmp_path / "state.db"))
+    store.seed((n.name, n.default_role) for n in site.nodes.values())
+    rec = Reconciler(site, store, slurm=FakeSlurm(), kube=FakeKube(), power=FakePower(), clock=lambda: NOW)
+    report = PassReport(dry_run=False)
+    assert rec._start("sn01", K8S, "test", actor="balancer", forced=False, report=report)
+    assert store.get("sn01").phase == REQUESTED
+    assert not rec._start("sn01", K8S, "again", actor="balancer", forced=False, report=report)
+    store.update("sn01", actor="test", kind="test", message="", phase=FAILED)
+    assert rec._start("sn01", SLURM, "admin", actor="admin", forced=True, report=report)
+    assert store.get("sn01").pinned
+    store.close()
+
+
+def test_undeclared_transitions_are_refused():
+    with pytest.raises(IllegalTransition, match="booting -> draining"):
+        transition(BOOTING, DRAINING, K8S)
+    with pytest.raises(IllegalTransition):
+        transition(REQUESTED, DRAINING, SLURM)  # draining is the way to k8s only
+    with pytest.raises(IllegalTransition):
+        transition(STEADY, BOOTING, K8S)
+    assert transition(JOINING, STEADY, SLURM).event == "joined"
+
+
+def test_the_diagram_names_every_phase_and_event():
+    import provisioner.states as states
+
+    doc = states.__doc__
+    assert all(p in doc for p in PHASES)
+    assert all(f" {t.event} " in doc or f"{t.event}:" in doc for t in TRANSITIONS), \
+        [t.event for t in TRANSITIONS if f" {t.event} " not in doc and f"{t.event}:" not in doc]
