@@ -36,9 +36,9 @@ from provisioner.boot.render import Renderer
 from provisioner.boot.server import default_workers
 from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret
-from tests.fixtures.boot_server import BootServer
-from tests.fixtures.site import write_site
-from tests.support import Daemon, free_port
+from testbed.boot_server import BootServer
+from testbed.site import write_site
+from testbed.process import Daemon, free_port
 
 TITLE = "boot storm: N nodes fetch their iPXE scripts; provisioner serve vs nginx static files"
 HERE = Path(__file__).resolve().parent

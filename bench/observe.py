@@ -28,8 +28,8 @@ from testbed.kube_api import ns_path
 from testbed.kube_cluster import KubeCluster
 from testbed.kubelets import SimKubelet
 from testbed.wait import wait_for
-from tests.fixtures.site import mac, write_site
-from tests.fixtures.slurm_cluster import SlurmCluster
+from testbed.site import mac, write_site
+from testbed.slurm_cluster import SlurmCluster
 
 TITLE = "observe + decide: one pass's look at 1,000 nodes and 10,000 pending pods (real API server, real slurmctld)"
 GOAL_S = 3.0

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from provisioner import config, images
 from provisioner.power import run_action
-from tests.fixtures.slurm_cluster import wait_for
+from testbed.wait import wait_for
 
 TITLE = "VM boot: raw IPMI boot -> callback vs pending work -> running on the switched VM"
 TARGET_OVERHEAD_S = 15.0
@@ -160,9 +160,9 @@ class Bench:
 
 
 def run(args) -> dict:
-    from tests.fixtures.vms import VmSite
-    from tests.tinyimage import CACHE, DEFINITIONS
-    from tests.vm import accelerator
+    from testbed.vm_site import VmSite
+    from testbed.tinyimage import CACHE, DEFINITIONS
+    from testbed.vm import accelerator
 
     rounds = getattr(args, "vm_rounds", 3)
     interval = getattr(args, "vm_pass_interval", 1.0)

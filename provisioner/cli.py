@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     isp = add_image("build", cmd_image_build, "build an image into a new version, then publish it")
     isp.add_argument("name", help="an image defined in site.image_definitions (images/NAME/image.yaml)")
     isp.add_argument("--no-publish", action="store_true", help="build only; publish later with `image publish`")
-    isp.add_argument("--cache", type=Path, help="download cache (default: $PROVISIONER_CACHE or .cache/images)")
+    isp.add_argument("--cache", type=Path, help="download cache (default: $PROVISIONER_CACHE/images or ~/.cache/provisioner/images)")
     isp.add_argument("--json", action="store_true")
     isp = add_image("list", cmd_image_list, "versions of each image: current, size, pinned nodes")
     isp.add_argument("name", nargs="?")

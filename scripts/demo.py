@@ -37,10 +37,10 @@ if str(ROOT) not in sys.path:
 
 from provisioner import images  # noqa: E402
 from provisioner.errors import ProvisionerError  # noqa: E402
-from tests.fixtures.vms import IPXE_ROM, VmSite  # noqa: E402
-from tests.simnodes import provisioner_cmd  # noqa: E402
-from tests.tinyimage import CACHE, DEFINITIONS  # noqa: E402
-from tests.vm import QEMU, accelerator, qemu_binary  # noqa: E402
+from testbed.vm_site import IPXE_ROM, VmSite  # noqa: E402
+from testbed.simnodes import provisioner_cmd  # noqa: E402
+from testbed.tinyimage import CACHE, DEFINITIONS  # noqa: E402
+from testbed.vm import QEMU, accelerator, qemu_binary  # noqa: E402
 from testbed.kube_control_plane import BinariesMissing, kubectl_path  # noqa: E402
 
 # The demo's policy: demand must last a few seconds before a node moves (no flapping on a blip),

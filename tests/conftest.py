@@ -1,16 +1,22 @@
 """Shared test set-up.
 
-Integration tests talk to real daemons (slurmctld/slurmd/munged, sshd, the BMC simulator, qemu).
-When one is missing they skip locally, but under CI=true a missing daemon is a FAILURE: use
-`require_binary()` / `missing()` from tests/support.py rather than pytest.skip directly.
+Integration tests talk to real daemons (slurmctld/slurmd/munged, sshd, the BMC simulator, qemu,
+the Kubernetes control plane). When one is missing they skip locally, but under CI=true a missing
+daemon is a FAILURE: use `require_binary()` / `missing()` from tests/support.py rather than
+pytest.skip directly; the test world (testbed/) raises PartMissing, which is treated the same way.
 """
 
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from testbed.parts import PartMissing  # noqa: E402
+from tests.support import IN_CI  # noqa: E402
 
 # Fixture plugins, one module per area (each owns its daemons and cleans up after itself).
 pytest_plugins = [
@@ -21,6 +27,17 @@ pytest_plugins = [
     "tests.fixtures.bmc",
     "tests.fixtures.slurm_cluster",
     "tests.fixtures.balance",
-    "tests.tinyimage",
+    "tests.fixtures.tinyimage",
     "tests.fixtures.vms",
 ]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A part the test world could not find (testbed.parts.PartMissing): a skip locally, a
+    failure under CI=true, as for missing()."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance(PartMissing) and not IN_CI:
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {call.excinfo.value}")

@@ -1,4 +1,4 @@
-"""The balancer's safety promises, against the real parts (tests/simnodes.py): work that arrives
+"""The balancer's safety promises, against the real parts (testbed/simnodes.py): work that arrives
 late stops a reboot, a pass killed at any step leaves nothing stranded, one pass at a time, and a
 dead BMC fails one node visibly without holding up the others."""
 
@@ -16,7 +16,7 @@ from provisioner.reconcile import CRASH_ENV
 from testbed.kube_control_plane import PROVISIONER_USER
 from testbed.tcp_gate import TcpGate
 from testbed.wait import wait_for
-from tests.simnodes import ROOT, kernel_args, provisioner_cmd
+from testbed.simnodes import ROOT, kernel_args, provisioner_cmd
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """The balancer moves shared nodes between real SLURM and a real Kubernetes control plane, through
-BMC simulators and the real boot endpoint (tests/simnodes.py). Passes run through the real CLI,
+BMC simulators and the real boot endpoint (testbed/simnodes.py). Passes run through the real CLI,
 as cron runs them: `provisioner --config SITE balance --json`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.simnodes import kernel_args
+from testbed.simnodes import kernel_args
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 
 from provisioner.config import Policy
 from provisioner.policy import PendingPod, SharedNode, Snapshot, decide
-from tests.simnodes import kernel_args
+from testbed.simnodes import kernel_args
 
 
 def test_demand_persist_zero_moves_on_first_sight():
@@ -33,7 +33,7 @@ def test_pass_lock_waits_only_when_asked(tmp_path):
 
     from provisioner import config
     from provisioner.reconcile import PassLocked, pass_lock
-    from tests.fixtures.site import write_site
+    from testbed.site import write_site
 
     site = config.load(write_site(tmp_path))
     held, release = threading.Event(), threading.Event()

@@ -6,7 +6,7 @@ from provisioner import config
 from provisioner.boot.app import create_app
 from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret, node_token
-from tests.fixtures.site import mac
+from testbed.site import mac
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_missing_image_file_gets_a_waiting_script(client, site):
 def test_broken_template_gets_a_waiting_script(tmp_path):
     import shutil
 
-    from tests.fixtures.site import ROOT, write_site
+    from testbed.site import ROOT, write_site
 
     templates = tmp_path / "tpl"
     shutil.copytree(ROOT / "pxe-templates", templates)
@@ -130,7 +130,7 @@ def test_template_edit_shows_on_the_next_request(tmp_path):
     import shutil
     import time
 
-    from tests.fixtures.site import ROOT, write_site
+    from testbed.site import ROOT, write_site
 
     templates = tmp_path / "tpl"
     shutil.copytree(ROOT / "pxe-templates", templates)

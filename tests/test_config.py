@@ -7,7 +7,7 @@ import yaml
 
 from provisioner import config
 from provisioner.errors import ConfigError
-from tests.fixtures.site import ROOT, mac, write_site
+from testbed.site import ROOT, mac, write_site
 
 
 def rewrite(path: Path, edit) -> Path:

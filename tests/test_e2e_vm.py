@@ -22,9 +22,9 @@ import pytest
 from provisioner import config, images
 from provisioner.boot import overlay
 from provisioner.tokens import load_or_create_secret
-from tests.fixtures.slurm_cluster import wait_for
-from tests.tinyimage import CACHE, DEFINITIONS
-from tests.vm import VM
+from testbed.wait import wait_for
+from testbed.tinyimage import CACHE, DEFINITIONS
+from testbed.vm import VM
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

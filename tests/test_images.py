@@ -21,10 +21,10 @@ from provisioner.errors import ConfigError, OperationError, UsageError
 from provisioner.images import kmod
 from provisioner.images.definition import load as load_definition
 from provisioner.store import Store
-from tests.fixtures.boot_server import BootServer, cli
-from tests.fixtures.site import mac
+from testbed.boot_server import BootServer, cli
+from testbed.site import mac
 from tests.support import free_port, require_binary
-from tests.tinyimage import CACHE, DEFINITIONS, build_tiny, clone_root, tiny_site
+from testbed.tinyimage import CACHE, DEFINITIONS, build_tiny, clone_root, tiny_site
 
 # --------------------------------------------------------------------------- definitions (no build)
 

@@ -13,8 +13,8 @@ from provisioner.boot.render import Renderer
 from provisioner.errors import ConfigError
 from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret
-from tests.fixtures.site import mac, write_site
-from tests.tinyimage import clone_root, tiny_site
+from testbed.site import mac, write_site
+from testbed.tinyimage import clone_root, tiny_site
 
 
 def load(tmp_path, **sections):

@@ -26,10 +26,10 @@ from provisioner.images.definition import load as load_definition
 from provisioner.images.versions import Published
 from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret, node_token
-from tests.fixtures.boot_server import BootServer
-from tests.fixtures.site import mac
+from testbed.boot_server import BootServer
+from testbed.site import mac
 from tests.support import free_port, require_binary
-from tests.tinyimage import DEFINITIONS, build_tiny, clone_root, tiny_site
+from testbed.tinyimage import DEFINITIONS, build_tiny, clone_root, tiny_site
 
 BOOTSTRAP_TOKEN = "abcdef.0123456789abcdef"
 SLURM_MARKER = "ClusterName=overlay-test-cluster"
@@ -84,7 +84,7 @@ def secret_files(tmp_path):
 
 
 def _site(tmp_path, secret_files, **values):
-    from tests.fixtures.site import write_site
+    from testbed.site import write_site
 
     return config.load(write_site(tmp_path / "site", overlay=overlay_section(secret_files, **values)))
 
@@ -123,7 +123,7 @@ def test_k8s_overlay(tmp_path, secret_files):
 def test_overlay_errors_name_the_setting_never_the_secret(tmp_path, secret_files):
     files = dict(secret_files)
     del files["munge_key"]
-    from tests.fixtures.site import write_site
+    from testbed.site import write_site
 
     site = config.load(write_site(tmp_path / "a", overlay={"files": {k: str(v) for k, v in files.items()}}))
     with pytest.raises(OperationError, match=r"image slurm needs overlay.files.munge_key for /etc/munge/munge.key; "

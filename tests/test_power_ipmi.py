@@ -225,14 +225,14 @@ def test_busy_then_recovers_within_retries(bmcs):
 
 
 def test_standalone_simulator_for_the_demo(tmp_path, ipmitool):
-    """`python -m tests.bmc_sim --site site.yaml` serves one BMC per loopback node, with a hook."""
+    """`python -m testbed.bmc_sim --site site.yaml` serves one BMC per loopback node, with a hook."""
     import json
     import os
     import signal
     import socket
     import sys
 
-    from tests.fixtures.site import write_site
+    from testbed.site import write_site
     from tests.support import ROOT, free_port
 
     ports = [free_port(socket.SOCK_DGRAM) for _ in range(2)]
@@ -242,7 +242,7 @@ def test_standalone_simulator_for_the_demo(tmp_path, ipmitool):
     ])
     hook_out = tmp_path / "hook.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.bmc_sim", "--site", str(path),
+        [sys.executable, "-m", "testbed.bmc_sim", "--site", str(path),
          "--on-power", f'echo "$BMC_NODE $BMC_ACTION $BMC_BOOTDEV $BMC_PERSISTENT" >> {hook_out}'],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -15,8 +15,8 @@ from provisioner.power import run_action
 from provisioner.power.ssh import kexec_argv
 from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret
-from tests.fixtures.boot_server import BootServer
-from tests.fixtures.site import mac, write_site
+from testbed.boot_server import BootServer
+from testbed.site import mac, write_site
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration
@@ -228,7 +228,7 @@ def test_status_and_on_use_the_bmc_even_for_ssh_methods(tmp_path, sshd, bmcs):
 
 def test_kexec_into_a_built_image_brings_the_node_overlay(tmp_path, tiny_image):
     """iPXE loads the overlay with ${netX/mac}; over SSH the node's own MAC stands in."""
-    from tests.tinyimage import clone_root, tiny_site
+    from testbed.tinyimage import clone_root, tiny_site
 
     from provisioner import config
 

@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
-from tests.fixtures.boot_server import cli
-from tests.fixtures.site import mac
+from testbed.boot_server import cli
+from testbed.site import mac
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,9 @@ from provisioner.clusters.slurm import PAPER_REASON, LocalRunner, SlurmAdapter
 from provisioner import config
 from provisioner.config import SlurmSettings
 from provisioner.errors import OperationError
-from tests.fixtures.site import write_site
-from tests.fixtures.slurm_cluster import SlurmCluster, wait_for
+from testbed.site import write_site
+from testbed.slurm_cluster import SlurmCluster
+from testbed.wait import wait_for
 from tests.support import require_binary
 
 pytestmark = pytest.mark.integration

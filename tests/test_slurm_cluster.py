@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures.slurm_cluster import SlurmCluster, require_slurm, wait_for
+from testbed.slurm_cluster import SlurmCluster
+from testbed.wait import wait_for
+from tests.fixtures.slurm_cluster import require_slurm
 
 pytestmark = pytest.mark.integration
 

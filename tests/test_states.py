@@ -16,7 +16,7 @@ from provisioner.states import (BOOTING, CORDONING, DRAINING, FAILED, JOINING, K
                                 SLURM, STEADY, TRANSITIONS, IllegalTransition, other, transition)
 from provisioner.store import Store
 from tests.fakes import OURS, FakeKube, FakePower, FakeSlurm, kube_node, slurm_node
-from tests.fixtures.site import write_site
+from testbed.site import write_site
 
 NOW = 1_800_000_000.0
 TIMEOUT = 20  # policy.phase_timeout_s of the test site

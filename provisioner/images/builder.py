@@ -47,14 +47,9 @@ class BuildResult:
 
 
 def default_cache() -> Path:
-    """$PROVISIONER_CACHE, else .cache/images in a source checkout, else ~/.cache/provisioner."""
-    env = os.environ.get("PROVISIONER_CACHE")
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file() and os.access(repo, os.W_OK):
-        return repo / ".cache" / "images"
-    return Path.home() / ".cache" / "provisioner"
+    """Downloaded packages for image builds: $PROVISIONER_CACHE/images, else
+    ~/.cache/provisioner/images; outside any checkout, so a fresh clone reuses them."""
+    return Path(os.environ.get("PROVISIONER_CACHE") or Path.home() / ".cache" / "provisioner") / "images"
 
 
 def reserve_version(folder: Path, now: float) -> str:

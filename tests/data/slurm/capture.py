@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from provisioner.clusters.slurm import CLIENT_ENV, SHOW_NODES, SQUEUE_FORMAT
-from tests.fixtures.slurm_cluster import SlurmCluster, wait_for
+from testbed.slurm_cluster import SlurmCluster
+from testbed.wait import wait_for
 
 HERE = Path(__file__).resolve().parent
 SINFO = ("sinfo", "-h", "-N", "-o", "%N|%T|%E")

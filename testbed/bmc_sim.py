@@ -16,11 +16,11 @@ The simulator always runs in its OWN process: pyghmi keeps client and server ses
 class-level state, so a simulator inside the process under test would share it with the client
 under test. Two ways to run it:
 
-- from tests: `BmcSim.start([...])` spawns `python -m tests.bmc_sim --control CONFIG`, which takes
+- from tests: `BmcSim.start([...])` spawns `python -m testbed.bmc_sim --control CONFIG`, which takes
   JSON-line commands on stdin and reports power events on stdout; `on_power` callables run in the
   test process, on a reader thread (so a slow callback never stalls a BMC). The child exits when
   its stdin closes, so it cannot outlive the test process.
-- standalone (demo): `python -m tests.bmc_sim --site site.yaml [--nodes 'sn[01-04]']
+- standalone (demo): `python -m testbed.bmc_sim --site site.yaml [--nodes 'sn[01-04]']
   [--on-power CMD]` starts one BMC per node whose bmc.address is a loopback address, with the
   node's port, user and password; events are printed as JSON lines, and CMD (if given) runs on
   every power event with BMC_NODE, BMC_ACTION, BMC_POWER, BMC_BOOTDEV, BMC_PERSISTENT set.
@@ -318,7 +318,7 @@ def _standalone(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tests.bmc_sim", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m testbed.bmc_sim", description=__doc__.split("\n\n")[0])
     p.add_argument("--control", metavar="CONFIG_JSON", help="(used by BmcSim) JSON-line control on stdin")
     p.add_argument("--site", help="site.yaml: one BMC per node with a loopback bmc.address")
     p.add_argument("--nodes", help="only these nodes (hostlist expression)")
@@ -372,7 +372,7 @@ class BmcSim:
                        "bmcs": [s.__dict__ for s in specs]}, f)
         root = Path(__file__).resolve().parent.parent
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.bmc_sim", "--control", str(cfg)], cwd=root,
+            [sys.executable, "-m", "testbed.bmc_sim", "--control", str(cfg)], cwd=root,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(workdir / "bmc-sim.log", "ab"),
             text=True, bufsize=1, start_new_session=True,
         )

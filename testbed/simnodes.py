@@ -21,7 +21,7 @@ it in `violations` (tests assert it stays empty).
 
 Outside pytest (the demo uses it):
 
-    python -m tests.simnodes --workdir /tmp/sim [--k8s 'sn[03-04]']
+    python -m testbed.simnodes --workdir /tmp/sim [--k8s 'sn[03-04]']
 
 starts everything, prints the config path, and waits for Ctrl-C / SIGTERM; everything it started
 is stopped by pid on the way out.
@@ -47,16 +47,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # python -m tests.simnodes from anywhere
+if str(ROOT) not in sys.path:  # python -m testbed.simnodes from anywhere
     sys.path.insert(0, str(ROOT))
 
 from provisioner.nodeset import expand  # noqa: E402
-from tests.bmc_sim import BmcSim, BmcSpec  # noqa: E402
-from tests.fixtures.boot_server import BootServer  # noqa: E402
-from tests.fixtures.site import mac, write_site  # noqa: E402
-from tests.fixtures.slurm_cluster import SlurmCluster, wait_for  # noqa: E402
+from testbed.bmc_sim import BmcSim, BmcSpec  # noqa: E402
+from testbed.boot_server import BootServer  # noqa: E402
+from testbed.site import mac, write_site  # noqa: E402
+from testbed.slurm_cluster import SlurmCluster
+from testbed.wait import wait_for  # noqa: E402
 from testbed.kube_cluster import KubeCluster  # noqa: E402
-from tests.support import free_port  # noqa: E402
+from testbed.process import free_port  # noqa: E402
 
 BMC_PASSWORD = "s3cret-bmc-pw"  # the password file write_site() writes
 PAPER_REASON = "k8s_connect"
@@ -517,7 +518,7 @@ class SimSite:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.simnodes", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m testbed.simnodes", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="folder for everything (site.yaml, logs, state)")
     p.add_argument("--fixed", default="cn[01-02]", help="fixed SLURM nodes (hostlist)")
     p.add_argument("--shared", default="sn[01-04]", help="shared nodes (hostlist)")

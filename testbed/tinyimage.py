@@ -1,14 +1,14 @@
 """The tiny test image (images/tiny): built for real once per test session, for the image and
 overlay tests and for the end-to-end VM tests.
 
-    tiny_image                      session fixture: a TinyImage (built and published once)
+    tiny_image                      session fixture (tests/fixtures/tinyimage.py): built once
     build_tiny(image_root, ...)     build (another version of) it anywhere; kernel package cached
     clone_root(tiny, folder)        a private image root holding tiny's version, published there
     tiny_site(folder, root, ...)    a site.yaml whose roles both boot the tiny image
 
 The kernel package (about 70 MB) is downloaded with apt-get once and cached under
-.cache/images/ (shared by every session and by `provisioner image build`), so repeated builds
-take a couple of seconds and need no network.
+~/.cache/provisioner/images/ (shared by every session and by `provisioner image build`), so
+repeated builds take a couple of seconds and need no network.
 """
 
 from __future__ import annotations
@@ -18,16 +18,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from provisioner import images
 from provisioner.errors import OperationError
-from tests.fixtures.site import write_site
-from tests.support import missing, require_binary
+from provisioner.images.builder import default_cache
+from testbed.parts import PartMissing, require_binary
+from testbed.process import ROOT
+from testbed.site import write_site
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFINITIONS = ROOT / "images"
-CACHE = ROOT / ".cache" / "images"
+CACHE = default_cache()  # ~/.cache/provisioner/images: outside the checkout, kept between runs
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def build_tiny(image_root: Path, *, name: str = "tiny", definitions: Path = DEFI
                             actor="test")
     except OperationError as exc:
         if "download" in str(exc) or "apt" in str(exc):
-            missing(f"the Debian kernel package for the tiny image ({exc})")
+            raise PartMissing(f"the Debian kernel package for the tiny image ({exc})") from None
         raise
 
 
@@ -75,10 +74,3 @@ def tiny_site(folder: Path, image_root: Path, nodes: list[dict] | None = None, *
     site = {"image_root": str(image_root), **sections.pop("site", {})}
     imgs = sections.pop("images", {"slurm": {"image": "tiny"}, "k8s": {"image": "tiny"}})
     return write_site(folder, nodes=nodes, site=site, images=imgs, **sections)
-
-
-@pytest.fixture(scope="session")
-def tiny_image(tmp_path_factory) -> TinyImage:
-    root = tmp_path_factory.mktemp("tiny-image-root")
-    r = build_tiny(root)
-    return TinyImage(root, r.version, r.path, r.manifest)

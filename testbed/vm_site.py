@@ -1,0 +1,201 @@
+"""End-to-end VMs: the balancer's test world (testbed/simnodes.py) with real qemu VMs as its shared
+nodes, network-booting the tiny image (images/tiny) through iPXE from the real `provisioner serve`.
+
+VmSite is a SimSite whose shared nodes are VMs (testbed/vm.py):
+- site.yaml: `site.boot_url` is http://10.0.2.2:PORT (the guests' view of the host's loopback,
+  where the boot server listens); both roles boot the built tiny image from `image_root`; the VM
+  nodes have no `ip` (their callbacks reach the server from 127.0.0.1 through qemu's user
+  network, so there is no source address to check).
+- a power event from the node's BMC simulator drives its VM: on -> qemu starts (network boot
+  when the one-time boot device is network), reset/cycle -> QMP system_reset, off/soft -> quit.
+  A VM that dies by itself is reported to its BMC as off.
+- the VM's own /init posts the boot callback; once the console says it was accepted
+  (`PROVISIONER-CALLBACK-OK node=N role=R`), the harness starts the node's real slurmd (R=slurm)
+  or starts its simulated kubelet (R=k8s), as the image's daemons would.
+
+The pytest fixtures (vm_image_root, vm_site, e2e_site) are in tests/fixtures/vms.py.
+Every qemu is stopped at the end of the session, also when a test fails (testbed/vm.py).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from testbed.simnodes import NODE_CPU, NODE_MEMORY, SimNode, SimSite
+from testbed.vm import QEMU, VM, VMError
+
+GUEST_HOST = "10.0.2.2"  # qemu user networking: the host's 127.0.0.1 as seen from the guest
+IPXE_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # Debian's ipxe-qemu: the virtio-net boot ROM
+BOOT_TIMEOUT_S = 150  # power action -> callback; about 12 s under TCG on an idle 2-core host
+
+# A VM takes seconds, not the simulated 0.2 s, to come back: the balancer's phase timeout must
+# cover a boot on a loaded host (a retry would reboot a VM that is about to call back).
+VM_POLICY = {"phase_timeout_s": 120, "max_retries": 1}
+
+BOOTED_RE = (r"^PROVISIONER-BOOTED node={node} role=(?P<role>\S+) version=(?P<version>\S+) "
+             r"overlay=(?P<overlay>\S+) hostname=(?P<hostname>\S*)")
+CALLBACK_RE = r"^PROVISIONER-CALLBACK-OK node={node} role=(?P<role>\S+) version=(?P<version>\S+)"
+
+
+class VmSite(SimSite):
+    """SimSite with VMs as the shared nodes. `image_root` must hold a published tiny image."""
+
+    def __init__(self, workdir: str | os.PathLike, image_root: str | os.PathLike, *, fixed: str = "cn01",
+                 shared: str = "sn01", fixed_k8s: str = "kn01", roles: dict[str, str] | None = None,
+                 policy: dict | None = None, power: dict | None = None, memory_mb: int = 256,
+                 boot_timeout: float = BOOT_TIMEOUT_S, kube=None):
+        super().__init__(workdir, fixed=fixed, shared=shared, fixed_k8s=fixed_k8s, roles=roles, boot_delay=0,
+                         policy={**VM_POLICY, **(policy or {})}, power=power, kube=kube)
+        self.image_root = Path(image_root).resolve()
+        self.memory_mb = memory_mb
+        self.boot_timeout = boot_timeout
+        self.vms: dict[str, VM] = {}
+        self.running_role: dict[str, str | None] = {}  # what each VM's console says it booted
+        self.vm_boots: list[dict] = []  # one record per VM boot (also those of reset())
+        self._stopping = threading.Event()
+
+    # ----------------------------------------------------------------------- set-up
+
+    @property
+    def guest_boot_url(self) -> str:
+        return f"http://{GUEST_HOST}:{self.port}"
+
+    def write_config(self, policy: dict | None = None, power: dict | None = None,
+                     kubernetes: dict | None = None) -> Path:
+        """SimSite's site.yaml, changed where a VM differs from a simulated node."""
+        path = super().write_config(policy, power, kubernetes)
+        data = yaml.safe_load(path.read_text())
+        data["site"]["boot_url"] = self.guest_boot_url
+        data["site"]["image_root"] = str(self.image_root)
+        data["images"] = {"slurm": {"image": "tiny"}, "k8s": {"image": "tiny"}}
+        for entry in data["nodes"]:
+            if entry["name"] in self.nodes:
+                entry.pop("ip", None)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        tmp.replace(path)  # a `provisioner` run reading it meanwhile sees the old or the new file
+        return path
+
+    def vm(self, name: str) -> VM:
+        vm = self.vms.get(name)
+        if vm is None:
+            node = self.nodes[name]
+            vm = self.vms[name] = VM(name, node.mac, f"{self.guest_boot_url}/boot.ipxe", self.workdir / "vms",
+                                     memory_mb=self.memory_mb)
+        return vm
+
+    def stop(self) -> None:
+        """VMs first (a boot in progress then stops waiting), then everything SimSite started."""
+        self._stopping.set()
+        for vm in self.vms.values():
+            vm.cleanup()
+        super().stop()
+
+    def reset(self, **kwargs) -> None:
+        """SimSite's reset (same keywords: roles=, policy=, ...), then every VM running the image
+        of its role: a VM that already does is left alone (a boot costs seconds), the others are
+        rebooted, in parallel."""
+        self.wait_idle(self.boot_timeout + 30)
+        super().reset(**kwargs)
+        self.boot_vms()
+        last = self.store.events(limit=1)
+        self.first_event = last[-1].id + 1 if last else 0
+        self.vm_boots.clear()
+
+    def boot_vms(self, names: list[str] | None = None) -> None:
+        """Boot the VMs that do not run the image of their node's role (directly, not over IPMI:
+        this is the test's set-up, not something the balancer did)."""
+        todo = {}
+        for name in names or self.shared:
+            vm, want = self.vm(name), self.nodes[name].role
+            if vm.is_running() and self.running_role.get(name) == want:
+                continue
+            with vm.lock:
+                self.running_role[name] = None
+                mark = vm.serial_mark()
+                vm.reset() if vm.is_running() else vm.start()
+            todo[name] = (mark, want)
+        for name, (mark, want) in todo.items():
+            try:
+                booted = self.wait_booted(name, mark)
+            except VMError:  # one more reset, as the balancer's retry would do
+                vm = self.vm(name)
+                with vm.lock:
+                    mark = vm.serial_mark()
+                    vm.reset()
+                booted = self.wait_booted(name, mark)
+            if booted["role"] != want:
+                raise AssertionError(f"{name} booted the {booted['role']} image, its role is {want}")
+
+    # ----------------------------------------------------------------------- the VMs' boots
+
+    def wait_booted(self, name: str, since: int, cancelled=lambda: False) -> dict:
+        """Wait for the VM's console (after byte `since`) to show the image's boot line and the
+        accepted callback. Returns {role, version, overlay, hostname, line, booted_at, callback_at}."""
+        vm = self.vm(name)
+        stop = lambda: cancelled() or self._stopping.is_set()  # noqa: E731
+        booted = vm.wait_for_serial(BOOTED_RE.format(node=name), self.boot_timeout, since, stop)
+        booted_at = time.time()
+        called = vm.wait_for_serial(CALLBACK_RE.format(node=name), self.boot_timeout, since + booted.end(), stop)
+        if called.group("role") != booted.group("role"):
+            raise VMError(f"{name}: console says it booted {booted.group('role')} but called back as "
+                          f"{called.group('role')}")
+        self.running_role[name] = booted.group("role")
+        result = {"node": name, **booted.groupdict(), "line": booted.group(0).strip(), "booted_at": booted_at,
+                  "callback_at": time.time(), "powered_at": vm.started_at}
+        self.vm_boots.append(result)
+        return result
+
+    def _boot(self, node: SimNode, gen: int, event: dict) -> None:
+        """A power event that boots (on, reset, cycle): the VM boots, for real."""
+        record = {"node": node.name, "how": event["action"], "bootdev": event["boot"].get("bootdev"),
+                  "started": time.time(), "ok": False, "vm": True}
+        self.boots.append(record)
+        with node.lock:
+            node.role = None
+        # The old OS is gone at once: its daemons stop answering.
+        self.slurm.stop_slurmd(node.name)
+        self.kube.power_off(node.name)
+        vm = self.vm(node.name)
+        try:
+            with vm.lock:
+                if not self._current(node, gen):
+                    record["error"] = "superseded by a newer power event"
+                    return
+                self.running_role[node.name] = None
+                mark = vm.serial_mark()
+                if vm.is_running():
+                    vm.reset()
+                else:
+                    vm.start(netboot=event["boot"].get("bootdev") == "network")
+            booted = self.wait_booted(node.name, mark, cancelled=lambda: not self._current(node, gen))
+            role = booted["role"]
+            record.update(role=role, version=booted["version"], serial=booted["line"], callback=200, ok=True)
+            time.sleep(self.join_delay)
+            if not self._current(node, gen):
+                return
+            self._join(node, role)
+            record["joined"] = time.time()
+        except VMError as exc:
+            record["error"] = str(exc)
+            if not vm.is_running() and self._current(node, gen) and not self._stopping.is_set():
+                self.bmc.set_power(node.name, "off")  # the BMC reports what the machine does
+
+    def _power_off(self, node: SimNode, gen: int, event: dict) -> None:
+        vm = self.vms.get(node.name)
+        if vm is not None:
+            with vm.lock:
+                if self._current(node, gen):
+                    vm.power_off()
+                    self.running_role[node.name] = None
+        super()._power_off(node, gen, event)
+
+    # ----------------------------------------------------------------------- looking
+
+    def console(self, name: str, since: int = 0) -> str:
+        return self.vm(name).serial_text(since)
