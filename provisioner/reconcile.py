@@ -514,9 +514,11 @@ class Reconciler:
             attempts = st.attempts + 1
             if attempts > self.policy.max_retries:
                 return self._fail(st, f"power action failed {attempts} times: {result.error}", report)
+            # The action is known to have failed: clear its intent, or the next pass would wait
+            # for a boot that was never started instead of trying the power action again.
             self.store.update(name, actor=self.actor, kind="retry", message=f"power failed ({result.error}); "
                               f"attempt {attempts} of {self.policy.max_retries + 1}", expect={"phase": REBOOTING},
-                              attempts=attempts)
+                              attempts=attempts, power_at=None)
             report.steps.append(Step(name, "power", f"failed: {result.error}", ok=False))
             return False
         return self._goto(st, BOOTING, f"power {result.method} boot with one-time network boot", report,

@@ -109,7 +109,8 @@ CASES = [
          kube={"unschedulable": True, "cordoned_by_us": True, "pods": ("late-0",)},
          check=lambda st, r, s, k, p: not p.calls and st.desired_role == K8S),
     Case("rebooting-power-fails-counts-an-attempt", REBOOTING, K8S, REBOOTING, "power", power_ok=False,
-         slurm={"state": "down"}, check=lambda st, r, s, k, p: st.attempts == 1 and not r.steps[-1].ok),
+         slurm={"state": "down"},
+         check=lambda st, r, s, k, p: st.attempts == 1 and not r.steps[-1].ok and st.power_at is None),
     Case("rebooting-power-fails-past-max-retries", REBOOTING, K8S, FAILED, "failed", power_ok=False,
          state={"attempts": 1}, slurm={"state": "down"},
          check=lambda st, r, s, k, p: "power action failed 2 times" in st.failed_reason),
@@ -245,3 +246,21 @@ def test_the_diagram_names_every_phase_and_event():
     assert all(p in doc for p in PHASES)
     assert all(f" {t.event} " in doc or f"{t.event}:" in doc for t in TRANSITIONS), \
         [t.event for t in TRANSITIONS if f" {t.event} " not in doc and f"{t.event}:" not in doc]
+
+
+def test_a_failed_power_action_is_tried_again_on_the_next_pass(site, tmp_path):
+    # A failed action leaves no intent behind: the next pass powers again instead of waiting
+    # for a boot that never started (the CI failure of the silent-BMC test).
+    store = Store(str(tmp_path / "state.db"))
+    store.seed((n.name, n.default_role) for n in site.nodes.values())
+    store.update("sn01", actor="test", kind="test", message="arranged", phase=REBOOTING, target_role=K8S,
+                 desired_role=K8S, phase_since=NOW - 5, switch_actor="balancer")
+    power = FakePower(ok=False)
+    rec = Reconciler(site, store, slurm=FakeSlurm(sn01=slurm_node("sn01", state="down")), kube=FakeKube(),
+                     power=power, clock=lambda: NOW)
+    rec._step(store.get("sn01"), PassReport(dry_run=False))
+    rec._step(store.get("sn01"), PassReport(dry_run=False))
+    after = store.get("sn01")
+    assert len(power.calls) == 2
+    assert after.phase == FAILED and "power action failed 2 times" in after.failed_reason
+    store.close()
