@@ -12,7 +12,9 @@ pre-rendered scripts; after it, a check run makes wrk compare every response bod
 very next request. Each timed run also records the CPU time of the server, of wrk and of every
 other process (the machine may be shared), and the server's CPU time per request.
 Everything runs on 127.0.0.1 in a temporary folder and is stopped by pid at the end.
-`--storm-candidates granian` adds the same app under another WSGI server, for comparison.
+`--storm-candidates granian` adds the same app under another WSGI server, for comparison;
+`--storm-baseline REV` adds `provisioner serve` as it was at git revision REV (same venv, same
+site), so a change to the endpoint is measured against what it replaces in one run.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def add_arguments(group) -> None:
                        help="a new connection per request (Connection: close) instead of keep-alive")
     group.add_argument("--storm-candidates", default="", metavar="NAME[,NAME]",
                        help=f"also run the same app under other WSGI servers: {', '.join(CANDIDATES)} (not installed by default)")
+    group.add_argument("--storm-baseline", default="", metavar="REV",
+                       help="also run provisioner serve as it was at this git revision (e.g. HEAD~1), for comparison")
     group.add_argument("--storm-keep", action="store_true", help="keep the temporary folder (logs, configs)")
 
 
@@ -132,6 +136,20 @@ def granian(config_path: Path, port: int, workers: int, log: Path) -> Daemon:
 
 
 CANDIDATES = {"granian": granian}
+
+
+def baseline(rev: str, src: Path, config_path: Path, port: int, workers: int, log: Path) -> Daemon:
+    """`provisioner serve` from git revision REV, unpacked into SRC and run with the same venv
+    (its dependencies have not changed between neighbouring revisions; if they have, say so)."""
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "provisioner"], capture_output=True, check=False)
+    if archive.returncode:
+        raise RuntimeError(f"--storm-baseline {rev}: git archive failed: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    # -P: the benchmark's working directory (this checkout) must not come before SRC on sys.path.
+    return Daemon([sys.executable, "-P", "-m", "provisioner", "--config", str(config_path), "serve",
+                   "--listen", f"127.0.0.1:{port}", "--workers", str(workers)], port, log,
+                  env={**os.environ, "PYTHONPATH": str(src)}, name=f"provisioner@{rev}")
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -290,6 +308,17 @@ def run(args) -> dict:
             targets[name] = {"label": f"candidate: the same app under {name}, {workers} workers", "port": port,
                              "pid": daemon.proc.pid}
 
+        if args.storm_baseline:
+            rev = args.storm_baseline
+            commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True,
+                                    text=True, check=False).stdout.strip() or rev
+            port = free_port()
+            daemon = baseline(rev, tmp / "baseline-src", path, port, workers, tmp / "baseline.log")
+            servers.append(daemon)
+            daemon.start("/healthz", timeout=120)
+            targets["baseline"] = {"label": f"baseline: provisioner serve at {rev} ({commit}), {workers} workers",
+                                   "port": port, "pid": daemon.proc.pid}
+
         rnd = random.Random(2)
         sample = sorted({macs[0], macs[-1], *rnd.sample(macs, min(SAMPLE, n))})
         for t in targets.values():
@@ -402,6 +431,11 @@ def summary(result: dict) -> str:
     ]
     if len(result["targets"]) > 2:
         lines.append("- (the goals are for provisioner serve; candidate rows are there for comparison)")
+    if "baseline" in result["targets"]:
+        b, pt = result["targets"]["baseline"], result["targets"]["provisioner"]
+        lines.append(f"- against the baseline ({b['label'].split(': ', 1)[1].split(',')[0]}): requests/s "
+                     f"{pm['requests_per_s'] / b['median']['requests_per_s']:.3f} x, server CPU per request "
+                     f"{pt['cpu_us_per_request'] / b['cpu_us_per_request']:.3f} x (1.0 = unchanged)")
     checks = "; ".join(f"{k}: {t['sampled_ok']} sampled scripts byte-identical, check run {t['check']['checked']:,} "
                        f"responses, {t['check']['bad']} wrong" for k, t in result["targets"].items())
     yes = {True: "yes", False: "NO"}

@@ -504,25 +504,33 @@ class KubernetesAdapter:
         """Delete the Node object of a node provisioner cordoned and emptied (its kubelet
         registers it again when it boots the k8s image). False when there is no such node."""
         what = f"deleting node {name}"
-        try:
-            node = self._call(what, self.core.read_node, name, expect=(404,))
-        except ApiException:
-            return False
-        if not (node.spec and node.spec.unschedulable and _ours(node)):
-            raise OperationError(f"not deleting node {name}: it is not cordoned by provisioner; cordon and evict first")
-        holding = self._pods_holding(name, what)
-        if holding:
-            raise OperationError(f"not deleting node {name}: pods still run there ({', '.join(map(_pod_key, holding))}); "
-                                 "evict them first")
-        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(
-            uid=node.metadata.uid, resource_version=node.metadata.resource_version))
-        try:
-            self._call(what, self.core.delete_node, name, body=options, expect=(404, 409))
-        except ApiException as exc:
-            if exc.status == 409:
-                raise OperationError(f"not deleting node {name}: it changed while we looked; retry on the next pass") \
-                    from None
-            return False
+        # The delete carries the node's uid and resourceVersion as preconditions, so it never
+        # removes a node that changed after the checks below. A status change (the node-lifecycle
+        # controller tainting it, a heartbeat) also bumps the version: look again and re-check.
+        for _ in range(_CONFLICT_RETRIES):
+            try:
+                node = self._call(what, self.core.read_node, name, expect=(404,))
+            except ApiException:
+                return False
+            if not (node.spec and node.spec.unschedulable and _ours(node)):
+                raise OperationError(f"not deleting node {name}: it is not cordoned by provisioner; "
+                                     "cordon and evict first")
+            holding = self._pods_holding(name, what)
+            if holding:
+                raise OperationError(f"not deleting node {name}: pods still run there "
+                                     f"({', '.join(map(_pod_key, holding))}); evict them first")
+            options = client.V1DeleteOptions(preconditions=client.V1Preconditions(
+                uid=node.metadata.uid, resource_version=node.metadata.resource_version))
+            try:
+                self._call(what, self.core.delete_node, name, body=options, expect=(404, 409))
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue
+                return False
+            break
+        else:
+            raise OperationError(f"not deleting node {name}: it kept changing while we looked "
+                                 f"({_CONFLICT_RETRIES} conflicts); retry on the next pass")
         log.info("deleted node %s", name)
         return True
 
