@@ -17,8 +17,9 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from provisioner import ROLES
-from provisioner.config import _NAME_RE, _Loader
+from provisioner.config import Fields
 from provisioner.errors import ConfigError, UsageError
+from provisioner.model import NAME_RE
 
 BUILDERS = ("initramfs", "debian")
 COMMON = "_common"
@@ -105,7 +106,7 @@ def names(definitions: Path) -> list[str]:
 
 
 def load(definitions: Path, name: str) -> Definition:
-    if not _NAME_RE.match(name or ""):
+    if not NAME_RE.match(name or ""):
         raise UsageError(f"image name {name!r}: lower case letters, digits, - and _")
     path = definitions / name / "image.yaml"
     if not path.is_file():
@@ -120,10 +121,7 @@ def load(definitions: Path, name: str) -> Definition:
     return _DefinitionLoader(path).definition(name, data)
 
 
-class _DefinitionLoader(_Loader):
-    def __init__(self, path: Path):
-        super().__init__(path, check_files=True)
-
+class _DefinitionLoader(Fields):
     def names_list(self, value, where: str, pattern: re.Pattern, what: str) -> tuple[str, ...]:
         if value is None:
             return ()
@@ -233,7 +231,7 @@ class _DefinitionLoader(_Loader):
                     raise self.err(f"{where}.template", f"no template {template!r} in {templates}")
             if copy is not None:
                 copy = self.string(copy, f"{where}.copy")
-                if not _NAME_RE.match(copy) or "-" in copy:
+                if not NAME_RE.match(copy) or "-" in copy:
                     raise self.err(f"{where}.copy", f"must be a key of overlay.files (letters, digits, _), got {copy!r}")
             mode = d.get("mode", "0644")
             try:
