@@ -23,10 +23,11 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # The iPXE template a role boots unless the image or the node names another.
 ROLE_TEMPLATE = "{role}.ipxe.j2"
 
-# What a site gets when it names no folder of its own: the templates and image definitions that
-# ship next to the package.
-DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "pxe-templates"
-DEFAULT_IMAGE_DEFINITIONS = Path(__file__).resolve().parent.parent / "images"
+# What a site gets when it names no folder of its own: the iPXE templates and image definitions
+# shipped inside the package (package data, so they are there in an installed copy too).
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_TEMPLATES = DATA / "pxe-templates"
+DEFAULT_IMAGE_DEFINITIONS = DATA / "images"
 
 _MAC_RE = re.compile(r"^[0-9a-f]{12}$")
 
@@ -85,7 +86,7 @@ class Image:
     rootfs: str | None = None
     cmdline: str = ""
     template: str | None = None  # default: ROLE_TEMPLATE
-    name: str | None = None  # a built image (images/NAME/image.yaml); kernel etc. then empty
+    name: str | None = None  # a built image (site.image_definitions/NAME/image.yaml); kernel etc. then empty
     overlay: bool = False  # resolved built versions only: the node gets its overlay initrd
 
     @property

@@ -8,7 +8,8 @@ import yaml
 from provisioner import config
 from provisioner.errors import ConfigError
 from provisioner.model import normalize_mac
-from testbed.site import ROOT, mac, write_site
+from testbed.process import ROOT
+from testbed.site import mac, write_site
 
 
 def rewrite(path: Path, edit) -> Path:

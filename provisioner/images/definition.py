@@ -1,10 +1,11 @@
-"""images/NAME/image.yaml -> a validated Definition (errors name the file and the field).
+"""DEFINITIONS/NAME/image.yaml -> a validated Definition (errors name the file and the field).
 
 A definition says what an image contains (base distribution, packages, services, kernel and the
 drivers its initramfs loads, kernel arguments) and which per-node overlay files it needs. The
 folder next to it holds the overlay templates (overlay/*.j2) and, for images with a root file
-system, files copied into it (files/, a tree that mirrors the root). images/_common holds what
-every image shares: the initramfs /init and, for Debian roots, the boot-callback service.
+system, files copied into it (files/, a tree that mirrors the root). DEFINITIONS/_common holds
+what every image shares: the initramfs /init and, for Debian roots, the boot-callback service.
+DEFINITIONS is site.image_definitions (default: the packaged provisioner/data/images/).
 """
 
 from __future__ import annotations
