@@ -36,6 +36,7 @@ from pathlib import Path
 from provisioner import config
 from provisioner.boot.render import Renderer
 from provisioner.boot.server import default_workers
+from provisioner.model import DEFAULT_TEMPLATES
 from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret
 from testbed.boot_server import BootServer
@@ -44,7 +45,6 @@ from testbed.process import Daemon, free_port
 
 TITLE = "boot storm: N nodes fetch their iPXE scripts; provisioner serve vs nginx static files"
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 GRANIAN_THREADS = 2  # blocking threads per worker; 2 did best of 1, 2, 4 here
 LUA = HERE / "boot_storm.lua"
 TARGETS = {"rps": 2000, "p99_ms": 50.0, "ratio": 0.5}  # from issue 2
@@ -253,7 +253,7 @@ def run(args) -> dict:
         port_p, port_n = free_port(), free_port()
         macs = [mac_of(i) for i in range(1, n + 1)]
         templates = tmp / "templates"  # a private copy: edits in the work tree cannot disturb a run
-        shutil.copytree(ROOT / "pxe-templates", templates)
+        shutil.copytree(DEFAULT_TEMPLATES, templates)
         width = max(5, len(str(n)))
         path = write_site(
             tmp / "site",

@@ -9,7 +9,7 @@ import random
 import statistics
 import time
 
-from provisioner.config import Policy
+from provisioner.model import Policy
 from provisioner.policy import PendingJob, PendingPod, SharedNode, Snapshot, decide
 
 TITLE = "balancer decision: decide() at 1,000 / 10,000 nodes, 100,000 jobs, 50,000 pods"
@@ -54,13 +54,13 @@ def snapshot(n_nodes: int, n_jobs: int, n_pods: int, seed: int = 1) -> Snapshot:
 
 def reference_demand(snap: Snapshot, budget_s: float) -> tuple[float, float]:
     """Per item, scan the nodes for one that serves it. Returns (seconds, fraction done)."""
-    from provisioner.policy import _node_serves_job, _node_serves_pod
+    from provisioner.policy import node_serves_job, node_serves_pod
 
     items = [("j", j) for j in snap.jobs if j.reason in snap.slurm_reasons] + [("p", p) for p in snap.pods]
     start = time.perf_counter()
     done = 0
     for kind, item in items:
-        check = _node_serves_job if kind == "j" else _node_serves_pod
+        check = node_serves_job if kind == "j" else node_serves_pod
         any(check(n, item) for n in snap.nodes)
         done += 1
         if done % 256 == 0 and time.perf_counter() - start > budget_s:

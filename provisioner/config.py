@@ -1,9 +1,10 @@
-"""Site YAML -> typed, validated objects.
+"""Site YAML -> a validated provisioner.model.Site.
 
 One file describes the site: the boot server, the images (one per role), the nodes (hostlist
-expressions allowed), and the sections the adapters and the balancer read. Every error names the
-file and the field (`site.yaml: nodes[2].macs[3]: ...`) and nothing is half-loaded: `load()`
-either returns a whole Site or raises ConfigError.
+expressions allowed), and the sections the adapters and the balancer read (their shape is in
+provisioner/model.py). Every error names the file and the field (`site.yaml: nodes[2].macs[3]:
+...`) and nothing is half-loaded: `load()` either returns a whole Site or raises ConfigError.
+`Fields` holds the field checks, shared with the image definitions' loader.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,183 +19,15 @@ import yaml
 
 from provisioner import POOLS, ROLES
 from provisioner.errors import ConfigError
+from provisioner.model import (
+    DEFAULT_IMAGE_DEFINITIONS, DEFAULT_TEMPLATES, NAME_RE, POWER_METHODS, ROLE_TEMPLATE, SHARE_RULES, Bmc, Image,
+    KubernetesSettings, Node, OverlaySettings, Policy, PowerSettings, Site, SlurmSettings, SshPower, SshTarget,
+    normalize_mac,
+)
 from provisioner.nodeset import NodeSetError, expand
 
 ENV_VAR = "PROVISIONER_CONFIG"
 DEFAULT_PATH = "/etc/provisioner/site.yaml"
-POWER_METHODS = ("ipmi", "ssh", "kexec", "kexec+ipmi")
-SHARE_RULES = ("proportional", "slurm-first", "k8s-first")
-
-_MAC_RE = re.compile(r"^[0-9a-f]{12}$")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # image names, overlay keys: safe in paths and URLs
-
-
-def normalize_mac(value: str) -> str | None:
-    """Any common MAC spelling (aa:bb.., AA-BB-.., aabb.cc.., bare hex) -> 'aa:bb:cc:dd:ee:ff'.
-
-    Returns None when it is not a MAC. Used by the config and by the boot endpoint alike.
-    """
-    if not isinstance(value, str) or len(value) > 32:
-        return None
-    bare = re.sub(r"[:\-.]", "", value.strip().lower())
-    if not _MAC_RE.match(bare):
-        return None
-    return ":".join(bare[i : i + 2] for i in range(0, 12, 2))
-
-
-# --------------------------------------------------------------------------- typed objects
-
-
-@dataclass(frozen=True)
-class Bmc:
-    address: str
-    port: int = 623
-    user: str = "admin"
-    password: str = field(default="", repr=False)  # never printed: repr=False
-    password_file: str | None = None
-
-    def __repr__(self) -> str:  # belt and braces: no password in tracebacks or logs
-        return f"Bmc(address={self.address!r}, port={self.port}, user={self.user!r})"
-
-
-@dataclass(frozen=True)
-class Node:
-    name: str
-    pool: str
-    default_role: str
-    macs: tuple[str, ...]
-    ip: str | None = None
-    bmc: Bmc | None = None
-    power_method: str = "ipmi"
-    ssh_host: str | None = None
-    ssh_port: int = 22
-    template: str | None = None  # overrides the role's template for this node
-
-    @property
-    def shared(self) -> bool:
-        return self.pool == "shared"
-
-
-@dataclass(frozen=True)
-class Image:
-    """A role's image: explicit files (kernel, initrds) or, with `name`, a built image whose
-    version and files come from its published version (resolved per request by the renderer)."""
-
-    role: str
-    version: str
-    kernel: str  # relative to site.image_root
-    initrds: tuple[str, ...] = ()
-    rootfs: str | None = None
-    cmdline: str = ""
-    template: str | None = None  # default: "<role>.ipxe.j2"
-    name: str | None = None  # a built image (images/NAME/image.yaml); kernel etc. then empty
-    overlay: bool = False  # resolved built versions only: the node gets its overlay initrd
-
-    @property
-    def resolved(self) -> bool:
-        return self.name is None or bool(self.kernel)
-
-    def files(self) -> list[str]:
-        return [self.kernel, *self.initrds, *([self.rootfs] if self.rootfs else [])]
-
-
-@dataclass(frozen=True)
-class Policy:
-    min_nodes: dict[str, int] = field(default_factory=lambda: {"slurm": 0, "k8s": 0})
-    cooldown_s: int = 600
-    demand_persist_s: int = 120
-    max_in_flight: int = 2
-    share_rule: str = "proportional"
-    phase_timeout_s: int = 900
-    max_retries: int = 2
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    host: str
-    port: int = 22
-    user: str = "root"
-    key_file: str | None = None
-    known_hosts: str | None = None
-
-
-@dataclass(frozen=True)
-class SlurmSettings:
-    mode: str = "local"  # local: run scontrol/sinfo/squeue here; ssh: on the controller
-    slurm_conf: str | None = None
-    bin_dir: str | None = None
-    controller: SshTarget | None = None
-    reason_prefix: str = "provisioner:"
-    timeout_s: int = 30
-
-
-@dataclass(frozen=True)
-class KubernetesSettings:
-    kubeconfig: str | None = None
-    in_cluster: bool = False
-    context: str | None = None
-    label_key: str = "sched"
-    timeout_s: int = 10
-    delete_node: bool = False
-
-
-@dataclass(frozen=True)
-class SshPower:
-    user: str = "root"
-    port: int = 22
-    key_file: str | None = None
-    known_hosts: str | None = None
-    reboot_command: str = "systemctl reboot"
-    timeout_s: int = 10
-
-
-@dataclass(frozen=True)
-class PowerSettings:
-    timeout_s: float = 5.0
-    retries: int = 2
-    fanout: int = 32
-    ssh: SshPower = field(default_factory=SshPower)
-
-
-@dataclass(frozen=True)
-class OverlaySettings:
-    """What per-node overlays are rendered from: `files` (key -> path, read when an overlay is
-    built; secrets such as the munge key live here) and plain `values` (key -> string)."""
-
-    files: dict[str, str] = field(default_factory=dict, repr=False)
-    values: dict[str, str] = field(default_factory=dict, repr=False)
-
-
-@dataclass(frozen=True)
-class Site:
-    path: Path
-    name: str
-    boot_url: str
-    listen: str
-    store: Path
-    image_root: Path
-    templates: Path
-    secret_file: Path
-    check_callback_source: bool
-    images: dict[str, Image]
-    nodes: dict[str, Node]  # in config order
-    policy: Policy
-    slurm: SlurmSettings
-    kubernetes: KubernetesSettings
-    power: PowerSettings
-    image_definitions: Path = field(default_factory=lambda: _default_definitions())
-    overlay: OverlaySettings = field(default_factory=OverlaySettings)
-
-    def node_by_mac(self) -> dict[str, Node]:
-        return {mac: node for node in self.nodes.values() for mac in node.macs}
-
-    def resolve(self, p: str | os.PathLike) -> Path:
-        """Paths in the config are relative to the config file's folder."""
-        p = Path(os.path.expanduser(str(p)))
-        return p if p.is_absolute() else (self.path.parent / p)
-
-
-# --------------------------------------------------------------------------- loading
 
 
 def find_config_path(cli_value: str | None) -> Path:
@@ -217,11 +49,14 @@ def load(path: str | os.PathLike, check_files: bool = True) -> Site:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "yaml"
         raise ConfigError(path, where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return _Loader(path, check_files).site(data)
+    return _SiteLoader(path, check_files).site(data)
 
 
-class _Loader:
-    def __init__(self, path: Path, check_files: bool):
+class Fields:
+    """Field checks for one YAML file: each returns the value (or its default) or raises a
+    ConfigError naming the file and the field."""
+
+    def __init__(self, path: Path, check_files: bool = True):
         self.path = path
         self.check_files = check_files
 
@@ -231,8 +66,6 @@ class _Loader:
     def resolve(self, p: str) -> Path:
         p2 = Path(os.path.expanduser(p))
         return p2 if p2.is_absolute() else (self.path.parent / p2).resolve()
-
-    # -- primitive checks ------------------------------------------------------------
 
     def mapping(self, value: Any, where: str, allowed: set[str], required=()) -> dict:
         if value is None:
@@ -310,7 +143,9 @@ class _Loader:
             return items
         return [value] * n
 
-    # -- sections --------------------------------------------------------------------
+
+class _SiteLoader(Fields):
+    """The site file's sections, each into its model object."""
 
     def site(self, data: Any) -> Site:
         top = self.mapping(
@@ -332,7 +167,7 @@ class _Loader:
         parse_listen(listen, lambda m: self.err("site.listen", m))
         image_root = self.resolve(self.string(s.get("image_root"), "site.image_root", "images"))
         templates = self.resolve(
-            self.string(s.get("templates"), "site.templates", str(_default_templates()))
+            self.string(s.get("templates"), "site.templates", str(DEFAULT_TEMPLATES))
         )
         if self.check_files and not templates.is_dir():
             raise self.err("site.templates", f"folder {templates} does not exist")
@@ -341,7 +176,7 @@ class _Loader:
         secret_file = self.resolve(secret) if secret else store.with_name("secret")
 
         image_definitions = self.resolve(
-            self.string(s.get("image_definitions"), "site.image_definitions", str(_default_definitions()))
+            self.string(s.get("image_definitions"), "site.image_definitions", str(DEFAULT_IMAGE_DEFINITIONS))
         )
         images = self.images(top.get("images"), image_root, templates)
         nodes = self.nodes(top.get("nodes"), top.get("defaults"), templates)
@@ -399,7 +234,7 @@ class _Loader:
                     raise self.err(f"{where}.{label}", f"must be a path inside site.image_root, got {rel!r}")
                 if self.check_files and not (image_root / rel).is_file():
                     raise self.err(f"{where}.{label}", f"file {image_root / rel} does not exist")
-            self.check_template(templates, img.template or f"{role}.ipxe.j2", f"{where}.template")
+            self.check_template(templates, img.template or ROLE_TEMPLATE.format(role=role), f"{where}.template")
             out[role] = img
         return out
 
@@ -414,12 +249,12 @@ class _Loader:
                 raise self.err(f"{where}.{key}", "not with image: the version and files come from the "
                                                  "image's published version (see `provisioner image list`)")
         name = self.string(d.get("image"), f"{where}.image", required=True)
-        if not _NAME_RE.match(name):
+        if not NAME_RE.match(name):
             raise self.err(f"{where}.image", f"must be an image name (lower case, digits, - and _), got {name!r}")
         img = Image(role=role, version="current", kernel="", name=name,
                     cmdline=self.string(d.get("cmdline"), f"{where}.cmdline", ""),
                     template=self.string(d.get("template"), f"{where}.template"))
-        self.check_template(templates, img.template or f"{role}.ipxe.j2", f"{where}.template")
+        self.check_template(templates, img.template or ROLE_TEMPLATE.format(role=role), f"{where}.template")
         return img
 
     def overlay(self, value: Any) -> OverlaySettings:
@@ -432,7 +267,7 @@ class _Loader:
                 raise self.err(f"overlay.{section}", f"must be a mapping of name: {'path' if section == 'files' else 'value'}")
             for key, item in raw.items():
                 where = f"overlay.{section}.{key}"
-                if not isinstance(key, str) or not _NAME_RE.match(key) or "-" in key:
+                if not isinstance(key, str) or not NAME_RE.match(key) or "-" in key:
                     raise self.err(where, "names are lower case letters, digits and _ (templates use them)")
                 if key in out_files or key in out_values:
                     raise self.err(where, "given in both overlay.files and overlay.values")
@@ -672,12 +507,3 @@ def parse_listen(value: str, err=None) -> tuple[str, int]:
         raise ValueError(msg)
     return m.group(1) or "0.0.0.0", int(m.group(2))
 
-
-def _default_definitions() -> Path:
-    # The repository's images/ folder: one sub-folder per image with its image.yaml.
-    return Path(__file__).resolve().parent.parent / "images"
-
-
-def _default_templates() -> Path:
-    # The repository's pxe-templates/ (next to the package) is the default.
-    return Path(__file__).resolve().parent.parent / "pxe-templates"

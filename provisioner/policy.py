@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from provisioner.config import Policy
+from provisioner.model import Policy
 from provisioner.nodeset import fold
 from provisioner.states import FAILED, K8S, SLURM, STEADY
 
@@ -101,13 +101,15 @@ class Decision:
 # --------------------------------------------------------------------------- demand
 
 
-def _node_serves_job(node: SharedNode, job: PendingJob) -> bool:
+def node_serves_job(node: SharedNode, job: PendingJob) -> bool:
+    """Could this node run the job (partition, CPUs, GPUs)? Also used by the decide benchmark."""
     if job.partitions and not set(job.partitions) & set(node.partitions):
         return False
     return job.cpus_per_node <= node.cpus and job.gpus_per_node <= node.gpus
 
 
-def _node_serves_pod(node: SharedNode, pod: PendingPod) -> bool:
+def node_serves_pod(node: SharedNode, pod: PendingPod) -> bool:
+    """Could this node run the pod (node selector, CPUs, GPUs, memory)?"""
     labels = dict(node.k8s_labels)
     if any(labels.get(k) != v for k, v in pod.node_selector):
         return False
@@ -137,7 +139,7 @@ def slurm_demand(jobs: Iterable[PendingJob], shapes: dict[tuple, SharedNode], re
         key = (job.partitions, job.cpus_per_node, job.gpus_per_node)
         serving = cache.get(key)
         if serving is None:
-            serving = cache[key] = frozenset(s for s, n in shapes.items() if _node_serves_job(n, job))
+            serving = cache[key] = frozenset(s for s, n in shapes.items() if node_serves_job(n, job))
         if not serving:
             continue
         d.items += 1
@@ -155,7 +157,7 @@ def k8s_demand(pods: Iterable[PendingPod], shapes: dict[tuple, SharedNode]) -> _
         key = (pod.cpu_m, pod.memory, pod.gpus, pod.node_selector)
         serving = cache.get(key)
         if serving is None:
-            serving = cache[key] = frozenset(s for s, n in shapes.items() if _node_serves_pod(n, pod))
+            serving = cache[key] = frozenset(s for s, n in shapes.items() if node_serves_pod(n, pod))
         if not serving:
             continue
         d.items += 1

@@ -51,8 +51,8 @@ from typing import Any
 
 from provisioner import policy as pol
 from provisioner.clusters.interfaces import KubeClient, PowerFn, SlurmClient
-from provisioner.config import Site
 from provisioner.errors import OperationError
+from provisioner.model import Site
 from provisioner.states import (BOOTING, CORDONING, DRAINING, FAILED, JOINING, K8S, REBOOTING, REQUESTED, SLURM,
                                 STEADY, SWITCHING, other, transition)
 from provisioner.store import NodeState, Store

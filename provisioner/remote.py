@@ -4,7 +4,7 @@ Used by the Slurm adapter (commands on the controller) and by the SSH power meth
 kexec). An unknown or changed host key is an error, never silently accepted: a provisioning tool
 that trusts any host would hand node tokens and root commands to whoever answers on that address.
 
-`target` is anything with .host .port .user .key_file .known_hosts (config.SshTarget, or one built
+`target` is anything with .host .port .user .key_file .known_hosts (model.SshTarget, or one built
 by `target_for()` from a node and the power.ssh settings).
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import paramiko
 
-from provisioner.config import SshPower, SshTarget
 from provisioner.errors import OperationError
+from provisioner.model import SshPower, SshTarget
 
 log = logging.getLogger(__name__)
 

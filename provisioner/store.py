@@ -230,7 +230,7 @@ class Store:
             # Re-read under the write lock: another process may have migrated meanwhile.
             version = c.execute("PRAGMA user_version").fetchone()[0]
             for i in range(version, SCHEMA_VERSION):
-                for statement in _split_sql(MIGRATIONS[i]):
+                for statement in split_sql(MIGRATIONS[i]):
                     c.execute(statement)
                 c.execute(f"PRAGMA user_version = {i + 1}")
 
@@ -481,7 +481,7 @@ def _node(row: sqlite3.Row) -> NodeState:
     return NodeState(**d)
 
 
-def _split_sql(script: str) -> list[str]:
+def split_sql(script: str) -> list[str]:
     """Split a migration into statements (executescript would COMMIT our transaction)."""
     out, buf = [], ""
     for line in script.strip().splitlines(keepends=True):

@@ -458,7 +458,7 @@ class SimSite:
 
     def slurm_view(self, name: str):
         from provisioner.clusters.slurm import SlurmAdapter
-        from provisioner.config import SlurmSettings
+        from provisioner.model import SlurmSettings
 
         return SlurmAdapter(SlurmSettings(**{k: v for k, v in self.slurm.site_section().items()})).nodes([name])[name]
 

@@ -1,4 +1,4 @@
-"""Builds site configs for the test world: a folder with images, templates (the repo's) and site.yaml."""
+"""Builds site configs for the test world: a folder with images and site.yaml (the packaged templates)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 
 import yaml
 
-from testbed.process import ROOT
 
 
 def mac(i: int, group: int = 3) -> str:
@@ -34,7 +33,6 @@ def write_site(folder: Path, nodes: list[dict] | None = None, **sections: Any) -
             "store": str(folder / "state.db"),
             "secret_file": str(folder / "secret"),
             "image_root": str(folder / "images"),
-            "templates": str(ROOT / "pxe-templates"),
         },
         "images": {
             role: {"version": "1", "kernel": f"{role}/vmlinuz", "initrds": [f"{role}/initrd.img"],

@@ -1,4 +1,4 @@
-"""The tiny test image (images/tiny): built for real once per test session, for the image and
+"""The tiny test image (provisioner/data/images/tiny): built for real once per test session, for the image and
 overlay tests and for the end-to-end VM tests.
 
     tiny_image                      session fixture (tests/fixtures/tinyimage.py): built once
@@ -21,11 +21,11 @@ from pathlib import Path
 from provisioner import images
 from provisioner.errors import OperationError
 from provisioner.images.builder import default_cache
+from provisioner.model import DEFAULT_IMAGE_DEFINITIONS
 from testbed.parts import PartMissing, require_binary
-from testbed.process import ROOT
 from testbed.site import write_site
 
-DEFINITIONS = ROOT / "images"
+DEFINITIONS = DEFAULT_IMAGE_DEFINITIONS  # the packaged definitions
 CACHE = default_cache()  # ~/.cache/provisioner/images: outside the checkout, kept between runs
 
 

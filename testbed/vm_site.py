@@ -1,5 +1,5 @@
 """End-to-end VMs: the balancer's test world (testbed/simnodes.py) with real qemu VMs as its shared
-nodes, network-booting the tiny image (images/tiny) through iPXE from the real `provisioner serve`.
+nodes, network-booting the tiny image (provisioner/data/images/tiny) through iPXE from the real `provisioner serve`.
 
 VmSite is a SimSite whose shared nodes are VMs (testbed/vm.py):
 - site.yaml: `site.boot_url` is http://10.0.2.2:PORT (the guests' view of the host's loopback,

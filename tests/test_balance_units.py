@@ -1,6 +1,6 @@
 """Pure checks of balancer details that the integration tests (test_balance_switch/safety) rely on."""
 
-from provisioner.config import Policy
+from provisioner.model import Policy
 from provisioner.policy import PendingPod, SharedNode, Snapshot, decide
 from testbed.simnodes import kernel_args
 

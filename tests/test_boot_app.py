@@ -72,10 +72,11 @@ def test_missing_image_file_gets_a_waiting_script(client, site):
 def test_broken_template_gets_a_waiting_script(tmp_path):
     import shutil
 
-    from testbed.site import ROOT, write_site
+    from provisioner.model import DEFAULT_TEMPLATES
+    from testbed.site import write_site
 
     templates = tmp_path / "tpl"
-    shutil.copytree(ROOT / "pxe-templates", templates)
+    shutil.copytree(DEFAULT_TEMPLATES, templates)
     (templates / "slurm.ipxe.j2").write_text("#!ipxe\nkernel {{ no_such_variable }}\n")
     site = config.load(write_site(tmp_path / "s", site={"templates": str(templates)}))
     r = create_app(site).test_client().get(f"/ipxe?mac={mac(1, 3)}")
@@ -130,10 +131,11 @@ def test_template_edit_shows_on_the_next_request(tmp_path):
     import shutil
     import time
 
-    from testbed.site import ROOT, write_site
+    from provisioner.model import DEFAULT_TEMPLATES
+    from testbed.site import write_site
 
     templates = tmp_path / "tpl"
-    shutil.copytree(ROOT / "pxe-templates", templates)
+    shutil.copytree(DEFAULT_TEMPLATES, templates)
     site = config.load(write_site(tmp_path / "s", site={"templates": str(templates)}))
     client = create_app(site).test_client()
     first = client.get(f"/ipxe?mac={mac(1, 3)}").text

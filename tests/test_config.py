@@ -7,7 +7,9 @@ import yaml
 
 from provisioner import config
 from provisioner.errors import ConfigError
-from testbed.site import ROOT, mac, write_site
+from provisioner.model import normalize_mac
+from testbed.process import ROOT
+from testbed.site import mac, write_site
 
 
 def rewrite(path: Path, edit) -> Path:
@@ -50,12 +52,12 @@ def test_hostlist_groups_spread_per_node_values(tmp_path):
 
 @pytest.mark.parametrize("spelling", ["52:54:00:AB:cd:01", "52-54-00-ab-CD-01", "525400abcd01", "5254.00ab.cd01"])
 def test_mac_spellings_normalize(spelling):
-    assert config.normalize_mac(spelling) == "52:54:00:ab:cd:01"
+    assert normalize_mac(spelling) == "52:54:00:ab:cd:01"
 
 
 @pytest.mark.parametrize("bad", ["", "52:54:00", "zz:54:00:ab:cd:01", "52:54:00:ab:cd:01:02", "x" * 500, None, 7])
 def test_bad_macs_are_rejected(bad):
-    assert config.normalize_mac(bad) is None
+    assert normalize_mac(bad) is None
 
 
 @pytest.mark.parametrize("edit, field, words", [

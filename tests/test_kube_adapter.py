@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from provisioner.clusters.kubernetes import CORDON_ANNOTATION, KubernetesAdapter
-from provisioner.config import KubernetesSettings
 from provisioner.errors import OperationError, UsageError
+from provisioner.model import KubernetesSettings
 from testbed.kube_control_plane import VERSION
 from testbed.wait import wait_for
 

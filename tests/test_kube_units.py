@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from provisioner.clusters.kubernetes import CORDON_ANNOTATION, _holds_node, _ours, pod_requests
+from provisioner.clusters.kubernetes import CORDON_ANNOTATION, has_our_cordon, holds_node, pod_requests
 
 
 def container(requests=None, limits=None):
@@ -26,12 +26,12 @@ def test_which_pods_hold_a_node():
         return {"metadata": {"name": "p", "namespace": "d", "ownerReferences": refs, "annotations": annotations},
                 "status": {"phase": phase}}
 
-    assert _holds_node(pod()) and _holds_node(pod(owner="ReplicaSet")) and _holds_node(pod("Pending"))
-    assert not _holds_node(pod(owner="DaemonSet"))
-    assert not _holds_node(pod(annotations={"kubernetes.io/config.mirror": "x"}))
-    assert not _holds_node(pod("Succeeded")) and not _holds_node(pod("Failed"))
+    assert holds_node(pod()) and holds_node(pod(owner="ReplicaSet")) and holds_node(pod("Pending"))
+    assert not holds_node(pod(owner="DaemonSet"))
+    assert not holds_node(pod(annotations={"kubernetes.io/config.mirror": "x"}))
+    assert not holds_node(pod("Succeeded")) and not holds_node(pod("Failed"))
 
 
 def test_the_cordon_mark_is_read_from_metadata():
-    assert _ours({"annotations": {CORDON_ANNOTATION: "true"}})
-    assert not _ours({"annotations": {CORDON_ANNOTATION: "false"}}) and not _ours({})
+    assert has_our_cordon({"annotations": {CORDON_ANNOTATION: "true"}})
+    assert not has_our_cordon({"annotations": {CORDON_ANNOTATION: "false"}}) and not has_our_cordon({})

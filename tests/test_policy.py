@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from provisioner.config import Policy
+from provisioner.model import Policy
 from provisioner.policy import PendingJob, PendingPod, SharedNode, Snapshot, decide
 
 NOW = 1_000_000.0

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from provisioner.config import Bmc
 from provisioner.errors import OperationError
+from provisioner.model import Bmc
 from provisioner.power import ipmi
 from tests.fixtures.bmc import BMC_PASSWORD
 from tests.support import require_binary

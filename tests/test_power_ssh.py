@@ -11,6 +11,7 @@ import pytest
 
 from provisioner import config
 from provisioner.boot.render import Renderer
+from provisioner.model import Site
 from provisioner.power import run_action
 from provisioner.power.ssh import kexec_argv
 from provisioner.store import Store
@@ -64,7 +65,7 @@ def calls(out: Path, name: str) -> list[list[str]]:
 
 def ssh_site(tmp_path, sshd, method: str, reboot_command: str = "true", bmc_port: int | None = None,
              boot_url: str = "http://127.0.0.1:8080", known_hosts: str | None = None, no_bmc: bool = False,
-             **sections) -> config.Site:
+             **sections) -> Site:
     """One node sn01 whose SSH is the test sshd. Its BMC: bmc_port, or a port where nobody listens."""
     node = {"name": "sn01", "pool": "shared", "default_role": "slurm", "macs": [mac(1, 7)],
             "ip": "10.0.7.1", "ssh_host": "127.0.0.1", "ssh_port": sshd.port, "power_method": method,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from provisioner import remote
-from provisioner.config import Node, SshPower
 from provisioner.errors import OperationError
+from provisioner.model import Node, SshPower
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration

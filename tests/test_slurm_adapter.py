@@ -13,8 +13,8 @@ import pytest
 
 from provisioner.clusters.slurm import PAPER_REASON, LocalRunner, SlurmAdapter
 from provisioner import config
-from provisioner.config import SlurmSettings
 from provisioner.errors import OperationError
+from provisioner.model import Site, SlurmSettings
 from testbed.site import write_site
 from testbed.slurm_cluster import SlurmCluster
 from testbed.wait import wait_for
@@ -30,7 +30,7 @@ def cluster(slurm_cluster):
 
 
 @pytest.fixture
-def slurm_site(cluster, tmp_path) -> config.Site:
+def slurm_site(cluster, tmp_path) -> Site:
     """The default test site, its slurm section pointing at the test cluster."""
     return config.load(write_site(tmp_path / "site", slurm=cluster.site_section()))
 

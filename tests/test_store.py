@@ -104,11 +104,11 @@ def test_concurrent_processes(tmp_path):
 
 
 def test_migrates_an_old_store_keeping_its_data(tmp_path):
-    from provisioner.store import MIGRATIONS, _split_sql
+    from provisioner.store import MIGRATIONS, split_sql
 
     db = tmp_path / "old.db"
     c = sqlite3.connect(db, isolation_level=None)
-    for stmt in _split_sql(MIGRATIONS[0]):
+    for stmt in split_sql(MIGRATIONS[0]):
         c.execute(stmt)
     c.execute("PRAGMA user_version = 1")
     c.execute("INSERT INTO nodes (name, desired_role, pinned, updated_at) VALUES ('a', 'k8s', 1, 1.0)")

@@ -18,8 +18,8 @@ from werkzeug.exceptions import HTTPException
 from provisioner import ROLES
 from provisioner.boot import overlay
 from provisioner.boot.render import Renderer, Script
-from provisioner.config import Site, normalize_mac
 from provisioner.errors import ProvisionerError
+from provisioner.model import Site, normalize_mac
 from provisioner.store import Store
 from provisioner.tokens import check_token, load_or_create_secret
 

@@ -20,10 +20,10 @@ from urllib.parse import quote
 
 import jinja2
 
-from provisioner.config import Node, Site
 from provisioner.errors import OperationError
 from provisioner.images.cpio import gzip_archive
 from provisioner.images.versions import Published
+from provisioner.model import Node, Site
 from provisioner.tokens import check_token, node_token
 
 PURPOSE = "overlay"

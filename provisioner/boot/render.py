@@ -18,9 +18,9 @@ import jinja2.meta
 from jinja2 import nodes as jnodes
 
 from provisioner.boot import overlay
-from provisioner.config import Image, Node, Site
 from provisioner.errors import OperationError
 from provisioner.images.versions import Published, Resolver
+from provisioner.model import Image, Node, Site
 from provisioner.tokens import node_token
 
 RETRY_S = 30

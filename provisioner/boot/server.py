@@ -11,7 +11,8 @@ import multiprocessing
 from gunicorn.app.base import BaseApplication
 
 from provisioner.boot.app import create_app
-from provisioner.config import Site, parse_listen
+from provisioner.config import parse_listen
+from provisioner.model import Site
 
 
 class _Gunicorn(BaseApplication):

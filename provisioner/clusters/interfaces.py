@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from provisioner.clusters.kubernetes import EvictionResult, KubeNode, PendingPod
     from provisioner.clusters.slurm import SlurmNode, SlurmSnapshot
-    from provisioner.config import Node, Site
+    from provisioner.model import Node, Site
     from provisioner.power.dispatch import PowerResult
 
 

@@ -37,8 +37,8 @@ from kubernetes.config.config_exception import ConfigException
 from kubernetes.utils import parse_quantity
 
 from provisioner import ROLES
-from provisioner.config import KubernetesSettings
 from provisioner.errors import OperationError, UsageError
+from provisioner.model import KubernetesSettings
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def pod_requests(spec: dict) -> tuple[int, int, int]:
     return total[0], total[1], total[2]
 
 
-def _holds_node(pod: dict) -> bool:
+def holds_node(pod: dict) -> bool:
     """A pod that must leave before the node can switch: not finished, not a DaemonSet pod (it
     runs on every node and leaves with the node), not a static pod (same)."""
     meta = pod.get("metadata") or {}
@@ -352,7 +352,7 @@ class KubernetesAdapter:
         by_node: dict[str, list[PodOnNode]] = {}
         for pod in pods:
             on = (pod.get("spec") or {}).get("nodeName")
-            if on and (wanted is None or on in wanted) and _holds_node(pod):
+            if on and (wanted is None or on in wanted) and holds_node(pod):
                 by_node.setdefault(on, []).append(PodOnNode(
                     pod["metadata"]["namespace"], pod["metadata"]["name"],
                     (pod.get("status") or {}).get("phase") or "Unknown",
@@ -378,7 +378,7 @@ class KubernetesAdapter:
             name=meta["name"],
             ready=bool(ready and ready.get("status") == "True"),
             unschedulable=unschedulable,
-            cordoned_by_us=unschedulable and _ours(meta),
+            cordoned_by_us=unschedulable and has_our_cordon(meta),
             role=labels.get(self.settings.label_key),
             labels=tuple(sorted(labels.items())),
             taints=tuple(Taint(t["key"], t.get("value"), t["effect"]) for t in spec.get("taints") or []),
@@ -402,7 +402,7 @@ class KubernetesAdapter:
         for _ in range(_CONFLICT_RETRIES):
             node = self._read_node(name, what)
             if node.spec and node.spec.unschedulable:
-                return _ours(node)
+                return has_our_cordon(node)
             body = {"metadata": {"resourceVersion": node.metadata.resource_version,
                                  "annotations": {CORDON_ANNOTATION: "true"}},
                     "spec": {"unschedulable": True}}
@@ -411,7 +411,7 @@ class KubernetesAdapter:
                                     _content_type="application/strategic-merge-patch+json")
             except ApiException:
                 continue  # changed under us (perhaps cordoned by someone): look again
-            if not (result.spec and result.spec.unschedulable and _ours(result)):
+            if not (result.spec and result.spec.unschedulable and has_our_cordon(result)):
                 raise OperationError(f"cordoning node {name}: the API accepted the patch but the node is not "
                                      "cordoned by provisioner; check admission webhooks on nodes")
             log.info("cordoned node %s", name)
@@ -424,11 +424,11 @@ class KubernetesAdapter:
         for _ in range(_CONFLICT_RETRIES):
             node = self._read_node(name, what)
             cordoned = bool(node.spec and node.spec.unschedulable)
-            if cordoned and not _ours(node):
+            if cordoned and not has_our_cordon(node):
                 raise OperationError(f"node {name} was cordoned by someone else (no {CORDON_ANNOTATION} annotation): "
                                      f"provisioner leaves it cordoned; run `kubectl uncordon {name}` if it should "
                                      "take pods again")
-            if not cordoned and not _ours(node):
+            if not cordoned and not has_our_cordon(node):
                 return
             # Ours (or a stale mark of ours on a node someone already uncordoned): clear both.
             body = {"metadata": {"resourceVersion": node.metadata.resource_version,
@@ -439,7 +439,7 @@ class KubernetesAdapter:
                                     _content_type="application/strategic-merge-patch+json")
             except ApiException:
                 continue
-            if (result.spec and result.spec.unschedulable) or _ours(result):
+            if (result.spec and result.spec.unschedulable) or has_our_cordon(result):
                 raise OperationError(f"uncordoning node {name}: the API accepted the patch but the node is still "
                                      "cordoned; check admission webhooks on nodes")
             log.info("uncordoned node %s", name)
@@ -498,7 +498,7 @@ class KubernetesAdapter:
 
     def _pods_holding(self, name: str, what: str) -> list[dict]:
         pods = self._list(what, self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={name}")
-        return [p for p in pods if _holds_node(p)]
+        return [p for p in pods if holds_node(p)]
 
     def delete_node(self, name: str) -> bool:
         """Delete the Node object of a node provisioner cordoned and emptied (its kubelet
@@ -512,7 +512,7 @@ class KubernetesAdapter:
                 node = self._call(what, self.core.read_node, name, expect=(404,))
             except ApiException:
                 return False
-            if not (node.spec and node.spec.unschedulable and _ours(node)):
+            if not (node.spec and node.spec.unschedulable and has_our_cordon(node)):
                 raise OperationError(f"not deleting node {name}: it is not cordoned by provisioner; "
                                      "cordon and evict first")
             holding = self._pods_holding(name, what)
@@ -543,7 +543,7 @@ def _no_node(name: str, what: str) -> OperationError:
                           "kubelet registers")
 
 
-def _ours(node) -> bool:
+def has_our_cordon(node) -> bool:
     """The cordon mark: on a V1Node (acting) or a node's metadata dict (observing)."""
     annotations = node.get("annotations") if isinstance(node, dict) else node.metadata.annotations
     return (annotations or {}).get(CORDON_ANNOTATION) == "true"

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from provisioner.config import SlurmSettings
 from provisioner.errors import OperationError
+from provisioner.model import SlurmSettings
 from provisioner.nodeset import expand, fold
 
 # The paper's down reason (its Table 1). It counts as ours, so nodes the paper's scripts took

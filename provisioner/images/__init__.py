@@ -1,5 +1,5 @@
-"""Diskless images: definitions (images/NAME/image.yaml), builds into versioned folders under
-site.image_root, atomic publishing, rollback (publish an old version, or pin nodes to one).
+"""Diskless images: definitions (site.image_definitions/NAME/image.yaml), builds into versioned
+folders under site.image_root, atomic publishing, rollback (publish an old version, or pin nodes to one).
 
 The public API, for the CLI, the tests and the balancer:
 

@@ -1,10 +1,11 @@
-"""images/NAME/image.yaml -> a validated Definition (errors name the file and the field).
+"""DEFINITIONS/NAME/image.yaml -> a validated Definition (errors name the file and the field).
 
 A definition says what an image contains (base distribution, packages, services, kernel and the
 drivers its initramfs loads, kernel arguments) and which per-node overlay files it needs. The
 folder next to it holds the overlay templates (overlay/*.j2) and, for images with a root file
-system, files copied into it (files/, a tree that mirrors the root). images/_common holds what
-every image shares: the initramfs /init and, for Debian roots, the boot-callback service.
+system, files copied into it (files/, a tree that mirrors the root). DEFINITIONS/_common holds
+what every image shares: the initramfs /init and, for Debian roots, the boot-callback service.
+DEFINITIONS is site.image_definitions (default: the packaged provisioner/data/images/).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from provisioner import ROLES
-from provisioner.config import _NAME_RE, _Loader
+from provisioner.config import Fields
 from provisioner.errors import ConfigError, UsageError
+from provisioner.model import NAME_RE
 
 BUILDERS = ("initramfs", "debian")
 COMMON = "_common"
@@ -105,7 +107,7 @@ def names(definitions: Path) -> list[str]:
 
 
 def load(definitions: Path, name: str) -> Definition:
-    if not _NAME_RE.match(name or ""):
+    if not NAME_RE.match(name or ""):
         raise UsageError(f"image name {name!r}: lower case letters, digits, - and _")
     path = definitions / name / "image.yaml"
     if not path.is_file():
@@ -120,10 +122,7 @@ def load(definitions: Path, name: str) -> Definition:
     return _DefinitionLoader(path).definition(name, data)
 
 
-class _DefinitionLoader(_Loader):
-    def __init__(self, path: Path):
-        super().__init__(path, check_files=True)
-
+class _DefinitionLoader(Fields):
     def names_list(self, value, where: str, pattern: re.Pattern, what: str) -> tuple[str, ...]:
         if value is None:
             return ()
@@ -233,7 +232,7 @@ class _DefinitionLoader(_Loader):
                     raise self.err(f"{where}.template", f"no template {template!r} in {templates}")
             if copy is not None:
                 copy = self.string(copy, f"{where}.copy")
-                if not _NAME_RE.match(copy) or "-" in copy:
+                if not NAME_RE.match(copy) or "-" in copy:
                     raise self.err(f"{where}.copy", f"must be a key of overlay.files (letters, digits, _), got {copy!r}")
             mode = d.get("mode", "0644")
             try:

@@ -1,6 +1,6 @@
 """The busybox initramfs every image boots first: busybox-static, the NIC (and, for images with
-a root file system, squashfs/loop/overlay) modules in dependency order, and images/_common's
-/init and udhcpc script. Written as a newc cpio archive, gzip-compressed."""
+a root file system, squashfs/loop/overlay) modules in dependency order, and the definitions'
+_common/init and udhcpc script. Written as a newc cpio archive, gzip-compressed."""
 
 from __future__ import annotations
 

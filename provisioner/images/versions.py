@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from provisioner.config import _NAME_RE
 from provisioner.errors import OperationError, UsageError
+from provisioner.model import NAME_RE
 
 CURRENT = "current"
 MANIFEST = "manifest.json"
@@ -46,13 +46,13 @@ class Version:
 
 
 def check_name(name: str, what: str = "image") -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.match(name):
         raise UsageError(f"{what} name {name!r}: lower case letters, digits, - and _")
     return name
 
 
 def check_version(version: str) -> str:
-    if not isinstance(version, str) or not _NAME_RE.match(version.lower()) or version in (CURRENT,):
+    if not isinstance(version, str) or not NAME_RE.match(version.lower()) or version in (CURRENT,):
         raise UsageError(f"version {version!r} is not a version name (see `provisioner image list`)")
     return version
 
@@ -98,7 +98,7 @@ def built_images(image_root: Path) -> list[str]:
     if not image_root.is_dir():
         return []
     return sorted(p.name for p in image_root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and _NAME_RE.match(p.name)
+                  if p.is_dir() and not p.name.startswith(".") and NAME_RE.match(p.name)
                   and (os.path.lexists(p / CURRENT) or any((c / MANIFEST).is_file() for c in p.iterdir() if c.is_dir())))
 
 

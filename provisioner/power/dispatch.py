@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from provisioner.config import Node, Site
 from provisioner.errors import OperationError
+from provisioner.model import Node, Site
 from provisioner.power import ipmi, ssh
 
 ACTIONS = ipmi.ACTIONS

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TypeVar
 
-from provisioner.config import Node, Site
+from provisioner.model import Node, Site
 from provisioner.power.dispatch import ACTIONS, PowerResult, act
 from provisioner.store import Store, default_actor
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from provisioner.errors import OperationError
 
 if TYPE_CHECKING:  # the worker process stays light: no yaml, no config loader
-    from provisioner.config import Bmc
+    from provisioner.model import Bmc
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from provisioner import remote
-from provisioner.config import Node, Site
 from provisioner.errors import OperationError
+from provisioner.model import Node, Site
 
 # Runs on the node as `sh -c SCRIPT provisioner-kexec KERNEL_URL APPEND [INITRD_URL...]`: URLs and
 # the command line are positional parameters, so nothing in them is ever parsed by the shell.

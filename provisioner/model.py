@@ -1,0 +1,193 @@
+"""The shape of a site: what `config.load()` returns, as plain frozen dataclasses.
+
+A Site is the boot server's settings plus one Image per role (slurm, k8s), the Nodes (each in a
+pool: slurm, k8s or shared) and the settings the balancer (Policy), the cluster adapters
+(SlurmSettings, KubernetesSettings), the power drivers (PowerSettings) and the per-node overlays
+(OverlaySettings) read. Nothing here reads files or validates: provisioner/config.py builds these
+from the YAML; everything else only reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+POWER_METHODS = ("ipmi", "ssh", "kexec", "kexec+ipmi")
+SHARE_RULES = ("proportional", "slurm-first", "k8s-first")
+
+# Image names, versions and overlay keys: safe in paths and URLs.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+# The iPXE template a role boots unless the image or the node names another.
+ROLE_TEMPLATE = "{role}.ipxe.j2"
+
+# What a site gets when it names no folder of its own: the iPXE templates and image definitions
+# shipped inside the package (package data, so they are there in an installed copy too).
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_TEMPLATES = DATA / "pxe-templates"
+DEFAULT_IMAGE_DEFINITIONS = DATA / "images"
+
+_MAC_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def normalize_mac(value: str) -> str | None:
+    """Any common MAC spelling (aa:bb.., AA-BB-.., aabb.cc.., bare hex) -> 'aa:bb:cc:dd:ee:ff',
+    the form Node.macs holds. Returns None when it is not a MAC (the config and the boot endpoint
+    both use it)."""
+    if not isinstance(value, str) or len(value) > 32:
+        return None
+    bare = re.sub(r"[:\-.]", "", value.strip().lower())
+    if not _MAC_RE.match(bare):
+        return None
+    return ":".join(bare[i : i + 2] for i in range(0, 12, 2))
+
+
+@dataclass(frozen=True)
+class Bmc:
+    address: str
+    port: int = 623
+    user: str = "admin"
+    password: str = field(default="", repr=False)  # never printed: repr=False
+    password_file: str | None = None
+
+    def __repr__(self) -> str:  # belt and braces: no password in tracebacks or logs
+        return f"Bmc(address={self.address!r}, port={self.port}, user={self.user!r})"
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    pool: str
+    default_role: str
+    macs: tuple[str, ...]
+    ip: str | None = None
+    bmc: Bmc | None = None
+    power_method: str = "ipmi"
+    ssh_host: str | None = None
+    ssh_port: int = 22
+    template: str | None = None  # overrides the role's template for this node
+
+    @property
+    def shared(self) -> bool:
+        return self.pool == "shared"
+
+
+@dataclass(frozen=True)
+class Image:
+    """A role's image: explicit files (kernel, initrds) or, with `name`, a built image whose
+    version and files come from its published version (resolved per request by the renderer)."""
+
+    role: str
+    version: str
+    kernel: str  # relative to site.image_root
+    initrds: tuple[str, ...] = ()
+    rootfs: str | None = None
+    cmdline: str = ""
+    template: str | None = None  # default: ROLE_TEMPLATE
+    name: str | None = None  # a built image (site.image_definitions/NAME/image.yaml); kernel etc. then empty
+    overlay: bool = False  # resolved built versions only: the node gets its overlay initrd
+
+    @property
+    def resolved(self) -> bool:
+        return self.name is None or bool(self.kernel)
+
+    def files(self) -> list[str]:
+        return [self.kernel, *self.initrds, *([self.rootfs] if self.rootfs else [])]
+
+
+@dataclass(frozen=True)
+class Policy:
+    min_nodes: dict[str, int] = field(default_factory=lambda: {"slurm": 0, "k8s": 0})
+    cooldown_s: int = 600
+    demand_persist_s: int = 120
+    max_in_flight: int = 2
+    share_rule: str = "proportional"  # one of SHARE_RULES
+    phase_timeout_s: int = 900
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    host: str
+    port: int = 22
+    user: str = "root"
+    key_file: str | None = None
+    known_hosts: str | None = None
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    mode: str = "local"  # local: run scontrol/sinfo/squeue here; ssh: on the controller
+    slurm_conf: str | None = None
+    bin_dir: str | None = None
+    controller: SshTarget | None = None
+    reason_prefix: str = "provisioner:"
+    timeout_s: int = 30
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    kubeconfig: str | None = None
+    in_cluster: bool = False
+    context: str | None = None
+    label_key: str = "sched"
+    timeout_s: int = 10
+    delete_node: bool = False
+
+
+@dataclass(frozen=True)
+class SshPower:
+    user: str = "root"
+    port: int = 22
+    key_file: str | None = None
+    known_hosts: str | None = None
+    reboot_command: str = "systemctl reboot"
+    timeout_s: int = 10
+
+
+@dataclass(frozen=True)
+class PowerSettings:
+    timeout_s: float = 5.0
+    retries: int = 2
+    fanout: int = 32
+    ssh: SshPower = field(default_factory=SshPower)
+
+
+@dataclass(frozen=True)
+class OverlaySettings:
+    """What per-node overlays are rendered from: `files` (key -> path, read when an overlay is
+    built; secrets such as the munge key live here) and plain `values` (key -> string)."""
+
+    files: dict[str, str] = field(default_factory=dict, repr=False)
+    values: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Site:
+    path: Path
+    name: str
+    boot_url: str
+    listen: str
+    store: Path
+    image_root: Path
+    templates: Path
+    secret_file: Path
+    check_callback_source: bool
+    images: dict[str, Image]
+    nodes: dict[str, Node]  # in config order
+    policy: Policy
+    slurm: SlurmSettings
+    kubernetes: KubernetesSettings
+    power: PowerSettings
+    image_definitions: Path = DEFAULT_IMAGE_DEFINITIONS
+    overlay: OverlaySettings = field(default_factory=OverlaySettings)
+
+    def node_by_mac(self) -> dict[str, Node]:
+        return {mac: node for node in self.nodes.values() for mac in node.macs}
+
+    def resolve(self, p: str | os.PathLike) -> Path:
+        """Paths in the config are relative to the config file's folder."""
+        p = Path(os.path.expanduser(str(p)))
+        return p if p.is_absolute() else (self.path.parent / p)
