@@ -25,9 +25,9 @@ V=$(sed -n "s|^[[:space:]]*$MODULE \\(v[^ ]*\\)\\( //.*\\)\\{0,1\\}\$|\\1|p" "$d
 [ -n "$V" ] || { echo "FAILED: tools/$name/go.mod does not pin $MODULE; regenerate it with tools/$name/gen-gomod.sh" >&2; exit 1; }
 # The key covers what changes the binaries: the pins, the component's recipe (build.conf) and
 # RECIPE, the version of the build command below (bump it when that command changes; an edit
-# of a comment here must not cost a rebuild).
+# of a comment here, or of build.conf's EST estimate, must not cost a rebuild).
 RECIPE=1
-key=$( (cat "$dir/go.mod" "$dir/go.sum" "$dir/build.conf"; echo "recipe $RECIPE; $(go env GOVERSION 2>/dev/null)") |
+key=$( (cat "$dir/go.mod" "$dir/go.sum"; grep -v '^EST=' "$dir/build.conf"; echo "recipe $RECIPE; $(go env GOVERSION 2>/dev/null)") |
       sha256sum | cut -c1-12)
 root=${PROVISIONER_CACHE:-$HOME/.cache/provisioner}
 out=$root/$name-$V-$key
@@ -48,7 +48,7 @@ fail() {
 mkdir -p "$root"
 : > "$log"
 echo "Building $name $V (${bins[*]}) from the Go module proxy into $out" >&2
-echo "  One-time step: $EST on 2 cores from a cold Go cache, a minute or two warm; later runs reuse it." >&2
+echo "  One-time step: $EST on 2 cores from empty Go caches (downloads included), a minute or two when only the link is missing; later runs reuse it." >&2
 cd "$dir"
 echo "  [1/3] downloading modules..." >&2
 go mod download >>"$log" 2>&1 || fail "go mod download (is the Go module proxy reachable?)"
@@ -69,4 +69,10 @@ echo "  [3/3] checking the binaries..." >&2
 check "$tmp" "$V" >>"$log" 2>&1 || fail "the built binaries do not report version $V"
 mkdir -p "$out" && rm -rf "$out/bin" && mv "$tmp" "$out/bin" && trap - EXIT
 echo "Built $name $V in $((SECONDS - start)) s: $out/bin" >&2
+# Builds for other pins stay (an older checkout may still use them); say what they hold.
+old=$(find "$root" -mindepth 1 -maxdepth 1 -type d -name "$name-v*" ! -path "$out" | sort)
+if [ -n "$old" ]; then
+    echo "  Other builds of $name here ($(du -shc $old | tail -1 | cut -f1)), unused by this checkout: remove with" >&2
+    echo "    rm -rf $(echo $old) $(for d in $old; do echo -n "$d.log "; done)" >&2
+fi
 echo "$out"
