@@ -224,18 +224,16 @@ def cmd_release(ctx: Context) -> int:
 
 
 def cmd_render(ctx: Context) -> int:
+    from provisioner.boot.plan import BootPlanner
     from provisioner.boot.render import Renderer
     from provisioner.tokens import load_or_create_secret
 
     name = ctx.args.node
     if name not in ctx.site.nodes:
         raise UsageError(f"unknown node {name}: not in {ctx.site.path} (see `provisioner nodes`)")
-    node = ctx.site.nodes[name]
-    role = ctx.args.role or ctx.store.desired_role(name) or node.default_role
-    renderer = Renderer(ctx.site, load_or_create_secret(ctx.site.secret_file))
-    image_name = renderer.image_name(role)  # a built image: the node's version pin applies, as when it boots
-    pin = ctx.store.image_pin(name, image_name) if image_name else None
-    script = renderer.node(node, role, ctx.args.mac, pin)
+    # The boot endpoint's own plan and renderer: the node's desired role and version pin apply.
+    plan = BootPlanner(ctx.site, load_or_create_secret(ctx.site.secret_file), ctx.store).plan(name, ctx.args.role)
+    script = Renderer(ctx.site).node(plan, ctx.args.mac)
     sys.stdout.write(script.text)
     if not script.ok:
         print(f"provisioner: {name} would get the unknown-node script: {script.reason}", file=sys.stderr)
@@ -255,14 +253,14 @@ def cmd_history(ctx: Context) -> int:
 
 
 def cmd_power(ctx: Context) -> int:
-    from provisioner.power import run_action
+    from provisioner.reconcile import power_nodes
 
     names = ctx.nodes(ctx.args.nodeset)
     action = ctx.args.action
     # status changes nothing and is not recorded, so it needs no store
     store = None if action == "status" else ctx.store
-    results = run_action(ctx.site, [ctx.site.nodes[n] for n in names], action, netboot=ctx.args.netboot,
-                         store=store, actor=default_actor())
+    results = power_nodes(ctx.site, [ctx.site.nodes[n] for n in names], action, netboot=ctx.args.netboot,
+                          store=store, actor=default_actor())
     if ctx.args.json:
         emit_json([r.as_dict() for r in results])
     else:

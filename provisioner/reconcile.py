@@ -43,19 +43,22 @@ import fcntl
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provisioner import policy as pol
 from provisioner.clusters.interfaces import KubeClient, PowerFn, SlurmClient
-from provisioner.config import Site
+from provisioner.config import Node, Site
 from provisioner.errors import OperationError
 from provisioner.states import (BOOTING, CORDONING, DRAINING, FAILED, JOINING, K8S, REBOOTING, REQUESTED, SLURM,
                                 STEADY, SWITCHING, other, transition)
-from provisioner.store import NodeState, Store
+from provisioner.store import NodeState, Store, default_actor
+
+if TYPE_CHECKING:
+    from provisioner.power.dispatch import PowerResult
 
 ACTOR = "balancer"
 
@@ -106,6 +109,45 @@ def pass_lock(site: Site, wait_s: float = 0.0):
         yield
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- power, recorded
+
+
+def power_nodes(site: Site, nodes: Sequence[Node], action: str, *, netboot: bool = False, store: Store | None = None,
+                actor: str | None = None, roles: dict[str, str] | None = None) -> list[PowerResult]:
+    """provisioner.power.run_action plus what power control leaves to its caller: the boot plan
+    a kexec boots into (roles: node name -> role; default the desired role in the store, else
+    the default role; the node's image version pin applies, as when it network-boots), and an
+    event (kind "power") in `store` for every action but status. The reconciler's power action
+    and `provisioner power`."""
+    from provisioner.power import REBOOTS, run_action
+
+    boot = None
+    kexec = [n for n in nodes if n.power_method.startswith("kexec")]
+    if kexec and action in REBOOTS:
+        from provisioner.boot.plan import BootPlanner
+        from provisioner.tokens import load_or_create_secret
+
+        planner = BootPlanner(site, load_or_create_secret(site.secret_file), store)
+        # Files are not checked here: the node fetches them from the boot endpoint, which may
+        # serve the image root from another host; a missing one fails the kexec on the node.
+        boot = {n.name: planner.plan(n, (roles or {}).get(n.name), check_files=False) for n in kexec}
+    actor = actor or default_actor()
+    done = None if store is None or action == "status" else (lambda res: record_power(store, actor, res))
+    return run_action(site, nodes, action, netboot=netboot, boot=boot, done=done)
+
+
+def record_power(store: Store, actor: str, res: PowerResult) -> None:
+    """One power action as an event. Best effort: the action happened; a store hiccup must not
+    turn it into a failure."""
+    how = f"power {res.action}" + (" --netboot" if res.netboot else "") + (f" via {res.method}" if res.method else "")
+    outcome = ("ok" + (f", now {res.state}" if res.state else "")) if res.ok else f"FAILED: {res.error}"
+    data = {k: v for k, v in res.as_dict().items() if k != "node" and v is not None}
+    try:
+        store.add_event(res.node, actor, "power", f"{how}: {outcome}", data)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 # --------------------------------------------------------------------------- report
@@ -168,9 +210,7 @@ class Reconciler:
         self.store = store
         self._slurm = slurm
         self._kube = kube
-        if power is None:
-            from provisioner.power import run_action as power
-        self.power = power
+        self.power = power or power_nodes
         self.clock = clock
         self.actor = actor
         self.policy = site.policy

@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from provisioner import ROLES
 from provisioner.boot import overlay
+from provisioner.boot.plan import BootPlanner
 from provisioner.boot.render import Renderer, Script
 from provisioner.config import Site, normalize_mac
 from provisioner.errors import ProvisionerError
@@ -58,7 +59,9 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # callbacks are tiny; refuse floods early
     store = store or Store(site.store)
     store.seed((n.name, n.default_role) for n in site.nodes.values())
-    renderer = Renderer(site, load_or_create_secret(site.secret_file))
+    secret = load_or_create_secret(site.secret_file)
+    renderer = Renderer(site)
+    planner = BootPlanner(site, secret, store)
     by_mac = site.node_by_mac()
     throttle = _EventThrottle(EVENT_EVERY_S)
     stage1 = renderer.stage1()
@@ -93,15 +96,13 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
             return (renderer.unknown(f"unknown MAC {mac}: add it to the site config", mac),
                     ("boot-refused", None, f"unknown MAC {mac}: not in the site config", ("unknown", mac), {"mac": mac}))
         try:
-            role = store.desired_role(node.name) or node.default_role
-            image_name = renderer.image_name(role)
-            pin = store.image_pin(node.name, image_name) if image_name else None
+            plan = planner.plan(node)
         except ProvisionerError as exc:
             # Without the store we cannot know the desired role; guessing could boot the wrong
             # image on a node that is mid-switch, so the node waits and asks again.
             return (renderer.unknown(f"node {node.name}: state store unavailable", mac),
                     ("store-error", node.name, f"store unavailable for {node.name}: {exc}", None, {}))
-        script = renderer.node(node, role, mac, pin)
+        script = renderer.node(plan, mac)
         if not script.ok:
             return script, ("boot-refused", node.name, script.reason or "cannot render", ("render", node.name), {"mac": mac})
         return script, None
@@ -129,7 +130,7 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
         body = request.get_json(silent=True) if request.is_json else None
         fields = body if isinstance(body, dict) else request.form
         token = fields.get("token") or request.args.get("token") or _bearer()
-        if not check_token(renderer.secret, name, token):
+        if not check_token(secret, name, token):
             record("callback-refused", name, "boot callback with a wrong token", ("cb-token", name))
             return _error(403, "token does not match this node")
         if site.check_callback_source and node.ip and request.remote_addr != node.ip:
@@ -163,7 +164,7 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
             return _error(404, f"unknown node {name}")
         mac = normalize_mac(request.args.get("mac", "")[:MAX_MAC_PARAM])
         why = None
-        if not overlay.check(renderer.secret, name, request.args.get("token")):
+        if not overlay.check(secret, name, request.args.get("token")):
             why = "wrong or no overlay token"
         elif mac is None or mac not in node.macs:
             why = f"MAC {mac or '(missing or malformed)'} is not one of this node's"
@@ -173,29 +174,31 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
             record("overlay-refused", name, f"overlay of {name} refused: {why}", ("ov-refused", name, why), mac=mac)
             return _error(403, f"overlay of {name} refused: {why}")
         try:
-            role = store.desired_role(name) or node.default_role
-            image_name = renderer.image_name(role)
-            pin = store.image_pin(name, image_name) if image_name else None
+            # The version its script named (a newer one may be published meanwhile).
+            plan = planner.plan(node, version=request.args.get("version") or None, check_files=False)
         except ProvisionerError as exc:
             log.error("store unavailable for %s: %s", name, exc)
             resp = _error(429, "state store busy; retry")
             resp.headers["Retry-After"] = "5"
             return resp
         wanted = request.args.get("image")
-        if image_name is None or (wanted is not None and wanted != image_name):
+        if plan.image is None or (wanted is not None and wanted != plan.image):
             # Only the overlay of the image the node is to boot now (least privilege).
-            return _error(409, f"node {name} now boots role {role}, not image {wanted or '?'}; ask for its script again")
-        image, pub, why = renderer.resolve(role, request.args.get("version") or pin)
-        if image is None or not pub.overlay:
-            return _error(404, f"node {name}: {why or f'image {image_name} has no overlay'}")
+            return _error(409, f"node {name} now boots role {plan.role}, not image {wanted or '?'}; "
+                               "ask for its script again")
+        if not plan.ok:
+            return _error(404, plan.reason)
+        pub = plan.published
+        if not pub.overlay:
+            return _error(404, f"node {name}: image {plan.image} has no overlay")
         try:
-            data = overlay.build(site, node, role, pub)
+            data = overlay.build(site, node, plan.role, pub)
         except ProvisionerError as exc:
             # The reason names the template or the site setting, never a secret's value.
             record("overlay-failed", name, f"overlay of {name} cannot be built: {exc}", ("ov-failed", name))
             return _error(409, f"overlay of {name} cannot be built; see `provisioner history {name}`")
-        record("overlay-served", name, f"overlay of {name} ({image_name} {pub.version}) served",
-               ("ov-served", name, pub.version), image=image_name, version=pub.version, mac=mac)
+        record("overlay-served", name, f"overlay of {name} ({plan.image} {pub.version}) served",
+               ("ov-served", name, pub.version), image=plan.image, version=pub.version, mac=mac)
         resp = Response(data, status=200, mimetype="application/gzip")
         resp.headers["Cache-Control"] = "no-store"
         return resp
