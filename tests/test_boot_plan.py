@@ -4,10 +4,6 @@ and from a kexec (the command line power/ssh builds). Fast: a hand-made built im
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 
 from provisioner import config
@@ -21,23 +17,9 @@ from provisioner.remote import CommandResult
 from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret, node_token
 from testbed.site import mac, write_site
+from tests.support import fake_built_image
 
 OLD, NEW = "20250101-000000", "20250202-000000"
-
-
-def fake_built_image(root: Path, name: str, versions: list[str], current: str) -> None:
-    """What `provisioner image build` leaves (the parts the planner reads): version folders with
-    their boot files and manifest, and NAME/current."""
-    for v in versions:
-        folder = root / name / v
-        folder.mkdir(parents=True)
-        (folder / "vmlinuz").write_text(f"kernel {v}\n")
-        (folder / "initramfs.img").write_text(f"initramfs {v}\n")
-        (folder / "manifest.json").write_text(json.dumps({
-            "image": name, "version": v, "cmdline": "panic=10",
-            "boot": {"kernel": "vmlinuz", "initrds": ["initramfs.img"], "rootfs": None},
-            "overlay": [{"path": "/etc/hostname", "template": "hostname.j2", "mode": "0644"}], "files": {}}))
-    os.symlink(current, root / name / "current")
 
 
 @pytest.fixture
