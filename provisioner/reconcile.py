@@ -52,7 +52,8 @@ from typing import TYPE_CHECKING, Any
 from provisioner import policy as pol
 from provisioner.clusters.interfaces import KubeClient, PowerFn, SlurmClient
 from provisioner.config import Node, Site
-from provisioner.errors import OperationError
+from provisioner.errors import OperationError, UsageError
+from provisioner.nodeset import fold
 from provisioner.states import (BOOTING, CORDONING, DRAINING, FAILED, JOINING, K8S, REBOOTING, REQUESTED, SLURM,
                                 STEADY, SWITCHING, other, transition)
 from provisioner.store import NodeState, Store, default_actor
@@ -66,6 +67,8 @@ ACTOR = "balancer"
 # not have synced yet: a slurmd that started up to this long before the reboot still counts as
 # this boot's. One that ran before the previous switch is older (a cron pass is a minute apart).
 CLOCK_SLACK_S = 60
+
+ROLE_NOW_WAIT_S = 60.0  # `role --now` waits this long for a running balance pass to finish
 
 # Test-only fault injection: PROVISIONER_CRASH_AT=<point> makes the pass SIGKILL itself there,
 # to prove that a pass killed at any step leaves a state the next pass can finish or roll back.
@@ -187,6 +190,23 @@ class PassReport:
             "errors": self.errors,
             "ok": self.ok,
         }
+
+
+@dataclass
+class RoleChange:
+    """What an admin's role change did (`provisioner role`)."""
+
+    role: str
+    reason: str
+    requested: list[str]  # switches started, pinned to the role
+    pinned: list[str]  # already in (or switching to) the role: pinned there
+    now: bool  # carried out at once as far as it could go, rather than by the next pass
+    report: PassReport | None = None  # now: the pass that took the switches' steps
+    locked: str | None = None  # now: another pass held the lock; it carries the switches on
+
+    @property
+    def ok(self) -> bool:
+        return self.report is None or self.report.ok
 
 
 # --------------------------------------------------------------------------- the world as seen
@@ -345,6 +365,27 @@ class Reconciler:
         )
 
     # -- starting a switch --------------------------------------------------------------
+
+    def change_role(self, names: list[str], role: str, *, actor: str, reason: str, now: bool = False,
+                    wait_s: float = ROLE_NOW_WAIT_S) -> RoleChange:
+        """An admin forces shared nodes to a role (pinned): the switches are requested, and with
+        `now` carried as far as they can go at once (one pass over just these nodes, after
+        waiting up to wait_s for a running pass; if that one still runs, it carries them on)."""
+        fixed = [n for n in names if n not in self.shared]
+        if fixed:
+            raise UsageError(f"{fold(fixed)} not in the shared pool: only shared nodes change role "
+                             f"(change pool in {self.site.path} first)")
+        steps = self.request(names, role, actor=actor, reason=reason)
+        change = RoleChange(role, reason, requested=[s.node for s in steps if s.action == "requested"],
+                            pinned=[s.node for s in steps if s.action == "pin"], now=now)
+        if not (change.requested and now):
+            return change
+        try:
+            with pass_lock(self.site, wait_s=wait_s):
+                change.report = self.run_pass(only=change.requested)
+        except PassLocked as exc:
+            change.locked = str(exc)
+        return change
 
     def request(self, names: list[str], role: str, *, actor: str, reason: str) -> list[Step]:
         """An admin forces nodes to a role (pinned). Starts the switch where one is needed."""
