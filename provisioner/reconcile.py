@@ -133,8 +133,8 @@ def power_nodes(site: Site, nodes: Sequence[Node], action: str, *, netboot: bool
         from provisioner.tokens import load_or_create_secret
 
         planner = BootPlanner(site, load_or_create_secret(site.secret_file), store)
-        # Files are not checked here: the node fetches them from the boot endpoint, which may
-        # serve the image root from another host; a missing one fails the kexec on the node.
+        # Files are not checked here (as before): the node fetches them from the boot endpoint,
+        # and a missing one fails the kexec on the node with the fetch's error.
         boot = {n.name: planner.plan(n, (roles or {}).get(n.name), check_files=False) for n in kexec}
     actor = actor or default_actor()
     done = None if store is None or action == "status" else (lambda res: record_power(store, actor, res))
