@@ -1,10 +1,10 @@
 """Boot storm: 10,000 nodes fetch their own iPXE script, from `provisioner serve` and from nginx.
 
 The same run builds a 10,000-node site, pre-renders every node's script with the endpoint's own
-Renderer into a folder that nginx serves as static files, and then drives both servers with wrk
-on identical requests (`GET /ipxe?mac=MAC`, a random one of the 10,000 MACs per request):
-a warm-up, then a fixed-length timed run each, alternating which goes first. nginx is the
-ceiling: the same bytes with no lookup and no rendering.
+BootPlanner and Renderer into a folder that nginx serves as static files, and then drives both
+servers with wrk on identical requests (`GET /ipxe?mac=MAC`, a random one of the 10,000 MACs per
+request): a warm-up, then a fixed-length timed run each, alternating which goes first. nginx is
+the ceiling: the same bytes with no lookup and no rendering.
 
 Before the load, a sample of MACs is fetched from both and compared byte for byte with the
 pre-rendered scripts; after it, a check run makes wrk compare every response body with the
@@ -25,7 +25,6 @@ import os
 import random
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 from provisioner import config
+from provisioner.boot.plan import BootPlanner
 from provisioner.boot.render import Renderer
 from provisioner.boot.server import default_workers
 from provisioner.model import DEFAULT_TEMPLATES
@@ -41,7 +41,7 @@ from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret
 from testbed.boot_server import BootServer
 from testbed.site import write_site
-from testbed.process import Daemon, free_port
+from testbed.process import ROOT, Daemon, free_port
 
 TITLE = "boot storm: N nodes fetch their iPXE scripts; provisioner serve vs nginx static files"
 HERE = Path(__file__).resolve().parent
@@ -268,13 +268,14 @@ def run(args) -> dict:
 
         # Pre-render with the endpoint's own Renderer: what nginx serves is what a node must get.
         t0 = time.monotonic()
-        renderer = Renderer(site, load_or_create_secret(site.secret_file))
+        renderer = Renderer(site)
+        planner = BootPlanner(site, load_or_create_secret(site.secret_file))
         scripts = tmp / "www" / "scripts"
         scripts.mkdir(parents=True)
         expected: dict[str, str] = {}
         for node in site.nodes.values():
             for m in node.macs:
-                script = renderer.node(node, node.default_role, m)
+                script = renderer.node(planner.plan(node, node.default_role), m)
                 if not script.ok:
                     raise RuntimeError(f"cannot render {node.name}: {script.reason}")
                 expected[m] = script.text

@@ -20,7 +20,6 @@ from provisioner.nodeset import fold, select
 from provisioner.store import Store, default_actor, iso
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-ROLE_NOW_WAIT_S = 60.0  # `role --now` waits this long for a running balance pass to finish
 
 
 # --------------------------------------------------------------------------- helpers
@@ -141,13 +140,6 @@ def cmd_nodes(ctx: Context) -> int:
     return EXIT_OK
 
 
-def _shared_only(ctx: Context, names: list[str]) -> None:
-    fixed = [n for n in names if not ctx.site.nodes[n].shared]
-    if fixed:
-        raise UsageError(f"{fold(fixed)} not in the shared pool: only shared nodes change role "
-                         f"(change pool in {ctx.site.path} first)")
-
-
 def _reconciler(ctx: Context):
     from provisioner.reconcile import Reconciler
 
@@ -155,32 +147,20 @@ def _reconciler(ctx: Context):
 
 
 def cmd_role(ctx: Context) -> int:
-    from provisioner.reconcile import PassLocked, pass_lock
-
-    names = ctx.nodes(ctx.args.nodeset)
-    _shared_only(ctx, names)
-    rec = _reconciler(ctx)
-    steps = rec.request(names, ctx.args.role, actor=default_actor(), reason=ctx.args.reason)
-    started = [s.node for s in steps if s.action == "requested"]
-    pinned = [s.node for s in steps if s.action == "pin"]
-    if started:
-        print(f"{fold(started)}: switch to {ctx.args.role} requested, pinned ({ctx.args.reason})")
-    if pinned:
-        print(f"{fold(pinned)}: already {ctx.args.role}; pinned there")
-    if not started:
-        return EXIT_OK
-    if not ctx.args.now:
+    change = _reconciler(ctx).change_role(ctx.nodes(ctx.args.nodeset), ctx.args.role, actor=default_actor(),
+                                          reason=ctx.args.reason, now=ctx.args.now)
+    if change.requested:
+        print(f"{fold(change.requested)}: switch to {change.role} requested, pinned ({change.reason})")
+    if change.pinned:
+        print(f"{fold(change.pinned)}: already {change.role}; pinned there")
+    if change.requested and not change.now:
         print("the next `provisioner balance` pass carries it out (or run role again with --now); "
-              f"follow it with `provisioner nodes {fold(started)}`")
-        return EXIT_OK
-    try:
-        with pass_lock(ctx.site, wait_s=ROLE_NOW_WAIT_S):
-            report = rec.run_pass(only=started)
-    except PassLocked as exc:
-        print(f"{exc}; it will carry the switch on")
-        return EXIT_OK
-    _print_report(report)
-    return EXIT_OK if report.ok else EXIT_FAILED
+              f"follow it with `provisioner nodes {fold(change.requested)}`")
+    if change.locked:
+        print(f"{change.locked}; it will carry the switch on")
+    if change.report is not None:
+        _print_report(change.report)
+    return EXIT_OK if change.ok else EXIT_FAILED
 
 
 def _print_report(report, stamp: str = "") -> None:
@@ -224,18 +204,16 @@ def cmd_release(ctx: Context) -> int:
 
 
 def cmd_render(ctx: Context) -> int:
+    from provisioner.boot.plan import BootPlanner
     from provisioner.boot.render import Renderer
     from provisioner.tokens import load_or_create_secret
 
     name = ctx.args.node
     if name not in ctx.site.nodes:
         raise UsageError(f"unknown node {name}: not in {ctx.site.path} (see `provisioner nodes`)")
-    node = ctx.site.nodes[name]
-    role = ctx.args.role or ctx.store.desired_role(name) or node.default_role
-    renderer = Renderer(ctx.site, load_or_create_secret(ctx.site.secret_file))
-    image_name = renderer.image_name(role)  # a built image: the node's version pin applies, as when it boots
-    pin = ctx.store.image_pin(name, image_name) if image_name else None
-    script = renderer.node(node, role, ctx.args.mac, pin)
+    # The boot endpoint's own plan and renderer: the node's desired role and version pin apply.
+    plan = BootPlanner(ctx.site, load_or_create_secret(ctx.site.secret_file), ctx.store).plan(name, ctx.args.role)
+    script = Renderer(ctx.site).node(plan, ctx.args.mac)
     sys.stdout.write(script.text)
     if not script.ok:
         print(f"provisioner: {name} would get the unknown-node script: {script.reason}", file=sys.stderr)
@@ -255,14 +233,14 @@ def cmd_history(ctx: Context) -> int:
 
 
 def cmd_power(ctx: Context) -> int:
-    from provisioner.power import run_action
+    from provisioner.reconcile import power_nodes
 
     names = ctx.nodes(ctx.args.nodeset)
     action = ctx.args.action
     # status changes nothing and is not recorded, so it needs no store
     store = None if action == "status" else ctx.store
-    results = run_action(ctx.site, [ctx.site.nodes[n] for n in names], action, netboot=ctx.args.netboot,
-                         store=store, actor=default_actor())
+    results = power_nodes(ctx.site, [ctx.site.nodes[n] for n in names], action, netboot=ctx.args.netboot,
+                          store=store, actor=default_actor())
     if ctx.args.json:
         emit_json([r.as_dict() for r in results])
     else:
@@ -311,27 +289,16 @@ def cmd_image_list(ctx: Context) -> int:
     from provisioner import images
 
     site = ctx.site
-    if ctx.args.name:
-        names = [ctx.args.name]
-        if not images.list_versions(site.image_root, ctx.args.name) and \
-                ctx.args.name not in images.definition_names(site.image_definitions):
-            raise UsageError(f"no image {ctx.args.name}: not defined in {site.image_definitions} and never built")
-    else:
-        names = sorted(set(images.built_images(site.image_root)) | set(images.definition_names(site.image_definitions)))
-    pins: dict[tuple[str, str], list[str]] = {}
-    for p in ctx.store.image_pins():
-        pins.setdefault((p["image"], p["version"]), []).append(p["node"])
-    rows = [v.as_dict(pins.get((v.image, v.version))) | {"roles": [r for r, i in site.images.items() if i.name == v.image]}
-            for n in names for v in images.list_versions(site.image_root, n)]
+    found = images.listing(site.image_root, site.image_definitions, ctx.store.image_pins(),
+                           {role: image.name for role, image in site.images.items()}, ctx.args.name)
     if ctx.args.json:
-        emit_json(rows)
+        emit_json(list(found.rows))
         return EXIT_OK
     emit_table(["image", "version", "current", "size", "built", "kernel", "pinned"],
                [[r["image"], r["version"], "*" if r["current"] else "", _size(r["size"]), r["built_at"],
-                 r["kernel_release"], fold(r["pinned_nodes"]) if r["pinned_nodes"] else ""] for r in rows])
-    unbuilt = [n for n in names if not any(r["image"] == n for r in rows)]
-    if unbuilt:
-        print(f"not built yet: {', '.join(unbuilt)} (`provisioner image build NAME`)")
+                 r["kernel_release"], fold(r["pinned_nodes"]) if r["pinned_nodes"] else ""] for r in found.rows])
+    if found.unbuilt:
+        print(f"not built yet: {', '.join(found.unbuilt)} (`provisioner image build NAME`)")
     return EXIT_OK
 
 
@@ -436,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         return isp
 
     isp = add_image("build", cmd_image_build, "build an image into a new version, then publish it")
-    isp.add_argument("name", help="an image defined in site.image_definitions (images/NAME/image.yaml)")
+    isp.add_argument("name", help="an image defined in site.image_definitions (NAME/image.yaml there)")
     isp.add_argument("--no-publish", action="store_true", help="build only; publish later with `image publish`")
     isp.add_argument("--cache", type=Path, help="download cache (default: $PROVISIONER_CACHE/images or ~/.cache/provisioner/images)")
     isp.add_argument("--json", action="store_true")

@@ -43,19 +43,23 @@ import fcntl
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provisioner import policy as pol
 from provisioner.clusters.interfaces import KubeClient, PowerFn, SlurmClient
-from provisioner.errors import OperationError
-from provisioner.model import Site
+from provisioner.errors import OperationError, UsageError
+from provisioner.model import Node, Site
+from provisioner.nodeset import fold
 from provisioner.states import (BOOTING, CORDONING, DRAINING, FAILED, JOINING, K8S, REBOOTING, REQUESTED, SLURM,
                                 STEADY, SWITCHING, other, transition)
-from provisioner.store import NodeState, Store
+from provisioner.store import NodeState, Store, default_actor
+
+if TYPE_CHECKING:
+    from provisioner.power.dispatch import PowerResult
 
 ACTOR = "balancer"
 
@@ -63,6 +67,8 @@ ACTOR = "balancer"
 # not have synced yet: a slurmd that started up to this long before the reboot still counts as
 # this boot's. One that ran before the previous switch is older (a cron pass is a minute apart).
 CLOCK_SLACK_S = 60
+
+ROLE_NOW_WAIT_S = 60.0  # `role --now` waits this long for a running balance pass to finish
 
 # Test-only fault injection: PROVISIONER_CRASH_AT=<point> makes the pass SIGKILL itself there,
 # to prove that a pass killed at any step leaves a state the next pass can finish or roll back.
@@ -108,6 +114,45 @@ def pass_lock(site: Site, wait_s: float = 0.0):
         os.close(fd)
 
 
+# --------------------------------------------------------------------------- power, recorded
+
+
+def power_nodes(site: Site, nodes: Sequence[Node], action: str, *, netboot: bool = False, store: Store | None = None,
+                actor: str | None = None, roles: dict[str, str] | None = None) -> list[PowerResult]:
+    """provisioner.power.run_action plus what power control leaves to its caller: the boot plan
+    a kexec boots into (roles: node name -> role; default the desired role in the store, else
+    the default role; the node's image version pin applies, as when it network-boots), and an
+    event (kind "power") in `store` for every action but status. The reconciler's power action
+    and `provisioner power`."""
+    from provisioner.power import REBOOTS, run_action
+
+    boot = None
+    kexec = [n for n in nodes if n.power_method.startswith("kexec")]
+    if kexec and action in REBOOTS:
+        from provisioner.boot.plan import BootPlanner
+        from provisioner.tokens import load_or_create_secret
+
+        planner = BootPlanner(site, load_or_create_secret(site.secret_file), store)
+        # Files are not checked here (as before): the node fetches them from the boot endpoint,
+        # and a missing one fails the kexec on the node with the fetch's error.
+        boot = {n.name: planner.plan(n, (roles or {}).get(n.name), check_files=False) for n in kexec}
+    actor = actor or default_actor()
+    done = None if store is None or action == "status" else (lambda res: record_power(store, actor, res))
+    return run_action(site, nodes, action, netboot=netboot, boot=boot, done=done)
+
+
+def record_power(store: Store, actor: str, res: PowerResult) -> None:
+    """One power action as an event. Best effort: the action happened; a store hiccup must not
+    turn it into a failure."""
+    how = f"power {res.action}" + (" --netboot" if res.netboot else "") + (f" via {res.method}" if res.method else "")
+    outcome = ("ok" + (f", now {res.state}" if res.state else "")) if res.ok else f"FAILED: {res.error}"
+    data = {k: v for k, v in res.as_dict().items() if k != "node" and v is not None}
+    try:
+        store.add_event(res.node, actor, "power", f"{how}: {outcome}", data)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -147,6 +192,23 @@ class PassReport:
         }
 
 
+@dataclass
+class RoleChange:
+    """What an admin's role change did (`provisioner role`)."""
+
+    role: str
+    reason: str
+    requested: list[str]  # switches started, pinned to the role
+    pinned: list[str]  # already in (or switching to) the role: pinned there
+    now: bool  # carried out at once as far as it could go, rather than by the next pass
+    report: PassReport | None = None  # now: the pass that took the switches' steps
+    locked: str | None = None  # now: another pass held the lock; it carries the switches on
+
+    @property
+    def ok(self) -> bool:
+        return self.report is None or self.report.ok
+
+
 # --------------------------------------------------------------------------- the world as seen
 
 
@@ -168,9 +230,7 @@ class Reconciler:
         self.store = store
         self._slurm = slurm
         self._kube = kube
-        if power is None:
-            from provisioner.power import run_action as power
-        self.power = power
+        self.power = power or power_nodes
         self.clock = clock
         self.actor = actor
         self.policy = site.policy
@@ -305,6 +365,27 @@ class Reconciler:
         )
 
     # -- starting a switch --------------------------------------------------------------
+
+    def change_role(self, names: list[str], role: str, *, actor: str, reason: str, now: bool = False,
+                    wait_s: float = ROLE_NOW_WAIT_S) -> RoleChange:
+        """An admin forces shared nodes to a role (pinned): the switches are requested, and with
+        `now` carried as far as they can go at once (one pass over just these nodes, after
+        waiting up to wait_s for a running pass; if that one still runs, it carries them on)."""
+        fixed = [n for n in names if n not in self.shared]
+        if fixed:
+            raise UsageError(f"{fold(fixed)} not in the shared pool: only shared nodes change role "
+                             f"(change pool in {self.site.path} first)")
+        steps = self.request(names, role, actor=actor, reason=reason)
+        change = RoleChange(role, reason, requested=[s.node for s in steps if s.action == "requested"],
+                            pinned=[s.node for s in steps if s.action == "pin"], now=now)
+        if not (change.requested and now):
+            return change
+        try:
+            with pass_lock(self.site, wait_s=wait_s):
+                change.report = self.run_pass(only=change.requested)
+        except PassLocked as exc:
+            change.locked = str(exc)
+        return change
 
     def request(self, names: list[str], role: str, *, actor: str, reason: str) -> list[Step]:
         """An admin forces nodes to a role (pinned). Starts the switch where one is needed."""

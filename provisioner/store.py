@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.errors import OperationError
-from provisioner.states import FAILED, ROLES, STEADY  # noqa: F401  (FAILED: re-exported for callers)
+from provisioner.states import ROLES
 
 # Each entry migrates from version i to i+1. Append, never edit a shipped one.
 MIGRATIONS: list[str] = [

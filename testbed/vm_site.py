@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from testbed.simnodes import NODE_CPU, NODE_MEMORY, SimNode, SimSite
-from testbed.vm import QEMU, VM, VMError
+from testbed.simnodes import SimNode, SimSite
+from testbed.vm import VM, VMError
 
 GUEST_HOST = "10.0.2.2"  # qemu user networking: the host's 127.0.0.1 as seen from the guest
 IPXE_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # Debian's ipxe-qemu: the virtio-net boot ROM

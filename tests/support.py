@@ -33,3 +33,22 @@ def require_binary(name: str, extra_paths: tuple[str, ...] = ()) -> str:
 
 
 from testbed.process import Daemon, free_port  # noqa: E402,F401  (their home is the test world)
+
+
+def fake_built_image(root: Path, name: str, versions: list[str], current: str) -> None:
+    """What `provisioner image build NAME` leaves under the image root, as far as the boot
+    endpoint reads it, without building: version folders with boot files, a manifest and an
+    overlay template (/etc/hostname), and NAME/current. For fast tests of plans and overlays."""
+    import json
+
+    for v in versions:
+        folder = root / name / v
+        (folder / "overlay").mkdir(parents=True)
+        (folder / "vmlinuz").write_text(f"kernel {v}\n")
+        (folder / "initramfs.img").write_text(f"initramfs {v}\n")
+        (folder / "overlay" / "hostname.j2").write_text("{{ node.name }} {{ role }} {{ image.version }}\n")
+        (folder / "manifest.json").write_text(json.dumps({
+            "image": name, "version": v, "cmdline": "panic=10",
+            "boot": {"kernel": "vmlinuz", "initrds": ["initramfs.img"], "rootfs": None},
+            "overlay": [{"path": "/etc/hostname", "template": "hostname.j2", "mode": "0644"}], "files": {}}))
+    os.symlink(current, root / name / "current")

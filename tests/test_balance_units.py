@@ -27,7 +27,6 @@ def test_kernel_args_of_a_node_script_and_of_the_unknown_node_script():
 def test_pass_lock_waits_only_when_asked(tmp_path):
     """cron's passes give up at once on a held lock; `role --now` waits for the pass to end."""
     import threading
-    import time
 
     import pytest
 

@@ -4,9 +4,10 @@ import pytest
 
 from provisioner import config
 from provisioner.boot.app import create_app
+from provisioner.boot.service import BootService, OverlayArchive, Reply
 from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret, node_token
-from testbed.site import mac
+from testbed.site import mac, write_site
 
 
 @pytest.fixture
@@ -147,3 +148,95 @@ def test_template_edit_shows_on_the_next_request(tmp_path):
     os.utime(base, (later, later))  # a different mtime even on coarse-grained file systems
     second = client.get(f"/ipxe?mac={mac(1, 3)}").text
     assert "echo site-specific step" in second and "echo site-specific step" not in first
+
+
+# --------------------------------------------------------------------------- BootService's named results
+
+
+def service_of(app):
+    return app.extensions["provisioner.boot"]
+
+
+def test_node_script_names_the_node_its_plan_or_why_not(site):
+    service = BootService(site)
+    ok = service.node_script(mac(2, 3), "10.0.3.2")
+    assert (ok.node, ok.refused, ok.script.ok, ok.plan.role, ok.plan.version) == ("sn02", None, True, "slurm", "1")
+    unknown = service.node_script("52:54:00:99:99:99", "10.9.9.9")
+    assert (unknown.node, unknown.plan, unknown.refused) == (None, None, "unknown MAC 52:54:00:99:99:99")
+    (site.image_root / "k8s" / "vmlinuz").unlink()
+    Store(site.store).set_role(["sn03"], "k8s", actor="t", reason="r", pin=True)
+    missing = service.node_script(mac(3, 3), None)
+    assert missing.node == "sn03" and not missing.plan.ok and "is missing k8s/vmlinuz" in missing.refused
+    kinds = [e.kind for e in Store(site.store).events() if e.actor == "boot-endpoint"]
+    assert kinds == ["boot-refused", "boot-refused"]
+
+
+def test_store_unavailable_the_node_waits_and_the_callback_gets_429_never_5xx(client, site, monkeypatch):
+    from provisioner.errors import OperationError
+
+    service = service_of(client.application)
+
+    def busy(*args, **kwargs):
+        raise OperationError("store is busy (database is locked); try again")
+
+    monkeypatch.setattr(service.store, "desired_role", busy)
+    monkeypatch.setattr(service.store, "record_booted", busy)
+    r = client.get(f"/ipxe?mac={mac(1, 3)}")
+    assert r.status_code == 200 and "state store unavailable" in r.text and "sleep" in r.text
+    r = client.post("/api/v1/nodes/sn01/booted", data={"role": "slurm", "token": token(site, "sn01")},
+                    environ_base={"REMOTE_ADDR": "10.0.3.1"})
+    assert r.status_code == 429 and r.headers["Retry-After"] == "5" and r.json["ok"] is False
+
+
+def test_a_bug_in_the_service_still_answers_a_waiting_script(client, monkeypatch):
+    service = service_of(client.application)
+    monkeypatch.setattr(service, "node_script", lambda *a: 1 / 0)
+    monkeypatch.setattr(service, "booted", lambda *a: 1 / 0)
+    r = client.get(f"/ipxe?mac={mac(1, 3)}")
+    assert r.status_code == 200 and "internal error in the boot endpoint" in r.text
+    r = client.post("/api/v1/nodes/sn01/booted", data={"role": "slurm"})
+    assert r.status_code == 400 and "see the boot server log" in r.json["error"]
+
+
+@pytest.fixture
+def overlay_site(tmp_path):
+    """Both roles boot a hand-made built image with an overlay; the current version is v2."""
+    from tests.support import fake_built_image
+
+    folder = tmp_path / "site"
+    fake_built_image(folder / "images", "tiny", ["v1", "v2"], current="v2")
+    return config.load(write_site(folder, images={"slurm": {"image": "tiny"}, "k8s": {"image": "tiny"}}))
+
+
+def test_overlay_served_to_its_node_only(overlay_site, tmp_path):
+    import gzip
+
+    from provisioner.boot import overlay
+
+    site = overlay_site
+    service = BootService(site)
+    secret = load_or_create_secret(site.secret_file)
+    ask = dict(token=overlay.token(secret, "sn01"), raw_mac=mac(1, 3), image="tiny", source="10.0.3.1")
+    served = service.overlay("sn01", version=None, **ask)
+    assert isinstance(served, OverlayArchive) and (served.image, served.version) == ("tiny", "v2")
+    assert b"sn01 slurm v2\n" in gzip.decompress(served.data)
+    older = service.overlay("sn01", version="v1", **ask)  # the version its script named
+    assert older.version == "v1" and b"sn01 slurm v1\n" in gzip.decompress(older.data)
+
+    refused = service.overlay("sn01", version=None, **{**ask, "token": overlay.token(secret, "sn02")})
+    assert isinstance(refused, Reply) and refused.status == 403 and "wrong or no overlay token" in refused.body["error"]
+    assert service.overlay("sn01", version=None, **{**ask, "raw_mac": mac(2, 3)}).status == 403
+    assert service.overlay("sn01", version=None, **{**ask, "source": "10.0.3.9"}).status == 403
+    assert service.overlay("sn01", version=None, **{**ask, "image": "other"}).status == 409
+    gone = service.overlay("sn01", version="v0", **ask)
+    assert gone.status == 404 and "asked for version v0, which does not exist" in gone.body["error"]
+    kinds = sorted({e.kind for e in Store(site.store).events() if e.actor == "boot-endpoint"})
+    assert kinds == ["overlay-refused", "overlay-served"]
+
+    # the same through HTTP
+    client = create_app(site).test_client()
+    url = f"/overlay/sn01.cpio.gz?image=tiny&version=v2&token={ask['token']}&mac={mac(1, 3)}"
+    r = client.get(url, environ_base={"REMOTE_ADDR": "10.0.3.1"})
+    assert r.status_code == 200 and r.mimetype == "application/gzip" and r.headers["Cache-Control"] == "no-store"
+    r = client.get(url, environ_base={"REMOTE_ADDR": "10.0.3.2"})
+    assert r.status_code == 403 and ask["token"] not in r.text

@@ -20,11 +20,10 @@ from provisioner import images
 from provisioner.errors import ConfigError, OperationError, UsageError
 from provisioner.images import kmod
 from provisioner.images.definition import load as load_definition
-from provisioner.store import Store
 from testbed.boot_server import BootServer, cli
 from testbed.site import mac
 from tests.support import free_port, require_binary
-from testbed.tinyimage import CACHE, DEFINITIONS, build_tiny, clone_root, tiny_site
+from testbed.tinyimage import CACHE, DEFINITIONS, clone_root, tiny_site
 
 # --------------------------------------------------------------------------- definitions (no build)
 

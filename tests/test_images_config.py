@@ -9,6 +9,7 @@ import pytest
 
 from provisioner import config, images
 from provisioner.boot.app import create_app
+from provisioner.boot.plan import BootPlanner
 from provisioner.boot.render import Renderer
 from provisioner.errors import ConfigError
 from provisioner.store import Store
@@ -82,29 +83,39 @@ def test_renderer_follows_current_and_pins(tiny_image, tmp_path):
     root = clone_root(tiny_image, tmp_path)
     site = config.load(tiny_site(tmp_path / "site", root, images={"slurm": {"image": "tiny", "cmdline": "quiet"},
                                                                   "k8s": {"image": "tiny"}}))
-    renderer = Renderer(site, load_or_create_secret(site.secret_file))
+    store = Store(site.store)
+    store.seed((n.name, n.default_role) for n in site.nodes.values())
+    renderer = Renderer(site)
+    planner = BootPlanner(site, load_or_create_secret(site.secret_file), store)
     node = site.nodes["sn01"]
+
+    def script(role="slurm"):
+        return renderer.node(planner.plan(node, role))
+
     v1 = tiny_image.version
-    first = renderer.node(node, "slurm")
+    first = script()
     assert first.ok and f"/images/tiny/{v1}/vmlinuz" in first.text and f"provisioner.version={v1}" in first.text
     assert "console=ttyS0,115200 panic=10 quiet provisioner.node=sn01" in first.text  # image's, then site's
-    assert renderer.node(node, "slurm") is first  # cached while nothing changes
+    assert script() is first  # cached while nothing changes
 
     # a second version (a copy with another name is enough for the renderer) published
     v2 = "29990101-000000"
     shutil.copytree(root / "tiny" / v1, root / "tiny" / v2)
     images.publish(root, "tiny", v2)
-    assert f"provisioner.version={v2}" in renderer.node(node, "slurm").text  # the next request sees it
-    assert f"provisioner.version={v1}" in renderer.node(node, "slurm", pin=v1).text
+    assert f"provisioner.version={v2}" in script().text  # the next request sees it
+    store.pin_image(["sn01"], "tiny", v1, actor="t", reason="r")
+    assert f"provisioner.version={v1}" in script().text
 
-    gone = renderer.node(node, "slurm", pin="20000101-000000")
+    store.pin_image(["sn01"], "tiny", "20000101-000000", actor="t", reason="r")
+    gone = script()
     assert not gone.ok and "pinned to version 20000101-000000, which does not exist" in gone.text
+    store.unpin_image(["sn01"], actor="t", reason="r")
     (root / "tiny" / v2 / "initramfs.img").unlink()
-    broken = renderer.node(node, "slurm")
+    broken = script()
     assert not broken.ok and f"version {v2} is missing tiny/{v2}/initramfs.img" in broken.text
-    # kexec and other callers pass the config's image: context() resolves the current version
-    ctx = renderer.context(node, "k8s", site.images["k8s"], None)
-    assert ctx["image"]["kernel_url"].endswith(f"/images/tiny/{v2}/vmlinuz") and ctx["image"]["overlay_url"]
+    # kexec gets the same plan (current version, the overlay too)
+    plan = planner.plan(node, "k8s", check_files=False)
+    assert plan.kernel_url.endswith(f"/images/tiny/{v2}/vmlinuz") and plan.overlay_url
 
 
 @pytest.mark.integration  # builds (and, the first time, downloads) the tiny image

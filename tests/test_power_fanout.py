@@ -1,4 +1,5 @@
-"""Fan-out over many BMCs (run_action) and the `provisioner power` CLI, against the simulator."""
+"""Fan-out over many BMCs (run_action; power_nodes records the events) and the `provisioner power` CLI, against
+the simulator."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from provisioner import config
 from provisioner.power import PowerResult, fan_out, run_action
+from provisioner.reconcile import power_nodes
 from provisioner.store import Store
 from tests.fixtures.bmc import BMC_PASSWORD, bmc_site
 from tests.support import ROOT
@@ -44,7 +46,7 @@ def test_eight_nodes_two_faulty_six_succeed(tmp_path, bmcs):
     store.seed((n.name, n.default_role) for n in site.nodes.values())
     bmcs.set_fault("bn03", "silent")
     bmcs.set_fault("bn06", "busy")
-    results = run_action(site, list(site.nodes.values()), "on", netboot=True, store=store, actor="test")
+    results = power_nodes(site, list(site.nodes.values()), "on", netboot=True, store=store, actor="test")
 
     assert [r.node for r in results] == [f"bn{i:02d}" for i in range(1, 9)]
     ok = [r.node for r in results if r.ok]
@@ -69,7 +71,7 @@ def test_status_records_no_event(tmp_path, bmcs):
     site = config.load(bmc_site(tmp_path / "site", bmcs, names=["bn01", "bn02"]))
     store = Store(site.store)
     store.seed((n.name, n.default_role) for n in site.nodes.values())
-    results = run_action(site, list(site.nodes.values()), "status", store=store)
+    results = power_nodes(site, list(site.nodes.values()), "status", store=store)
     assert [(r.ok, r.state) for r in results] == [(True, "off"), (True, "off")]
     assert [e for e in store.events() if e.kind == "power"] == []
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from provisioner import config
-from provisioner.boot.render import Renderer
+from provisioner.boot.plan import BootPlanner
 from provisioner.model import Site
-from provisioner.power import run_action
 from provisioner.power.ssh import kexec_argv
+from provisioner.reconcile import power_nodes
 from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret
 from testbed.boot_server import BootServer
@@ -89,7 +89,7 @@ def test_ssh_reboot_runs_the_configured_command(tmp_path, sshd):
     site = ssh_site(tmp_path, sshd, "ssh", reboot_command=f"echo \"reboot by $(id -un)\" > {marker}")
     store = Store(site.store)
     store.seed([("sn01", "slurm")])
-    [res] = run_action(site, [site.nodes["sn01"]], "reset", store=store, actor="test")
+    [res] = power_nodes(site, [site.nodes["sn01"]], "reset", store=store, actor="test")
     assert res.ok and res.method == "ssh", res
     assert marker.read_text() == "reboot by root\n"
     [ev] = [e for e in store.events(["sn01"]) if e.kind == "power"]
@@ -99,7 +99,7 @@ def test_ssh_reboot_runs_the_configured_command(tmp_path, sshd):
 def test_ssh_reboot_with_netboot_sets_the_bmc_first(tmp_path, sshd, bmcs):
     marker = tmp_path / "rebooted"
     site = ssh_site(tmp_path, sshd, "ssh", reboot_command=f"touch {marker}", bmc_port=bmcs.port("bn01"))
-    [res] = run_action(site, [site.nodes["sn01"]], "reset", netboot=True)
+    [res] = power_nodes(site, [site.nodes["sn01"]], "reset", netboot=True)
     assert res.ok and res.netboot and marker.exists()
     st = bmcs.state("bn01")
     assert (st["bootdev"], st["persistent"]) == ("network", False) and st["actions"] == []  # no IPMI reset
@@ -107,7 +107,7 @@ def test_ssh_reboot_with_netboot_sets_the_bmc_first(tmp_path, sshd, bmcs):
 
 def test_ssh_reboot_failure_is_reported(tmp_path, sshd):
     site = ssh_site(tmp_path, sshd, "ssh", reboot_command="echo no permission >&2; exit 4")
-    [res] = run_action(site, [site.nodes["sn01"]], "reset")
+    [res] = power_nodes(site, [site.nodes["sn01"]], "reset")
     assert not res.ok and res.error_kind == "ssh"
     assert "exited with 4: no permission" in res.error
 
@@ -117,11 +117,11 @@ def test_unknown_host_key_is_refused(tmp_path, sshd):
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
     site = ssh_site(tmp_path, sshd, "ssh", reboot_command=f"touch {marker}", known_hosts=str(empty))
-    [res] = run_action(site, [site.nodes["sn01"]], "reset")
+    [res] = power_nodes(site, [site.nodes["sn01"]], "reset")
     assert not res.ok and "unknown host key" in res.error
     assert not marker.exists()
     site = ssh_site(tmp_path / "2", sshd, "ssh", reboot_command=f"touch {marker}", known_hosts=sshd.other_known_hosts)
-    [res] = run_action(site, [site.nodes["sn01"]], "reset")
+    [res] = power_nodes(site, [site.nodes["sn01"]], "reset")
     assert not res.ok and "host key CHANGED" in res.error
     assert not marker.exists()
 
@@ -159,15 +159,15 @@ def test_kexec_fetches_the_role_image_and_runs_the_exact_command(tmp_path, sshd,
     store = Store(site.store)
     store.seed([("sn01", "slurm")])
     store.set_role(["sn01"], "k8s", actor="test", reason="test", pin=True)
-    [res] = run_action(site, [site.nodes["sn01"]], "boot", store=store, actor="test")
+    [res] = power_nodes(site, [site.nodes["sn01"]], "boot", store=store, actor="test")
     assert res.ok and res.method == "kexec", res
 
-    secret = load_or_create_secret(site.secret_file)
-    ctx = Renderer(site, secret).context(site.nodes["sn01"], "k8s", site.images["k8s"], None)
+    plan = BootPlanner(site, load_or_create_secret(site.secret_file), store).plan("sn01")
+    assert plan.role == "k8s"
     load, execute = calls(shims, "kexec")
     assert load[0] == "-l" and load[1].endswith("/kernel")
     assert load[2].startswith("--initrd=") and load[2].endswith("/initrd")
-    assert load[3] == f"--append={ctx['kernel_args']}"
+    assert load[3] == f"--append={plan.args}"
     assert "provisioner.role=k8s" in load[3] and "provisioner.token=" in load[3]
     assert execute == ["-e"]  # no systemd here; the systemctl shim is a guard
     assert calls(shims, "systemctl") == []
@@ -180,7 +180,8 @@ def test_kexec_fetches_the_role_image_and_runs_the_exact_command(tmp_path, sshd,
 
 def test_kexec_argv_quotes_nothing_into_the_shell(tmp_path, sshd):
     site = ssh_site(tmp_path, sshd, "kexec")
-    argv = kexec_argv(site, site.nodes["sn01"], "slurm", b"x" * 32)
+    node = site.nodes["sn01"]
+    argv = kexec_argv(BootPlanner(site, b"x" * 32).plan(node, "slurm"), node.macs[0])
     assert argv[:2] == ["sh", "-c"] and argv[3] == "provisioner-kexec"
     assert argv[4] == "http://127.0.0.1:8080/images/slurm/vmlinuz"
     assert argv[6:] == ["http://127.0.0.1:8080/images/slurm/initrd.img"]
@@ -192,7 +193,7 @@ def test_kexec_failure_falls_back_to_ipmi_netboot(tmp_path, sshd, shims, bmcs, b
     boot_endpoint(site.path)
     (shims / "kexec.fail").write_text("")
     bmcs.set_power("bn02", "on")
-    [res] = run_action(site, [site.nodes["sn01"]], "reset")
+    [res] = power_nodes(site, [site.nodes["sn01"]], "reset")
     assert res.ok and res.method == "kexec->ipmi" and res.netboot and res.state == "on", res
     assert "kexec failed" in res.note and "simulated failure" in res.note
     boot = bmcs.state("bn02")["boots"][-1]
@@ -204,7 +205,7 @@ def test_kexec_without_fallback_fails(tmp_path, sshd, shims, boot_endpoint):
     site = ssh_site(tmp_path, sshd, "kexec", boot_url=url)
     boot_endpoint(site.path)
     (shims / "kexec.fail").write_text("")
-    [res] = run_action(site, [site.nodes["sn01"]], "reset")
+    [res] = power_nodes(site, [site.nodes["sn01"]], "reset")
     assert not res.ok and res.error_kind == "ssh" and "simulated failure" in res.error
 
 
@@ -213,17 +214,17 @@ def test_kexec_when_the_image_is_missing_on_the_endpoint(tmp_path, sshd, shims, 
     site = ssh_site(tmp_path, sshd, "kexec", boot_url=url)
     boot_endpoint(site.path)
     (site.image_root / "slurm" / "vmlinuz").unlink()
-    [res] = run_action(site, [site.nodes["sn01"]], "reset")
+    [res] = power_nodes(site, [site.nodes["sn01"]], "reset")
     assert not res.ok and "exited with" in res.error
     assert calls(shims, "kexec") == []  # nothing was loaded, nothing executed
 
 
 def test_status_and_on_use_the_bmc_even_for_ssh_methods(tmp_path, sshd, bmcs):
     site = ssh_site(tmp_path, sshd, "kexec+ipmi", bmc_port=bmcs.port("bn03"))
-    [res] = run_action(site, [site.nodes["sn01"]], "on")
+    [res] = power_nodes(site, [site.nodes["sn01"]], "on")
     assert res.ok and res.method == "ipmi" and res.state == "on"
     site = ssh_site(tmp_path / "nobmc", sshd, "ssh", no_bmc=True)
-    [res] = run_action(site, [site.nodes["sn01"]], "status")
+    [res] = power_nodes(site, [site.nodes["sn01"]], "status")
     assert not res.ok and res.error_kind == "config" and "has no BMC" in res.error
 
 
@@ -235,7 +236,7 @@ def test_kexec_into_a_built_image_brings_the_node_overlay(tmp_path, tiny_image):
 
     site = config.load(tiny_site(tmp_path / "site", clone_root(tiny_image, tmp_path / "root")))
     node = site.nodes["sn01"]
-    argv = kexec_argv(site, node, "k8s", b"x" * 32)
+    argv = kexec_argv(BootPlanner(site, b"x" * 32).plan(node, "k8s"), node.macs[0])
     overlay = [a for a in argv[6:] if "/overlay/" in a]
     assert len(overlay) == 1 and "${" not in overlay[0]
     assert overlay[0].startswith(f"{site.boot_url}/overlay/sn01.cpio.gz?") and f"mac={node.macs[0]}" in overlay[0]

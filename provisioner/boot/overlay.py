@@ -38,11 +38,11 @@ def check(secret: bytes, node: str, presented: str | None) -> bool:
     return check_token(secret, node, presented, PURPOSE)
 
 
-def url(site: Site, secret: bytes, node: Node, pub: Published) -> str:
+def url(boot_url: str, secret: bytes, node: str, pub: Published) -> str:
     """The overlay URL in the node's iPXE script. iPXE fills in ${netX/mac}: the MAC of the NIC
     that booted, which the endpoint checks against the node's MACs."""
-    return (f"{site.boot_url}/overlay/{quote(node.name)}.cpio.gz?image={quote(pub.image)}"
-            f"&version={quote(pub.version)}&token={token(secret, node.name)}&mac=${{netX/mac}}")
+    return (f"{boot_url}/overlay/{quote(node)}.cpio.gz?image={quote(pub.image)}"
+            f"&version={quote(pub.version)}&token={token(secret, node)}&mac=${{netX/mac}}")
 
 
 class _Files(Mapping):

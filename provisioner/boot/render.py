@@ -1,27 +1,24 @@
-"""Renders iPXE scripts from the admin's Jinja2 templates (pxe-templates/).
+"""Renders iPXE scripts from the admin's Jinja2 templates (the site's `templates` folder; by
+default the packaged provisioner/data/pxe-templates/).
 
 Shared by the boot endpoint and `provisioner render`, so what the CLI prints is exactly what a
-node gets. Rendering never raises to the caller: a broken template or a missing image file gives
-the `unknown` script with the reason, and if even that template is broken, a built-in one.
+node gets. What to boot comes from a boot plan (provisioner/boot/plan.py); this module only
+renders it. Rendering never raises to the caller: no plan (missing image files, nothing
+published) or a broken template gives the `unknown` script with the reason, and if even that
+template is broken, a built-in one.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from dataclasses import dataclass
-from urllib.parse import quote
 
 import jinja2
 import jinja2.meta
 from jinja2 import nodes as jnodes
 
-from provisioner.boot import overlay
-from provisioner.errors import OperationError
-from provisioner.images.versions import Published, Resolver
-from provisioner.model import Image, Node, Site
-from provisioner.tokens import node_token
+from provisioner.boot.plan import BootPlan, NoBoot
+from provisioner.model import Site
 
 RETRY_S = 30
 
@@ -48,9 +45,8 @@ class Script:
 
 
 class Renderer:
-    def __init__(self, site: Site, secret: bytes):
+    def __init__(self, site: Site):
         self.site = site
-        self.secret = secret
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(site.templates)),
             undefined=jinja2.StrictUndefined,
@@ -66,13 +62,6 @@ class Renderer:
         self._scripts: dict[tuple, tuple[tuple, Script]] = {}
         self._max_scripts = 4 * sum(len(n.macs) for n in site.nodes.values()) + 64
         self._deps: dict[str, tuple[jinja2.Template, tuple[str, ...] | None]] = {}
-        self._image_files = {
-            role: [(f, str(site.image_root / f)) for f in image.files()]
-            for role, image in site.images.items() if image.name is None
-        }
-        # Roles that name a built image (images.ROLE.image): version and files come from its
-        # published version, looked up per request (one readlink; manifests parsed once).
-        self.resolver = Resolver(site.image_root)
 
     # -- public --------------------------------------------------------------------
 
@@ -85,47 +74,18 @@ class Renderer:
         script = self._render("unknown.ipxe.j2", ctx)
         return Script(script.text, False, reason if script.ok else script.reason)
 
-    def image_name(self, role: str) -> str | None:
-        """The built image a role boots (None: the role names its files in the config)."""
-        return self.site.images[role].name
-
-    def resolve(self, role: str, pin: str | None = None) -> tuple[Image | None, Published | None, str | None]:
-        """The role's image with concrete files: (image, published version or None, None), or
-        (None, None, why not). For a built image: the pinned version if given, else the current."""
-        image = self.site.images[role]
-        if image.name is None:
-            return image, None, None
-        version = pin or self.resolver.current(image.name)
-        if version is None:
-            return None, None, (f"image {image.name} has no published version; "
-                                f"run `provisioner image build {image.name}`")
-        pub = self.resolver.get(image.name, version)
-        if pub is None:
-            what = "pinned to" if pin else "published as current:"
-            return None, None, f"image {image.name} {what} version {version}, which does not exist under the image root"
-        cmdline = " ".join(c for c in (pub.cmdline, image.cmdline) if c)
-        return Image(role=role, version=version, kernel=pub.kernel, initrds=pub.initrds, rootfs=pub.rootfs,
-                     cmdline=cmdline, template=image.template, name=image.name, overlay=bool(pub.overlay)), pub, None
-
-    def node(self, node: Node, role: str, mac: str | None = None, pin: str | None = None) -> Script:
-        """The node's script for `role`; `pin`: the version of the role's built image the node is
-        pinned to (the boot endpoint reads it from the store)."""
-        image, pub, why = self.resolve(role, pin)
-        if image is None:
-            return self.unknown(f"node {node.name}: {why}", mac)
-        # Checked on every call, not cached: an image removed from disk shows on the next boot.
-        files = self._image_files[role] if pub is None else zip(image.files(), pub.paths)
-        missing = [f for f, path in files if not _is_file(path)]
-        if missing:
-            return self.unknown(f"node {node.name}: image {role} version {image.version} is missing "
-                                f"{', '.join(missing)} under the image root", mac)
-        template = node.template or image.template or f"{role}.ipxe.j2"
-        key = (node.name, role, mac or node.macs[0], image.version, template)
-        used = self._templates(template)  # before rendering: a change meanwhile is caught next time
+    def node(self, plan: BootPlan | NoBoot, mac: str | None = None) -> Script:
+        """The script for a node's boot plan (provisioner.boot.plan): its role template, or the
+        unknown script with the reason when it has no plan or the template fails."""
+        if not plan.ok:
+            return self.unknown(plan.reason, mac)
+        node = self.site.nodes[plan.node]
+        key = (plan.node, plan.role, mac or node.macs[0], plan.version, plan.template)
+        used = self._templates(plan.template)  # before rendering: a change meanwhile is caught next time
         cached = self._scripts.get(key)
         if cached is not None and used is not None and cached[0] == used:
             return cached[1]
-        script = self._render(template, self.context(node, role, image, mac))
+        script = self._render(plan.template, self.context(plan, mac))
         if not script.ok:
             return self.unknown(f"node {node.name}: {script.reason}", mac)
         if used is not None:
@@ -134,51 +94,22 @@ class Renderer:
             self._scripts[key] = (used, script)
         return script
 
-    def context(self, node: Node, role: str, image: Image, mac: str | None) -> dict:
-        pub = None
-        if image.name is not None:
-            # A built image: the version and files of its published version (or the caller's,
-            # already resolved). Callers outside the boot endpoint (kexec) pass the config's.
-            resolved, pub, why = self.resolve(role, None if not image.resolved else image.version)
-            if resolved is None:
-                raise OperationError(f"node {node.name}: {why}")
-            image = resolved
-        base = self.site.boot_url
-        token = node_token(self.secret, node.name)
-        callback = f"{base}/api/v1/nodes/{quote(node.name)}/booted"
-        urls = {
-            "kernel_url": self.image_url(image.kernel),
-            "initrd_urls": [self.image_url(p) for p in image.initrds],
-            "rootfs_url": self.image_url(image.rootfs) if image.rootfs else None,
-            # The per-node overlay initrd (built images whose definition has one); iPXE-only:
-            # its URL carries ${netX/mac}.
-            "overlay_url": overlay.url(self.site, self.secret, node, pub) if pub and pub.overlay else None,
-            "name": image.name,
-        }
-        args = [
-            image.cmdline,
-            f"provisioner.node={node.name}",
-            f"provisioner.role={role}",
-            f"provisioner.version={image.version}",
-            f"provisioner.callback={callback}",
-            f"provisioner.token={token}",
-        ]
-        if urls["rootfs_url"]:
-            args.append(f"provisioner.rootfs={urls['rootfs_url']}")
+    def context(self, plan: BootPlan, mac: str | None) -> dict:
+        """The role template's variables (pxe-templates/README.md)."""
+        node = self.site.nodes[plan.node]
         return {
             "node": node,
-            "role": role,
-            "image": {"version": image.version, "cmdline": image.cmdline, "role": role, **urls},
-            "kernel_args": " ".join(a for a in args if a),
-            "callback_url": callback,
-            "token": token,
-            "boot_url": base,
+            "role": plan.role,
+            "image": {"version": plan.version, "cmdline": plan.cmdline, "role": plan.role,
+                      "kernel_url": plan.kernel_url, "initrd_urls": list(plan.initrd_urls),
+                      "rootfs_url": plan.rootfs_url, "overlay_url": plan.overlay_url, "name": plan.image},
+            "kernel_args": plan.args,
+            "callback_url": plan.callback_url,
+            "token": plan.token,
+            "boot_url": self.site.boot_url,
             "mac": mac or node.macs[0],
             "retry_s": RETRY_S,
         }
-
-    def image_url(self, rel: str) -> str:
-        return f"{self.site.boot_url}/images/{quote(rel)}"
 
     # -- internals -----------------------------------------------------------------
 
@@ -220,14 +151,6 @@ class Renderer:
             text = FALLBACK.format(reason=ipxe_safe(reason), retry=RETRY_S, boot_url=self.site.boot_url)
             return Script(text, False, reason)
         return Script("", False, reason)
-
-
-def _is_file(path: str) -> bool:
-    """Path.is_file() without pathlib's per-call objects (the boot endpoint calls it per request)."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
 
 
 def _references(env: jinja2.Environment, name: str) -> tuple[str, ...] | None:

@@ -15,7 +15,8 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from provisioner.errors import OperationError, UsageError
 from provisioner.model import NAME_RE
@@ -202,6 +203,40 @@ def find_version(image_root: Path, spec: str, image: str | None = None) -> Versi
     if len(found) > 1:
         raise UsageError(f"version {spec} exists in {', '.join(v.image for v in found)}: give NAME/{spec}")
     return found[0]
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class Listing:
+    """`provisioner image list`: every version of the images asked for, with the nodes pinned to
+    it and the roles that boot its image."""
+
+    rows: tuple[dict[str, Any], ...]  # Version.as_dict(pinned) + "roles"; per image, oldest first
+    unbuilt: tuple[str, ...]  # images asked for that have no version yet
+
+
+def listing(image_root: Path, definitions: Path, pins: Iterable[Mapping[str, str]], roles: Mapping[str, str | None],
+            name: str | None = None) -> Listing:
+    """Versions x pins x roles, for image `name` or every image defined or built.
+
+    pins: the store's image_pins() (node, image, version); roles: role -> the built image it
+    boots (images.ROLE.image in the site config; None: the role names its files)."""
+    from provisioner.images.definition import names as definition_names
+
+    if name:
+        names = [name]
+        if not list_versions(image_root, name) and name not in definition_names(definitions):
+            raise UsageError(f"no image {name}: not defined in {definitions} and never built")
+    else:
+        names = sorted(set(built_images(image_root)) | set(definition_names(definitions)))
+    pinned: dict[tuple[str, str], list[str]] = {}
+    for p in pins:
+        pinned.setdefault((p["image"], p["version"]), []).append(p["node"])
+    rows = tuple(v.as_dict(pinned.get((v.image, v.version))) | {"roles": [r for r, i in roles.items() if i == v.image]}
+                 for n in names for v in list_versions(image_root, n))
+    return Listing(rows, tuple(n for n in names if not any(r["image"] == n for r in rows)))
 
 
 # --------------------------------------------------------------------------- the boot endpoint's view

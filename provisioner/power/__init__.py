@@ -3,12 +3,14 @@
 The API the rest of the project calls:
 
     from provisioner.power import run_action
-    results = run_action(site, nodes, "boot", netboot=True, store=store, actor="balancer")
+    results = run_action(site, nodes, "boot", netboot=True, boot={name: boot_plan})
     # -> [PowerResult(node, action, ok, state, method, netboot, error, error_kind, note, elapsed_s)]
 
 Actions: status, on, off, soft, reset, cycle, and boot (on when off, reset when on).
+This package neither reads nor writes the store and does not work out boot plans: callers pass
+what a kexec boots and record the results (provisioner.reconcile.power_nodes does both).
 Names are imported on first use, so the IPMI worker process (`python -m
-provisioner.power.ipmi`) does not pay for paramiko and the store.
+provisioner.power.ipmi`) does not pay for paramiko.
 """
 
 from importlib import import_module

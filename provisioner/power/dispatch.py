@@ -4,7 +4,7 @@ Methods (node.power_method, per node or per pool in the site config):
 - ipmi: everything through the BMC.
 - ssh: reboot-type actions (reset, cycle, boot) run power.ssh.reboot_command on the node; with
   --netboot the BMC's one-time network boot is set first (when the node has a BMC).
-- kexec: reboot-type actions kexec the node straight into the image of its role.
+- kexec: reboot-type actions kexec the node straight into an image (the caller's boot plan).
 - kexec+ipmi: kexec, and when that fails, an IPMI one-time network boot + reset/on.
 status, on, off and soft always go through the BMC: an SSH method cannot reach a node that is off.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from provisioner.errors import OperationError
 from provisioner.model import Node, Site
@@ -24,6 +25,16 @@ REBOOTS = ("reset", "cycle", "boot")
 
 class NoBmc(ipmi.IpmiError):
     kind = "config"
+
+
+class NoImage(Protocol):
+    """Why a node has no image to kexec into now: provisioner.boot.plan.NoBoot."""
+
+    ok: bool  # False
+    reason: str
+
+
+BootTarget = ssh.KexecImage | NoImage
 
 
 @dataclass(frozen=True)
@@ -43,9 +54,9 @@ class PowerResult:
         return asdict(self)
 
 
-def act(site: Site, node: Node, action: str, *, netboot: bool = False, role: str | None = None,
-        secret: bytes | None = None) -> PowerResult:
-    """Do `action` on `node`. role: the image to kexec into (kexec methods); default its default role."""
+def act(site: Site, node: Node, action: str, *, netboot: bool = False, boot: BootTarget | None = None) -> PowerResult:
+    """Do `action` on `node`. boot: for the kexec methods, the image to kexec into (the caller's
+    boot plan, or its NoBoot saying why there is none)."""
     start = time.monotonic()
     method = node.power_method if action in REBOOTS else "ipmi"
 
@@ -67,7 +78,7 @@ def act(site: Site, node: Node, action: str, *, netboot: bool = False, role: str
             return done(True, method="ssh", netboot=netboot, note=_join(note, out.note))
         # kexec / kexec+ipmi
         try:
-            out = _kexec(site, node, role or node.default_role, secret)
+            out = ssh.kexec(site, node, _kexec_image(node, boot))
             return done(True, method="kexec", note=out.note)
         except OperationError as exc:
             if method != "kexec+ipmi":
@@ -96,12 +107,14 @@ def _bmc_call(site: Site, node: Node, action: str, netboot: bool = False) -> ipm
                       retries=site.power.retries, node=node.name)
 
 
-def _kexec(site: Site, node: Node, role: str, secret: bytes | None) -> ssh.SshOutcome:
-    if secret is None:
-        from provisioner.tokens import load_or_create_secret
-
-        secret = load_or_create_secret(site.secret_file)
-    return ssh.kexec(site, node, role, secret)
+def _kexec_image(node: Node, boot: BootTarget | None) -> ssh.KexecImage:
+    """The image to kexec into; OperationError (so kexec+ipmi falls back to IPMI) when none."""
+    if boot is None:
+        raise OperationError(f"node {node.name}: no boot plan was given for its kexec; pass boot= to run_action "
+                             "(provisioner.reconcile.power_nodes makes them)")
+    if not boot.ok:
+        raise OperationError(boot.reason)
+    return boot
 
 
 def _join(*notes: str | None) -> str | None:

@@ -3,14 +3,15 @@
 Both go through provisioner.remote (key authentication, host keys checked against
 power.ssh.known_hosts). kexec skips the firmware POST (minutes on real servers): the node fetches
 the role's kernel and initrd from the boot endpoint, the same files and the same kernel command
-line the iPXE script would give it (taken from the boot renderer, not rebuilt here), loads them
-and jumps. When the node goes away mid-command (it is rebooting) that counts as done; the boot
-callback is what confirms the new image, as with any other boot.
+line the iPXE script would give it (the caller's boot plan, provisioner/boot/plan.py, not rebuilt
+here), loads them and jumps. When the node goes away mid-command (it is rebooting) that counts as
+done; the boot callback is what confirms the new image, as with any other boot.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from provisioner import remote
 from provisioner.errors import OperationError
@@ -54,23 +55,28 @@ def reboot(site: Site, node: Node) -> SshOutcome:
     return _outcome(node, "reboot command", res)
 
 
-def kexec_argv(site: Site, node: Node, role: str, secret: bytes) -> list[str]:
-    """The exact command the node is asked to run to kexec into `role`'s image."""
-    from provisioner.boot.render import Renderer
+class KexecImage(Protocol):
+    """What a kexec needs to know of the image to boot: provisioner.boot.plan.BootPlan has it
+    (the caller makes the plan; power control does not read the store or the image root)."""
 
-    image = site.images[role]
-    ctx = Renderer(site, secret).context(node, role, image, None)
-    initrds = list(ctx["image"]["initrd_urls"])
-    if ctx["image"].get("overlay_url"):
-        # iPXE fills in ${netX/mac}; over SSH the node is known, so its first MAC stands in.
-        initrds.append(ctx["image"]["overlay_url"].replace("${netX/mac}", node.macs[0]))
-    return ["sh", "-c", KEXEC_SCRIPT, "provisioner-kexec", ctx["image"]["kernel_url"], ctx["kernel_args"], *initrds]
+    ok: bool  # True
+    role: str
+    kernel_url: str
+    args: str
+
+    def initrds_for(self, mac: str) -> tuple[str, ...]: ...
 
 
-def kexec(site: Site, node: Node, role: str, secret: bytes) -> SshOutcome:
+def kexec_argv(image: KexecImage, mac: str) -> list[str]:
+    """The exact command the node is asked to run to kexec into `image`. mac: the node's MAC for
+    its overlay URL (iPXE fills in ${netX/mac}; over SSH the node is known, its first MAC stands in)."""
+    return ["sh", "-c", KEXEC_SCRIPT, "provisioner-kexec", image.kernel_url, image.args, *image.initrds_for(mac)]
+
+
+def kexec(site: Site, node: Node, image: KexecImage) -> SshOutcome:
     cfg = site.power.ssh
-    res = remote.run(remote.target_for(node, cfg), kexec_argv(site, node, role, secret), cfg.timeout_s)
-    return _outcome(node, f"kexec into {role}", res)
+    res = remote.run(remote.target_for(node, cfg), kexec_argv(image, node.macs[0]), cfg.timeout_s)
+    return _outcome(node, f"kexec into {image.role}", res)
 
 
 def _outcome(node: Node, what: str, res: remote.CommandResult) -> SshOutcome:
