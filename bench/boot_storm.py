@@ -342,11 +342,11 @@ def run(args) -> dict:
         dynamic = [t["port"] for k, t in targets.items() if k != "nginx"]
         first, second = list(site.nodes.values())[:2] if n > 1 else [site.nodes[next(iter(site.nodes))]] * 2
         Store(site.store).set_role([first.name], "k8s", actor="bench", reason="freshness check", pin=True)
-        want = renderer.node(first, "k8s", first.macs[0]).text
+        want = renderer.node(planner.plan(first, "k8s"), first.macs[0]).text
         role_seen = all(_get(port, f"/ipxe?mac={first.macs[0]}") == (200, want) for port in dynamic)
         base = templates / "_linux.ipxe.j2"
         base.write_text(base.read_text() + "# edited by the benchmark\n")
-        want = renderer.node(second, second.default_role, second.macs[0]).text
+        want = renderer.node(planner.plan(second, second.default_role), second.macs[0]).text
         edit_seen = "# edited by the benchmark" in want and all(
             _get(port, f"/ipxe?mac={second.macs[0]}") == (200, want) for port in dynamic)
         fresh = role_seen and edit_seen
