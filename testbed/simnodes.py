@@ -220,7 +220,7 @@ class SimSite:
         """Between tests: no jobs, no pods, every shared node steady on its side (default: its
         initial role), powered on, unpinned, no fault, empty BMC history, store rows fresh.
         policy/power/kubernetes: overrides for this test; the delays: the constructor's unless given."""
-        from provisioner.store import STEADY
+        from provisioner.states import STEADY
 
         start = time.monotonic()
         self.wait_idle()
