@@ -79,12 +79,13 @@ class Api:
 
 def ns_path(kind: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
     """/api/v1/... or /apis/GROUP/VERSION/... for the few kinds the test world uses."""
-    groups = {"pods": "/api/v1", "nodes": "/api/v1", "namespaces": "/api/v1", "serviceaccounts": "/api/v1",
+    groups = {"pods": "/api/v1", "nodes": "/api/v1", "namespaces": "/api/v1", "serviceaccounts": "/api/v1", "secrets": "/api/v1",
               "leases": "/apis/coordination.k8s.io/v1", "poddisruptionbudgets": "/apis/policy/v1",
               "replicasets": "/apis/apps/v1", "daemonsets": "/apis/apps/v1", "deployments": "/apis/apps/v1",
               "clusterroles": "/apis/rbac.authorization.k8s.io/v1",
               "clusterrolebindings": "/apis/rbac.authorization.k8s.io/v1",
-              "validatingwebhookconfigurations": "/apis/admissionregistration.k8s.io/v1"}
+              "validatingwebhookconfigurations": "/apis/admissionregistration.k8s.io/v1",
+              "certificatesigningrequests": "/apis/certificates.k8s.io/v1"}
     path = groups[kind] + (f"/namespaces/{namespace}" if namespace else "") + f"/{kind}"
     if name:
         path += f"/{name}"

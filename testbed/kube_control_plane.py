@@ -33,6 +33,7 @@ from testbed.process import ROOT, Daemon, free_port, http_probe
 
 VERSION = "v1.34.3"  # the pin in tools/k8s/go.mod; the tests check the server says so
 RBAC_EXAMPLE = ROOT / "examples" / "kubernetes" / "provisioner-rbac.yaml"
+NODE_BOOTSTRAP_EXAMPLE = ROOT / "examples" / "kubernetes" / "node-bootstrap-rbac.yaml"
 PROVISIONER_USER = "provisioner"
 
 
@@ -129,6 +130,8 @@ class ControlPlane:
             f"--tls-cert-file={serving[0]}", f"--tls-private-key-file={serving[1]}",
             f"--client-ca-file={self.ca.cert}", f"--token-auth-file={f / 'tokens.csv'}",
             "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+            # Real kubelets (the k8s image in the VMs) join with a bootstrap token, as at a site.
+            "--enable-bootstrap-token-auth=true",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={sa_pub}", f"--service-account-signing-key-file={sa_key}",
             "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
@@ -141,6 +144,7 @@ class ControlPlane:
             http_probe(f"{self.server}/readyz", ctx, admin), timeout)
         self.api = Api(self.server, str(self.ca.cert), self.tokens["admin"])
         self.apply(RBAC_EXAMPLE)
+        self.apply(NODE_BOOTSTRAP_EXAMPLE)
 
         kcm_port = free_port()
         self._run("kube-controller-manager", [
@@ -207,6 +211,18 @@ class ControlPlane:
         path.write_text(yaml.safe_dump(cfg))
         path.chmod(0o600)
         return path
+
+    def bootstrap_token(self) -> str:
+        """A node bootstrap token ("id.secret") for real kubelets, valid for an hour: the Secret
+        kubeadm's `token create` would make (the rights come from NODE_BOOTSTRAP_EXAMPLE)."""
+        token_id, secret = secrets.token_hex(3), secrets.token_hex(8)
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+        self.api.create(ns_path("secrets", "kube-system"), {
+            "metadata": {"name": f"bootstrap-token-{token_id}", "namespace": "kube-system"},
+            "type": "bootstrap.kubernetes.io/token",
+            "stringData": {"token-id": token_id, "token-secret": secret, "expiration": expires,
+                           "usage-bootstrap-authentication": "true", "usage-bootstrap-signing": "true"}})
+        return f"{token_id}.{secret}"
 
     def apply(self, manifest: Path) -> None:
         """Create (or replace) the cluster-scoped RBAC objects of a YAML file."""
