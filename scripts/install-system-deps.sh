@@ -11,8 +11,9 @@ PACKAGES=(
   ipmitool openssh-server
   # network boot of VMs (end-to-end), the tiny test image
   qemu-system-x86 ipxe ipxe-qemu busybox-static cpio
-  # the k8s image's container images (pause from C, busybox) and the containerd they are tried in
-  gcc libc6-dev containerd runc
+  # the k8s image's container images (pause from C, busybox), the containerd they are tried in,
+  # and the CNI plugins its pod network config is tried with
+  gcc libc6-dev containerd runc containernetworking-plugins iptables
   # `make venv` (Debian's python3 has no ensurepip without it); pgrep for the VM/demo checks
   python3-venv procps
   # boot-storm benchmark baseline and load generator
