@@ -107,6 +107,10 @@ class SimSite:
     the kubelet going Ready).
     """
 
+    # The harness plays the shared nodes' daemons (a slurmd here, a simulated kubelet) when they
+    # boot. False: the nodes run their own (VMs booting the real slurm and k8s images).
+    host_daemons = True
+
     def __init__(self, workdir: str | os.PathLike, fixed: str = "cn[01-02]", shared: str = "sn[01-04]",
                  fixed_k8s: str = "kn01", roles: dict[str, str] | None = None, boot_delay: float = 0.2,
                  join_delay: float = 0.0, policy: dict | None = None, power: dict | None = None,
@@ -143,7 +147,7 @@ class SimSite:
         try:
             # The main scheduling loop every 2 s (default 60): a pending job starts on a node that
             # just joined within seconds, as the paper's loop expects, instead of a minute later.
-            in_slurm = [n for n, r in self.initial_roles.items() if r == "slurm"]
+            in_slurm = [n for n, r in self.initial_roles.items() if r == "slurm" and self.host_daemons]
             self.slurm = SlurmCluster(self.workdir / "slurm", nodes=[*self.fixed, *self.shared],
                                       started=[*self.fixed, *in_slurm],
                                       extra_conf="SchedulerParameters=batch_sched_delay=0,sched_interval=2")
@@ -236,7 +240,7 @@ class SimSite:
             self.kube.add_node(name, labels={"sched": "k8s"}, cpu=NODE_CPU, memory=NODE_MEMORY)
         # SLURM: only the nodes not already as wanted are touched (a resume costs a few seconds:
         # slurmctld pings the node before it counts as responding).
-        up = [*self.fixed, *[n for n, r in roles.items() if r == "slurm"]]
+        up = [*self.fixed, *[n for n, r in roles.items() if r == "slurm" and self.host_daemons]]
         for name in up:
             self.slurm.start_slurmd(name, wait=False)
         for name in up:
@@ -252,7 +256,8 @@ class SimSite:
                     self.slurm.run("scontrol", "update", f"nodename={name}", "state=resume", check=False)
                     self.slurm.run("scontrol", "update", f"nodename={name}", "state=down", f"reason={PAPER_REASON}")
                 self.slurm.stop_slurmd(name)
-                self.kube.add_node(name, labels={"sched": "k8s"}, cpu=NODE_CPU, memory=NODE_MEMORY, ip=node.ip)
+                if self.host_daemons:
+                    self.kube.add_node(name, labels={"sched": "k8s"}, cpu=NODE_CPU, memory=NODE_MEMORY, ip=node.ip)
             node.role = role
             self.store.update(name, actor="test", kind="test-reset", message=f"test reset: steady in {role}",
                               desired_role=role, booted_role=role, booted_version="1", booted_at=time.time(),
@@ -317,7 +322,9 @@ class SimSite:
     def _join(self, node: SimNode, role: str) -> None:
         """What the booted image's daemons do: slurmd registers, or the kubelet starts (registers
         the Node when Kubernetes has none, reports Ready with this boot's bootID)."""
-        if role == "slurm":
+        if not self.host_daemons:
+            pass  # the image's own slurmd registers, or its kubelet joins
+        elif role == "slurm":
             self.slurm.start_slurmd(node.name, wait=False)
         else:
             self.kube.boot(node.name, cpu=NODE_CPU, memory=NODE_MEMORY, ip=node.ip)

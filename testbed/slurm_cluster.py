@@ -264,6 +264,20 @@ class SlurmCluster:
         self.node_ports = dict(zip(self.nodes, rest))
         self.slurm_conf.write_text(self._conf())
 
+    def guest_conf(self, host: str = "10.0.2.2") -> str:
+        """slurm.conf for a slurmd inside a VM (the slurm image): the same cluster, but the
+        controller is the host as the guest sees it, munged and the slurmd files are the image's
+        own. The slurmd listens on its node's Port, which the VM forwards from 127.0.0.1."""
+        own = {"SlurmctldHost": f"localhost({host})", "SlurmdSpoolDir": "/var/spool/slurmd",
+               "SlurmdPidFile": "/run/slurmd.pid", "SlurmdLogFile": "/var/log/slurm/slurmd.log"}
+        out = []
+        for line in self._conf().splitlines():
+            key = line.split("=", 1)[0]
+            if key == "AuthInfo":
+                continue  # the image's munged, on its default socket
+            out.append(f"{key}={own[key]}" if key in own else line)
+        return "\n".join(out) + "\n"
+
     def _conf(self) -> str:
         w = self.workdir
         lines = [

@@ -78,8 +78,12 @@ class VM:
     """One VM. Thread-safe: power actions are serialised per VM (a BMC may send on, then reset)."""
 
     def __init__(self, name: str, mac: str, boot_url: str, workdir: str | os.PathLike, memory_mb: int = 256,
-                 accel: str | None = None, serial_log: str | os.PathLike | None = None):
+                 accel: str | None = None, serial_log: str | os.PathLike | None = None,
+                 forwards: dict[int, int] | None = None):
+        """forwards: {host port on 127.0.0.1: guest port}, for what must reach into the node
+        (its sshd, its slurmd); the guest reaches out to the host as 10.0.2.2 without them."""
         self.name, self.mac, self.boot_url = name, mac, boot_url
+        self.forwards = dict(forwards or {})
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.serial_log = Path(serial_log) if serial_log else self.workdir / f"{name}.serial.log"
@@ -109,7 +113,8 @@ class VM:
             # append: a log spans every run of this VM (reset and power cycles alike)
             "-chardev", f"file,id=serial0,path={self.serial_log},append=on", "-serial", "chardev:serial0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-netdev", f"user,id=n0,bootfile={self.boot_url}",
+            "-netdev", f"user,id=n0,bootfile={self.boot_url}"
+            + "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in sorted(self.forwards.items())),
             "-device", f"virtio-net-pci,netdev=n0,mac={self.mac}",
             # No disk: a diskless node. "n" stays in force across resets; without it the firmware
             # tries the (absent) disk and CD-ROM first and then still reaches the NIC's iPXE ROM.

@@ -45,6 +45,9 @@ CALLBACK_RE = r"^PROVISIONER-CALLBACK-OK node={node} role=(?P<role>\S+) version=
 class VmSite(SimSite):
     """SimSite with VMs as the shared nodes. `image_root` must hold a published tiny image."""
 
+    booted_re = BOOTED_RE
+    callback_re = CALLBACK_RE
+
     def __init__(self, workdir: str | os.PathLike, image_root: str | os.PathLike, *, fixed: str = "cn01",
                  shared: str = "sn01", fixed_k8s: str = "kn01", roles: dict[str, str] | None = None,
                  policy: dict | None = None, power: dict | None = None, memory_mb: int = 256,
@@ -139,9 +142,9 @@ class VmSite(SimSite):
         accepted callback. Returns {role, version, overlay, hostname, line, booted_at, callback_at}."""
         vm = self.vm(name)
         stop = lambda: cancelled() or self._stopping.is_set()  # noqa: E731
-        booted = vm.wait_for_serial(BOOTED_RE.format(node=name), self.boot_timeout, since, stop)
+        booted = vm.wait_for_serial(self.booted_re.format(node=name), self.boot_timeout, since, stop)
         booted_at = time.time()
-        called = vm.wait_for_serial(CALLBACK_RE.format(node=name), self.boot_timeout, since + booted.end(), stop)
+        called = vm.wait_for_serial(self.callback_re.format(node=name), self.boot_timeout, since + booted.end(), stop)
         if called.group("role") != booted.group("role"):
             raise VMError(f"{name}: console says it booted {booted.group('role')} but called back as "
                           f"{called.group('role')}")
@@ -199,3 +202,89 @@ class VmSite(SimSite):
 
     def console(self, name: str, since: int = 0) -> str:
         return self.vm(name).serial_text(since)
+
+
+# The Debian images' provisioner-callback prints this once the root's services are up.
+IMAGE_BOOTED_RE = (r"^PROVISIONER-BOOTED node={node} role=(?P<role>\S+) version=(?P<version>\S+) "
+                   r"failed_units=(?P<failed>\S+)")
+
+
+class ImageVmSite(VmSite):
+    """VmSite whose shared VMs boot the real images (provisioner/data/images/slurm and k8s), which
+    run their own daemons: the slurm image's slurmd registers with the test slurmctld, the k8s
+    image's kubelet joins the real API server with a bootstrap token (TLS bootstrap, as at a
+    site). Nothing of a node's work is played by the harness.
+
+    What crosses qemu's user network: the guest reaches the host as 10.0.2.2 (boot server,
+    slurmctld, kube-apiserver); the host reaches into a guest only through forwarded ports on
+    127.0.0.1: its sshd (how the tests read a job's or a pod's own output) and its slurmd (the
+    node's Port in slurm.conf, the same number on both sides, so slurmctld's NodeAddr=127.0.0.1
+    reaches the VM). `image_root` must hold the slurm and k8s images, published."""
+
+    host_daemons = False
+    booted_re = IMAGE_BOOTED_RE
+
+    def __init__(self, workdir: str | os.PathLike, image_root: str | os.PathLike, *, kube, memory_mb: int = 2048,
+                 boot_timeout: float = 600, **kwargs):
+        super().__init__(workdir, image_root, kube=kube, memory_mb=memory_mb, boot_timeout=boot_timeout, **kwargs)
+        from testbed.process import free_port
+
+        self.ssh_ports = {n: free_port() for n in self.shared}
+        self.ssh_key = self.workdir / "ssh" / "id_ed25519"
+        self.bootstrap_token: str | None = None
+
+    def start(self) -> "ImageVmSite":
+        import subprocess
+
+        self.ssh_key.parent.mkdir(parents=True, exist_ok=True)
+        if not self.ssh_key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "provisioner-tests",
+                            "-f", str(self.ssh_key)], check=True)
+        super().start()
+        return self
+
+    def write_config(self, policy: dict | None = None, power: dict | None = None,
+                     kubernetes: dict | None = None) -> Path:
+        path = super().write_config(policy, power, kubernetes)
+        files = self.workdir / "overlay-files"
+        files.mkdir(exist_ok=True)
+        (files / "slurm.conf").write_text(self.slurm.guest_conf(GUEST_HOST))
+        if self.bootstrap_token is None:
+            self.bootstrap_token = self.kube.plane.bootstrap_token()
+        (files / "bootstrap-token").write_text(self.bootstrap_token + "\n")
+        (files / "bootstrap-token").chmod(0o600)
+        data = yaml.safe_load(path.read_text())
+        data["images"] = {"slurm": {"image": "slurm"}, "k8s": {"image": "k8s"}}
+        data["overlay"] = {
+            "files": {"slurm_conf": str(files / "slurm.conf"),
+                      "munge_key": str(self.slurm.workdir / "munge" / "munge.key"),
+                      "kube_ca": str(self.kube.plane.ca.cert),
+                      "kube_bootstrap_token": str(files / "bootstrap-token"),
+                      "ssh_authorized_keys": str(self.ssh_key) + ".pub"},
+            "values": {"kube_api_server": f"https://{GUEST_HOST}:{self.kube.plane.port}"},
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        tmp.replace(path)
+        return path
+
+    def vm(self, name: str) -> VM:
+        vm = self.vms.get(name)
+        if vm is None:
+            node, port = self.nodes[name], self.slurm.node_ports[name]
+            vm = self.vms[name] = VM(name, node.mac, f"{self.guest_boot_url}/boot.ipxe", self.workdir / "vms",
+                                     memory_mb=self.memory_mb, forwards={self.ssh_ports[name]: 22, port: port})
+        return vm
+
+    def ssh(self, name: str, command: str, timeout: float = 60) -> str:
+        """Run a command on the node (root, the key its overlay authorised); its stdout."""
+        import subprocess
+
+        proc = subprocess.run(
+            ["ssh", "-i", str(self.ssh_key), "-p", str(self.ssh_ports[name]), "-o", "BatchMode=yes",
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+             "-o", "ConnectTimeout=10", "root@127.0.0.1", command],
+            capture_output=True, text=True, timeout=timeout)
+        if proc.returncode:
+            raise VMError(f"ssh {name} {command!r}: exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        return proc.stdout
