@@ -271,13 +271,16 @@ def cmd_image_build(ctx: Context) -> int:
     logging.basicConfig(level=logging.INFO, format="provisioner: %(message)s", stream=sys.stderr)
     site = ctx.site
     r = images.build(site.image_definitions, site.image_root, ctx.args.name, cache=ctx.args.cache,
-                     publish=not ctx.args.no_publish, store=ctx.store, actor=default_actor())
+                     publish=not ctx.args.no_publish, store=ctx.store, actor=default_actor(),
+                     rebuild=ctx.args.rebuild)
     if ctx.args.json:
         emit_json({"image": r.image, "version": r.version, "path": str(r.path), "published": r.published,
                    "previous": r.previous, "seconds": r.seconds, "manifest": r.manifest})
         return EXIT_OK
     size = sum(f["size"] for f in r.manifest["files"].values())
-    print(f"{r.image} {r.version}: built in {r.seconds:.1f} s ({_size(size)}) in {r.path}")
+    cached = r.manifest.get("build", {}).get("cache") == "hit"
+    print(f"{r.image} {r.version}: {'made from the build cache' if cached else 'built'} in {r.seconds:.1f} s "
+          f"({_size(size)}) in {r.path}")
     if r.published:
         print(f"{r.image} {r.version}: published" + (f" (was {r.previous})" if r.previous else ""))
     else:
@@ -406,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     isp.add_argument("name", help="an image defined in site.image_definitions (NAME/image.yaml there)")
     isp.add_argument("--no-publish", action="store_true", help="build only; publish later with `image publish`")
     isp.add_argument("--cache", type=Path, help="download cache (default: $PROVISIONER_CACHE/images or ~/.cache/provisioner/images)")
+    isp.add_argument("--rebuild", action="store_true",
+                     help="build from scratch even when the build cache ($PROVISIONER_CACHE/image-builds or "
+                          "~/.cache/provisioner/image-builds) has a build with the same inputs; it replaces it")
     isp.add_argument("--json", action="store_true")
     isp = add_image("list", cmd_image_list, "versions of each image: current, size, pinned nodes")
     isp.add_argument("name", nargs="?")

@@ -37,8 +37,13 @@ def test_the_three_definitions_load():
     key = next(e for e in slurm.overlay if e.path == "/etc/munge/munge.key")
     assert (key.copy, key.mode, key.owner) == ("munge_key", 0o400, "munge")
     k8s = load_definition(DEFINITIONS, "k8s")
-    assert k8s.role == "k8s" and "containerd" in k8s.packages and "kubelet" in k8s.services
-    assert k8s.repositories[0].packages[0] == "kubelet" and "pkgs.k8s.io" in k8s.repositories[0].url
+    assert k8s.role == "k8s" and "kubelet" in k8s.services
+    assert {"containerd", "runc", "containernetworking-plugins"} <= set(k8s.packages)
+    # nothing from pkgs.k8s.io (that repository is a commented alternative): kubelet is built locally
+    assert not k8s.repositories and "# repositories:" in k8s.path.read_text()
+    assert [(b.build, b.command, b.path) for b in k8s.binaries] == [("k8s", "kubelet", "/usr/bin/kubelet")]
+    assert k8s.oci_images == ("pause", "busybox")
+    assert (k8s.folder / "files/etc/systemd/system/kubelet.service").is_file()
     assert "/etc/kubernetes/bootstrap-kubelet.conf" in {e.path for e in k8s.overlay}
     tiny = load_definition(DEFINITIONS, "tiny")
     assert tiny.builder == "initramfs" and "virtio_net" in tiny.modules and not tiny.packages
@@ -93,21 +98,7 @@ def test_unknown_image_names_the_defined_ones():
         load_definition(DEFINITIONS, "../etc")
 
 
-# --------------------------------------------------------------------------- the k8s image fails early
-
-
-def test_k8s_build_fails_early_naming_what_cannot_be_fetched(tmp_path):
-    """kubelet comes from pkgs.k8s.io, which these machines cannot reach: the build stops before
-    downloading or writing anything, and says which packages from which repository."""
-    root, cache = tmp_path / "root", tmp_path / "cache"
-    with pytest.raises(OperationError) as err:
-        images.build(DEFINITIONS, root, "k8s", cache=cache)
-    msg = str(err.value)
-    assert "\n" not in msg
-    assert "cannot fetch kubelet, kubernetes-cni, cri-tools" in msg
-    assert "https://pkgs.k8s.io/core:/stable:/v1.30/deb/" in msg and "cannot reach it" in msg
-    assert not cache.exists()  # nothing downloaded
-    assert not (root / "k8s").exists()  # nothing written
+# --------------------------------------------------------------------------- an unreachable repository fails early
 
 
 def test_unreachable_repository_fails_early_for_any_definition(tmp_path):
@@ -288,12 +279,26 @@ def test_versions_list_publish_pin_remove(tiny_image, tmp_path):
 
 
 @pytest.mark.integration  # builds (and, the first time, downloads) the tiny image
-def test_k8s_build_through_the_cli(tiny_image, tmp_path):
-    config = tiny_site(tmp_path / "site", clone_root(tiny_image, tmp_path))
+def test_unreachable_repository_through_the_cli(tiny_image, tmp_path):
+    """The k8s image's documented alternative (kubelet from a package repository) on a machine
+    that cannot reach the repository: one line naming the packages and the URL, nothing built."""
+    port = free_port()  # nothing listens there
+    defs = tmp_path / "defs"
+    shutil.copytree(DEFINITIONS, defs)
+    text = (defs / "k8s" / "image.yaml").read_text()
+    start, end = text.index("binaries:\n"), text.index("oci_images:")
+    (defs / "k8s" / "image.yaml").write_text(text[:start] + f"""repositories:
+  - name: kubernetes
+    url: http://127.0.0.1:{port}/core:/stable:/v1.34/deb/
+    suite: /
+    packages: [kubelet, cri-tools]
+""" + text[end:])
+    config = tiny_site(tmp_path / "site", clone_root(tiny_image, tmp_path), site={"image_definitions": str(defs)})
     r = cli(config, "image", "build", "k8s")
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("provisioner: failed: image k8s: cannot fetch kubelet") and "pkgs.k8s.io" in last
+    assert last.startswith("provisioner: failed: image k8s: cannot fetch kubelet, cri-tools from the kubernetes "
+                           f"package repository http://127.0.0.1:{port}/core:/stable:/v1.34/deb/"), last
     assert not any(e["kind"] == "image-build" for e in json.loads(cli(config, "history", "--json").stdout))
 
 

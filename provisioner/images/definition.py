@@ -1,7 +1,9 @@
 """DEFINITIONS/NAME/image.yaml -> a validated Definition (errors name the file and the field).
 
-A definition says what an image contains (base distribution, packages, services, kernel and the
-drivers its initramfs loads, kernel arguments) and which per-node overlay files it needs. The
+A definition says what an image contains (base distribution, packages, files built outside
+Debian (`binaries`: a tools/build.sh component's command, or a file the site brings), container
+images for the node (`oci_images`), services, kernel and the drivers its initramfs loads, kernel
+arguments) and which per-node overlay files it needs. The
 folder next to it holds the overlay templates (overlay/*.j2) and, for images with a root file
 system, files copied into it (files/, a tree that mirrors the root). DEFINITIONS/_common holds
 what every image shares: the initramfs /init and, for Debian roots, the boot-callback service.
@@ -27,6 +29,9 @@ COMMON = "_common"
 _PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _SERVICE_RE = re.compile(r"^[A-Za-z0-9@_.:-]+$")
+_COMPONENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a tools/NAME folder of tools/build.sh
+_COMMAND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_OCI_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,26 @@ class OverlayEntry:
     def as_dict(self) -> dict:
         return {"path": self.path, "template": self.template, "copy": self.copy, "mode": f"{self.mode:04o}",
                 "owner": self.owner, "optional": self.optional}
+
+
+@dataclass(frozen=True)
+class Binary:
+    """A file the root takes from outside Debian: command `command` of a tools/build.sh component
+    (`build`), or a file the site brings (`file`, an absolute path on the build host)."""
+
+    path: str  # absolute path in the root
+    build: str | None = None
+    command: str | None = None
+    file: str | None = None
+    mode: int = 0o755
+
+    @property
+    def source(self) -> str:
+        return f"tools/build.sh {self.build} (bin/{self.command})" if self.build else str(self.file)
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "build": self.build, "command": self.command, "file": self.file,
+                "mode": f"{self.mode:04o}"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +101,8 @@ class Definition:
     modules: tuple[str, ...]
     cmdline: str
     overlay: tuple[OverlayEntry, ...]
+    binaries: tuple[Binary, ...] = ()
+    oci_images: tuple[str, ...] = ()  # node images (provisioner.images.oci) under /usr/share/provisioner/oci/
 
     @property
     def common(self) -> Path:
@@ -89,13 +116,18 @@ class Definition:
             common += [p for p in sorted((self.common / "rootfs").rglob("*")) if p.is_file()]
         return files + [p for p in common if p.is_file()]
 
-    def digest(self) -> str:
-        """sha256 over the definition's files (names and contents): what a version was built from."""
+    def digest(self, identities: dict[str, str] | None = None) -> str:
+        """sha256 over the definition's files (names and contents) and the identities of what the
+        build takes from outside them (`binaries[i]`: the tools/build.sh build folder, or a file's
+        sha256; `oci_images[i]`: the image's digest): what a version was built from. A changed
+        pin of a built binary is a new digest although no file here changed."""
         h = hashlib.sha256()
         base = self.folder.parent
         for p in self.sources():
             h.update(str(p.relative_to(base)).encode() + b"\0")
             h.update(hashlib.sha256(p.read_bytes()).digest())
+        for k, v in sorted((identities or {}).items()):
+            h.update(f"{k}={v}".encode() + b"\0")
         return h.hexdigest()
 
 
@@ -138,7 +170,8 @@ class _DefinitionLoader(Fields):
 
     def definition(self, name: str, data) -> Definition:
         top = self.mapping(data, "", {"description", "role", "builder", "base", "repositories", "packages",
-                                      "services", "kernel", "cmdline", "overlay"}, required=("builder", "kernel"))
+                                      "binaries", "oci_images", "services", "kernel", "cmdline", "overlay"},
+                           required=("builder", "kernel"))
         builder = self.choice(top.get("builder"), "builder", BUILDERS)
         role = top.get("role")
         if role is not None:
@@ -157,8 +190,13 @@ class _DefinitionLoader(Fields):
         packages = self.names_list(top.get("packages"), "packages", _PKG_RE, "Debian package name")
         services = self.names_list(top.get("services"), "services", _SERVICE_RE, "systemd unit name")
         repositories = self.repositories(top.get("repositories"))
+        binaries = self.binaries(top.get("binaries"))
+        oci_images = self.names_list(top.get("oci_images"), "oci_images", _OCI_RE, "node image name")
+        for i, n in enumerate(oci_images):
+            if n in oci_images[:i]:
+                raise self.err(f"oci_images[{i}]", f"{n} is listed twice")
         if builder == "initramfs":
-            for key in ("packages", "services", "repositories"):
+            for key in ("packages", "services", "repositories", "binaries", "oci_images"):
                 if top.get(key):
                     raise self.err(key, "not with builder initramfs (it has no root file system); use builder debian")
         folder = self.path.parent
@@ -175,8 +213,63 @@ class _DefinitionLoader(Fields):
             kernel_package=kernel_package,
             modules=self.names_list(kernel.get("modules"), "kernel.modules", _MODULE_RE, "kernel module name"),
             cmdline=self.string(top.get("cmdline"), "cmdline", ""),
-            overlay=overlay,
+            overlay=overlay, binaries=binaries, oci_images=oci_images,
         )
+
+    def mode(self, value, where: str, default: str) -> int:
+        try:
+            mode = int(str(default if value is None else value), 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o7777:
+            raise self.err(where, f"must be an octal mode such as \"0600\", got {value!r}")
+        return mode
+
+    def root_path(self, value, where: str) -> str:
+        path = self.string(value, where, required=True)
+        pp = PurePosixPath(path)
+        if not pp.is_absolute() or ".." in pp.parts or len(pp.parts) < 2 or path.endswith("/"):
+            raise self.err(where, f"must be an absolute file path on the node, got {path!r}")
+        return path
+
+    def binaries(self, value) -> tuple[Binary, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.err("binaries", "must be a list of {build, command, path} or {file, path} entries")
+        out: list[Binary] = []
+        for i, raw in enumerate(value):
+            where = f"binaries[{i}]"
+            d = self.mapping(raw, where, {"build", "command", "file", "path", "mode"}, required=("path",))
+            path = self.root_path(d.get("path"), f"{where}.path")
+            if any(b.path == path for b in out):
+                raise self.err(f"{where}.path", f"{path} is listed twice")
+            build, file = d.get("build"), d.get("file")
+            if (build is None) == (file is None):
+                raise self.err(where, "give either build (a tools/build.sh component, e.g. k8s) with command "
+                                      "(e.g. kubelet), or file (an absolute path on the build host)")
+            command = None
+            if build is not None:
+                build = self.string(build, f"{where}.build")
+                if not _COMPONENT_RE.match(build):
+                    raise self.err(f"{where}.build", f"must name a tools/build.sh component (a folder tools/NAME "
+                                                     f"with a build.conf, e.g. k8s), got {build!r}")
+                command = self.string(d.get("command"), f"{where}.command")
+                if command is None:
+                    raise self.err(f"{where}.command", f"is required with build: the command of tools/build.sh "
+                                                       f"{build} to copy (a file in its bin/ folder, e.g. kubelet)")
+                if not _COMMAND_RE.match(command):
+                    raise self.err(f"{where}.command", f"must be a command name in the build's bin/ folder, "
+                                                       f"got {command!r}")
+            else:
+                if d.get("command") is not None:
+                    raise self.err(f"{where}.command", "only with build (a file entry names the file itself)")
+                file = self.string(file, f"{where}.file")
+                if not PurePosixPath(file).is_absolute() or ".." in PurePosixPath(file).parts:
+                    raise self.err(f"{where}.file", f"must be an absolute path on the build host, got {file!r}")
+            out.append(Binary(path=path, build=build, command=command, file=file,
+                              mode=self.mode(d.get("mode"), f"{where}.mode", "0755")))
+        return tuple(out)
 
     def repositories(self, value) -> tuple[Repository, ...]:
         if value is None:
@@ -215,10 +308,7 @@ class _DefinitionLoader(Fields):
         for i, raw in enumerate(value):
             where = f"overlay[{i}]"
             d = self.mapping(raw, where, {"path", "template", "copy", "mode", "owner", "optional"}, required=("path",))
-            path = self.string(d.get("path"), f"{where}.path", required=True)
-            pp = PurePosixPath(path)
-            if not pp.is_absolute() or ".." in pp.parts or len(pp.parts) < 2 or path.endswith("/"):
-                raise self.err(f"{where}.path", f"must be an absolute file path on the node, got {path!r}")
+            path = self.root_path(d.get("path"), f"{where}.path")
             if path in seen:
                 raise self.err(f"{where}.path", f"{path} is listed twice")
             seen.add(path)
@@ -234,13 +324,7 @@ class _DefinitionLoader(Fields):
                 copy = self.string(copy, f"{where}.copy")
                 if not NAME_RE.match(copy) or "-" in copy:
                     raise self.err(f"{where}.copy", f"must be a key of overlay.files (letters, digits, _), got {copy!r}")
-            mode = d.get("mode", "0644")
-            try:
-                mode = int(str(mode), 8)
-            except ValueError:
-                mode = -1
-            if not 0 <= mode <= 0o7777:
-                raise self.err(f"{where}.mode", f"must be an octal mode such as \"0600\", got {d.get('mode')!r}")
+            mode = self.mode(d.get("mode"), f"{where}.mode", "0644")
             owner = self.string(d.get("owner"), f"{where}.owner", "root")
             if not re.match(r"^[a-z_][a-z0-9_-]*$|^[0-9]+$", owner):
                 raise self.err(f"{where}.owner", f"must be a user name or a number, got {owner!r}")
