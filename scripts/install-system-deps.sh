@@ -11,6 +11,8 @@ PACKAGES=(
   ipmitool openssh-server
   # network boot of VMs (end-to-end), the tiny test image
   qemu-system-x86 ipxe ipxe-qemu busybox-static cpio
+  # the Debian images (slurm, k8s): their root is made by mmdebstrap, packed by mksquashfs
+  mmdebstrap squashfs-tools
   # the k8s image's container images (pause from C, busybox), the containerd they are tried in,
   # and the CNI plugins its pod network config is tried with
   gcc libc6-dev containerd runc containernetworking-plugins iptables
