@@ -39,19 +39,19 @@ class Resolved:
 
 
 def find_build_sh(env: dict[str, str] | None = None, checkout: Path = CHECKOUT) -> tuple[Path | None, str]:
-    """(path of tools/build.sh or None, where it was looked for)."""
+    """(path of tools/build.sh or None, why it is not there)."""
     env = os.environ if env is None else env
     if env.get("PROVISIONER_TOOLS"):
         p = Path(env["PROVISIONER_TOOLS"]) / "build.sh"
-        return (p if p.is_file() else None), f"PROVISIONER_TOOLS={env['PROVISIONER_TOOLS']}"
+        return (p if p.is_file() else None), f"PROVISIONER_TOOLS={env['PROVISIONER_TOOLS']} holds no build.sh"
     p = checkout / "tools" / "build.sh"
-    return (p if p.is_file() else None), f"{checkout}/tools (this installation's checkout)"
+    return (p if p.is_file() else None), (f"there is none in {checkout}/tools: this provisioner is installed "
+                                          "without its source checkout")
 
 
-def _no_build_sh(d: Definition, field: str, b: Binary, where: str) -> ConfigError:
+def _no_build_sh(d: Definition, field: str, b: Binary, why: str) -> ConfigError:
     return ConfigError(d.path, f"{field}.build",
-                       f"needs tools/build.sh (to build {b.command} of component {b.build}), and there is none at "
-                       f"{where}: this provisioner is installed without its source checkout. Set "
+                       f"needs tools/build.sh (to build {b.command} of component {b.build}), and {why}. Set "
                        f"PROVISIONER_TOOLS to a checkout's tools/ folder, or build the binary elsewhere and give "
                        f"`file: /absolute/path` instead of build and command")
 
