@@ -366,7 +366,7 @@ def _debian(d: Definition, out: Path, cache: Path, plan: DebianPlan, bcache: bui
         last = bcache.cold_seconds(d.name)
         estimate = f"about {_minutes(last)} (the last cold build of {d.name} here)" if last else \
             f"{COLD_ESTIMATE} on 2 cores"
-        extras = [f"{b.binary.command or Path(str(b.binary.file)).name} ({b.binary.source})" for b in plan.binaries]
+        extras = [f"{b.binary.path} from {b.binary.source}" for b in plan.binaries]
         if plan.oci:
             extras.append(f"node images {', '.join(n for n, _ in plan.oci)} in {OCI_DIR}")
         log.info("image %s: cold build, key %s (%s). It installs %d Debian packages (%.0f MB to download from "
