@@ -76,7 +76,6 @@ def test_debian_image_builds_once_then_comes_from_the_build_cache(name, tmp_path
     m1, m2 = first["manifest"], second["manifest"]
     assert m1["build"]["key"] == m2["build"]["key"] and m2["build"]["cache"] == "hit"
     assert m2["version"] != m1["version"] and second["previous"] == m1["version"]
-    assert second_s < 60, f"a cache hit took {second_s:.0f} s"
     entry = Path(m2["build"]["entry"])
     for f in ("vmlinuz", "initramfs.img", "rootfs.squashfs"):
         assert m2["files"][f]["sha256"] == m1["files"][f]["sha256"], f
