@@ -204,9 +204,11 @@ class VmSite(SimSite):
         return self.vm(name).serial_text(since)
 
 
-# The Debian images' provisioner-callback prints this once the root's services are up.
-IMAGE_BOOTED_RE = (r"^PROVISIONER-BOOTED node={node} role=(?P<role>\S+) version=(?P<version>\S+) "
+# The Debian images' provisioner-callback prints these once the root's services are up; not
+# anchored: getty's login prompt on the same console often comes first on the line.
+IMAGE_BOOTED_RE = (r"PROVISIONER-BOOTED node={node} role=(?P<role>\S+) version=(?P<version>\S+) "
                    r"failed_units=(?P<failed>\S+)")
+IMAGE_CALLBACK_RE = CALLBACK_RE.lstrip("^")
 
 
 class ImageVmSite(VmSite):
@@ -223,6 +225,7 @@ class ImageVmSite(VmSite):
 
     host_daemons = False
     booted_re = IMAGE_BOOTED_RE
+    callback_re = IMAGE_CALLBACK_RE
 
     def __init__(self, workdir: str | os.PathLike, image_root: str | os.PathLike, *, kube, memory_mb: int = 2048,
                  boot_timeout: float = 600, **kwargs):
