@@ -1,0 +1,138 @@
+"""End to end on the real images: a shared node is a qemu VM that network-boots the Debian slurm
+image or the Debian k8s image (provisioner/data/images), and the balancer moves it between the
+two on real pending work. Nothing of the node's work is played by the harness: the slurm image's
+own slurmd registers with the test slurmctld and runs the batch job; the k8s image's own kubelet
+joins the real API server by TLS bootstrap (a bootstrap token from the overlay), containerd runs
+the pod from the locally built images. The test reads the job's and the pod's own output on the
+node, over SSH (the key the overlay authorised).
+
+World (testbed/vm_site.py ImageVmSite): cn01 a fixed SLURM node (a slurmd on the host), kn01 a
+fixed Kubernetes node (a simulated kubelet), sn01 the shared VM.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from testbed.boot_server import PROVISIONER
+from testbed.process import ROOT
+from testbed.site import write_site
+from testbed.vm_site import ImageVmSite
+from testbed.wait import wait_for
+from tests.fixtures.slurm_cluster import require_slurm
+from tests.fixtures.vms import require_vm_parts
+from tests.support import missing, require_binary
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
+
+SWITCH_TIMEOUT_S = 900  # drain, IPMI reset, iPXE, the squashfs into RAM, systemd under TCG, join
+POLICY = {"phase_timeout_s": 600, "max_retries": 1}
+
+
+@pytest.fixture(scope="module")
+def real_image_root(tmp_path_factory) -> Path:
+    """The slurm and k8s images, built by the CLI into a private image root (from the build
+    cache after the first build on this machine: seconds)."""
+    import os
+
+    if os.geteuid() != 0:
+        missing("root (mmdebstrap --mode=root builds the Debian images)")
+    for tool in ("mmdebstrap", "mksquashfs"):
+        require_binary(tool)
+    d = tmp_path_factory.mktemp("real-images")
+    config = write_site(d / "site", site={"image_root": str(d / "root")},
+                        images={"slurm": {"image": "slurm"}, "k8s": {"image": "k8s"}})
+    for name in ("slurm", "k8s"):
+        r = subprocess.run([*PROVISIONER, "--config", str(config), "image", "build", name, "--json"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=2400)
+        assert r.returncode == 0, f"image build {name} failed:\n{r.stderr[-3000:]}"
+        assert json.loads(r.stdout)["published"]
+    return d / "root"
+
+
+@pytest.fixture(scope="module")
+def image_site(tmp_path_factory, real_image_root, kube_cluster):
+    require_vm_parts()
+    require_binary("ssh")
+    site = ImageVmSite(require_slurm(tmp_path_factory.mktemp("image-site")), real_image_root, kube=kube_cluster,
+                       fixed="cn01", shared="sn01", fixed_k8s="kn01", policy=POLICY)
+    try:
+        site.start()
+        yield site
+    finally:
+        site.stop()
+        left = [vm for vm in site.vms.values() if vm.is_running()]
+        assert not left, f"VMs still running after the tests: {left}"
+
+
+def _job_output(sim: ImageVmSite, job: str, path: str) -> str:
+    wait_for(lambda: sim.slurm.job_state(job) == ("", ""), 300, f"job {job} to finish")
+    return sim.ssh("sn01", f"cat {path}").strip()
+
+
+def _pod(name: str) -> dict:
+    """A pod only sn01 can take (kn01 is full): the locally built busybox image, printing the
+    node it runs on, then staying Running."""
+    return {"metadata": {"name": name, "namespace": "default"},
+            "spec": {"containers": [{
+                "name": "main", "image": "provisioner.local/busybox:1", "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "echo pod-ran-on-$NODE_NAME; exec sleep 3600"],
+                "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}}}],
+                "terminationGracePeriodSeconds": 2, "automountServiceAccountToken": False}}
+
+
+def test_a_vm_runs_a_job_then_a_pod_then_a_job_on_the_real_images(image_site):
+    sim = image_site
+    sim.slurm.wait_node_state("sn01", lambda s: s == "IDLE", timeout=300)
+
+    # 1. In the slurm image: a batch job runs on the VM's own slurmd.
+    job = sim.slurm.sbatch("--chdir=/tmp", "--output=/tmp/job-%j.out", nodelist="sn01",
+                           wrap="echo job-ran-on-$(hostname)")
+    assert _job_output(sim, job, f"/tmp/job-{job}.out") == "job-ran-on-sn01"
+
+    # 2. Kubernetes demand: kn01 is full, the pod is Unschedulable; the balancer switches sn01.
+    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
+    sim.kube.api.create("/api/v1/namespaces/default/pods", _pod("hello"))
+    sim.kube.wait_unschedulable("hello", "default")
+    mark = sim.vm("sn01").serial_mark()
+
+    def hello_running() -> bool:
+        p = sim.kube.pod("hello")
+        return p["spec"].get("nodeName") == "sn01" and p["status"].get("phase") == "Running"
+
+    reports = sim.passes_until(hello_running, timeout=SWITCH_TIMEOUT_S, what="pod hello to run on sn01")
+    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
+    assert moves == [("sn01", "k8s")], json.dumps(reports, indent=1)[-3000:]
+    console = sim.console("sn01", mark)
+    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=k8s version=\S+ failed_units=none", console, re.M), \
+        console[-3000:]
+    node = sim.kube.node("sn01")
+    assert node["status"]["nodeInfo"]["kubeletVersion"] == "v1.34.3"
+    assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+    assert node["metadata"]["labels"]["sched"] == "k8s"
+    log = sim.ssh("sn01", "cat /var/log/pods/default_hello_*/main/0.log")
+    assert "pod-ran-on-sn01" in log, log
+    view = sim.slurm_view("sn01")
+    assert view.down and view.reason == "k8s_connect"
+
+    # 3. Back: the pod goes, SLURM work waits (cn01 busy); the job runs on sn01's slurmd again.
+    sim.kube.api.delete("/api/v1/namespaces/default/pods/hello")
+    wait_for(lambda: sim.kube.pod("hello") is None, 120, "pod hello to be gone")
+    sim.fill_fixed()
+    job = sim.submit_pending("--job-name=back", "--chdir=/tmp", "--output=/tmp/back-%j.out",
+                             wrap="echo back-on-$(hostname)")
+    mark = sim.vm("sn01").serial_mark()
+    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] in ("RUNNING", "COMPLETING", ""),
+                               timeout=SWITCH_TIMEOUT_S, what=f"job {job} to run on sn01")
+    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
+    assert moves == [("sn01", "slurm")], json.dumps(reports, indent=1)[-3000:]
+    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=slurm version=\S+ failed_units=none",
+                     sim.console("sn01", mark), re.M)
+    assert _job_output(sim, job, f"/tmp/back-{job}.out") == "back-on-sn01"
+    assert not sim.violations, sim.violations
