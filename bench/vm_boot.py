@@ -1,6 +1,11 @@
 """A real VM's boot vs a whole switch, in the same run: qemu (TCG unless KVM works) network-boots
-the tiny image through iPXE from `provisioner serve`, powered through a BMC simulator over IPMI
-(tests/fixtures/vms.py: VmSite, with the real SLURM cluster and a real Kubernetes control plane).
+through iPXE from `provisioner serve`, powered through a BMC simulator over IPMI, with the real
+SLURM cluster and a real Kubernetes control plane. Two worlds (--vm-images):
+- tiny (default): both roles boot the tiny test image; the harness starts the node's slurmd or
+  simulated kubelet on the callback (testbed/vm_site.py VmSite);
+- real: the Debian slurm and k8s images (built through the build cache); the VM's own slurmd
+  registers and its own kubelet joins by TLS bootstrap (ImageVmSite). The raw boot is measured
+  for each image.
 
 Per round, on the shared VM sn01:
 - raw boot: IPMI one-time network boot + reset (provisioner.power.run_action) -> the boot
@@ -31,7 +36,7 @@ TITLE = "VM boot: raw IPMI boot -> callback vs pending work -> running on the sw
 TARGET_OVERHEAD_S = 15.0
 
 # Console markers of a boot, in order (first appearance after the power action).
-CONSOLE_MARKS = [
+TINY_MARKS = [
     ("ipxe", r"iPXE initialising devices"),          # firmware done, the NIC's ROM runs
     ("script", r"provisioner: sn01 -> "),             # DHCP done, stage 1 + the node's script fetched
     ("files", r"initramfs\.img\.\.\. ok"),            # kernel + initramfs downloaded
@@ -39,6 +44,20 @@ CONSOLE_MARKS = [
     ("init", r"PROVISIONER-BOOTED"),                  # /init: drivers, DHCP, overlay applied
     ("callback", r"PROVISIONER-CALLBACK-OK"),         # the callback was accepted
 ]
+# The Debian images: the initramfs fetches the squashfs root, then systemd boots it and the
+# image's provisioner-callback.service reports once multi-user.target is reached.
+REAL_MARKS = [
+    ("ipxe", r"iPXE initialising devices"),
+    ("script", r"provisioner: sn01 -> "),
+    ("files", r"initramfs\.img\.\.\. ok"),
+    ("kernel", r"Linux version"),
+    ("rootfs", r"fetching the root file system"),     # initramfs: drivers, DHCP done
+    ("systemd", r"starting the image's init"),        # squashfs in RAM, overlay applied
+    ("services", r"Reached target .*Multi-User System"),
+    ("init", r"PROVISIONER-BOOTED"),                  # provisioner-callback.service runs
+    ("callback", r"PROVISIONER-CALLBACK-OK"),
+]
+CONSOLE_MARKS = TINY_MARKS
 
 
 def add_arguments(group) -> None:
@@ -46,17 +65,20 @@ def add_arguments(group) -> None:
                        help="rounds of raw boot + switch to slurm + switch to k8s (default 3)")
     group.add_argument("--vm-pass-interval", type=float, default=1.0, metavar="S",
                        help="seconds between the end of a balancer pass and the next (default 1; cron: 60)")
+    group.add_argument("--vm-images", choices=("tiny", "real"), default="tiny",
+                       help="tiny: the test image for both roles (default); real: the Debian slurm and k8s "
+                            "images, whose own slurmd and kubelet join (needs root, mmdebstrap; built once)")
     group.add_argument("--vm-keep", action="store_true", help="keep the working folder (consoles, logs, store)")
 
 
 class Console:
     """Polls a VM's console after byte `since` and timestamps the first sight of each marker."""
 
-    def __init__(self, vm, since: int):
+    def __init__(self, vm, since: int, marks=None):
         import re
 
         self.vm, self.since = vm, since
-        self.marks = [(name, re.compile(rx)) for name, rx in CONSOLE_MARKS]
+        self.marks = [(name, re.compile(rx)) for name, rx in (marks or CONSOLE_MARKS)]
         self.seen: dict[str, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -77,8 +99,8 @@ class Console:
 
 
 class Bench:
-    def __init__(self, sim, pass_interval: float):
-        self.sim, self.pass_interval = sim, pass_interval
+    def __init__(self, sim, pass_interval: float, marks=None):
+        self.sim, self.pass_interval, self.marks = sim, pass_interval, marks or CONSOLE_MARKS
         self.site = config.load(sim.config)
         self.pass_seconds: list[float] = []
 
@@ -86,7 +108,7 @@ class Bench:
         sim, vm = self.sim, self.sim.vm("sn01")
         role = sim.state("sn01").desired_role
         n = len(sim.boots)
-        console = Console(vm, vm.serial_mark())
+        console = Console(vm, vm.serial_mark(), self.marks)
         t0 = time.time()
         result = run_action(self.site, [self.site.nodes["sn01"]], "boot", netboot=True)[0]
         if not result.ok:
@@ -108,7 +130,7 @@ class Bench:
         after = first_event.id if first_event else 0
         n = len(sim.boots)
         vm = sim.vm("sn01")
-        console = Console(vm, vm.serial_mark())
+        console = Console(vm, vm.serial_mark(), self.marks)
         reached: dict[str, float] = {}
         stop = threading.Event()
 
@@ -149,7 +171,9 @@ class Bench:
             "requested": first(lambda e: e.kind == "switch"),
             "power": boot["started"] if boot else None,  # the BMC got the reset
             "callback": first(lambda e: e.kind == "booted"),
-            "joined": boot.get("joined") if boot else None,  # slurmd started / kubelet Ready
+            # slurmd started / kubelet Ready by the harness (tiny); the real images' own daemons
+            # join unseen by the harness: the balancer's "switched" follows their join
+            "joined": (boot.get("joined") if boot else None) if sim.host_daemons else first(lambda e: e.kind == "switched"),
             "switched": first(lambda e: e.kind == "switched"),
             "running": reached["running"],
         }
@@ -159,7 +183,80 @@ class Bench:
                 "console": {k: v - t0 for k, v in marks.items()}}
 
 
+def _real_pod(name: str) -> dict:
+    """A pod only sn01 can take (kn01 is full), from the k8s image's locally built busybox."""
+    return {"metadata": {"name": name, "namespace": "default"},
+            "spec": {"containers": [{"name": "main", "image": "provisioner.local/busybox:1",
+                                     "imagePullPolicy": "Never", "command": ["sleep", "3600"],
+                                     "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}}}],
+                     "terminationGracePeriodSeconds": 1, "automountServiceAccountToken": False}}
+
+
+def _run_real(args) -> dict:
+    """The real images: per round, a raw boot of the slurm image, the switch to k8s (a pod runs
+    in containerd under the VM's kubelet), a raw boot of the k8s image, the switch back (a job
+    runs on the VM's slurmd)."""
+    from testbed.vm import accelerator
+    from testbed.vm_site import REAL_POLICY, ImageVmSite, build_images
+
+    rounds = getattr(args, "vm_rounds", 3)
+    interval = getattr(args, "vm_pass_interval", 1.0)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-vm-real-"))
+    root = build_images(workdir / "images")
+    versions = {name: images.current(root, name) for name in ("slurm", "k8s")}
+    sim = ImageVmSite(workdir / "site", root, kube=None, fixed="cn01", shared="sn01", fixed_k8s="kn01",
+                      policy={**REAL_POLICY, "demand_persist_s": 0, "cooldown_s": 0})
+    out: dict = {"images": "real", "rounds": rounds, "pass_interval_s": interval, "accel": accelerator(),
+                 "image": versions, "raw_slurm": [], "raw_k8s": [], "to_slurm": [], "to_k8s": [],
+                 "workdir": str(workdir)}
+    try:
+        sim.start()
+        sim.slurm.wait_node_state("sn01", lambda st: st == "IDLE", timeout=300)
+        bench = Bench(sim, interval, REAL_MARKS)
+        sim.fill_fixed()
+        sim.kube.add_pod("fill-kn01", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
+        for r in range(rounds):
+            out["raw_slurm"].append(bench.raw_boot())
+            sim.slurm.wait_node_state("sn01", lambda st: st == "IDLE", timeout=300)
+            pod = f"bench-{r}"
+
+            def pod_runs() -> bool:
+                p = sim.kube.pod(pod) or {}
+                return p.get("spec", {}).get("nodeName") == "sn01" and p.get("status", {}).get("phase") == "Running"
+
+            out["to_k8s"].append(bench.switch(
+                "k8s", lambda: sim.kube.api.create("/api/v1/namespaces/default/pods", _real_pod(pod)), pod_runs))
+            sim.kube.api.delete(f"/api/v1/namespaces/default/pods/{pod}")
+            wait_for(lambda: sim.kube.pod(pod) is None, 120, f"pod {pod} to be gone")
+            out["raw_k8s"].append(bench.raw_boot())
+            wait_for(lambda: sim.kube.ready("sn01"), 300, "sn01's kubelet to report Ready again")
+            job: dict = {}
+
+            def submit_job():
+                job["id"] = sim.slurm.sbatch("--job-name=bench", "--chdir=/tmp")
+
+            out["to_slurm"].append(bench.switch("slurm", submit_job,
+                                                lambda: sim.slurm.job_state(job["id"]) == ("RUNNING", "sn01")))
+            sim.slurm.run("scancel", job["id"])
+            wait_for(lambda: not sim.slurm.job_state(job["id"])[0], 60, "the job to end")
+        out["pass_s_median"] = statistics.median(bench.pass_seconds)
+        out["violations"] = list(sim.violations)
+    finally:
+        sim.stop()
+        if not getattr(args, "vm_keep", False):
+            shutil.rmtree(workdir, ignore_errors=True)
+    for key, raw_key in (("to_slurm", "raw_slurm"), ("to_k8s", "raw_k8s")):
+        out[f"{raw_key}_median_s"] = statistics.median(x["seconds"] for x in out[raw_key])
+        out[f"{key}_median_s"] = statistics.median(x["seconds"] for x in out[key])
+        out[f"{key}_overhead_s"] = out[f"{key}_median_s"] - out[f"{raw_key}_median_s"]
+    out["raw"] = out["raw_slurm"] + out["raw_k8s"]
+    out["met"] = all(out[f"{k}_overhead_s"] <= TARGET_OVERHEAD_S for k in ("to_slurm", "to_k8s"))
+    return out
+
+
 def run(args) -> dict:
+    if getattr(args, "vm_images", "tiny") == "real":
+        return _run_real(args)
     from testbed.vm_site import VmSite
     from testbed.tinyimage import CACHE, DEFINITIONS
     from testbed.vm import accelerator
@@ -218,11 +315,16 @@ def summary(result: dict) -> str:
     lines = [f"{result['rounds']} rounds, qemu {result['accel'].upper()}, balancer passes back to back "
              f"({result['pass_interval_s']:g} s apart; one pass takes {result['pass_s_median']:.1f} s)", "",
              "| measured | median s (min-max) | overhead over the raw boot |", "| --- | ---: | ---: |",
-             f"| raw boot: IPMI boot -> callback | {_stats(raw)} | |"]
+             *([f"| raw boot: IPMI boot -> callback | {_stats(raw)} | |"] if "raw_slurm" not in result else
+               [f"| raw boot of the {img} image: IPMI boot -> callback | "
+                f"{_stats([x['seconds'] for x in result['raw_' + img]])} | |" for img in ("slurm", "k8s")])]
+    if result.get("images") == "real":
+        lines[0] = "Real images (Debian slurm and k8s: their own slurmd and kubelet); " + lines[0]
     for key, what in (("to_slurm", "switch k8s -> slurm: job submitted -> running on the VM"),
                       ("to_k8s", "switch slurm -> k8s: pod submitted -> running on the VM")):
         lines.append(f"| {what} | {_stats([x['seconds'] for x in result[key]])} | "
-                     f"{result[f'{key}_overhead_s']:+.1f} s |")
+                     f"{result[f'{key}_overhead_s']:+.1f} s"
+                     + (f" (over the {key[3:]} image's)" if "raw_slurm" in result else "") + " |")
     lines += ["", "Where the time goes (median s since the power action for the raw boot; since the work was "
                   "submitted for the switches):", "",
               "| phase | raw boot | to slurm | to k8s |", "| --- | ---: | ---: | ---: |"]
@@ -234,7 +336,8 @@ def summary(result: dict) -> str:
 
     rows = [("balancer requested the switch", ("at", "requested")),
             ("BMC got the reset (cordon/drain + IPMI done)", ("at", "power"))]
-    rows += [(f"console: {name}", ("console", name)) for name, _ in CONSOLE_MARKS]
+    marks = REAL_MARKS if result.get("images") == "real" else TINY_MARKS
+    rows += [(f"console: {name}", ("console", name)) for name, _ in marks]
     rows += [("callback recorded by the server", ("at", "callback")),
              ("slurmd started / kubelet Ready", ("at", "joined")),
              ("balancer: switch done (resumed / uncordoned)", ("at", "switched")),

@@ -36,6 +36,8 @@ BOOT_TIMEOUT_S = 150  # power action -> callback; about 12 s under TCG on an idl
 # A VM takes seconds, not the simulated 0.2 s, to come back: the balancer's phase timeout must
 # cover a boot on a loaded host (a retry would reboot a VM that is about to call back).
 VM_POLICY = {"phase_timeout_s": 120, "max_retries": 1}
+# The real images: the squashfs root into RAM and systemd under TCG take a minute or more.
+REAL_POLICY = {"phase_timeout_s": 600, "max_retries": 1}
 
 BOOTED_RE = (r"^PROVISIONER-BOOTED node={node} role=(?P<role>\S+) version=(?P<version>\S+) "
              r"overlay=(?P<overlay>\S+) hostname=(?P<hostname>\S*)")
@@ -291,3 +293,25 @@ class ImageVmSite(VmSite):
         if proc.returncode:
             raise VMError(f"ssh {name} {command!r}: exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
         return proc.stdout
+
+
+def build_images(image_root: str | os.PathLike, names: tuple[str, ...] = ("slurm", "k8s")) -> Path:
+    """Build and publish the real images into image_root through the CLI, as an admin does (from
+    the build cache, ~/.cache/provisioner/image-builds, after the first build on this machine:
+    seconds; the first takes a few minutes each and needs root and mmdebstrap)."""
+    import json
+    import subprocess
+
+    from testbed.boot_server import PROVISIONER
+    from testbed.process import ROOT
+    from testbed.site import write_site
+
+    root = Path(image_root)
+    config = write_site(root.parent / f"{root.name}-site", site={"image_root": str(root)},
+                        images={"slurm": {"image": "slurm"}, "k8s": {"image": "k8s"}})
+    for name in names:
+        r = subprocess.run([*PROVISIONER, "--config", str(config), "image", "build", name, "--json"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=2400)
+        if r.returncode or not json.loads(r.stdout or "{}").get("published"):
+            raise RuntimeError(f"image build {name} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return root

@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from testbed.boot_server import PROVISIONER
-from testbed.process import ROOT
-from testbed.site import write_site
-from testbed.vm_site import ImageVmSite
+from testbed.vm_site import REAL_POLICY, ImageVmSite, build_images
 from testbed.wait import wait_for
 from tests.fixtures.slurm_cluster import require_slurm
 from tests.fixtures.vms import require_vm_parts
@@ -31,7 +27,6 @@ from tests.support import missing, require_binary
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
 
 SWITCH_TIMEOUT_S = 900  # drain, IPMI reset, iPXE, the squashfs into RAM, systemd under TCG, join
-POLICY = {"phase_timeout_s": 600, "max_retries": 1}
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +39,7 @@ def real_image_root(tmp_path_factory) -> Path:
         missing("root (mmdebstrap --mode=root builds the Debian images)")
     for tool in ("mmdebstrap", "mksquashfs"):
         require_binary(tool)
-    d = tmp_path_factory.mktemp("real-images")
-    config = write_site(d / "site", site={"image_root": str(d / "root")},
-                        images={"slurm": {"image": "slurm"}, "k8s": {"image": "k8s"}})
-    for name in ("slurm", "k8s"):
-        r = subprocess.run([*PROVISIONER, "--config", str(config), "image", "build", name, "--json"],
-                           capture_output=True, text=True, cwd=ROOT, timeout=2400)
-        assert r.returncode == 0, f"image build {name} failed:\n{r.stderr[-3000:]}"
-        assert json.loads(r.stdout)["published"]
-    return d / "root"
+    return build_images(tmp_path_factory.mktemp("real-images") / "root")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +47,7 @@ def image_site(tmp_path_factory, real_image_root, kube_cluster):
     require_vm_parts()
     require_binary("ssh")
     site = ImageVmSite(require_slurm(tmp_path_factory.mktemp("image-site")), real_image_root, kube=kube_cluster,
-                       fixed="cn01", shared="sn01", fixed_k8s="kn01", policy=POLICY)
+                       fixed="cn01", shared="sn01", fixed_k8s="kn01", policy=REAL_POLICY)
     try:
         site.start()
         yield site
