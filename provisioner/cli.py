@@ -338,6 +338,18 @@ def cmd_image_unpin(ctx: Context) -> int:
     return report_changed(names, changed, "unpinned; they boot the current version", "were not pinned")
 
 
+def cmd_ssh_known_hosts(ctx: Context) -> int:
+    from provisioner import hostkeys
+
+    rows = hostkeys.known_hosts(ctx.site, ctx.nodes(ctx.args.nodeset))
+    if ctx.args.json:
+        emit_json(rows)
+        return EXIT_OK
+    for r in rows:
+        print(r["line"])
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -432,6 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     isp.add_argument("nodeset")
     isp.add_argument("--image", help="only this image's pin (default: all)")
     isp.add_argument("--reason", default="unpinned by admin", help="why (recorded in the history)")
+
+    ssh = sub.add_parser("ssh", help="the nodes' SSH host keys (per node, delivered in their overlays)",
+                         description="the nodes' SSH host keys (per node, delivered in their overlays)")
+    ssub = ssh.add_subparsers(dest="ssh_command", metavar="SSH_COMMAND", required=True)
+    help_ = ("print known_hosts lines for the nodes (their keys are made now when they have none): "
+             "write them to power.ssh.known_hosts")
+    ssp = ssub.add_parser("known-hosts", help=help_, description=help_)
+    ssp.set_defaults(handler=cmd_ssh_known_hosts)
+    ssp.add_argument("nodeset", nargs="?", help="hostlist expression, e.g. sn[01-04] (default: all)")
+    ssp.add_argument("--json", action="store_true")
 
     sp = add("history", cmd_history, "show the event log, oldest first")
     sp.add_argument("nodeset", nargs="?", help="only these nodes (default: everything)")

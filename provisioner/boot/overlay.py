@@ -7,6 +7,9 @@ node boots (copied into the version folder at build) and the files the site conf
 The kernel unpacks it under /provisioner/overlay; the image's /init copies the files into place.
 Only the node itself may fetch it: a per-node token (an HMAC with its own purpose, not the
 callback's) in its iPXE script, checked with its MAC and source address by the boot endpoint.
+
+Entries: `template` (rendered), `copy` (a site file, byte for byte) or `host_key` (private /
+public: the node's own SSH host key, provisioner.hostkeys, made the first time it is needed).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from urllib.parse import quote
 
 import jinja2
 
+from provisioner import hostkeys
 from provisioner.errors import OperationError
 from provisioner.images.cpio import gzip_archive
 from provisioner.images.versions import Published
@@ -124,6 +128,8 @@ def render_files(site: Site, node: Node, role: str, pub: Published) -> list[tupl
                 raise OperationError(f"image {pub.image} needs overlay.files.{key} for {entry['path']}; "
                                      f"set it in {site.path}")
             data = _read(site, key)
+        elif entry.get("host_key"):
+            data = hostkeys.get(site, node.name).content(entry["host_key"])
         else:
             try:
                 data = env.get_template(entry["template"]).render(ctx).encode()

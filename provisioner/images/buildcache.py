@@ -35,7 +35,7 @@ from provisioner.images.definition import Definition
 # The version of the Debian builder's recipe (its mmdebstrap options, what it adds to the root,
 # the initramfs and squashfs steps): bump it when a change there changes the products for the
 # same inputs, so the next build is cold.
-RECIPE = 1
+RECIPE = 2  # 2: the root carries no SSH host keys (the node's come in its overlay)
 RECORD = "build.json"
 
 

@@ -205,6 +205,23 @@ def inside(root: Path, path: str) -> Path:
     return cur / parts[-1]
 
 
+HOST_KEYS_GLOB = "ssh_host_*"  # in /etc/ssh of the root
+
+
+def remove_host_keys(rootfs: Path) -> list[str]:
+    """Delete the SSH host keys openssh-server's postinst generated in the root: an image is
+    shared by every node that boots it, so its keys would be every node's private key, and each
+    image would show a node a different one. A node's own key comes in its overlay
+    (provisioner.hostkeys); without one its sshd does not start. Returns the names removed."""
+    folder = rootfs / "etc" / "ssh"
+    removed = []
+    for p in sorted(folder.glob(HOST_KEYS_GLOB)) if folder.is_dir() else []:
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
 def _install(src: Path, dst: Path, mode: int) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     if dst.is_symlink() or dst.exists():
@@ -282,6 +299,10 @@ def _build_debian(d: Definition, out: Path, cache: Path, plan: DebianPlan, logfi
         _mmdebstrap(d, argv, logfile, started, len(plan.packages.packages))
         packages = (rootfs / ".packages").read_text().splitlines()
         (rootfs / ".packages").unlink()
+        removed = remove_host_keys(rootfs)
+        if removed:
+            log.info("image %s: removed the SSH host keys openssh-server made at build (%s): every node gets "
+                     "its own in its overlay", d.name, ", ".join(removed))
         if bin_files or plan.oci:
             log.info("image %s: [3/%d] adding %s", d.name, steps,
                      ", ".join([r.binary.path for r, _ in bin_files] + [f"{OCI_DIR}/{Path(i.archive).name}"

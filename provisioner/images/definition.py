@@ -32,6 +32,7 @@ _SERVICE_RE = re.compile(r"^[A-Za-z0-9@_.:-]+$")
 _COMPONENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a tools/NAME folder of tools/build.sh
 _COMMAND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _OCI_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+HOST_KEY_KINDS = ("private", "public")  # overlay host_key: provisioner.hostkeys.KINDS
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,14 @@ class OverlayEntry:
     path: str  # absolute path on the node
     template: str | None = None  # a Jinja2 file in overlay/
     copy: str | None = None  # a key of the site's overlay.files, copied byte for byte
+    host_key: str | None = None  # "private" / "public": the node's SSH host key (provisioner.hostkeys)
     mode: int = 0o644
     owner: str = "root"
     optional: bool = False  # copy only: skipped when the site names no such file
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "template": self.template, "copy": self.copy, "mode": f"{self.mode:04o}",
-                "owner": self.owner, "optional": self.optional}
+        return {"path": self.path, "template": self.template, "copy": self.copy, "host_key": self.host_key,
+                "mode": f"{self.mode:04o}", "owner": self.owner, "optional": self.optional}
 
 
 @dataclass(frozen=True)
@@ -303,19 +305,26 @@ class _DefinitionLoader(Fields):
         if value is None:
             return ()
         if not isinstance(value, list):
-            raise self.err("overlay", "must be a list of {path, template or copy} entries")
+            raise self.err("overlay", "must be a list of {path, template, copy or host_key} entries")
         out, seen = [], set()
         for i, raw in enumerate(value):
             where = f"overlay[{i}]"
-            d = self.mapping(raw, where, {"path", "template", "copy", "mode", "owner", "optional"}, required=("path",))
+            d = self.mapping(raw, where, {"path", "template", "copy", "host_key", "mode", "owner", "optional"},
+                             required=("path",))
             path = self.root_path(d.get("path"), f"{where}.path")
             if path in seen:
                 raise self.err(f"{where}.path", f"{path} is listed twice")
             seen.add(path)
-            template, copy = d.get("template"), d.get("copy")
-            if (template is None) == (copy is None):
-                raise self.err(where, "give exactly one of template (a file in overlay/) or copy (a key of the "
-                                      "site's overlay.files)")
+            template, copy, host_key = d.get("template"), d.get("copy"), d.get("host_key")
+            if sum(x is not None for x in (template, copy, host_key)) != 1:
+                raise self.err(where, "give exactly one of template (a file in overlay/), copy (a key of the "
+                                      "site's overlay.files) or host_key (private or public: the node's SSH "
+                                      "host key)")
+            if host_key is not None:
+                host_key = self.string(host_key, f"{where}.host_key")
+                if host_key not in HOST_KEY_KINDS:
+                    raise self.err(f"{where}.host_key", f"must be private (the node's SSH host key, mode \"0600\") "
+                                                        f"or public (its .pub), got {host_key!r}")
             if template is not None:
                 template = self.string(template, f"{where}.template")
                 if "/" in template or template.startswith(".") or not (templates / template).is_file():
@@ -325,11 +334,15 @@ class _DefinitionLoader(Fields):
                 if not NAME_RE.match(copy) or "-" in copy:
                     raise self.err(f"{where}.copy", f"must be a key of overlay.files (letters, digits, _), got {copy!r}")
             mode = self.mode(d.get("mode"), f"{where}.mode", "0644")
+            if host_key == "private" and mode & 0o077:
+                raise self.err(f"{where}.mode", f"a private host key must be readable by its owner only "
+                                                f"(sshd refuses it otherwise): use \"0600\", not \"{mode:04o}\"")
             owner = self.string(d.get("owner"), f"{where}.owner", "root")
             if not re.match(r"^[a-z_][a-z0-9_-]*$|^[0-9]+$", owner):
                 raise self.err(f"{where}.owner", f"must be a user name or a number, got {owner!r}")
             optional = self.boolean(d.get("optional"), f"{where}.optional", False)
-            if optional and template is not None:
+            if optional and copy is None:
                 raise self.err(f"{where}.optional", "only copy entries can be optional")
-            out.append(OverlayEntry(path=path, template=template, copy=copy, mode=mode, owner=owner, optional=optional))
+            out.append(OverlayEntry(path=path, template=template, copy=copy, host_key=host_key, mode=mode, owner=owner,
+                                    optional=optional))
         return tuple(out)
