@@ -236,6 +236,12 @@ class ImageVmSite(VmSite):
 
         self.ssh_ports = {n: free_port() for n in self.shared}
         self.ssh_key = self.workdir / "ssh" / "id_ed25519"
+        # The VMs' own host keys (provisioner/hostkeys.py, in their overlays), as
+        # `provisioner ssh known-hosts` prints them: what ssh() and power.ssh check.
+        self.known_hosts = self.workdir / "ssh" / "known_hosts"
+        # Extra site.yaml fields per VM node (e.g. {"sn01": {"power_method": "kexec+ipmi"}}),
+        # applied by write_config (reset() rewrites the config).
+        self.node_fields: dict[str, dict] = {}
         self.bootstrap_token: str | None = None
 
     def start(self) -> "ImageVmSite":
@@ -268,10 +274,32 @@ class ImageVmSite(VmSite):
                       "ssh_authorized_keys": str(self.ssh_key) + ".pub"},
             "values": {"kube_api_server": f"https://{GUEST_HOST}:{self.kube.plane.port}"},
         }
+        for entry in data["nodes"]:
+            if entry["name"] in self.nodes:  # SSH reaches a VM through its forwarded port
+                entry.update(ssh_host="127.0.0.1", ssh_port=self.ssh_ports[entry["name"]],
+                             **self.node_fields.get(entry["name"], {}))
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(yaml.safe_dump(data, sort_keys=False))
         tmp.replace(path)
+        self.write_known_hosts(path)
         return path
+
+    def write_known_hosts(self, config: Path) -> None:
+        """known_hosts for the VMs, from `provisioner ssh known-hosts` (which makes a node's key
+        when it has none yet; the boot server's overlay then gives the VM that same key)."""
+        import subprocess
+
+        from testbed.boot_server import PROVISIONER
+        from testbed.process import ROOT
+
+        r = subprocess.run([*PROVISIONER, "--config", str(config), "ssh", "known-hosts", ",".join(self.shared)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+        if r.returncode:
+            raise RuntimeError(f"provisioner ssh known-hosts failed ({r.returncode}): {r.stderr.strip()}")
+        self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.known_hosts.with_name(self.known_hosts.name + ".tmp")
+        tmp.write_text(r.stdout)
+        tmp.replace(self.known_hosts)
 
     def vm(self, name: str) -> VM:
         vm = self.vms.get(name)
@@ -282,12 +310,14 @@ class ImageVmSite(VmSite):
         return vm
 
     def ssh(self, name: str, command: str, timeout: float = 60) -> str:
-        """Run a command on the node (root, the key its overlay authorised); its stdout."""
+        """Run a command on the node (root, the key its overlay authorised); its stdout. The host
+        key is checked against known_hosts: the node's own key, the same in both images."""
         import subprocess
 
         proc = subprocess.run(
             ["ssh", "-i", str(self.ssh_key), "-p", str(self.ssh_ports[name]), "-o", "BatchMode=yes",
-             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+             "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
+             "-o", "GlobalKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
              "-o", "ConnectTimeout=10", "root@127.0.0.1", command],
             capture_output=True, text=True, timeout=timeout)
         if proc.returncode:

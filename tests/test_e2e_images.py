@@ -27,6 +27,7 @@ from tests.support import missing, require_binary
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
 
 SWITCH_TIMEOUT_S = 900  # drain, IPMI reset, iPXE, the squashfs into RAM, systemd under TCG, join
+KEXEC_RE = r"kexec_core: Starting new kernel|Rebooting with kexec"  # the kernel's or systemd's line
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,21 @@ def image_site(tmp_path_factory, real_image_root, kube_cluster):
         site.stop()
         left = [vm for vm in site.vms.values() if vm.is_running()]
         assert not left, f"VMs still running after the tests: {left}"
+
+
+def _switch_times(sim: ImageVmSite, node: str) -> list[tuple[str, float]]:
+    """(how, seconds) per switch since the last reset: the power action's event to the image's
+    boot callback (`booted`), from the store. Printed, never asserted (rule 5)."""
+    out, power = [], None
+    for e in sim.store.events([node]):
+        if e.id < sim.first_event:
+            continue
+        if e.kind == "power":
+            power = e
+        elif e.kind == "booted" and power is not None:
+            out.append(((power.data or {}).get("method") or "?", round(e.ts - power.ts, 1)))
+            power = None
+    return out
 
 
 def _job_output(sim: ImageVmSite, job: str, path: str) -> str:
@@ -123,3 +139,65 @@ def test_a_vm_runs_a_job_then_a_pod_then_a_job_on_the_real_images(image_site):
                      sim.console("sn01", mark), re.M)
     assert _job_output(sim, job, f"/tmp/back-{job}.out") == "back-on-sn01"
     assert not sim.violations, sim.violations
+    print(f"\nswitches of sn01 (power action -> boot callback): {_switch_times(sim, 'sn01')}")
+
+
+def test_kexec_switches_the_vm_between_the_real_images_without_its_bmc(image_site):
+    """The same switches with power method kexec+ipmi: provisioner SSHes into the node (its own
+    host key, checked against the known_hosts `provisioner ssh known-hosts` wrote) and kexecs it
+    straight into the other image; the BMC is never asked to reset it. The node presents the
+    same key in both images, so the SSH after each switch is accepted."""
+    sim = image_site
+    sim.node_fields["sn01"] = {"power_method": "kexec+ipmi"}
+    sim.reset(power={"ssh": {"user": "root", "key_file": str(sim.ssh_key), "known_hosts": str(sim.known_hosts),
+                             "timeout_s": 120}})
+    port = sim.ssh_ports["sn01"]
+    (line,) = [x for x in sim.known_hosts.read_text().splitlines() if x.startswith(f"[127.0.0.1]:{port} ")]
+    assert line.split()[1] == "ssh-ed25519"
+    # the running VM (booted in the first test) has the node's own key, and no other
+    assert sim.ssh("sn01", "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[:2] == line.split()[1:3]
+    assert sim.ssh("sn01", "ls /etc/ssh | grep ^ssh_host_").split() == ["ssh_host_ed25519_key",
+                                                                         "ssh_host_ed25519_key.pub"]
+    sim.slurm.wait_node_state("sn01", lambda s: s == "IDLE", timeout=300)
+
+    # slurm -> k8s by kexec
+    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
+    sim.kube.api.create("/api/v1/namespaces/default/pods", _pod("hello-kexec"))
+    sim.kube.wait_unschedulable("hello-kexec", "default")
+    mark = sim.vm("sn01").serial_mark()
+
+    def hello_running() -> bool:
+        p = sim.kube.pod("hello-kexec")
+        return p["spec"].get("nodeName") == "sn01" and p["status"].get("phase") == "Running"
+
+    reports = sim.passes_until(hello_running, timeout=SWITCH_TIMEOUT_S, what="pod hello-kexec to run on sn01")
+    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
+    assert moves == [("sn01", "k8s")], json.dumps(reports, indent=1)[-3000:]
+    console = sim.console("sn01", mark)
+    assert re.search(KEXEC_RE, console), console[-3000:]
+    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=k8s version=\S+ failed_units=none", console, re.M), \
+        console[-3000:]
+    assert sim.bmc_actions("sn01") == [], sim.bmc_actions("sn01")
+    log = sim.ssh("sn01", "cat /var/log/pods/default_hello-kexec_*/main/0.log")
+    assert "pod-ran-on-sn01" in log, log
+
+    # k8s -> slurm by kexec; the job's output read over SSH, the key checked again
+    sim.kube.api.delete("/api/v1/namespaces/default/pods/hello-kexec")
+    wait_for(lambda: sim.kube.pod("hello-kexec") is None, 120, "pod hello-kexec to be gone")
+    sim.fill_fixed()
+    job = sim.submit_pending("--job-name=kexec-back", "--chdir=/tmp", "--output=/tmp/kexec-back-%j.out",
+                             wrap="echo kexec-back-on-$(hostname)")
+    mark = sim.vm("sn01").serial_mark()
+    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] in ("RUNNING", "COMPLETING", ""),
+                               timeout=SWITCH_TIMEOUT_S, what=f"job {job} to run on sn01")
+    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
+    assert moves == [("sn01", "slurm")], json.dumps(reports, indent=1)[-3000:]
+    console = sim.console("sn01", mark)
+    assert re.search(KEXEC_RE, console), console[-3000:]
+    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=slurm version=\S+ failed_units=none", console, re.M)
+    assert _job_output(sim, job, f"/tmp/kexec-back-{job}.out") == "kexec-back-on-sn01"
+    assert sim.bmc_actions("sn01") == [], sim.bmc_actions("sn01")
+    times = _switch_times(sim, "sn01")
+    assert [how for how, _ in times] == ["kexec", "kexec"], times
+    assert not sim.violations, sim.violations
+    print(f"\nswitches of sn01 by kexec (power action -> boot callback): {times}")

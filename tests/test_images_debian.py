@@ -87,6 +87,11 @@ def test_debian_image_builds_once_then_comes_from_the_build_cache(name, tmp_path
     packages = {p.split()[0]: p.split()[1] for p in m2["packages"]}
     assert {"systemd-sysv", "openssh-server", "kexec-tools", "linux-image-amd64"} <= set(packages)
     assert "/etc/systemd/system/multi-user.target.wants/provisioner-callback.service" in files
+    # no SSH host key in the root (it would be every node's): each node's comes in its overlay
+    assert not [f for f in files if f.startswith("/etc/ssh/ssh_host_")], sorted(f for f in files if "/etc/ssh/" in f)
+    assert "/etc/ssh/sshd_config.d/provisioner-host-key.conf" in files
+    assert {(e["path"], e["host_key"], e["mode"]) for e in m2["overlay"] if e.get("host_key")} == {
+        ("/etc/ssh/ssh_host_ed25519_key", "private", "0600"), ("/etc/ssh/ssh_host_ed25519_key.pub", "public", "0644")}
     if name == "slurm":
         assert {"slurmd", "munge"} <= set(packages)
         assert {"/usr/sbin/slurmd", "/usr/sbin/munged"} <= files
