@@ -13,6 +13,7 @@ fixed Kubernetes node (a simulated kubelet), sn01 the shared VM.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -34,8 +35,6 @@ KEXEC_RE = r"kexec_core: Starting new kernel|Rebooting with kexec"  # the kernel
 def real_image_root(tmp_path_factory) -> Path:
     """The slurm and k8s images, built by the CLI into a private image root (from the build
     cache after the first build on this machine: seconds)."""
-    import os
-
     if os.geteuid() != 0:
         missing("root (mmdebstrap --mode=root builds the Debian images)")
     for tool in ("mmdebstrap", "mksquashfs"):
@@ -78,6 +77,13 @@ def _job_output(sim: ImageVmSite, job: str, path: str) -> str:
     return sim.ssh("sn01", f"cat {path}").strip()
 
 
+def _exe(pid: int) -> str:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:  # gone meanwhile
+        return ""
+
+
 def _pod(name: str) -> dict:
     """A pod only sn01 can take (kn01 is full): the locally built busybox image, printing the
     node it runs on, then staying Running."""
@@ -115,6 +121,10 @@ def test_a_vm_runs_a_job_then_a_pod_then_a_job_on_the_real_images(image_site):
     console = sim.console("sn01", mark)
     assert re.search(r"PROVISIONER-BOOTED node=sn01 role=k8s version=\S+ failed_units=none", console, re.M), \
         console[-3000:]
+    # The real parts, by their executables, while the node runs the k8s image.
+    assert _exe(sim.vm("sn01").proc.pid) == "qemu-system-x86_64"
+    assert _exe(sim.kube.plane.pids()["kube-apiserver"]) == "kube-apiserver"
+    assert "slurmctld" in {_exe(pid) for pid in sim.slurm.marked_pids()}
     node = sim.kube.node("sn01")
     assert node["status"]["nodeInfo"]["kubeletVersion"] == "v1.34.3"
     assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
