@@ -14,7 +14,6 @@ and gives `file: /absolute/path` instead of build/command.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from provisioner.errors import ConfigError, OperationError
 from provisioner.images.definition import Binary, Definition
+from provisioner.images.digest import sha256_file
 
 CHECKOUT = Path(__file__).resolve().parent.parent.parent  # provisioner/images/ -> the checkout, if any
 PRINT_DIR_TIMEOUT_S = 120
@@ -56,13 +56,6 @@ def _no_build_sh(d: Definition, field: str, b: Binary, why: str) -> ConfigError:
                        f"`file: /absolute/path` instead of build and command")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _check_file(d: Definition, field: str, b: Binary) -> Path:
     p = Path(b.file or "")
@@ -77,7 +70,7 @@ def resolve(d: Definition, env: dict[str, str] | None = None, checkout: Path = C
     for i, b in enumerate(d.binaries):
         field = f"binaries[{i}]"
         if b.file:
-            out.append(Resolved(b, field, f"file {_sha256(_check_file(d, field, b))}"))
+            out.append(Resolved(b, field, f"file {sha256_file(_check_file(d, field, b))}"))
             continue
         script, where = find_build_sh(env, checkout)
         if script is None:
@@ -103,7 +96,7 @@ def materialize(d: Definition, r: Resolved, env: dict[str, str] | None = None, c
     b = r.binary
     if b.file:
         p = _check_file(d, r.field, b)
-        if f"file {_sha256(p)}" != r.identity:
+        if f"file {sha256_file(p)}" != r.identity:
             raise OperationError(f"image {d.name}: {p} changed during the build; build again")
         return p
     script, where = find_build_sh(env, checkout)

@@ -12,7 +12,6 @@ version (the commit point); publish (NAME/current).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any, Callable
 from provisioner.errors import ConfigError, OperationError
 from provisioner.images import binaries, buildcache, debs, initramfs, kmod, packageset, versions
 from provisioner.images.definition import Definition, load
+from provisioner.images.digest import sha256_file
 
 log = logging.getLogger("provisioner.images")
 
@@ -311,7 +311,7 @@ def _build_debian(d: Definition, out: Path, cache: Path, plan: DebianPlan, logfi
         for r, src in bin_files:
             _install(src, inside(rootfs, r.binary.path), r.binary.mode)
             bin_info.append({"path": r.binary.path, "source": r.binary.source, "identity": r.identity,
-                             "size": src.stat().st_size, "sha256": _sha256(src)})
+                             "size": src.stat().st_size, "sha256": sha256_file(src)})
         oci_info = []
         for n, img in plan.oci:
             archive = Path(img.archive)
@@ -367,7 +367,7 @@ def _debian(d: Definition, out: Path, cache: Path, plan: DebianPlan, bcache: bui
             how = set()
             for rel in entry.files:
                 how.add(buildcache.link_or_copy(entry.path / rel, out / rel))
-            bad = [rel for rel, f in entry.files.items() if _sha256(out / rel) != f["sha256"]]
+            bad = [rel for rel, f in entry.files.items() if sha256_file(out / rel) != f["sha256"]]
             if not bad:
                 log.info("image %s: build key %s is in the build cache (built %s, cold build %s): %s its files "
                          "in %.1f s", d.name, plan.key, entry.record.get("built_at"),
@@ -411,7 +411,7 @@ def _debian(d: Definition, out: Path, cache: Path, plan: DebianPlan, bcache: bui
             log.warning("image %s: the root holds other packages than apt resolved (%s: the mirror changed during "
                         "the build?); not stored in the build cache", d.name, "; ".join(diff))
             return {**info, "build": {**build, "entry": None}}
-        files = {rel: {"size": (out / rel).stat().st_size, "sha256": _sha256(out / rel)}
+        files = {rel: {"size": (out / rel).stat().st_size, "sha256": sha256_file(out / rel)}
                  for rel in (KERNEL, INITRAMFS, ROOTFS)}
         entry_path = bcache.put(d.name, plan.key, out, files, {
             "image": d.name, "built_at": buildcache.now_iso(started), "built_at_ts": started,
@@ -443,13 +443,6 @@ BUILDERS: dict[str, Callable[[Definition, Path, Path, str], dict[str, Any]]] = {
 
 # --------------------------------------------------------------------------- the build
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _overlay_manifest(d: Definition, ids: dict[str, list[int]]) -> list[dict]:
@@ -509,7 +502,7 @@ def _build(d: Definition, image_root: Path, cache: Path, plan: DebianPlan | None
         files = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
-                files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+                files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest = {
             "image": name, "version": version, "description": d.description, "role": d.role, "builder": d.builder,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "built_at_ts": started,

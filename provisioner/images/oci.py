@@ -46,6 +46,7 @@ from pathlib import Path, PurePosixPath
 
 from provisioner.errors import OperationError
 from provisioner.images import debs
+from provisioner.images.digest import sha256_file
 
 log = logging.getLogger("provisioner.images")
 
@@ -256,13 +257,6 @@ def busybox_layer(binary: bytes, applets: list[str]) -> bytes:
 # --------------------------------------------------------------------------- cache and entry point
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def content_key(pause_source: bytes, compiler: str, busybox_version: str) -> str:
     inputs = {"recipe": RECIPE, "pause.c": hashlib.sha256(pause_source).hexdigest(), "compiler": compiler,
@@ -275,7 +269,7 @@ def _cached(folder: Path) -> list[dict] | None:
     try:
         entries = json.loads((folder / META).read_text())
         for e in entries:
-            if _sha256_file(folder / e["file"]) != e["sha256"]:
+            if sha256_file(folder / e["file"]) != e["sha256"]:
                 raise ValueError(f"{e['file']} changed")
         return entries
     except FileNotFoundError:
