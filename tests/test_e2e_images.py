@@ -96,6 +96,50 @@ def _pod(name: str) -> dict:
                 "terminationGracePeriodSeconds": 2, "automountServiceAccountToken": False}}
 
 
+def _to_k8s(sim: ImageVmSite, pod: str) -> str:
+    """Kubernetes demand (kn01 full, the pod Unschedulable) until the pod runs on sn01 in the k8s
+    image; returns sn01's console since the switch began. Checks the move, the boot, the pod's
+    own output on the node."""
+    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
+    sim.kube.api.create("/api/v1/namespaces/default/pods", _pod(pod))
+    sim.kube.wait_unschedulable(pod, "default")
+    mark = sim.vm("sn01").serial_mark()
+
+    def running() -> bool:
+        p = sim.kube.pod(pod)
+        return p["spec"].get("nodeName") == "sn01" and p["status"].get("phase") == "Running"
+
+    reports = sim.passes_until(running, timeout=SWITCH_TIMEOUT_S, what=f"pod {pod} to run on sn01")
+    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
+    assert moves == [("sn01", "k8s")], json.dumps(reports, indent=1)[-3000:]
+    console = sim.console("sn01", mark)
+    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=k8s version=\S+ failed_units=none", console, re.M), \
+        console[-3000:]
+    log = sim.ssh("sn01", f"cat /var/log/pods/default_{pod}_*/main/0.log")
+    assert "pod-ran-on-sn01" in log, log
+    return console
+
+
+def _to_slurm(sim: ImageVmSite, pod: str, name: str) -> str:
+    """The pod goes, SLURM work waits (cn01 busy) until the job ran on sn01's own slurmd in the
+    slurm image; returns the console since the switch began. Checks the move, the boot, the
+    job's own output on the node."""
+    sim.kube.api.delete(f"/api/v1/namespaces/default/pods/{pod}")
+    wait_for(lambda: sim.kube.pod(pod) is None, 120, f"pod {pod} to be gone")
+    sim.fill_fixed()
+    job = sim.submit_pending(f"--job-name={name}", "--chdir=/tmp", f"--output=/tmp/{name}-%j.out",
+                             wrap=f"echo {name}-on-$(hostname)")
+    mark = sim.vm("sn01").serial_mark()
+    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] in ("RUNNING", "COMPLETING", ""),
+                               timeout=SWITCH_TIMEOUT_S, what=f"job {job} to run on sn01")
+    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
+    assert moves == [("sn01", "slurm")], json.dumps(reports, indent=1)[-3000:]
+    console = sim.console("sn01", mark)
+    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=slurm version=\S+ failed_units=none", console, re.M)
+    assert _job_output(sim, job, f"/tmp/{name}-{job}.out") == f"{name}-on-sn01"
+    return console
+
+
 def test_a_vm_runs_a_job_then_a_pod_then_a_job_on_the_real_images(image_site):
     sim = image_site
     sim.slurm.wait_node_state("sn01", lambda s: s == "IDLE", timeout=300)
@@ -106,21 +150,7 @@ def test_a_vm_runs_a_job_then_a_pod_then_a_job_on_the_real_images(image_site):
     assert _job_output(sim, job, f"/tmp/job-{job}.out") == "job-ran-on-sn01"
 
     # 2. Kubernetes demand: kn01 is full, the pod is Unschedulable; the balancer switches sn01.
-    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
-    sim.kube.api.create("/api/v1/namespaces/default/pods", _pod("hello"))
-    sim.kube.wait_unschedulable("hello", "default")
-    mark = sim.vm("sn01").serial_mark()
-
-    def hello_running() -> bool:
-        p = sim.kube.pod("hello")
-        return p["spec"].get("nodeName") == "sn01" and p["status"].get("phase") == "Running"
-
-    reports = sim.passes_until(hello_running, timeout=SWITCH_TIMEOUT_S, what="pod hello to run on sn01")
-    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
-    assert moves == [("sn01", "k8s")], json.dumps(reports, indent=1)[-3000:]
-    console = sim.console("sn01", mark)
-    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=k8s version=\S+ failed_units=none", console, re.M), \
-        console[-3000:]
+    _to_k8s(sim, "hello")
     # The real parts, by their executables, while the node runs the k8s image.
     assert _exe(sim.vm("sn01").proc.pid) == "qemu-system-x86_64"
     assert _exe(sim.kube.plane.pids()["kube-apiserver"]) == "kube-apiserver"
@@ -129,25 +159,11 @@ def test_a_vm_runs_a_job_then_a_pod_then_a_job_on_the_real_images(image_site):
     assert node["status"]["nodeInfo"]["kubeletVersion"] == "v1.34.3"
     assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
     assert node["metadata"]["labels"]["sched"] == "k8s"
-    log = sim.ssh("sn01", "cat /var/log/pods/default_hello_*/main/0.log")
-    assert "pod-ran-on-sn01" in log, log
     view = sim.slurm_view("sn01")
     assert view.down and view.reason == "k8s_connect"
 
     # 3. Back: the pod goes, SLURM work waits (cn01 busy); the job runs on sn01's slurmd again.
-    sim.kube.api.delete("/api/v1/namespaces/default/pods/hello")
-    wait_for(lambda: sim.kube.pod("hello") is None, 120, "pod hello to be gone")
-    sim.fill_fixed()
-    job = sim.submit_pending("--job-name=back", "--chdir=/tmp", "--output=/tmp/back-%j.out",
-                             wrap="echo back-on-$(hostname)")
-    mark = sim.vm("sn01").serial_mark()
-    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] in ("RUNNING", "COMPLETING", ""),
-                               timeout=SWITCH_TIMEOUT_S, what=f"job {job} to run on sn01")
-    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
-    assert moves == [("sn01", "slurm")], json.dumps(reports, indent=1)[-3000:]
-    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=slurm version=\S+ failed_units=none",
-                     sim.console("sn01", mark), re.M)
-    assert _job_output(sim, job, f"/tmp/back-{job}.out") == "back-on-sn01"
+    _to_slurm(sim, "hello", "back")
     assert not sim.violations, sim.violations
     print(f"\nswitches of sn01 (power action -> boot callback): {_switch_times(sim, 'sn01')}")
 
@@ -170,43 +186,10 @@ def test_kexec_switches_the_vm_between_the_real_images_without_its_bmc(image_sit
                                                                          "ssh_host_ed25519_key.pub"]
     sim.slurm.wait_node_state("sn01", lambda s: s == "IDLE", timeout=300)
 
-    # slurm -> k8s by kexec
-    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
-    sim.kube.api.create("/api/v1/namespaces/default/pods", _pod("hello-kexec"))
-    sim.kube.wait_unschedulable("hello-kexec", "default")
-    mark = sim.vm("sn01").serial_mark()
-
-    def hello_running() -> bool:
-        p = sim.kube.pod("hello-kexec")
-        return p["spec"].get("nodeName") == "sn01" and p["status"].get("phase") == "Running"
-
-    reports = sim.passes_until(hello_running, timeout=SWITCH_TIMEOUT_S, what="pod hello-kexec to run on sn01")
-    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
-    assert moves == [("sn01", "k8s")], json.dumps(reports, indent=1)[-3000:]
-    console = sim.console("sn01", mark)
-    assert re.search(KEXEC_RE, console), console[-3000:]
-    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=k8s version=\S+ failed_units=none", console, re.M), \
-        console[-3000:]
-    assert sim.bmc_actions("sn01") == [], sim.bmc_actions("sn01")
-    log = sim.ssh("sn01", "cat /var/log/pods/default_hello-kexec_*/main/0.log")
-    assert "pod-ran-on-sn01" in log, log
-
-    # k8s -> slurm by kexec; the job's output read over SSH, the key checked again
-    sim.kube.api.delete("/api/v1/namespaces/default/pods/hello-kexec")
-    wait_for(lambda: sim.kube.pod("hello-kexec") is None, 120, "pod hello-kexec to be gone")
-    sim.fill_fixed()
-    job = sim.submit_pending("--job-name=kexec-back", "--chdir=/tmp", "--output=/tmp/kexec-back-%j.out",
-                             wrap="echo kexec-back-on-$(hostname)")
-    mark = sim.vm("sn01").serial_mark()
-    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] in ("RUNNING", "COMPLETING", ""),
-                               timeout=SWITCH_TIMEOUT_S, what=f"job {job} to run on sn01")
-    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
-    assert moves == [("sn01", "slurm")], json.dumps(reports, indent=1)[-3000:]
-    console = sim.console("sn01", mark)
-    assert re.search(KEXEC_RE, console), console[-3000:]
-    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=slurm version=\S+ failed_units=none", console, re.M)
-    assert _job_output(sim, job, f"/tmp/kexec-back-{job}.out") == "kexec-back-on-sn01"
-    assert sim.bmc_actions("sn01") == [], sim.bmc_actions("sn01")
+    # slurm -> k8s, then back, by kexec; the node's key is checked at every SSH
+    for console in (_to_k8s(sim, "hello-kexec"), _to_slurm(sim, "hello-kexec", "kexec-back")):
+        assert re.search(KEXEC_RE, console), console[-3000:]
+        assert sim.bmc_actions("sn01") == [], sim.bmc_actions("sn01")
     times = _switch_times(sim, "sn01")
     assert [how for how, _ in times] == ["kexec", "kexec"], times
     assert not sim.violations, sim.violations
