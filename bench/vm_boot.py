@@ -342,6 +342,7 @@ def run(args) -> dict:
             job: dict = {}
 
             def submit_job():
+                _keep_fixed_busy(sim)
                 job["id"] = sim.slurm.sbatch("--job-name=bench")
 
             out["to_slurm"].append(bench.switch("slurm", submit_job,
