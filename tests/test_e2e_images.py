@@ -78,8 +78,11 @@ def _job_output(sim: ImageVmSite, job: str, path: str) -> str:
 
 
 def _exe(pid: int) -> str:
+    """The name a process was started by (argv[0]: Debian's slurmctld is an alternatives link
+    to slurmctld-wlm, which /proc/PID/exe would show)."""
     try:
-        return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.path.basename(f.read().split(b"\0", 1)[0].decode())
     except OSError:  # gone meanwhile
         return ""
 
