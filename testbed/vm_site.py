@@ -309,6 +309,22 @@ class ImageVmSite(VmSite):
                                      memory_mb=self.memory_mb, forwards={self.ssh_ports[name]: 22, port: port})
         return vm
 
+    def reset(self, **kwargs) -> None:
+        """VmSite's reset, then each shared node whose role is slurm back in service: its VM's own
+        slurmd registered, and a DOWN or DRAIN left by an earlier test (a switch cut short) is
+        lifted, as SimSite does for the slurmds it starts itself."""
+        super().reset(**kwargs)
+        for name in self.shared:
+            if self.nodes[name].role != "slurm":
+                continue
+            # Responding (no "*"): its slurmd registered, and slurmctld has judged the boot
+            # (a reboot it did not order is a DOWN of its own).
+            self.slurm.wait_node_state(name, lambda s: "*" not in s and not s.startswith("UNKNOWN"),
+                                       timeout=self.boot_timeout)
+            if self.slurm.node_state(name) != "IDLE":
+                self.slurm.run("scontrol", "update", f"nodename={name}", "state=resume", check=False)
+            self.slurm.wait_node_state(name, lambda s: s == "IDLE", timeout=self.boot_timeout)
+
     def ssh(self, name: str, command: str, timeout: float = 60) -> str:
         """Run a command on the node (root, the key its overlay authorised); its stdout. The host
         key is checked against known_hosts: the node's own key, the same in both images."""
