@@ -67,7 +67,10 @@ def test_reverse_unschedulable_pods_get_an_idle_slurm_node(balance_site):
         pods = [p for p in sim.kube.pods() if p["metadata"]["name"].startswith("web")]
         return all(p["spec"].get("nodeName") for p in pods) and {p["spec"]["nodeName"] for p in pods}
 
-    reports = sim.passes_until(bound, timeout=60, what="the pods to bind to a shared node")
+    # The real scheduler may bind them as soon as the node's kubelet is Ready, a pass before the
+    # balancer has seen it join: wait for both.
+    reports = sim.passes_until(lambda: bound() and sim.state("sn01").phase == "steady", timeout=60,
+                               what="the pods to bind to a shared node and its switch to end")
     assert bound() == {"sn01"}  # 3 x 100m fit on one node: one node moved
     moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
     assert moves == [("sn01", "k8s")]
