@@ -204,6 +204,33 @@ def _keep_fixed_busy(sim) -> None:
         sim.fill_fixed()
 
 
+def _switch_to_k8s(bench: Bench, sim, pod: str) -> dict:
+    """A pod only sn01 can take, until it is Running there; then the pod goes."""
+    def runs() -> bool:
+        p = sim.kube.pod(pod) or {}
+        return p.get("spec", {}).get("nodeName") == "sn01" and p.get("status", {}).get("phase") == "Running"
+
+    result = bench.switch("k8s", lambda: sim.kube.api.create("/api/v1/namespaces/default/pods", _real_pod(pod)),
+                          runs)
+    sim.kube.api.delete(f"/api/v1/namespaces/default/pods/{pod}")
+    wait_for(lambda: sim.kube.pod(pod) is None, 120, f"pod {pod} to be gone")
+    return result
+
+
+def _switch_to_slurm(bench: Bench, sim, name: str) -> dict:
+    """A job only sn01 can take (cn01 kept busy), until it RUNS there; then it is cancelled."""
+    job: dict = {}
+
+    def submit():
+        _keep_fixed_busy(sim)
+        job["id"] = sim.slurm.sbatch(f"--job-name={name}", "--chdir=/tmp")
+
+    result = bench.switch("slurm", submit, lambda: sim.slurm.job_state(job["id"]) == ("RUNNING", "sn01"))
+    sim.slurm.run("scancel", job["id"])
+    wait_for(lambda: not sim.slurm.job_state(job["id"])[0], 60, "the job to end")
+    return result
+
+
 def _run_real(args) -> dict:
     """The real images: per round, a raw boot of the slurm image, the switch to k8s (a pod runs
     in containerd under the VM's kubelet), a raw boot of the k8s image, the switch back (a job
@@ -235,28 +262,10 @@ def _run_real(args) -> dict:
                      "slurmctld to mark sn01's reboot")
             sim.slurm.run("scontrol", "update", "nodename=sn01", "state=resume", check=False)
             sim.slurm.wait_node_state("sn01", lambda st: st == "IDLE", timeout=300)
-            pod = f"bench-{r}"
-
-            def pod_runs() -> bool:
-                p = sim.kube.pod(pod) or {}
-                return p.get("spec", {}).get("nodeName") == "sn01" and p.get("status", {}).get("phase") == "Running"
-
-            out["to_k8s"].append(bench.switch(
-                "k8s", lambda: sim.kube.api.create("/api/v1/namespaces/default/pods", _real_pod(pod)), pod_runs))
-            sim.kube.api.delete(f"/api/v1/namespaces/default/pods/{pod}")
-            wait_for(lambda: sim.kube.pod(pod) is None, 120, f"pod {pod} to be gone")
+            out["to_k8s"].append(_switch_to_k8s(bench, sim, f"bench-{r}"))
             out["raw_k8s"].append(bench.raw_boot())
             wait_for(lambda: sim.kube.ready("sn01"), 300, "sn01's kubelet to report Ready again")
-            job: dict = {}
-
-            def submit_job():
-                _keep_fixed_busy(sim)
-                job["id"] = sim.slurm.sbatch("--job-name=bench", "--chdir=/tmp")
-
-            out["to_slurm"].append(bench.switch("slurm", submit_job,
-                                                lambda: sim.slurm.job_state(job["id"]) == ("RUNNING", "sn01")))
-            sim.slurm.run("scancel", job["id"])
-            wait_for(lambda: not sim.slurm.job_state(job["id"])[0], 60, "the job to end")
+            out["to_slurm"].append(_switch_to_slurm(bench, sim, "bench"))
         if getattr(args, "vm_power", "both") == "both":
             # The same switches by kexec: provisioner SSHes into the node (its own host key,
             # known_hosts from `provisioner ssh known-hosts`) and kexecs it; no BMC, no firmware.
@@ -266,28 +275,8 @@ def _run_real(args) -> dict:
             bench.site = config.load(sim.config)
             out["kexec_to_k8s"], out["kexec_to_slurm"] = [], []
             for r in range(rounds):
-                pod = f"bench-kexec-{r}"
-
-                def kexec_pod_runs() -> bool:
-                    p = sim.kube.pod(pod) or {}
-                    return (p.get("spec", {}).get("nodeName") == "sn01"
-                            and p.get("status", {}).get("phase") == "Running")
-
-                out["kexec_to_k8s"].append(bench.switch(
-                    "k8s", lambda: sim.kube.api.create("/api/v1/namespaces/default/pods", _real_pod(pod)),
-                    kexec_pod_runs))
-                sim.kube.api.delete(f"/api/v1/namespaces/default/pods/{pod}")
-                wait_for(lambda: sim.kube.pod(pod) is None, 120, f"pod {pod} to be gone")
-                kjob: dict = {}
-
-                def submit_kexec_job():
-                    _keep_fixed_busy(sim)
-                    kjob["id"] = sim.slurm.sbatch("--job-name=bench-kexec", "--chdir=/tmp")
-
-                out["kexec_to_slurm"].append(bench.switch(
-                    "slurm", submit_kexec_job, lambda: sim.slurm.job_state(kjob["id"]) == ("RUNNING", "sn01")))
-                sim.slurm.run("scancel", kjob["id"])
-                wait_for(lambda: not sim.slurm.job_state(kjob["id"])[0], 60, "the job to end")
+                out["kexec_to_k8s"].append(_switch_to_k8s(bench, sim, f"bench-kexec-{r}"))
+                out["kexec_to_slurm"].append(_switch_to_slurm(bench, sim, "bench-kexec"))
         out["pass_s_median"] = statistics.median(bench.pass_seconds)
         out["violations"] = list(sim.violations)
     finally:
