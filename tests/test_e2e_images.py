@@ -22,7 +22,7 @@ import pytest
 from testbed.vm_site import REAL_POLICY, ImageVmSite, build_images
 from testbed.wait import wait_for
 from tests.fixtures.slurm_cluster import require_slurm
-from tests.fixtures.vms import require_vm_parts
+from tests.fixtures.vms import require_vm_parts, running
 from tests.support import missing, require_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
@@ -48,13 +48,8 @@ def image_site(tmp_path_factory, real_image_root, kube_cluster):
     require_binary("ssh")
     site = ImageVmSite(require_slurm(tmp_path_factory.mktemp("image-site")), real_image_root, kube=kube_cluster,
                        fixed="cn01", shared="sn01", fixed_k8s="kn01", policy=REAL_POLICY)
-    try:
-        site.start()
+    with running(site):
         yield site
-    finally:
-        site.stop()
-        left = [vm for vm in site.vms.values() if vm.is_running()]
-        assert not left, f"VMs still running after the tests: {left}"
 
 
 def _switch_times(sim: ImageVmSite, node: str) -> list[tuple[str, float]]:
