@@ -71,6 +71,21 @@ def _server_classes():
                 return
             super()._got_rakp1(data)
 
+        def _got_rmcp_openrequest(self, data):
+            # A new login from a client address that still has a session here (pyghmi's client
+            # reuses one UDP socket per process, so a session it abandoned after a timeout keeps
+            # its address): start afresh, as a real BMC does. pyghmi's server would reuse the old
+            # session, whose sequence numbers make it drop every packet of the new one: the BMC
+            # then looked dead to that client (seen in CI: bn01 silent for three tests).
+            # A retransmitted request of a login in progress (same client session id, not yet
+            # authenticated) is answered by this session, as before.
+            established = getattr(self, "k1", None) is not None
+            if not established and bytes(data[4:8]) == bytes(getattr(self, "clientsessionid", b"")):
+                return super()._got_rmcp_openrequest(data)
+            self.close_server_session()
+            SimServerSession(self.bmc.authdata, self.bmc.kg, self.sockaddr, self.socket, data,
+                             self.bmc.uuid, bmc=self.bmc)
+
         def close_server_session(self):
             # Forget the session, so the next login from the same client port starts afresh.
             handlers = ipmisession.Session.bmc_handlers.get(self.sockaddr)

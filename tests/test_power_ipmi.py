@@ -127,7 +127,7 @@ def test_reset_or_cycle_while_off_is_0xd5(bmcs, ipmitool):
     assert bmcs.state("bn04")["boots"] == []
     # "boot" does the right thing in either state.
     assert ipmi.power(b, "boot", netboot=True, timeout=TIMEOUT).power == "on"
-    assert bmcs.state("bn04")["boots"][-1]["how"] == "on"
+    assert bmcs.state("bn04")["boots"][-1]["how"] == "on", bmcs.state("bn04")
 
 
 def test_cipher_suite_17_is_refused_like_a_real_bmc(bmcs, ipmitool):
