@@ -449,7 +449,8 @@ class _SiteLoader(Fields):
         return str(self.resolve(s)) if s else None
 
     def slurm(self, value: Any) -> SlurmSettings:
-        d = self.mapping(value, "slurm", {"mode", "slurm_conf", "bin_dir", "controller", "reason_prefix", "timeout_s"})
+        d = self.mapping(value, "slurm", {"mode", "slurm_conf", "bin_dir", "controller", "reason_prefix", "timeout_s",
+                                             "power_saving"})
         mode = self.choice(d.get("mode"), "slurm.mode", ("local", "ssh"), "local")
         controller = self.ssh_target(d.get("controller"), "slurm.controller")
         if mode == "ssh" and controller is None:
@@ -464,6 +465,7 @@ class _SiteLoader(Fields):
             controller=controller,
             reason_prefix=prefix,
             timeout_s=self.integer(d.get("timeout_s"), "slurm.timeout_s", 30, 1),
+            power_saving=self.boolean(d.get("power_saving"), "slurm.power_saving", False),
         )
 
     def kubernetes(self, value: Any) -> KubernetesSettings:

@@ -125,6 +125,9 @@ class SlurmSettings:
     controller: SshTarget | None = None
     reason_prefix: str = "provisioner:"
     timeout_s: int = 30
+    # SLURM asks for shared nodes itself (ResumeProgram/SuspendProgram, docs/event-driven.md):
+    # shared nodes in Kubernetes are "powered down" for SLURM, and pending jobs are not polled.
+    power_saving: bool = False
 
 
 @dataclass(frozen=True)

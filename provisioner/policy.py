@@ -15,6 +15,15 @@ The paper's loop, plus what it lacks:
 - at most `max_in_flight` switches at once;
 - when both sides want nodes, the free switch slots are shared by a stated rule
   (`proportional` to the nodes each side wants, or `slurm-first` / `k8s-first`).
+
+Asks: a scheduler may name the node it wants (slurmctld's ResumeProgram: "resume sn03") or
+let one go (SuspendProgram: "suspend sn03"). The same rules answer them, except that an ask
+needs no persistence (the scheduler has decided) and goes before polled demand:
+- resume: granted (a move to slurm, or a boot when the node is in SLURM already), refused with
+  the reason (pinned, busy, failed, cooldown, a minimum), or deferred while the switch slots
+  are full (it stays open; slurmctld's ResumeTimeout bounds the wait);
+- suspend: the node goes to Kubernetes when Kubernetes has work for it, else it is powered off
+  (what SLURM expects of a suspended node); answered "done" either way.
 """
 
 from __future__ import annotations
@@ -71,6 +80,26 @@ class SharedNode:
     held_by: str | None = None  # why it is unavailable, for the notes
 
 
+RESUME, SUSPEND = "resume", "suspend"  # the kinds of ask the policy answers
+
+
+@dataclass(frozen=True)
+class Ask:
+    id: int
+    node: str
+    kind: str  # RESUME (the asker wants the node in SLURM) or SUSPEND (SLURM lets it go)
+    source: str  # who asked, e.g. "slurmctld"
+    reason: str  # the asker's own words, e.g. "JobId=12 (ResumeProgram)"
+
+
+@dataclass(frozen=True)
+class Answer:
+    ask: int
+    node: str
+    outcome: str  # granted | refused | deferred | done
+    message: str
+
+
 @dataclass(frozen=True)
 class Snapshot:
     now: float
@@ -82,6 +111,7 @@ class Snapshot:
     # store; None: not seen before this pass.
     demand_since: dict[str, float | None] = field(default_factory=dict)
     slurm_reasons: tuple[str, ...] = ("Resources", "Priority")
+    asks: tuple[Ask, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +126,12 @@ class Decision:
     moves: tuple[Move, ...]
     demand: dict[str, int]  # nodes each side could use now (servable demand, in nodes)
     notes: tuple[str, ...]  # why something did not happen, for `balance --dry-run`
+    answers: tuple[Answer, ...] = ()  # one per ask (deferred ones stay open)
+    boots: tuple[Move, ...] = ()  # power on into the role they have (asked for, already there)
+    power_off: tuple[Move, ...] = ()  # released by SLURM and wanted by nobody: off, as SLURM expects
+    # For SLURM power saving: each steady Kubernetes-side node -> None (SLURM may ask for it:
+    # powered down and free) or why SLURM should not (held: drained with that reason).
+    slurm_hold: dict[str, str | None] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- demand
@@ -202,10 +238,28 @@ def demand(snap: Snapshot) -> dict[str, int]:
     return {side: d.nodes_wanted for side, d in _demands(snap).items()}
 
 
+def _why_not(n: SharedNode, to: str, snap: Snapshot) -> str | None:
+    """Why this node may not move to `to` now (None: it may). The rules every move obeys."""
+    if n.phase != STEADY:
+        return "failed" if n.phase == FAILED else f"switching ({n.phase})"
+    if n.pinned:
+        return f"pinned to {n.role} by an admin"
+    if n.busy:
+        return f"busy in {n.role}"
+    if not n.available and n.role == K8S and n.held_by and "someone else" in n.held_by:
+        return n.held_by
+    if n.last_switch_at is not None and snap.now - n.last_switch_at < snap.policy.cooldown_s:
+        return f"switched less than cooldown_s={snap.policy.cooldown_s} s ago"
+    return None
+
+
 def decide(snap: Snapshot) -> Decision:
     p = snap.policy
     notes: list[str] = []
+    answers: list[Answer] = []
+    boots: list[Move] = []
     demand = _demands(snap)
+    by_name = {n.name: n for n in snap.nodes}
 
     switching = [n for n in snap.nodes if n.phase not in (STEADY, FAILED)]
     on_side = Counter(n.role for n in snap.nodes if n.phase != FAILED)  # includes nodes switching to it
@@ -215,6 +269,43 @@ def decide(snap: Snapshot) -> Decision:
         if n.phase == STEADY and n.available and not n.busy:
             covered[n.role] += 1
 
+    # Asks first: they name their node, need no persistence, and go before polled demand.
+    asked: list[tuple[Ask, SharedNode]] = []  # resume asks that may move their node to slurm
+    released: dict[str, Ask] = {}  # suspend asks: slurm lets these go
+    seen: set[tuple[str, str]] = set()
+    for ask in snap.asks:
+        n = by_name.get(ask.node)
+        if (ask.node, ask.kind) in seen:
+            answers.append(Answer(ask.id, ask.node, "done", "the same as an earlier ask in this pass"))
+            continue
+        seen.add((ask.node, ask.kind))
+        if n is None:
+            answers.append(Answer(ask.id, ask.node, "refused", "not a shared node: provisioner does not move it"))
+        elif ask.kind == SUSPEND:
+            if n.role == SLURM and n.phase == STEADY:
+                released[n.name] = ask
+            else:
+                answers.append(Answer(ask.id, n.name, "done", f"already leaving SLURM ({n.phase}, to {n.role})"
+                                      if n.phase != STEADY else f"already in {n.role}"))
+        elif ask.kind != RESUME:
+            answers.append(Answer(ask.id, n.name, "refused", f"unknown ask {ask.kind!r}"))
+        elif n.role == SLURM:
+            if n.phase == STEADY:
+                boots.append(Move(n.name, SLURM, f"{ask.source} asks for it ({ask.reason}); in SLURM already"))
+                answers.append(Answer(ask.id, n.name, "granted", "in SLURM already: powering it on"))
+            elif n.phase == FAILED:
+                answers.append(Answer(ask.id, n.name, "refused", "failed: an admin must look at it first"))
+            else:
+                answers.append(Answer(ask.id, n.name, "granted", f"already switching to slurm ({n.phase})"))
+        else:
+            why = _why_not(n, SLURM, snap)
+            if why:
+                answers.append(Answer(ask.id, n.name, "refused", why))
+            else:
+                asked.append((ask, n))
+
+    # A node SLURM asks for no longer covers Kubernetes' demand: it is about to leave.
+    covered[K8S] -= sum(1 for _, n in asked if n.available)
     wanted = {side: max(0, demand[side].nodes_wanted - covered[side]) for side in (SLURM, K8S)}
     for side in (SLURM, K8S):
         if demand[side].items and not wanted[side]:
@@ -234,30 +325,24 @@ def decide(snap: Snapshot) -> Decision:
                          f"waiting for {p.demand_persist_s} s before moving a node")
             wanted[side] = 0
 
-    slots = p.max_in_flight - len(switching)
-    if slots <= 0 and any(wanted.values()):
+    slots = max(0, p.max_in_flight - len(switching))
+    if slots <= 0 and (any(wanted.values()) or asked):
         notes.append(f"{len(switching)} switch(es) in flight, max_in_flight is {p.max_in_flight}")
-        return Decision((), {s: demand[s].nodes_wanted for s in demand}, tuple(notes))
 
-    # Candidates on each side that could go to the other.
+    # Candidates on each side that could go to the other (polled demand).
     candidates: dict[str, list[SharedNode]] = {SLURM: [], K8S: []}
     held: dict[tuple[str, str], list[str]] = {}
-    for n in sorted(snap.nodes, key=lambda n: (n.last_switch_at or 0.0, n.name)):
+    asked_names = {n.name for _, n in asked}
+    # Nodes SLURM released go first to Kubernetes: SLURM has let them go already.
+    order = sorted(snap.nodes, key=lambda n: (n.name not in released, n.last_switch_at or 0.0, n.name))
+    for n in order:
         to = OTHER.get(n.role)
-        if to is None or not wanted.get(to):
+        if to is None or not wanted.get(to) or n.name in asked_names:
             continue
-        why_not = None
-        if n.phase != STEADY:
-            why_not = "failed" if n.phase == FAILED else f"switching ({n.phase})"
-        elif n.pinned:
-            why_not = "pinned by an admin"
-        elif n.busy:
-            why_not = f"busy in {n.role}"
-        elif not n.available:
+        why_not = _why_not(n, to, snap)
+        if why_not is None and not n.available and n.name not in released:
             why_not = n.held_by or f"not available in {n.role}"
-        elif n.last_switch_at is not None and snap.now - n.last_switch_at < p.cooldown_s:
-            why_not = f"switched less than cooldown_s={p.cooldown_s} s ago"
-        elif _shape(n) not in demand[to].shapes:
+        if why_not is None and _shape(n) not in demand[to].shapes:
             why_not = f"cannot serve the pending {to} work"
         if why_not:
             held.setdefault((to, why_not), []).append(n.name)
@@ -266,8 +351,9 @@ def decide(snap: Snapshot) -> Decision:
     for (to, why_not), names in held.items():  # one line per reason, not one per node
         notes.append(f"{fold(names)}: not moved to {to}: {why_not}")
 
-    # Share the free slots between the sides that want nodes.
-    want = {to: min(wanted[to], len(candidates[OTHER[to]])) for to in (SLURM, K8S)}
+    # Share the free slots between the sides that want nodes; asks count first on their side.
+    want = {SLURM: len(asked) + min(wanted[SLURM], len(candidates[K8S])),
+            K8S: min(wanted[K8S], len(candidates[SLURM]))}
     for to in (SLURM, K8S):
         if wanted[to] and not candidates[OTHER[to]]:
             notes.append(f"{to}: wants {wanted[to]} node(s) but no shared node on the {OTHER[to]} side is free to move")
@@ -277,13 +363,45 @@ def decide(snap: Snapshot) -> Decision:
     for to in (SLURM, K8S):
         frm = OTHER[to]
         left_on_frm = on_side[frm]
-        for n in candidates[frm][: grant[to]]:
+        queue: list[tuple[Ask | None, SharedNode]] = (asked if to == SLURM else []) + \
+            [(None, n) for n in candidates[frm]]
+        granted = 0
+        for ask, n in queue:
+            if granted >= grant[to]:
+                if ask is not None:
+                    answers.append(Answer(ask.id, n.name, "deferred", f"{len(switching) + len(moves)} switch(es) in "
+                                          f"flight, max_in_flight is {p.max_in_flight}: waiting for a slot"))
+                continue
             if left_on_frm - 1 < p.min_nodes.get(frm, 0):
-                notes.append(f"{n.name}: not moved to {to}: {frm} keeps its minimum of {p.min_nodes.get(frm, 0)} shared node(s)")
+                why = f"{frm} keeps its minimum of {p.min_nodes.get(frm, 0)} shared node(s)"
+                if ask is not None:
+                    answers.append(Answer(ask.id, n.name, "refused", why))
+                    continue
+                notes.append(f"{n.name}: not moved to {to}: {why}")
                 break
             left_on_frm -= 1
-            moves.append(Move(n.name, to, f"{_describe(to, demand[to])}; {n.name} idle in {frm}"))
-    return Decision(tuple(moves), {s: demand[s].nodes_wanted for s in demand}, tuple(notes))
+            granted += 1
+            if ask is not None:
+                moves.append(Move(n.name, to, f"{ask.source} asks for it ({ask.reason}); {n.name} idle in {frm}"))
+                answers.append(Answer(ask.id, n.name, "granted", f"switching to {to}"))
+            else:
+                why = _describe(to, demand[to])
+                if n.name in released:
+                    why += f"; SLURM released {n.name} ({released[n.name].reason})"
+                moves.append(Move(n.name, to, f"{why}; {n.name} idle in {frm}"))
+
+    moved = {m.node for m in moves}
+    slurm_hold = {n.name: _why_not(n, SLURM, snap) for n in snap.nodes
+                  if n.role == K8S and n.phase == STEADY and n.name not in moved}
+    power_off = []
+    for name, ask in released.items():
+        if name in moved:
+            answers.append(Answer(ask.id, name, "done", "given to Kubernetes, which has work for it"))
+        else:
+            power_off.append(Move(name, SLURM, f"released by {ask.source} ({ask.reason}); nothing else wants it"))
+            answers.append(Answer(ask.id, name, "done", "powered off: Kubernetes has no work for it now"))
+    return Decision(tuple(moves), {s: demand[s].nodes_wanted for s in demand}, tuple(notes), tuple(answers),
+                    tuple(boots), tuple(power_off), slurm_hold)
 
 
 def _share(slots: int, want: dict[str, int], rule: str) -> dict[str, int]:

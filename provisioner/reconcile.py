@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from provisioner import policy as pol
 from provisioner.clusters.interfaces import KubeClient, PowerFn, SlurmClient
+from provisioner.clusters.slurm import describe as describe_slurm
 from provisioner.errors import OperationError, UsageError
 from provisioner.model import Node, Site
 from provisioner.nodeset import fold
@@ -221,6 +222,7 @@ class World:
     kube_nodes: dict[str, Any]  # name -> clusters.kubernetes.KubeNode (missing: no Node object)
     pending_pods: tuple
     states: dict[str, NodeState]
+    asks: tuple = ()  # store.Ask: open asks of schedulers (slurmctld's Resume/Suspend/ResumeFailProgram)
 
 
 class Reconciler:
@@ -269,6 +271,8 @@ class Reconciler:
             return report
 
         nodes = self.shared if only is None else [n for n in self.shared if n in set(only)]
+        if not dry_run and only is None:
+            self._given_up(world, report)
         if not dry_run:
             for name in nodes:
                 st = world.states[name]
@@ -297,6 +301,9 @@ class Reconciler:
                 for move in decision.moves:
                     if self._start(move.node, move.to_role, move.reason, actor=self.actor, forced=False, report=report):
                         self._advance(move.node, report)
+                self._answer(decision, world, report)
+                if self.site.slurm.power_saving:
+                    self._sync_slurm_view(decision.slurm_hold, world, report)
         return report
 
     def observe(self) -> World:
@@ -313,11 +320,12 @@ class Reconciler:
             kube_nodes=kube_nodes,
             pending_pods=pods,
             states=self.store.nodes(self.shared),
+            asks=tuple(self.store.open_asks()),
         )
 
     def _refresh_states(self, world: World) -> World:
         return World(world.slurm_nodes, world.pending_jobs, world.kube_nodes, world.pending_pods,
-                     self.store.nodes(self.shared))
+                     self.store.nodes(self.shared), tuple(self.store.open_asks()))
 
     # -- the snapshot for the policy -------------------------------------------------
 
@@ -332,11 +340,18 @@ class Reconciler:
             pol.PendingPod(p.namespace, p.name, p.cpu_m, p.memory, p.gpus, p.node_selector)
             for p in world.pending_pods
         )
+        if self.site.slurm.power_saving:
+            # SLURM gives jobs to "powered down" shared nodes itself and asks for them through
+            # its ResumeProgram: polling its queue too would move a second node for the same job.
+            jobs = ()
+        asks = tuple(pol.Ask(a.id, a.node, a.kind, a.source, a.reason) for a in world.asks
+                     if a.kind in (pol.RESUME, pol.SUSPEND))
         snap = pol.Snapshot(now=now, policy=self.policy, nodes=nodes, jobs=jobs, pods=pods)
         # Demand persistence: first-seen times live in the store, so they survive between passes.
         amounts = pol.demand(snap)
         since = self.store.set_demand(amounts, now) if record_demand else self.store.demand_since()
-        return pol.Snapshot(now=now, policy=self.policy, nodes=nodes, jobs=jobs, pods=pods, demand_since=since)
+        return pol.Snapshot(now=now, policy=self.policy, nodes=nodes, jobs=jobs, pods=pods, demand_since=since,
+                            asks=asks)
 
     def _shared_node(self, name: str, world: World) -> pol.SharedNode:
         st = world.states[name]
@@ -344,8 +359,10 @@ class Reconciler:
         k = world.kube_nodes.get(name)
         role = st.target_role if st.phase in SWITCHING and st.target_role else st.desired_role
         if role == SLURM:
-            busy = s.busy
-            available = s.available
+            busy = s.runs_jobs if self.site.slurm.power_saving else s.busy
+            # Powered down for SLURM (power saving): idle, and SLURM may give it to a job again.
+            available = s.available or (self.site.slurm.power_saving and s.powered_down and not s.busy
+                                        and not s.held_by_other)
             held = None if available else (f"held in SLURM by someone else ({s.reason})" if s.held_by_other
                                             else f"not available in SLURM ({s.state}{', ' + s.reason if s.reason else ''})")
         else:
@@ -475,10 +492,16 @@ class Reconciler:
             if forced and age > self.policy.phase_timeout_s:
                 report.notes.append(f"{name}: still draining after {int(age)} s (forced by {st.switch_actor})")
             return False
-        self.slurm.down([name])
+        if self.site.slurm.power_saving:
+            # Powered down for SLURM, still drained (ours) until it is settled in Kubernetes.
+            self.slurm.power_down([name])
+            done = "drained and powered down in SLURM"
+        else:
+            self.slurm.down([name])
+            done = "drained and down in SLURM (k8s_connect)"
         _crash_point("after-down")
         k = self.kube.node(name)
-        return self._goto(st, REBOOTING, "drained and down in SLURM (k8s_connect); will boot the k8s image",
+        return self._goto(st, REBOOTING, f"{done}; will boot the k8s image",
                           report, desired_role=K8S, k8s_boot_id=k.boot_id if k is not None else None)
 
     def _on_cordoning(self, st: NodeState, report: PassReport) -> bool:
@@ -494,6 +517,13 @@ class Reconciler:
                     return self._fail(st, f"pods could not be evicted in {int(age)} s: {blocked}", report)
                 report.notes.append(f"{name}: waiting for pods to leave: {blocked}")
                 return False
+        if self.site.slurm.power_saving:
+            # SLURM must expect the node: our hold lifted, and "powering up" (when slurmctld asked
+            # for it, it is already), so its slurmd's registration counts within ResumeTimeout.
+            s = self.slurm.nodes([name])[name]
+            if (s.drain or s.down) and s.reason_is_ours:
+                self.slurm.resume([name])
+            self.slurm.power_up([name])
         return self._goto(st, REBOOTING, "no pods left; will boot the slurm image", report, desired_role=SLURM,
                           k8s_boot_id=k.boot_id if k is not None else None)
 
@@ -567,7 +597,7 @@ class Reconciler:
         s = self.slurm.nodes([name])[name]
         k = self.kube.node(name)
         holders = []
-        if s.busy:
+        if s.runs_jobs:
             holders.append(f"SLURM shows jobs on it ({s.state})")
         if k is not None and k.busy:
             holders.append(f"Kubernetes shows pods on it ({', '.join(p.key for p in k.pods)})")
@@ -637,7 +667,103 @@ class Reconciler:
         self.store.update(st.name, actor=self.actor, kind="failed", message=f"switch to {st.target_role} FAILED: {reason}",
                           expect={"phase": st.phase}, phase=FAILED, failed_reason=reason, phase_since=self.clock())
         report.steps.append(Step(st.name, FAILED, reason, ok=False))
+        if st.target_role == SLURM and self.site.slurm.power_saving:
+            self._slurm_down(st.name, f"switch to slurm failed: {reason}", report)
         return False
+
+    def _slurm_down(self, name: str, reason: str, report: PassReport) -> None:
+        """Fail the way slurmctld's ResumeTimeout does (DOWN, the job waiting for it requeued),
+        at once rather than when the timeout runs out. A reason slurmctld set stays."""
+        try:
+            self.slurm.down([name], reason)
+        except OperationError as exc:
+            report.notes.append(f"{name}: left as SLURM shows it: {exc}")
+
+    # -- asks (slurmctld's programs), SLURM power saving --------------------------------
+
+    def _given_up(self, world: World, report: PassReport) -> None:
+        """slurmctld's ResumeFailProgram: a node it powered up did not register in ResumeTimeout.
+        SLURM has marked it DOWN and requeued the job; the node is `failed` here too, with why."""
+        for ask in world.asks:
+            if ask.kind != "resume-fail":
+                continue
+            st = self.store.get(ask.node)
+            why = f"slurmctld gave up waiting for it ({ask.reason})"
+            if st is None or ask.node not in self.shared:
+                self.store.close_ask(ask, "refused", "not a shared node", actor=self.actor)
+                continue
+            if st.phase in SWITCHING and st.target_role == SLURM:
+                self._fail(st, f"{why} in phase {st.phase}", report)
+                outcome = f"failed in phase {st.phase}"
+            elif st.phase == STEADY and st.desired_role == SLURM:
+                transition(STEADY, FAILED, SLURM)
+                self.store.update(st.name, actor=self.actor, kind="failed", message=f"FAILED: {why}",
+                                  expect={"phase": STEADY}, phase=FAILED, failed_reason=why, phase_since=self.clock())
+                report.steps.append(Step(st.name, FAILED, why, ok=False))
+                outcome = "failed: it was powered on for SLURM and did not come back"
+            else:
+                outcome = f"not waited for in SLURM ({st.phase}, {st.desired_role}): nothing to do"
+            self.store.close_ask(ask, "done", outcome, actor=self.actor)
+
+    def _answer(self, decision: pol.Decision, world: World, report: PassReport) -> None:
+        """Close the asks the policy answered; carry out boots and power-offs it decided."""
+        open_asks = {a.id: a for a in world.asks}
+        for ans in decision.answers:
+            ask = open_asks.get(ans.ask)
+            if ask is None:
+                continue
+            if ans.outcome == "deferred":
+                report.notes.append(f"{ans.node}: {ask.source}'s ask waits: {ans.message}")
+                continue
+            if ans.outcome == "refused" and ask.kind == pol.RESUME and ans.node in self.shared:
+                # slurmctld gave a job to this node: hold it (ours) and power it down again, so
+                # the job is requeued now rather than after ResumeTimeout, and not sent back here.
+                try:
+                    self.slurm.drain([ans.node], f"resume refused: {ans.message}")
+                    self.slurm.power_down([ans.node])
+                except OperationError as exc:
+                    report.notes.append(f"{ans.node}: refused {ask.source}'s ask, and SLURM did not take it: {exc}")
+            self.store.close_ask(ask, ans.outcome, ans.message, actor=self.actor)
+            report.steps.append(Step(ans.node, f"ask-{ans.outcome}", f"{ask.source} {ask.kind}: {ans.message}",
+                                     ok=ans.outcome != "refused"))
+        for move in decision.boots:
+            self._power_for_slurm(move.node, "boot", move.reason, report)
+        for move in decision.power_off:
+            self._power_for_slurm(move.node, "off", move.reason, report)
+
+    def _power_for_slurm(self, name: str, action: str, reason: str, report: PassReport) -> None:
+        """Power a node that stays in SLURM: on (SLURM gave it a job) or off (SLURM suspended it).
+        Re-checked right before: never while jobs run there."""
+        s = self.slurm.nodes([name])[name]
+        if s.runs_jobs or (action == "off" and not s.powered_down):
+            report.notes.append(f"{name}: not powering {action}: SLURM shows it {describe_slurm(s)}")
+            return
+        result = self.power(self.site, [self.site.nodes[name]], action, netboot=action == "boot", store=self.store,
+                            actor=self.actor, roles={name: SLURM})[0]
+        report.steps.append(Step(name, f"power-{action}", f"{reason}: " + ("ok" if result.ok else result.error),
+                                 ok=result.ok))
+
+    def _sync_slurm_view(self, hold: dict[str, str | None], world: World, report: PassReport) -> None:
+        """Keep SLURM's view of the shared nodes in Kubernetes: powered down, and free for SLURM
+        to ask for unless the policy would refuse (then drained, ours, with the policy's reason).
+        Only our own drains are lifted; a node someone else holds is left alone."""
+        for name, why in hold.items():
+            s = world.slurm_nodes[name]
+            if s.held_by_other:
+                continue
+            try:
+                if why is not None and not (s.drain or s.down):
+                    s = self.slurm.drain([name], f"in Kubernetes: {why}")[name]
+                if not (s.powered_down or s.flags & {"power_down", "powering_up"}):
+                    if not s.down and (s.state == "unknown" or not s.responding):
+                        # A node whose slurmd never registered takes no power_down: down it first.
+                        self.slurm.down([name], "in Kubernetes")
+                    s = self.slurm.power_down([name])[name]
+                if why is None and (s.drain or s.down) and s.reason_is_ours and s.powered_down:
+                    self.slurm.resume([name])
+                    report.steps.append(Step(name, "slurm-free", "powered down in SLURM, free for it to ask"))
+            except OperationError as exc:
+                report.notes.append(f"{name}: SLURM view not updated: {exc}")
 
     def _rollback(self, st: NodeState, why: str, report: PassReport, resume: bool = True) -> bool:
         """Undo a switch that has not reached the reboot: the node stays where it was."""

@@ -11,6 +11,7 @@ A switch goes one of two ways; `direction` is its target role:
                                                              └─ refused: back to draining / cordoning
     draining, cordoning ─ rollback ─> steady
     cordoning, rebooting, booting, joining ─ fail ─> failed
+    steady ─ given-up ─> failed   (slurmctld's ResumeFailProgram: a node it powered up never came)
 
 - draining (to k8s only): SLURM drains the node, jobs finish; then `down k8s_connect`.
 - cordoning (to slurm only): Kubernetes cordons it; pods leave (evicted when an admin forced it).
@@ -69,6 +70,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition("joined", JOINING, STEADY, ROLES),
     Transition("retry", JOINING, REBOOTING, ROLES),
     Transition("fail", JOINING, FAILED, ROLES),
+    Transition("given-up", STEADY, FAILED, (SLURM,)),
 )
 
 _BY_EDGE = {(t.source, t.target): t for t in TRANSITIONS}

@@ -92,6 +92,23 @@ MIGRATIONS: list[str] = [
     ALTER TABLE nodes ADD COLUMN k8s_boot_id TEXT;
     ALTER TABLE nodes ADD COLUMN power_at REAL;
     """,
+    # 4 -> 5: asks: a scheduler (slurmctld's ResumeProgram/SuspendProgram/ResumeFailProgram) or
+    # an event asks for a node now. Recorded by the fast command slurmctld runs, answered by the
+    # next pass (the policy grants or refuses it, with the reason), then closed.
+    """
+    CREATE TABLE asks (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        node        TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        source      TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        closed_at   REAL,
+        outcome     TEXT,
+        message     TEXT
+    );
+    CREATE INDEX asks_open ON asks (closed_at, id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -125,6 +142,26 @@ class NodeState:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _NODE_COLUMNS}
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A scheduler's request for one node (see asks.py for the kinds)."""
+
+    id: int
+    node: str
+    kind: str
+    source: str
+    reason: str
+    created_at: float
+    closed_at: float | None = None
+    outcome: str | None = None
+    message: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "node": self.node, "kind": self.kind, "source": self.source, "reason": self.reason,
+                "created": iso(self.created_at), "closed": iso(self.closed_at), "outcome": self.outcome,
+                "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -436,6 +473,45 @@ class Store:
                 else:
                     c.execute("DELETE FROM demand WHERE side = ?", (side,))
         return {side: before.get(side) if amounts.get(side, 0) > 0 else None for side in amounts}
+
+    # -- asks ----------------------------------------------------------------------
+
+    def add_asks(self, nodes: Iterable[str], kind: str, *, source: str, reason: str, actor: str) -> list[int]:
+        """Record one open ask per node (and an event each, for `history`). Fast: one transaction."""
+        now, ids = time.time(), []
+        with self.transaction() as c:
+            for node in nodes:
+                cur = c.execute("INSERT INTO asks (node, kind, source, reason, created_at) VALUES (?, ?, ?, ?, ?)",
+                                (node, kind, source, reason, now))
+                ids.append(cur.lastrowid)
+                self._event(c, now, node, actor, "ask", f"{source} asks: {kind}: {reason}",
+                            {"ask": cur.lastrowid, "kind": kind, "source": source})
+        return ids
+
+    def open_asks(self) -> list[Ask]:
+        rows = self._conn().execute("SELECT * FROM asks WHERE closed_at IS NULL ORDER BY id").fetchall()
+        return [Ask(**dict(r)) for r in rows]
+
+    def last_ask_id(self) -> int:
+        """The newest ask's id (0: none yet): a waiting pass loop compares it to wake up early."""
+        row = self._conn().execute("SELECT max(id) FROM asks").fetchone()
+        return int(row[0] or 0)
+
+    def asks(self, limit: int = 100) -> list[Ask]:
+        rows = self._conn().execute("SELECT * FROM asks ORDER BY id DESC LIMIT ?", (int(limit),)).fetchall()
+        return [Ask(**dict(r)) for r in reversed(rows)]
+
+    def close_ask(self, ask: Ask, outcome: str, message: str, *, actor: str) -> bool:
+        """Answer an ask once (granted / refused / done / ...); its answer goes to the history."""
+        now = time.time()
+        with self.transaction() as c:
+            cur = c.execute("UPDATE asks SET closed_at = ?, outcome = ?, message = ? WHERE id = ? AND closed_at IS NULL",
+                            (now, outcome, message, ask.id))
+            if cur.rowcount:
+                self._event(c, now, ask.node, actor, "ask-" + outcome,
+                            f"{ask.source} asked {ask.kind}: {outcome}: {message}",
+                            {"ask": ask.id, "kind": ask.kind, "source": ask.source, "outcome": outcome})
+        return bool(cur.rowcount)
 
     # -- events --------------------------------------------------------------------
 

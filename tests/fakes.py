@@ -48,7 +48,21 @@ class FakeSlurm:
         self.calls.append(("resume", tuple(nodes)))
         for n in nodes:
             flags = frozenset({"not_responding"}) if self.resume_leaves_not_responding else frozenset()
-            self.set(n, state="idle", flags=flags, reason=None, reason_is_ours=False)
+            keep = self.state[n].flags & {"powered_down", "powering_up"}  # resume keeps the power state
+            self.set(n, state="idle", flags=flags | keep, reason=None, reason_is_ours=False)
+        return self.nodes(nodes)
+
+    def power_down(self, nodes) -> dict[str, SlurmNode]:
+        self.calls.append(("power_down", tuple(nodes)))
+        for n in nodes:
+            self.set(n, flags=(self.state[n].flags - {"powering_up"}) | {"powered_down"})
+        return self.nodes(nodes)
+
+    def power_up(self, nodes) -> dict[str, SlurmNode]:
+        self.calls.append(("power_up", tuple(nodes)))
+        for n in nodes:
+            if "powered_down" in self.state[n].flags:
+                self.set(n, flags=self.state[n].flags | {"powering_up"})
         return self.nodes(nodes)
 
 

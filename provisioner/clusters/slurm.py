@@ -96,6 +96,12 @@ class SlurmNode:
         return self.alloc_cpus > 0 or self.state in ("allocated", "mixed") or "completing" in self.flags
 
     @property
+    def runs_jobs(self) -> bool:
+        """Jobs run there now. A job allocated to a node that is powered down or powering up
+        (SLURM power saving) waits for the node: it does not run yet, and a reboot kills nothing."""
+        return self.busy and not self.flags & {"powered_down", "powering_down", "powering_up"}
+
+    @property
     def draining(self) -> bool:
         return self.drain and self.busy
 
@@ -436,7 +442,7 @@ class SlurmAdapter:
         reason = self.our_reason(reason)
         current = self.nodes(nodes)
         self._refuse_foreign(current, "take down")
-        busy = [n for n, node in current.items() if node.busy]
+        busy = [n for n, node in current.items() if node.runs_jobs]
         if busy:
             raise OperationError(f"not taking down {fold(busy)}: jobs run there and SLURM would kill them; "
                                  f"drain first and wait until drained")
@@ -461,6 +467,39 @@ class SlurmAdapter:
         if out_of_service:
             self._update(list(out_of_service), "state=resume")
         return self._verify(current, lambda n: not (n.drain or n.down), "back in service")
+
+    # -- power saving (slurm.power_saving: shared nodes in Kubernetes are "powered down") ----
+
+    def power_down(self, nodes: str | Iterable[str]) -> dict[str, SlurmNode]:
+        """Mark nodes powered down in SLURM (`state=power_down_force`): slurmctld runs its
+        SuspendProgram for them (ours answers that they are already leaving) and, once they are
+        POWERED_DOWN, may give them to a job again by running its ResumeProgram. Refused for nodes
+        that run jobs and nodes held by someone else; nodes already powered down are left alone."""
+        current = self.nodes(nodes)
+        self._refuse_foreign(current, "power down")
+        busy = [n for n, node in current.items() if node.runs_jobs]
+        if busy:
+            raise OperationError(f"not powering down {fold(busy)} in SLURM: jobs run there; drain first and wait")
+        todo = [n for n, node in current.items() if not (node.powered_down or "power_down" in node.flags)]
+        if todo:
+            self._update(todo, "state=power_down_force")
+        return self._verify(current, lambda n: n.powered_down or "power_down" in n.flags, "powering down")
+
+    def power_up(self, nodes: str | Iterable[str]) -> dict[str, SlurmNode]:
+        """Tell slurmctld that powered-down nodes are coming up (`state=power_up`): it runs its
+        ResumeProgram (ours answers that they are already switching) and waits ResumeTimeout for
+        their slurmd. Nodes not powered down, or already powering up, are left alone."""
+        current = self.nodes(nodes)
+        todo = [n for n, node in current.items() if node.powered_down and "powering_up" not in node.flags]
+        if todo:
+            self._update(todo, "state=power_up")
+        return self._verify(current, lambda n: not n.powered_down or "powering_up" in n.flags, "powering up")
+
+    def resume_timeout(self) -> int | None:
+        """slurm.conf's ResumeTimeout in seconds (None when slurmctld does not say)."""
+        out = self._run(["scontrol", "show", "config"], "read slurmctld's configuration")
+        m = re.search(r"^ResumeTimeout\s*=\s*(\d+)", out, re.M)
+        return int(m.group(1)) if m else None
 
     # -- internals ----------------------------------------------------------------------
 
