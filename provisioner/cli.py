@@ -164,14 +164,10 @@ def cmd_role(ctx: Context) -> int:
 
 
 def _print_report(report, stamp: str = "") -> None:
-    for e in report.errors:
-        print(f"{stamp}error: {e}", file=sys.stderr)
-    for s in report.steps:
-        print(f"{stamp}{s.node}: {s.action}: {s.message}" + ("" if s.ok else " [FAILED]"))
-    for m in report.moves:
-        print(f"{stamp}move {m.node} -> {m.to_role}: {m.reason}")
-    for n in report.notes:
-        print(f"{stamp}note: {n}")
+    from provisioner.report import report_lines
+
+    for error, line in report_lines(report, stamp):
+        print(line, file=sys.stderr if error else sys.stdout)
 
 
 def cmd_balance(ctx: Context) -> int:
@@ -195,6 +191,12 @@ def cmd_balance(ctx: Context) -> int:
         if not (report.steps or report.moves or report.notes or report.errors):
             print(f"{stamp}nothing to do")
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_run(ctx: Context) -> int:
+    from provisioner import runner
+
+    return runner.run(ctx.site, ctx.store)
 
 
 def cmd_release(ctx: Context) -> int:
@@ -389,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("balance", cmd_balance, "one balancing pass: move shared nodes where work is pending (run by cron)")
     sp.add_argument("--dry-run", action="store_true", help="print the moves and reasons; change nothing")
     sp.add_argument("--json", action="store_true")
+
+    add("run", cmd_run, "balance continuously: a pass at once on asks and unschedulable pods, else every "
+                        "run.interval_s (instead of cron's balance; logs to stderr; SIGTERM stops it)")
 
     sp = add("release", cmd_release, "unpin nodes: the balancer may move them again")
     sp.add_argument("nodeset")

@@ -21,7 +21,8 @@ from provisioner import POOLS, ROLES
 from provisioner.errors import ConfigError
 from provisioner.model import (
     DEFAULT_IMAGE_DEFINITIONS, DEFAULT_TEMPLATES, NAME_RE, POWER_METHODS, ROLE_TEMPLATE, SHARE_RULES, Bmc, Image,
-    KubernetesSettings, Node, OverlaySettings, Policy, PowerSettings, Site, SlurmSettings, SshPower, SshTarget,
+    KubernetesSettings, Node, OverlaySettings, Policy, PowerSettings, RunSettings, Site, SlurmSettings, SshPower,
+    SshTarget,
     normalize_mac,
 )
 from provisioner.nodeset import NodeSetError, expand
@@ -151,7 +152,7 @@ class _SiteLoader(Fields):
         top = self.mapping(
             data,
             "",
-            {"site", "images", "defaults", "nodes", "policy", "slurm", "kubernetes", "power", "overlay"},
+            {"site", "images", "defaults", "nodes", "policy", "slurm", "kubernetes", "power", "overlay", "run"},
         )
         s = self.mapping(
             top.get("site"),
@@ -200,6 +201,7 @@ class _SiteLoader(Fields):
             power=self.power(top.get("power")),
             image_definitions=image_definitions,
             overlay=self.overlay(top.get("overlay")),
+            run=self.run(top.get("run")),
         )
 
     def images(self, value: Any, image_root: Path, templates: Path) -> dict[str, Image]:
@@ -496,6 +498,20 @@ class _SiteLoader(Fields):
                 reboot_command=self.string(s.get("reboot_command"), "power.ssh.reboot_command", "systemctl reboot"),
                 timeout_s=self.integer(s.get("timeout_s"), "power.ssh.timeout_s", 10, 1),
             ),
+        )
+
+    def run(self, value: Any) -> RunSettings:
+        d = self.mapping(value, "run", {"interval_s", "ask_poll_s", "busy_interval_s", "watch_kubernetes"})
+        interval = self.number(d.get("interval_s"), "run.interval_s", 60.0, 1)
+        busy = self.number(d.get("busy_interval_s"), "run.busy_interval_s", min(2.0, interval), 0.5)
+        if busy > interval:
+            raise self.err("run.busy_interval_s",
+                           f"must not be longer than run.interval_s ({interval:g}), got {busy:g}")
+        return RunSettings(
+            interval_s=interval,
+            ask_poll_s=self.number(d.get("ask_poll_s"), "run.ask_poll_s", 0.5, 0.1),
+            busy_interval_s=busy,
+            watch_kubernetes=self.boolean(d.get("watch_kubernetes"), "run.watch_kubernetes", True),
         )
 
 

@@ -168,6 +168,18 @@ class OverlaySettings:
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    """`provisioner run`, the long-running balancer: a pass every interval_s (every
+    busy_interval_s while a node switches), and one at once when a scheduler's ask is recorded
+    (the store polled every ask_poll_s) or, with watch_kubernetes, a pod turns Unschedulable."""
+
+    interval_s: float = 60.0
+    ask_poll_s: float = 0.5
+    busy_interval_s: float = 2.0
+    watch_kubernetes: bool = True
+
+
+@dataclass(frozen=True)
 class Site:
     path: Path
     name: str
@@ -186,6 +198,7 @@ class Site:
     power: PowerSettings
     image_definitions: Path = DEFAULT_IMAGE_DEFINITIONS
     overlay: OverlaySettings = field(default_factory=OverlaySettings)
+    run: RunSettings = field(default_factory=RunSettings)
 
     def node_by_mac(self) -> dict[str, Node]:
         return {mac: node for node in self.nodes.values() for mac in node.macs}

@@ -16,6 +16,9 @@ Evictions go through the Eviction API only. A 429 means a PodDisruptionBudget do
 Errors: API server unreachable, timing out, or answering 401/403/5xx become one OperationError
 that says what to check; the operation stops at the first failed call (observations are read
 before any write, so a failing server means no action was taken).
+
+Events: `watch_unschedulable` reports pods the scheduler marks Unschedulable as it happens (for
+`provisioner run`); it only reports, the caller decides what a report is worth.
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import urllib3
-from kubernetes import client, config as kube_config
+from kubernetes import client, config as kube_config, watch as kube_watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.utils import parse_quantity
@@ -47,6 +52,9 @@ _MIRROR_ANNOTATION = "kubernetes.io/config.mirror"  # static pods: bound to thei
 _FINISHED = ("Succeeded", "Failed")
 _CONFLICT_RETRIES = 3
 LIST_PAGE = 5000  # items per list call: bounded memory (a few MB), and a 10,000-pod queue in two calls
+# watch_unschedulable: after a failed call, wait WATCH_BACKOFF_S, doubling up to WATCH_BACKOFF_MAX_S.
+WATCH_BACKOFF_S, WATCH_BACKOFF_MAX_S = 0.5, 10.0
+WATCH_READ_SLACK_S = 30  # a watch's connection is given up this long after the server should have ended it
 
 # --------------------------------------------------------------------------- observations
 
@@ -194,6 +202,16 @@ def _condition(obj: dict, kind: str) -> dict | None:
     return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == kind), None)
 
 
+def is_unschedulable(pod: dict) -> bool:
+    """A pod the scheduler tried and could not place: no node, not being deleted, and the
+    condition PodScheduled=False with reason Unschedulable (one it has not looked at yet is not)."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    if spec.get("nodeName") or meta.get("deletionTimestamp"):
+        return False
+    cond = _condition(pod, "PodScheduled")
+    return bool(cond) and cond.get("status") == "False" and cond.get("reason") == "Unschedulable"
+
+
 def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
@@ -288,8 +306,13 @@ class KubernetesAdapter:
     def _list(self, what: str, fn, **kwargs) -> list[dict]:
         """Every item of a list call, as the API sends it (plain dicts: the client's model
         classes cost ~1 ms per pod, seconds for a big queue), in pages of LIST_PAGE."""
+        return self._list_versioned(what, fn, **kwargs)[0]
+
+    def _list_versioned(self, what: str, fn, **kwargs) -> tuple[list[dict], str | None]:
+        """_list, and the list's resourceVersion (a watch from it misses nothing after the list)."""
         items: list[dict] = []
         token = None
+        version = None
         while True:
             resp = self._call(what, fn, limit=LIST_PAGE, _continue=token, _preload_content=False, **kwargs)
             try:
@@ -298,9 +321,11 @@ class KubernetesAdapter:
                 raise OperationError(f"Kubernetes API {self.host}: {what}: unreadable answer (not JSON); check "
                                      "that kubernetes.kubeconfig points at a Kubernetes API server") from None
             items.extend(page.get("items") or [])
-            token = (page.get("metadata") or {}).get("continue")
+            meta = page.get("metadata") or {}
+            version = version or meta.get("resourceVersion")  # every page of a paged list has the first's
+            token = meta.get("continue")
             if not token:
-                return items
+                return items, version
 
     def pending_pods(self) -> list[PendingPod]:
         """Pods the scheduler could not place. Pods not yet looked at by the scheduler, being
@@ -309,12 +334,10 @@ class KubernetesAdapter:
                           field_selector="status.phase=Pending,spec.nodeName=")
         out = []
         for pod in pods:
+            if not is_unschedulable(pod):
+                continue
             meta, spec = pod["metadata"], pod.get("spec") or {}
-            if spec.get("nodeName") or meta.get("deletionTimestamp"):
-                continue
-            cond = _condition(pod, "PodScheduled")
-            if not cond or cond.get("status") != "False" or cond.get("reason") != "Unschedulable":
-                continue
+            cond = _condition(pod, "PodScheduled") or {}
             cpu_m, memory, gpus = pod_requests(spec)
             out.append(PendingPod(
                 namespace=meta["namespace"],
@@ -389,6 +412,121 @@ class KubernetesAdapter:
             ready_reason=(ready.get("reason") or "") if ready else "",
             boot_id=(status.get("nodeInfo") or {}).get("bootID") or "",
         )
+
+    # -- watch -----------------------------------------------------------------------
+
+    def watch_unschedulable(self, on_pod: Callable[[str], None], stop: threading.Event, timeout_s: int = 60) -> None:
+        """Call on_pod("namespace/name") for each pod the scheduler marks Unschedulable, as it
+        happens, until `stop` is set. Blocks (run it in a thread); never raises.
+
+        A list of the pods with no node (fieldSelector spec.nodeName=; each unschedulable one is
+        reported, as a watch from scratch would report it ADDED), then a watch from the list's
+        resourceVersion: ADDED and MODIFIED pods that show PodScheduled=False, reason
+        Unschedulable are reported. A pod may be reported again (each time the scheduler rewrites
+        its condition, and after a relist): the caller coalesces. It reports and decides nothing.
+
+        - The server ends each watch after timeout_s: the next starts from the last
+          resourceVersion seen (bookmarks keep it fresh on a quiet cluster), nothing is missed.
+        - 410 Gone (that version is no longer kept): list again, then watch from the new one.
+        - API server unreachable or failing (network, 401/403/5xx): retried after
+          WATCH_BACKOFF_S, doubling up to WATCH_BACKOFF_MAX_S, from the last resourceVersion;
+          one warning per outage (a single dropped connection that reconnects at once is none).
+        """
+        what = "watching pods with no node"
+        selector = "spec.nodeName="
+        # Events as the API sends them (plain dicts, as _list reads them): no model classes, whose
+        # validation would fail the watch on every retry over one pod it did not expect.
+        w = kube_watch.Watch(return_type="object")
+        done = threading.Event()
+
+        def interrupt() -> None:  # Watch.stop() shuts the socket of a watch blocked in a read
+            while not done.wait(0.2):
+                if stop.is_set():
+                    w.stop()
+
+        threading.Thread(target=interrupt, name="watch-stop", daemon=True).start()
+
+        def report(pod: dict) -> None:
+            if is_unschedulable(pod):
+                try:
+                    on_pod(_pod_key(pod))
+                except Exception:  # noqa: BLE001 - the caller's bug must not end the watch
+                    log.exception("watch: the handler of pod %s failed", _pod_key(pod))
+
+        version: str | None = None  # None: list first
+        failures = 0
+        outage_since: float | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    if version is None:
+                        pods, version = self._list_versioned("listing pods with no node (to watch them)",
+                                                             self.core.list_pod_for_all_namespaces,
+                                                             field_selector=selector)
+                        for pod in pods:
+                            report(pod)
+                        if version is None:  # not a Kubernetes API server's list
+                            raise OperationError(f"Kubernetes API {self.host}: {what}: the pod list has no "
+                                                 "resourceVersion")
+                    else:
+                        started = time.monotonic()
+                        for event in w.stream(self.core.list_pod_for_all_namespaces, field_selector=selector,
+                                              resource_version=version, timeout_seconds=int(timeout_s),
+                                              allow_watch_bookmarks=True,
+                                              _request_timeout=(self._timeout, int(timeout_s) + WATCH_READ_SLACK_S)):
+                            if stop.is_set():
+                                break
+                            version = w.resource_version or version
+                            if failures:
+                                failures, outage_since = self._watch_back(outage_since), None
+                            if isinstance(event, dict) and event.get("type") in ("ADDED", "MODIFIED"):
+                                report(event.get("raw_object") or {})
+                        version = w.resource_version or version
+                        if time.monotonic() - started < 0.5:  # a proxy that ends watches at once: no busy loop
+                            stop.wait(1.0)
+                    if failures:  # a list, or a watch the server ended as asked
+                        failures, outage_since = self._watch_back(outage_since), None
+                except ApiException as exc:
+                    if stop.is_set():
+                        break
+                    if exc.status == 410:
+                        log.info("watch: resourceVersion %s is gone (410): listing again", version)
+                        version = None
+                        continue
+                    failures, outage_since = self._watch_failed(failures, outage_since, self._api_error(what, exc),
+                                                                stop)
+                except Exception as exc:  # noqa: BLE001 - the network, a bad answer: retried, never raised
+                    if stop.is_set():
+                        break
+                    failures, outage_since = self._watch_failed(failures, outage_since, self._watch_error(what, exc),
+                                                                stop)
+        finally:
+            done.set()
+
+    def _watch_error(self, what: str, exc: Exception) -> str:
+        if isinstance(exc, OperationError):
+            return str(exc)
+        if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
+            return f"Kubernetes API {self.host}: {what} failed: {_network_reason(exc, self._timeout)}"
+        return f"Kubernetes API {self.host}: {what} failed: {exc.__class__.__name__}: {exc}"
+
+    def _watch_failed(self, failures: int, outage_since: float | None, error, stop: threading.Event) \
+            -> tuple[int, float | None]:
+        """One more failed call: warn once per outage (from the second failure in a row: a
+        connection that drops and reconnects at once is not an outage), then back off."""
+        failures += 1
+        if failures == 2:
+            outage_since = time.monotonic()
+            log.warning("%s; retrying every %g s at most, reporting nothing until it answers again",
+                        str(error).rstrip("."), WATCH_BACKOFF_MAX_S)
+        stop.wait(min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_S * 2 ** (failures - 1)))
+        return failures, outage_since
+
+    def _watch_back(self, outage_since: float | None) -> int:
+        if outage_since is not None:
+            log.info("Kubernetes API %s answers again: watching pods with no node (outage %.0f s)", self.host,
+                     time.monotonic() - outage_since)
+        return 0
 
     # -- act -------------------------------------------------------------------------
 
