@@ -176,7 +176,7 @@ def cmd_balance(ctx: Context) -> int:
     # cron appends every pass to one log: each text line starts with the time of the pass.
     stamp = "" if ctx.args.json else iso(time.time())[:19] + " "
     try:
-        with pass_lock(ctx.site):
+        with pass_lock(ctx.site, wait_s=ctx.args.wait):
             report = _reconciler(ctx).run_pass(dry_run=ctx.args.dry_run)
     except PassLocked as exc:
         # cron starts a pass every minute; one still running is normal, not an error.
@@ -197,6 +197,27 @@ def cmd_run(ctx: Context) -> int:
     from provisioner import runner
 
     return runner.run(ctx.site, ctx.store)
+
+
+def cmd_slurm_program(ctx: Context) -> int:
+    from provisioner import slurm_programs
+
+    rec = slurm_programs.record(ctx.site, ctx.store, ctx.args.slurm_command, ctx.args.hostlist)
+    if rec.nodes:
+        print(f"{fold(rec.nodes)}: {rec.kind} asked by slurmctld; {rec.woke}")
+    if rec.ignored:
+        print(f"{fold(rec.ignored)}: not shared nodes; provisioner leaves them to SLURM", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_slurm_programs(ctx: Context) -> int:
+    from provisioner import slurm_programs
+
+    written = slurm_programs.write_programs(ctx.site, ctx.args.dir)
+    print(f"# wrote {', '.join(str(p) for p in written.values())}; add to slurm.conf, then `scontrol reconfigure`:")
+    for line in slurm_programs.slurm_conf_lines(ctx.site, written):
+        print(line)
+    return EXIT_OK
 
 
 def cmd_release(ctx: Context) -> int:
@@ -390,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("balance", cmd_balance, "one balancing pass: move shared nodes where work is pending (run by cron)")
     sp.add_argument("--dry-run", action="store_true", help="print the moves and reasons; change nothing")
+    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long for a running pass to finish (default: exit at once)")
     sp.add_argument("--json", action="store_true")
 
     add("run", cmd_run, "balance continuously: a pass at once on asks and unschedulable pods, else every "
@@ -459,6 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
     ssp.set_defaults(handler=cmd_ssh_known_hosts)
     ssp.add_argument("nodeset", nargs="?", help="hostlist expression, e.g. sn[01-04] (default: all)")
     ssp.add_argument("--json", action="store_true")
+
+    sl = sub.add_parser("slurm", help="slurmctld's power-saving programs (ResumeProgram, SuspendProgram, ...)",
+                        description="slurmctld's power-saving programs: shared nodes in Kubernetes are "
+                                    "'powered down' for SLURM; these record SLURM's asks for the balancer")
+    slsub = sl.add_subparsers(dest="slurm_command", metavar="SLURM_COMMAND", required=True)
+    for name, help_ in (("resume", "ResumeProgram: SLURM gave jobs to these nodes; switch them to SLURM"),
+                        ("suspend", "SuspendProgram: idle in SLURM; back to the shared pool (to Kubernetes if it "
+                                    "has work, else powered off)"),
+                        ("resume-fail", "ResumeFailProgram: SLURM gave up waiting for these nodes")):
+        ssp = slsub.add_parser(name, help=help_, description=help_ + ". Records the ask and returns at once.")
+        ssp.set_defaults(handler=cmd_slurm_program)
+        ssp.add_argument("hostlist", help="as slurmctld passes it, e.g. sn[01-02]")
+    help_ = "write the three program wrappers into DIR and print the slurm.conf lines for them"
+    ssp = slsub.add_parser("programs", help=help_, description=help_)
+    ssp.set_defaults(handler=cmd_slurm_programs)
+    ssp.add_argument("--dir", type=Path, required=True, help="e.g. /usr/local/sbin (slurmctld must be able to run them)")
 
     sp = add("history", cmd_history, "show the event log, oldest first")
     sp.add_argument("nodeset", nargs="?", help="only these nodes (default: everything)")

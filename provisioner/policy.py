@@ -392,7 +392,7 @@ def decide(snap: Snapshot) -> Decision:
 
     moved = {m.node for m in moves}
     slurm_hold = {n.name: _why_not(n, SLURM, snap) for n in snap.nodes
-                  if n.role == K8S and n.phase == STEADY and n.name not in moved}
+                  if n.role == K8S and n.phase == STEADY and n.name not in moved and n.name not in asked_names}
     power_off = []
     for name, ask in released.items():
         if name in moved:

@@ -735,7 +735,8 @@ class Reconciler:
         """Power a node that stays in SLURM: on (SLURM gave it a job) or off (SLURM suspended it).
         Re-checked right before: never while jobs run there."""
         s = self.slurm.nodes([name])[name]
-        if s.runs_jobs or (action == "off" and not s.powered_down):
+        expects_boot = s.powered_down or "powering_up" in s.flags  # SLURM waits for it to boot
+        if s.runs_jobs or (action == "off" and not s.powered_down) or (action == "boot" and not expects_boot):
             report.notes.append(f"{name}: not powering {action}: SLURM shows it {describe_slurm(s)}")
             return
         result = self.power(self.site, [self.site.nodes[name]], action, netboot=action == "boot", store=self.store,
@@ -754,7 +755,9 @@ class Reconciler:
             try:
                 if why is not None and not (s.drain or s.down):
                     s = self.slurm.drain([name], f"in Kubernetes: {why}")[name]
-                if not (s.powered_down or s.flags & {"power_down", "powering_up"}):
+                # Powering up with no switch of ours behind it (a resume refused or failed, SLURM
+                # still waiting for ResumeTimeout): powered down again, its job requeued now.
+                if not (s.powered_down or "power_down" in s.flags):
                     if not s.down and (s.state == "unknown" or not s.responding):
                         # A node whose slurmd never registered takes no power_down: down it first.
                         self.slurm.down([name], "in Kubernetes")

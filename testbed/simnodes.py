@@ -114,7 +114,7 @@ class SimSite:
     def __init__(self, workdir: str | os.PathLike, fixed: str = "cn[01-02]", shared: str = "sn[01-04]",
                  fixed_k8s: str = "kn01", roles: dict[str, str] | None = None, boot_delay: float = 0.2,
                  join_delay: float = 0.0, policy: dict | None = None, power: dict | None = None,
-                 kube: KubeCluster | None = None):
+                 kube: KubeCluster | None = None, slurm_conf: str = "", slurm_settings: dict | None = None):
         self.workdir = Path(workdir).resolve()
         self.fixed = expand(fixed) if fixed else []
         self.shared = expand(shared)
@@ -124,6 +124,8 @@ class SimSite:
         self.join_delay = self.default_join_delay = join_delay
         self.policy = {**FAST_POLICY, **(policy or {})}
         self.power = {**FAST_POWER, **(power or {})}
+        self.slurm_conf_extra = slurm_conf  # more slurm.conf lines (e.g. power saving)
+        self.slurm_settings = dict(slurm_settings or {})  # more keys of the site's slurm: section
         self.nodes = {n: SimNode(n, mac(i, 3), f"127.0.0.{10 + i}", self.initial_roles[n])
                       for i, n in enumerate(self.shared, start=1)}
         self.slurm: SlurmCluster | None = None
@@ -150,7 +152,10 @@ class SimSite:
             in_slurm = [n for n, r in self.initial_roles.items() if r == "slurm" and self.host_daemons]
             self.slurm = SlurmCluster(self.workdir / "slurm", nodes=[*self.fixed, *self.shared],
                                       started=[*self.fixed, *in_slurm],
-                                      extra_conf="SchedulerParameters=batch_sched_delay=0,sched_interval=2")
+                                      extra_conf="SchedulerParameters=batch_sched_delay=0,sched_interval=2\n"
+                                      + self.slurm_conf_extra,
+                                      # with power saving, slurmctld wants a node it powers up to have booted
+                                      fresh_boot=self.shared if self.slurm_settings.get("power_saving") else ())
             self.slurm.start()
             if self._own_kube:
                 self.kube = KubeCluster(self.workdir / "kube").start()
@@ -201,7 +206,7 @@ class SimSite:
         return write_site(
             self.workdir / "site", nodes=nodes,
             site={"boot_url": url, "listen": f"127.0.0.1:{self.port}", "name": "sim"},
-            slurm=self.slurm.site_section(),
+            slurm=self.slurm.site_section(**self.slurm_settings),
             kubernetes={"kubeconfig": str(self.kube.provisioner_kubeconfig), "timeout_s": 5, **(kubernetes or {})},
             policy={**self.policy, **(policy or {})},
             power={**self.power, **(power or {})},
@@ -302,7 +307,8 @@ class SimSite:
     def _check_no_work(self, name: str, action: str) -> None:
         if action not in ("off", "soft", "reset", "cycle"):
             return
-        jobs = self.slurm.run("squeue", "-h", "-w", name, "-o", "%i", check=False).split()
+        # Running work only: a job waiting for this node to power up (CONFIGURING) runs nowhere yet.
+        jobs = self.slurm.run("squeue", "-h", "-w", name, "-t", "R,CG,S", "-o", "%i", check=False).split()
         pods = [p["metadata"]["name"] for p in self.kube.pods(name)
                 if p["status"].get("phase") not in ("Succeeded", "Failed")
                 and not any(o.get("kind") == "DaemonSet" for o in p["metadata"].get("ownerReferences") or [])]
@@ -408,7 +414,8 @@ class SimSite:
         site = config.load(self.config)
         rec = Reconciler(site, self.store, kube=kube)
         try:
-            with pass_lock(site):
+            # A pass started elsewhere (slurmctld's programs, `provisioner run`) may hold the lock.
+            with pass_lock(site, wait_s=60):
                 report = rec.run_pass().as_dict()
         finally:
             if rec._kube is not None and kube is None:

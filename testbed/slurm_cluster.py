@@ -67,6 +67,7 @@ class SlurmCluster:
         extra_conf: str = "",
         cpus: int = 1,
         node_options: dict[str, str] | None = None,
+        fresh_boot: Iterable[str] = (),
     ):
         self.workdir = Path(workdir).resolve()
         self.nodes: list[str] = [n for expr in nodes for n in expand(expr)]
@@ -78,6 +79,10 @@ class SlurmCluster:
         self.cpus = cpus
         # {hostlist: "Gres=gpu:2 ..."}: extra NodeName= options for some nodes
         self.node_options = {n: opts for expr, opts in (node_options or {}).items() for n in expand(expr)}
+        # Nodes whose slurmd starts as if the machine had just booted (its own time namespace,
+        # uptime ~1 s): slurmctld accepts a node it powers up (SLURM power saving) only when the
+        # node reports a boot after the resume; the host's uptime would say "booted long ago".
+        self.fresh_boot = {n for e in fresh_boot for n in expand(e)}
         self.slurm_conf = self.workdir / "slurm.conf"
         # in run/ (0755), not next to the key: clients running as another user must reach it
         self.munge_socket = self.workdir / "run" / "munge.socket.2"
@@ -149,7 +154,12 @@ class SlurmCluster:
         with self._lock:
             if self.running(key):
                 return
-            self._spawn(key, [_binary("slurmd"), "-D", "-N", node, "-f", str(self.slurm_conf)])
+            argv = [_binary("slurmd"), "-D", "-N", node, "-f", str(self.slurm_conf)]
+            if node in self.fresh_boot:
+                with open("/proc/uptime") as f:
+                    up = int(float(f.read().split()[0]))  # its uptime starts below 1 s
+                argv = ["unshare", "--time", "--fork", "--kill-child=SIGTERM", f"--boottime=-{up}", *argv]
+            self._spawn(key, argv)
         if wait:
             # Registered = slurmctld saw this slurmd start (not only "no longer NOT_RESPONDING").
             wait_for(lambda: self._check_alive(key) or self._registered(node), 20, f"slurmd {node} to register")

@@ -116,7 +116,7 @@ def test_role_now_switches_through_the_state_machine_and_the_boot_script_follows
         sim.slurm.wait_job_running(sim.slurm.sbatch(nodelist=n))
     sim.submit_pending()
     _, report = sim.balance()
-    assert report["moves"] == [] and any("sn01: not moved to slurm: pinned by an admin" in n for n in report["notes"])
+    assert report["moves"] == [] and any("sn01: not moved to slurm: pinned to k8s by an admin" in n for n in report["notes"])
 
     # And back, also with --now; done means serving: the node is resumed only once its new
     # slurmd has registered (SLURM still believes the old one answers for a few seconds).
@@ -181,7 +181,7 @@ def test_pinned_nodes_and_minimums_are_respected(balance_site):
     moves = sorted((m["node"], m["to"]) for r in reports for m in r["moves"])
     assert moves == [("sn02", "k8s"), ("sn03", "k8s")]
     notes = [n for r in reports for n in r["notes"]]
-    assert any("sn01: not moved to k8s: pinned by an admin" in n for n in notes)
+    assert any("sn01: not moved to k8s: pinned to slurm by an admin" in n for n in notes)
     assert any("slurm keeps its minimum of 2 shared node(s)" in n for n in notes)
     assert sim.serving("sn01") == sim.serving("sn04") == {"slurm"}
     assert sim.bmc_actions("sn01") == sim.bmc_actions("sn04") == []

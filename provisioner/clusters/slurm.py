@@ -480,10 +480,12 @@ class SlurmAdapter:
         busy = [n for n, node in current.items() if node.runs_jobs]
         if busy:
             raise OperationError(f"not powering down {fold(busy)} in SLURM: jobs run there; drain first and wait")
-        todo = [n for n, node in current.items() if not (node.powered_down or "power_down" in node.flags)]
+        todo = [n for n, node in current.items()
+                if not (node.powered_down or "power_down" in node.flags) or "powering_up" in node.flags]
         if todo:
             self._update(todo, "state=power_down_force")
-        return self._verify(current, lambda n: n.powered_down or "power_down" in n.flags, "powering down")
+        return self._verify(current, lambda n: (n.powered_down or "power_down" in n.flags)
+                            and "powering_up" not in n.flags, "powering down")
 
     def power_up(self, nodes: str | Iterable[str]) -> dict[str, SlurmNode]:
         """Tell slurmctld that powered-down nodes are coming up (`state=power_up`): it runs its
