@@ -265,3 +265,51 @@ def test_a_failed_power_action_is_tried_again_on_the_next_pass(site, tmp_path):
     assert len(power.calls) == 2
     assert after.phase == FAILED and "power action failed 2 times" in after.failed_reason
     store.close()
+
+
+def test_a_node_slurm_gave_up_on_is_failed(site, tmp_path):
+    """slurmctld's ResumeFailProgram: a node it powered up did not register within ResumeTimeout.
+    Steady in SLURM (powered on for a job, never came): given-up -> failed; switching to SLURM:
+    the switch fails. Either way with the reason, and the ask answered."""
+    store = Store(str(tmp_path / "state.db"))
+    store.seed((n.name, n.default_role) for n in site.nodes.values())
+    shared = [n.name for n in site.nodes.values() if n.shared]
+    a, b = shared[0], shared[1]
+    store.update(a, actor="test", kind="test", message="arranged", phase=STEADY, desired_role=SLURM)
+    store.update(b, actor="test", kind="test", message="arranged", phase=BOOTING, target_role=SLURM,
+                 desired_role=SLURM, phase_since=NOW - 5, switch_actor="balancer")
+    store.add_asks([a, b], "resume-fail", source="slurmctld", reason="ResumeFailProgram", actor="slurmctld")
+    slurm = FakeSlurm(**{n: slurm_node(n, state="down", reason="ResumeTimeout reached", reason_is_ours=False)
+                         for n in shared})
+    rec = Reconciler(site, store, slurm=slurm, kube=FakeKube(), power=FakePower(), clock=lambda: NOW)
+    report = PassReport(dry_run=False)
+    rec._given_up(rec.observe(), report)
+    for name, phase in ((a, STEADY), (b, BOOTING)):
+        st = store.get(name)
+        assert st.phase == FAILED and "slurmctld gave up waiting for it" in st.failed_reason, st
+        transition(phase, FAILED, SLURM)
+    assert store.open_asks() == []
+    assert [e.kind for e in store.events([a], kinds=["ask-done"])] == ["ask-done"]
+    store.close()
+
+
+def test_a_refused_resume_holds_the_node_in_slurm_and_powers_it_down(site, tmp_path):
+    """The policy refuses slurmctld's ask (the node is pinned to k8s): drained with the reason and
+    powered down again in SLURM (the job requeued now), and the refusal in the history."""
+    store = Store(str(tmp_path / "state.db"))
+    store.seed((n.name, n.default_role) for n in site.nodes.values())
+    name = next(n.name for n in site.nodes.values() if n.shared)
+    store.update(name, actor="test", kind="test", message="arranged", phase=STEADY, desired_role=K8S, pinned=1)
+    store.add_asks([name], "resume", source="slurmctld", reason="ResumeProgram for JobId=9", actor="slurmctld")
+    slurm = FakeSlurm(**{n.name: slurm_node(n.name, state="allocated", flags=frozenset({"powering_up"}))
+                         for n in site.nodes.values()})
+    kube = FakeKube(**{n.name: kube_node(n.name) for n in site.nodes.values() if n.shared})
+    rec = Reconciler(site, store, slurm=slurm, kube=kube, power=FakePower(), clock=lambda: NOW)
+    report = rec.run_pass()
+    assert ("drain", (name,), "resume refused: pinned to k8s by an admin") in slurm.calls
+    assert ("power_down", (name,)) in slurm.calls
+    refused = store.events([name], kinds=["ask-refused"])
+    assert refused and "pinned to k8s by an admin" in refused[-1].message
+    assert store.get(name).desired_role == K8S and store.open_asks() == []
+    assert any(s.action == "ask-refused" for s in report.steps)
+    store.close()
