@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "boot_storm": "bench.boot_storm",
     "decide": "bench.decide",
     "observe": "bench.observe",
+    "reaction": "bench.reaction",
     "vm_boot": "bench.vm_boot",
 }
 
