@@ -361,6 +361,12 @@ def cmd_image_unpin(ctx: Context) -> int:
     return report_changed(names, changed, "unpinned; they boot the current version", "were not pinned")
 
 
+def cmd_simulate(ctx: Context) -> int:
+    from provisioner.simulate.command import run
+
+    return run(ctx.args)
+
+
 def cmd_ssh_known_hosts(ctx: Context) -> int:
     from provisioner import hostkeys
 
@@ -498,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     ssp = slsub.add_parser("programs", help=help_, description=help_)
     ssp.set_defaults(handler=cmd_slurm_programs)
     ssp.add_argument("--dir", type=Path, required=True, help="e.g. /usr/local/sbin (slurmctld must be able to run them)")
+
+    from provisioner.simulate.command import add_arguments as add_simulate_arguments  # no matplotlib at start-up
+
+    sp = add("simulate", cmd_simulate, "replay a SLURM job trace (SWF) and a pod load in simulated time: the static "
+                                       "split, the paper's cron rule, provisioner's policy and a bound, side by side")
+    add_simulate_arguments(sp)
 
     sp = add("history", cmd_history, "show the event log, oldest first")
     sp.add_argument("nodeset", nargs="?", help="only these nodes (default: everything)")
