@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "decide": "bench.decide",
     "observe": "bench.observe",
     "reaction": "bench.reaction",
+    "simulate": "bench.simulate",
     "vm_boot": "bench.vm_boot",
 }
 

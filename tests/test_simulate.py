@@ -250,3 +250,20 @@ def test_without_matplotlib_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(report.MissingDependency, match=r"pip install 'provisioner\[simulate\]'"):
         report.pyplot()
+
+
+def test_skipping_decide_when_it_cannot_move_anything_changes_nothing(monkeypatch):
+    rnd = __import__("random").Random(3)
+    cl = Cluster(slurm_nodes=3, k8s_nodes=1, shared_nodes=5, cpus=8, memory_gb=32)
+    jobs = [job(i, rnd.uniform(0, 40000), rnd.uniform(60, 6000), rnd.choice([1, 1, 2, 4])) for i in range(120)]
+    jobs.sort(key=lambda j: j.submit)
+    pods = podsmod.generate(120, 40000, 16, load=0.9, seed=3, node_cores=8)
+    for pol in (EAGER, Policy(min_nodes={SLURM: 1, K8S: 0}, cooldown_s=600, demand_persist_s=120, max_in_flight=1)):
+        skipped = engine.Simulation("provisioner", cl, jobs, pods, settings(pol)).run()
+        monkeypatch.setattr(engine.Simulation, "always_decide", True)
+        every = engine.Simulation("provisioner", cl, jobs, pods, settings(pol)).run()
+        monkeypatch.setattr(engine.Simulation, "always_decide", False)
+        assert every.decide_calls > skipped.decide_calls
+        assert (skipped.job_waits, skipped.pod_waits, skipped.switches, skipped.flaps) == \
+            (every.job_waits, every.pod_waits, every.switches, every.flaps)
+        assert sum(skipped.switches.values()) > 0

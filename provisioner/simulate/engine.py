@@ -171,6 +171,7 @@ def wait_stats(waits: list[float]) -> dict:
 
 
 class Simulation:
+    always_decide = False  # the tests turn the skipping of no-op decide() calls off, to compare
     def __init__(self, kind: str, cluster: Cluster, jobs: list[Job], pods: list[Pod], settings: Settings):
         if kind not in POLICIES:
             raise ValueError(f"unknown policy {kind!r}; one of {', '.join(POLICIES)}")
@@ -525,12 +526,21 @@ class Simulation:
 
     def provisioner_moves(self) -> list[tuple[Node, str]]:
         p = self.st.policy
-        movable = any(n.phase == STEADY and not n.busy and
-                      (n.last_switch_at is None or self.now - n.last_switch_at >= p.cooldown_s)
-                      for n in self.shared)
+        # decide() moves a node to a side only when that side has pending work (seen for
+        # demand_persist_s), a switch slot is free, and an idle steady shared node on the other side
+        # is out of its cooldown. When no side passes these checks, decide() would move nothing:
+        # skip the call and keep only the persistence clock, as the reconciler's store does.
+        movable = self.always_decide
+        if not movable and sum(1 for n in self.shared if n.phase != STEADY) < p.max_in_flight:
+            for to, items in ((SLURM, self.queue), (K8S, self.pending)):
+                since = self.demand_since[to]
+                if not items or (p.demand_persist_s > 0 and (since is None or self.now - since < p.demand_persist_s)):
+                    continue
+                if any(n.role != to and n.phase == STEADY and not n.busy and
+                       (n.last_switch_at is None or self.now - n.last_switch_at >= p.cooldown_s) for n in self.shared):
+                    movable = True
+                    break
         if not movable:
-            # decide() could move nothing (every shared node switching, busy or cooling down):
-            # only the persistence clock needs keeping, as the reconciler's store does.
             for side, items in ((SLURM, self.queue), (K8S, self.pending)):
                 if not items:
                     self.demand_since[side] = None
