@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -267,3 +268,17 @@ def test_skipping_decide_when_it_cannot_move_anything_changes_nothing(monkeypatc
         assert (skipped.job_waits, skipped.pod_waits, skipped.switches, skipped.flaps) == \
             (every.job_waits, every.pod_waits, every.switches, every.flaps)
         assert sum(skipped.switches.values()) > 0
+
+
+def test_knobs_from_a_site_and_a_pod_trace(tmp_path, capsys):
+    trace = tmp_path / "tiny.swf"
+    trace.write_text(TRACE)
+    pods_csv = tmp_path / "pods.csv"
+    pods_csv.write_text("arrival,duration,cpu,memory,gpus\n" + "".join(f"{i * 500},900,4,8,0\n" for i in range(30)))
+    assert main(["simulate", "--slurm-trace", str(trace), *SMALL, "--no-plots", "--json", "--policies", "provisioner",
+                 "--site", str(Path(__file__).resolve().parent.parent / "examples" / "site.yaml"), "--set", "cooldown_s=60",
+                 "--pod-trace", str(pods_csv)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["provisioner_knobs"] == {"cooldown_s": 60, "demand_persist_s": 120, "max_in_flight": 2,
+                                         "share_rule": "proportional", "min_nodes": {"slurm": 1, "k8s": 0}}
+    assert data["pods"]["pods"] == 30 and data["rows"][0]["pods"]["count"] == 30

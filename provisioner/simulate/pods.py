@@ -2,8 +2,8 @@
 
 The CSV has a header line naming the columns `arrival,duration,cpu,memory,gpus` (any order,
 extra columns ignored; memory and gpus may be left out): arrival and duration in seconds, cpu in
-cores (0.5 = 500m), memory in GiB, gpus a whole number. Arrivals are shifted so the first is at 0
-only when told (`align`); by default they share the SLURM trace's clock (its first job at 0).
+cores (0.5 = 500m), memory in GiB, gpus a whole number. Arrivals are on the SLURM trace's clock
+as the simulator uses it: seconds since the trace's first job.
 
 The generator (`generate`): `count` pods over `span_s` seconds,
 - arrivals: a Poisson process whose rate follows a day: rate(t) = mean * (1 + 0.8 sin(2 pi (t -
