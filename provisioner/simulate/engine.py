@@ -8,7 +8,8 @@ in simulated time, under one of four policies:
   their CPUs over a node's); no persistence, no cooldown, no limit on switches in flight, no
   minimum, and nothing subtracted for nodes already on their way;
 - `provisioner`: `provisioner.policy.decide()`, unchanged, called every pass with a snapshot of
-  the simulated world and the site's knobs, exactly as `provisioner balance` calls it;
+  the simulated world and the site's knobs, as `provisioner balance` calls it (a pass where its
+  own rules allow no move skips the call; `always_decide` turns that off, for the tests);
 - `bound`: one pool and zero switch time: an idle shared node serves whichever side asks for it,
   at once (not a strict optimum, but what no switching policy can beat by much).
 
