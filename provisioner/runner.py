@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import sys
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -67,6 +68,22 @@ class AlreadyRunning(UsageError):
 
 def lock_path(site: Site) -> Path:
     return Path(str(site.store) + ".run.lock")
+
+
+def wake_path(site: Site) -> Path:
+    """A datagram socket the loop listens on: whoever records an ask sends a byte, and the loop
+    reads the asks at once instead of at its next poll (the poll stays, for other hosts)."""
+    return Path(str(site.store) + ".run.sock")
+
+
+def notify(site: Site) -> bool:
+    """Tell a running loop that asks are waiting. Best effort: False when nobody listens."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"ask", str(wake_path(site)))
+        return True
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -180,6 +197,7 @@ class Loop:
                                                                   else " (run.watch_kubernetes is off)"))
         if s.watch_kubernetes:
             threading.Thread(target=self._watch, name="watch-unschedulable", daemon=True).start()
+        self._listen()
         seen = self._poll_asks(None)
         self.wakeups.add(START)
         next_due, due_why = time.monotonic(), TIMER
@@ -199,6 +217,32 @@ class Loop:
             last_end = time.monotonic()
             next_due = last_end + delay
         return 0
+
+    def _listen(self) -> None:
+        """notify()'s datagrams end the loop's wait at once (it then reads the asks)."""
+        path = wake_path(self.site)
+        try:
+            path.unlink(missing_ok=True)  # a socket left by a loop that died (we hold the run lock)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(str(path))
+        except OSError as exc:
+            self.log(f"no wake-up socket {path} ({exc}); asks are read every {self.settings.ask_poll_s:g} s")
+            return
+
+        def serve() -> None:
+            sock.settimeout(1.0)
+            while not self.stop.is_set():
+                try:
+                    sock.recv(64)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                self.wakeups.kick.set()
+            sock.close()
+            path.unlink(missing_ok=True)
+
+        threading.Thread(target=serve, name="wake-socket", daemon=True).start()
 
     def _poll_asks(self, seen: int | None) -> int | None:
         """Asks recorded since `seen` (the newest ask id the loop knew) wake a pass."""

@@ -90,6 +90,7 @@ def wake(site: Site) -> str:
     from provisioner import runner
 
     if runner.daemon_running(site):
+        runner.notify(site)
         return "provisioner run will answer"
     env = {**os.environ}
     env.setdefault("PATH", DEFAULT_PATH)

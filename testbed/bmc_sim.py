@@ -86,6 +86,12 @@ def _server_classes():
             SimServerSession(self.bmc.authdata, self.bmc.kg, self.sockaddr, self.socket, data,
                              self.bmc.uuid, bmc=self.bmc)
 
+        def sessionless_data(self, data, sockaddr):
+            # pyghmi hands a closed session the packets still queued for it as "sessionless";
+            # ServerSession has no such handler (the AttributeError killed the simulator's loop
+            # in CI): they go to the BMC, as new packets would.
+            self.bmc.sessionless_data(data, sockaddr)
+
         def close_server_session(self):
             # Forget the session, so the next login from the same client port starts afresh.
             handlers = ipmisession.Session.bmc_handlers.get(self.sockaddr)
@@ -239,9 +245,14 @@ def serve(specs: list[dict], address: str, notify: Callable[[dict], None]) -> di
 
 
 def run_forever() -> None:
+    import traceback
+
     _, ipmisession = _server_classes()
     while True:
-        ipmisession.Session.wait_for_rsp(30)
+        try:
+            ipmisession.Session.wait_for_rsp(30)
+        except Exception:  # noqa: BLE001 - one bad packet must not kill every BMC of the simulator
+            traceback.print_exc()
 
 
 # ----------------------------------------------------------------------------- child process

@@ -30,8 +30,10 @@ def test_paper_scenario_pending_job_gets_an_idle_k8s_node(balance_site):
     sim = balance_site(roles=ALL_K8S)
     running = sim.fill_fixed()
     job = sim.submit_pending("--job-name=needs-a-node")
-    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] == "RUNNING", timeout=60,
-                               what=f"job {job} to run on a shared node")
+    # SLURM may start the job on the resumed node a pass before the balancer records the switch
+    # done (it waits for SLURM to show the node available): wait for both.
+    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] == "RUNNING" and sim.state("sn01").phase == "steady",
+                               timeout=60, what=f"job {job} to run on a shared node, and the switch to end")
 
     node = sim.slurm.job_state(job)[1]
     assert node == "sn01"  # one node moved, the first by name

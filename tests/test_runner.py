@@ -167,8 +167,11 @@ def test_run_reacts_to_an_unschedulable_pod_and_to_an_ask_and_stops_on_sigterm(b
 
         # slurmctld's ResumeProgram records an ask: a pass answers it.
         sim.store.add_asks(["sn02"], "resume", source="slurmctld", reason="ResumeProgram", actor="slurmctld")
-        wait_for(lambda: "pass (ask from slurmctld: sn02 resume)" in log.read_text(), 60,
-                 "a pass woken by the ask")
+        # (other things may wake the same pass: "pass (...; ask from slurmctld: sn02 resume...)")
+        try:
+            wait_for(lambda: "ask from slurmctld: sn02 resume" in log.read_text(), 120, "a pass woken by the ask")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; the daemon's log ends:\n{log.read_text()[-3000:]}") from None
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
