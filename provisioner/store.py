@@ -1,10 +1,15 @@
-"""State store: per-node roles and transition phases, and an append-only event log, in SQLite.
+"""State store: per-node roles and transition phases, and an append-only event log, in SQLite
+(the embedded default) or PostgreSQL (site.store: postgresql://USER@HOST:PORT/DB; store_pg.py).
 
 Several processes use it at once (the boot server's workers, the cron-run balancer, the CLI), so:
 WAL journal (readers never block the writer), a busy timeout instead of "database is locked"
 errors, and every write in a `BEGIN IMMEDIATE` transaction that also appends its event, so a
 change and its audit record land together or not at all. The schema is versioned with
 `PRAGMA user_version` and migrated forward on open.
+
+`Store(target)` is the one interface: a path opens SQLite, a postgresql:// URL returns a PgStore
+(provisioner/store_pg.py: the same schema versions, compare-and-set and append-only event log;
+the SQL below is written so that both run it). `open_store(site)` opens the site's store.
 """
 
 from __future__ import annotations
@@ -199,11 +204,37 @@ def default_actor() -> str:
     return f"admin:{user}"
 
 
-class Store:
-    """One SQLite database. Connections are per thread (the WSGI server uses threads)."""
+def is_url(target: Any) -> bool:
+    """A PostgreSQL store URL (postgresql:// or postgres://), rather than an SQLite file path."""
+    return isinstance(target, str) and target.split("://", 1)[0] in ("postgresql", "postgres") and "://" in target
 
-    def __init__(self, path: str | os.PathLike, timeout_s: float = 30.0):
+
+def open_store(site: Any, timeout_s: float = 30.0) -> "Store":
+    """The site's store: site.store_url (PostgreSQL) when the config gives one, else the SQLite
+    file site.store."""
+    url = getattr(site, "store_url", None)
+    if url:
+        return Store(url, timeout_s=timeout_s, password_file=getattr(site, "store_password_file", None))
+    return Store(site.store, timeout_s=timeout_s)
+
+
+class Store:
+    """One SQLite database. Connections are per thread (the WSGI server uses threads).
+
+    Store(postgresql://...) returns a store_pg.PgStore instead (same methods)."""
+
+    backend = "sqlite"
+
+    def __new__(cls, target: Any = None, *args: Any, **kwargs: Any):
+        if cls is Store and is_url(target):
+            from provisioner.store_pg import PgStore
+
+            return super().__new__(PgStore)
+        return super().__new__(cls)
+
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 30.0, password_file: Any = None):
         self.path = Path(path)
+        self.where = str(self.path)  # for messages
         self.timeout_s = timeout_s
         self._local = threading.local()
         try:
@@ -225,7 +256,7 @@ class Store:
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
             except sqlite3.Error as exc:
-                raise OperationError(f"cannot open the store {self.path}: {exc}; check site.store") from None
+                raise OperationError(f"cannot open the store {self.where}: {exc}; check site.store") from None
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
             self._local.pid = os.getpid()  # a forked worker must not reuse its parent's handle
@@ -244,7 +275,7 @@ class Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise OperationError(f"store {self.path} is busy ({exc}); try again") from None
+            raise OperationError(f"store {self.where} is busy ({exc}); try again") from None
         try:
             yield conn
         except BaseException:
@@ -260,7 +291,7 @@ class Store:
             return
         if version > SCHEMA_VERSION:
             raise OperationError(
-                f"store {self.path} has schema version {version}, newer than this provisioner "
+                f"store {self.where} has schema version {version}, newer than this provisioner "
                 f"({SCHEMA_VERSION}); upgrade provisioner"
             )
         with self.transaction() as c:
@@ -289,7 +320,7 @@ class Store:
         with self.transaction() as c:
             for name, role in missing:
                 cur = c.execute(
-                    "INSERT OR IGNORE INTO nodes (name, desired_role, updated_at) VALUES (?, ?, ?)",
+                    "INSERT INTO nodes (name, desired_role, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
                     (name, role, now),
                 )
                 if cur.rowcount:
@@ -333,7 +364,7 @@ class Store:
                 if old_role == role and old_pinned == new_pinned:
                     continue
                 c.execute(
-                    "UPDATE nodes SET desired_role = ?, pinned = ?, pin_reason = CASE WHEN ? THEN ? ELSE pin_reason END,"
+                    "UPDATE nodes SET desired_role = ?, pinned = ?, pin_reason = CASE WHEN ? = 1 THEN ? ELSE pin_reason END,"
                     " updated_at = ? WHERE name = ?",
                     (role, int(new_pinned), int(pin), reason, now, name),
                 )
@@ -481,11 +512,11 @@ class Store:
         now, ids = time.time(), []
         with self.transaction() as c:
             for node in nodes:
-                cur = c.execute("INSERT INTO asks (node, kind, source, reason, created_at) VALUES (?, ?, ?, ?, ?)",
-                                (node, kind, source, reason, now))
-                ids.append(cur.lastrowid)
+                ask_id = c.execute("INSERT INTO asks (node, kind, source, reason, created_at) VALUES (?, ?, ?, ?, ?)"
+                                   " RETURNING id", (node, kind, source, reason, now)).fetchone()[0]
+                ids.append(ask_id)
                 self._event(c, now, node, actor, "ask", f"{source} asks: {kind}: {reason}",
-                            {"ask": cur.lastrowid, "kind": kind, "source": source})
+                            {"ask": ask_id, "kind": kind, "source": source})
         return ids
 
     def open_asks(self) -> list[Ask]:
@@ -513,11 +544,34 @@ class Store:
                             {"ask": ask.id, "kind": ask.kind, "source": ask.source, "outcome": outcome})
         return bool(cur.rowcount)
 
+    # -- whole tables (store copy) -------------------------------------------------
+
+    COPY_TABLES = ("nodes", "events", "asks", "image_pins", "demand")
+
+    def count_rows(self, table: str) -> int:
+        if table not in self.COPY_TABLES:
+            raise ValueError(f"unknown table {table!r}")
+        return int(self._conn().execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    def table_rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of one of the state tables, as dicts, in key order."""
+        if table not in self.COPY_TABLES:
+            raise ValueError(f"unknown table {table!r}")
+        order = {"nodes": "name", "events": "id", "asks": "id", "image_pins": "node, image", "demand": "side"}[table]
+        return [dict(r) for r in self._conn().execute(f"SELECT * FROM {table} ORDER BY {order}")]
+
     # -- events --------------------------------------------------------------------
 
     def add_event(self, node: str | None, actor: str, kind: str, message: str, data: dict | None = None) -> None:
         with self.transaction() as c:
             self._event(c, time.time(), node, actor, kind, message, data)
+
+    def in_list(self, column: str) -> str:
+        """SQL: `column` is one of the values of one parameter (list_arg)."""
+        return f"{column} IN (SELECT value FROM json_each(?))"
+
+    def list_arg(self, values: list) -> Any:
+        return json.dumps(values)
 
     def _event(self, c, ts, node, actor, kind, message, data) -> None:
         c.execute(
@@ -530,13 +584,11 @@ class Store:
         """Events oldest first; the last `limit` of them when limit is given."""
         where, args = [], []
         if nodes is not None:
-            nodes = list(nodes)
-            q = "SELECT value FROM json_each(?)"
-            where.append(f"(node IN ({q})" + (" OR node IS NULL)" if include_site else ")"))
-            args.append(json.dumps(nodes))
+            where.append(f"({self.in_list('node')}" + (" OR node IS NULL)" if include_site else ")"))
+            args.append(self.list_arg(list(nodes)))
         if kinds is not None:
-            where.append("kind IN (SELECT value FROM json_each(?))")
-            args.append(json.dumps(list(kinds)))
+            where.append(self.in_list("kind"))
+            args.append(self.list_arg(list(kinds)))
         sql = "SELECT * FROM events"
         if where:
             sql += " WHERE " + " AND ".join(where)

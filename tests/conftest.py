@@ -29,6 +29,7 @@ pytest_plugins = [
     "tests.fixtures.balance",
     "tests.fixtures.tinyimage",
     "tests.fixtures.vms",
+    "tests.fixtures.postgres",
 ]
 
 
