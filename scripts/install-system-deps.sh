@@ -21,6 +21,8 @@ PACKAGES=(
   # boot-storm benchmark baseline and load generator
   nginx-light wrk
   sqlite3 curl ca-certificates
+  # /metrics scraped by a real Prometheus, promtool checks the example alert rules
+  prometheus
 )
 
 missing=()

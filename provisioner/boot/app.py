@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 from flask import Flask, Response, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
+from provisioner.boot.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BootMetrics
 from provisioner.boot.render import Script
 from provisioner.boot.service import BootService, OverlayArchive, Reply
 from provisioner.model import Site
@@ -31,21 +32,29 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # callbacks are tiny; refuse floods early
     service = BootService(site, store)
     app.extensions["provisioner.boot"] = service
+    metrics = BootMetrics(site, service.store)
+    app.extensions["provisioner.metrics"] = metrics
 
     @app.get("/boot.ipxe")
     def boot_stage1():
-        return _ipxe(service.stage1())
+        script = service.stage1()
+        metrics.boot("stage1")
+        return _ipxe(script)
 
     @app.get("/ipxe")
     def node_script():
-        return _ipxe(service.node_script(request.args.get("mac", ""), request.remote_addr).script)
+        res = service.node_script(request.args.get("mac", ""), request.remote_addr)
+        metrics.boot(res.outcome, res.plan.role if res.plan is not None else None)
+        return _ipxe(res.script)
 
     @app.post("/api/v1/nodes/<name>/booted")
     def booted(name: str):
         body = request.get_json(silent=True) if request.is_json else None
         fields = body if isinstance(body, dict) else request.form
         token = fields.get("token") or request.args.get("token") or _bearer()
-        return _json(service.booted(name, fields, token, request.remote_addr))
+        reply = service.booted(name, fields, token, request.remote_addr)
+        metrics.callback("accepted" if reply.status == 200 else "store_busy" if reply.status == 429 else "refused")
+        return _json(reply)
 
     @app.get("/overlay/<name>.cpio.gz")
     def node_overlay(name: str):
@@ -68,9 +77,14 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
     def healthz():
         return _json(service.health())
 
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return Response(metrics.render(), status=200, content_type=METRICS_CONTENT_TYPE)
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         if request.path in BOOT_PATHS:
+            metrics.boot("bad_request")
             return _ipxe(service.waiting(f"bad request ({exc.code})"))
         return _json(Reply.error(exc.code or 400, exc.description or exc.name))
 
@@ -78,15 +92,18 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
     def unexpected(exc: Exception):
         # Last line of defence: log the bug, never hand a node a 5xx.
         log.exception("unexpected error on %s", request.path)
+        metrics.unexpected()
+        if request.path in BOOT_PATHS:
+            metrics.boot("error")
         if request.path in BOOT_PATHS or request.path.startswith("/images/"):
             return _ipxe(service.waiting("internal error in the boot endpoint"))
         return _json(Reply.error(400, "request could not be handled; see the boot server log"))
 
-    app.wsgi_app = _fast_boot_paths(service, app.wsgi_app)  # Flask's documented place for WSGI middleware
+    app.wsgi_app = _fast_boot_paths(service, metrics, app.wsgi_app)  # Flask's documented place for WSGI middleware
     return app
 
 
-def _fast_boot_paths(service: BootService, flask_wsgi):
+def _fast_boot_paths(service: BootService, metrics: BootMetrics, flask_wsgi):
     """Boot-storm hot path: GET /ipxe and GET /boot.ipxe are answered without Flask's request and
     response objects, which cost a third of the time per request. An exception goes on to the
     Flask routes above, which run it again, log it and answer the waiting script."""
@@ -96,10 +113,13 @@ def _fast_boot_paths(service: BootService, flask_wsgi):
         if environ.get("REQUEST_METHOD") == "GET" and path in BOOT_PATHS:
             try:
                 if path == "/ipxe":
-                    script = service.node_script(_mac_param(environ), environ.get("REMOTE_ADDR")).script
+                    res = service.node_script(_mac_param(environ), environ.get("REMOTE_ADDR"))
+                    script = res.script
+                    metrics.boot(res.outcome, res.plan.role if res.plan is not None else None)
                 else:
                     script = service.stage1()
-            except Exception:  # noqa: BLE001 - the Flask route runs it again, logs it and answers
+                    metrics.boot("stage1")
+            except Exception:  # noqa: BLE001 - the Flask route runs it again, logs it, counts and answers
                 return flask_wsgi(environ, start_response)
             body = script.text.encode()
             start_response("200 OK", [("Content-Type", IPXE_CONTENT_TYPE), ("Content-Length", str(len(body))),

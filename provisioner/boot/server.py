@@ -1,15 +1,19 @@
 """`provisioner serve`: the boot endpoint under gunicorn (not Flask's development server).
 
 Threaded workers (gthread) keep HTTP keep-alive working for iPXE and for load balancers, and
-several processes use both cores; the store is opened per process and per thread.
+several processes use both cores; the store is opened per process and per thread. `/metrics`
+counts requests in every worker: prometheus_client's multiprocess mode, in a new private folder
+made here before the app is built and removed when the server stops (provisioner/boot/metrics.py).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 from gunicorn.app.base import BaseApplication
 
+from provisioner.boot import metrics
 from provisioner.boot.app import create_app
 from provisioner.config import parse_listen
 from provisioner.model import Site
@@ -36,8 +40,14 @@ def default_workers() -> int:
 def serve(site: Site, listen: str | None = None, workers: int | None = None, threads: int = 4,
           access_log: bool = False) -> None:
     host, port = parse_listen(listen or site.listen)
-    app = create_app(site)  # built before forking: config errors surface once, at start
+    metrics_dir = metrics.multiprocess_dir()  # before the app makes its counters
+    master = os.getpid()
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        app = create_app(site)  # built before forking: config errors surface once, at start
+    except BaseException:
+        metrics.remove_dir(metrics_dir)
+        raise
     options = {
         "bind": bind,
         "workers": workers or default_workers(),
@@ -55,5 +65,10 @@ def serve(site: Site, listen: str | None = None, workers: int | None = None, thr
         "control_socket_disable": True,  # no stray socket in root's home
         # A URL longer than this is answered 414 by gunicorn before the app sees it.
         "limit_request_line": 4094,
+        "child_exit": lambda _arbiter, worker: metrics.worker_exited(metrics_dir, worker.pid),
     }
-    _Gunicorn(app, options).run()
+    try:
+        _Gunicorn(app, options).run()
+    finally:
+        if os.getpid() == master:  # a worker leaves through here too (SystemExit), and must not
+            metrics.remove_dir(metrics_dir)

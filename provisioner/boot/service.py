@@ -22,7 +22,7 @@ from provisioner.boot.plan import BootPlan, BootPlanner, NoBoot
 from provisioner.boot.render import Renderer, Script
 from provisioner.model import Site, normalize_mac
 from provisioner.errors import ProvisionerError
-from provisioner.store import Store
+from provisioner.store import Store, open_store
 from provisioner.tokens import check_token, load_or_create_secret
 
 log = logging.getLogger("provisioner.boot")
@@ -44,6 +44,7 @@ class NodeScript:
     node: str | None = None  # whose MAC it was (None: unknown or malformed)
     plan: BootPlan | NoBoot | None = None  # None: no plan was made (unknown MAC, store unavailable)
     refused: str | None = None  # why it is the waiting script; None: the node's boot script
+    outcome: str = "script"  # for /metrics: script, bad_mac, unknown_mac, store_unavailable, not_bootable
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class EventThrottle:
 class BootService:
     def __init__(self, site: Site, store: Store | None = None):
         self.site = site
-        self.store = store or Store(site.store)
+        self.store = store or open_store(site)
         self.store.seed((n.name, n.default_role) for n in site.nodes.values())
         self.secret = load_or_create_secret(site.secret_file)
         self.renderer = Renderer(site)
@@ -120,13 +121,13 @@ class BootService:
         if mac is None:
             reason = "no MAC given" if not raw else "malformed MAC address"
             self.record("boot-refused", None, f"{reason}: {raw!r}", ("bad-mac", source), source, mac=raw)
-            return NodeScript(self.renderer.unknown(reason, raw), refused=reason)
+            return NodeScript(self.renderer.unknown(reason, raw), refused=reason, outcome="bad_mac")
         node = self.by_mac.get(mac)
         if node is None:
             self.record("boot-refused", None, f"unknown MAC {mac}: not in the site config", ("unknown", mac), source,
                         mac=mac)
             return NodeScript(self.renderer.unknown(f"unknown MAC {mac}: add it to the site config", mac),
-                              refused=f"unknown MAC {mac}")
+                              refused=f"unknown MAC {mac}", outcome="unknown_mac")
         try:
             plan = self.planner.plan(node)
         except ProvisionerError as exc:
@@ -134,12 +135,12 @@ class BootService:
             # image on a node that is mid-switch, so the node waits and asks again.
             log.error("store unavailable for %s: %s", node.name, exc)
             why = f"node {node.name}: state store unavailable"
-            return NodeScript(self.renderer.unknown(why, mac), node.name, refused=why)
+            return NodeScript(self.renderer.unknown(why, mac), node.name, refused=why, outcome="store_unavailable")
         script = self.renderer.node(plan, mac)
         if not script.ok:
             why = script.reason or "cannot render"
             self.record("boot-refused", node.name, why, ("render", node.name), source, mac=mac)
-            return NodeScript(script, node.name, plan, refused=why)
+            return NodeScript(script, node.name, plan, refused=why, outcome="not_bootable")
         return NodeScript(script, node.name, plan)
 
     def waiting(self, reason: str) -> Script:
