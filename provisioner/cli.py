@@ -17,7 +17,7 @@ from provisioner import ROLES, __version__
 from provisioner import config as configmod
 from provisioner.errors import ConfigError, OperationError, ProvisionerError, UsageError
 from provisioner.nodeset import fold, select
-from provisioner.store import Store, default_actor, iso
+from provisioner.store import Store, default_actor, iso, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -42,7 +42,7 @@ class Context:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.site.store)
+            self._store = open_store(self.site)
             self._store.seed((n.name, n.default_role) for n in self.site.nodes.values())
         return self._store
 
@@ -361,6 +361,20 @@ def cmd_image_unpin(ctx: Context) -> int:
     return report_changed(names, changed, "unpinned; they boot the current version", "were not pinned")
 
 
+def cmd_store_copy(ctx: Context) -> int:
+    from provisioner.store_pg import copy_store, redact
+
+    source = ctx.store
+    target = Store(ctx.args.to, password_file=ctx.args.password_file)
+    if source.where == target.where:
+        raise UsageError("store copy: the target is the site's own store")
+    copied = copy_store(source, target)
+    print(f"copied {source.where} to {redact(target.where)}: "
+          + ", ".join(f"{n} {table.replace('_', ' ')} row(s)" for table, n in copied.items()))
+    print(f"now set site.store: {redact(target.where)} (and site.store_password_file) on every host")
+    return EXIT_OK
+
+
 def cmd_simulate(ctx: Context) -> int:
     from provisioner.simulate.command import run
 
@@ -504,6 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     ssp = slsub.add_parser("programs", help=help_, description=help_)
     ssp.set_defaults(handler=cmd_slurm_programs)
     ssp.add_argument("--dir", type=Path, required=True, help="e.g. /usr/local/sbin (slurmctld must be able to run them)")
+
+    st = sub.add_parser("store", help="the state store (SQLite, PostgreSQL)", description="the state store")
+    stsub = st.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
+    help_ = ("copy the site's store (every node, event, ask, image pin and demand row) into an empty "
+             "PostgreSQL database (or SQLite file)")
+    ssp = stsub.add_parser("copy", help=help_, description=help_)
+    ssp.set_defaults(handler=cmd_store_copy)
+    ssp.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST:PORT/DB (no password in it)")
+    ssp.add_argument("--password-file", type=Path, help="the target's password (default: PGPASSWORD)")
 
     from provisioner.simulate.command import add_arguments as add_simulate_arguments  # no matplotlib at start-up
 

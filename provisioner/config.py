@@ -158,7 +158,7 @@ class _SiteLoader(Fields):
             top.get("site"),
             "site",
             {"name", "boot_url", "listen", "store", "image_root", "templates", "secret_file",
-             "check_callback_source", "image_definitions"},
+             "check_callback_source", "image_definitions", "store_password_file", "state_dir"},
             required=("boot_url",),
         )
         boot_url = self.string(s.get("boot_url"), "site.boot_url", required=True).rstrip("/")
@@ -172,7 +172,11 @@ class _SiteLoader(Fields):
         )
         if self.check_files and not templates.is_dir():
             raise self.err("site.templates", f"folder {templates} does not exist")
-        store = self.resolve(self.string(s.get("store"), "site.store", "/var/lib/provisioner/state.db"))
+        store_url, store_password_file = self.store_url(s)
+        if store_url:  # PostgreSQL: this host's own files (secret, locks, host keys) go to site.state_dir
+            store = self.resolve(self.string(s.get("state_dir"), "site.state_dir", "/var/lib/provisioner")) / "store"
+        else:
+            store = self.resolve(self.string(s.get("store"), "site.store", "/var/lib/provisioner/state.db"))
         secret = self.string(s.get("secret_file"), "site.secret_file", None)
         secret_file = self.resolve(secret) if secret else store.with_name("secret")
 
@@ -202,7 +206,29 @@ class _SiteLoader(Fields):
             image_definitions=image_definitions,
             overlay=self.overlay(top.get("overlay")),
             run=self.run(top.get("run")),
+            store_url=store_url,
+            store_password_file=store_password_file,
         )
+
+    def store_url(self, s: dict) -> tuple[str | None, Path | None]:
+        """site.store as a PostgreSQL URL (postgresql://USER@HOST:PORT/DB) and the password file."""
+        from provisioner.store import is_url
+
+        value = s.get("store")
+        pw = self.string(s.get("store_password_file"), "site.store_password_file", None)
+        if not is_url(value):
+            if pw:
+                raise self.err("site.store_password_file", "is for a PostgreSQL site.store (postgresql://...)")
+            return None, None
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(value)
+        if parts.password is not None:
+            raise self.err("site.store", "put the PostgreSQL password in site.store_password_file (or PGPASSWORD), "
+                                         "not in the URL")
+        if not parts.hostname and "host=" not in parts.query:
+            raise self.err("site.store", f"{value!r}: no host (postgresql://USER@HOST:PORT/DB)")
+        return value, (self.resolve(pw) if pw else None)
 
     def images(self, value: Any, image_root: Path, templates: Path) -> dict[str, Image]:
         m = self.mapping(value, "images", set(ROLES), required=ROLES)

@@ -199,6 +199,10 @@ class Site:
     image_definitions: Path = DEFAULT_IMAGE_DEFINITIONS
     overlay: OverlaySettings = field(default_factory=OverlaySettings)
     run: RunSettings = field(default_factory=RunSettings)
+    # site.store as a postgresql:// URL (no password in it): the store is there, and `store`
+    # names a local path in site.state_dir whose siblings hold this host's files (locks, sockets).
+    store_url: str | None = None
+    store_password_file: Path | None = None  # the PostgreSQL password (else libpq's PGPASSWORD)
 
     def node_by_mac(self) -> dict[str, Node]:
         return {mac: node for node in self.nodes.values() for mac in node.macs}

@@ -44,7 +44,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,7 +94,22 @@ def pass_lock(site: Site, wait_s: float = 0.0):
 
     flock on a file next to the store: released by the kernel when the holder dies, so a
     killed pass never leaves a stale lock. cron's passes do not wait (wait_s=0); an admin's
-    `role --now` waits a little for a running pass to finish."""
+    `role --now` waits a little for a running pass to finish.
+
+    With a PostgreSQL store (site.store_url) the balancers of every host share the lock: a
+    session-level advisory lock (pg_try_advisory_lock on a key derived from site.name) on a
+    connection of its own, held for the pass; PostgreSQL releases it when that connection ends,
+    also when the pass is SIGKILLed. The same wait_s."""
+    if site.store_url:
+        from provisioner.store_pg import LockBusy, balance_lock
+
+        with ExitStack() as held:
+            try:
+                held.enter_context(balance_lock(site.store_url, site.store_password_file, site.name, wait_s=wait_s))
+            except LockBusy as exc:
+                raise PassLocked(f"another balance pass is running ({exc})") from None
+            yield
+        return
     path = Path(str(site.store) + ".balance.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -48,7 +48,7 @@ from provisioner.errors import UsageError
 from provisioner.model import Site
 from provisioner.report import report_lines
 from provisioner.states import SWITCHING
-from provisioner.store import Store, iso
+from provisioner.store import Store, iso, open_store
 
 COALESCE_S = 0.2  # a pass waits this long after the first event, for the rest of its burst
 MIN_GAP_S = 1.0  # event-driven passes start at least this long after the last one ended
@@ -255,12 +255,12 @@ class Loop:
                 if not new:
                     self.wakeups.add("ask", "the store")
             if self._store_error:
-                self.log(f"store {self.site.store} readable again")
+                self.log(f"store {self.store.where} readable again")
             self._store_error = False
             return last
         except Exception as exc:  # noqa: BLE001 - a busy or broken store: the next poll tries again
             if not self._store_error:
-                self.log(f"cannot read the asks in the store {self.site.store} ({exc.__class__.__name__}: {exc}); "
+                self.log(f"cannot read the asks in the store {self.store.where} ({exc.__class__.__name__}: {exc}); "
                          "trying again")
             self._store_error = True
             return seen
@@ -349,7 +349,7 @@ def run(site: Site, store: Store | None = None, *, stop: threading.Event | None 
     finish). Returns the exit code, 0. Raises AlreadyRunning when another loop runs for the site."""
     out = out or sys.stderr
     with run_lock(site):
-        store = store or Store(site.store)
+        store = store or open_store(site)
         stop = stop or threading.Event()
         loop = Loop(site, store, stop, out)
         handler = logging.StreamHandler(out)  # the adapters' warnings (the watch's outages), stamped alike
