@@ -4,6 +4,9 @@ adding up) and a real Prometheus scraping it: tests/test_metrics_prometheus.py."
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -12,6 +15,7 @@ from provisioner.boot.metrics import PHASE_BUCKETS, SwitchLog
 from provisioner.store import Store
 from provisioner.tokens import load_or_create_secret, node_token
 from testbed.site import mac
+from tests.support import require_binary
 
 
 def scrape(client) -> dict[tuple, float]:
@@ -168,3 +172,27 @@ def test_switch_log_follows_retries_and_refused_reboots():
     assert log.failed == {"slurm": 2}
     log.feed([E(11, 3000, "switch", {"to": "k8s"})])  # seen already: ignored
     assert log.started == {"slurm": 1}
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "prometheus"
+
+
+def test_example_alert_rules_pass_promtool():
+    """examples/prometheus/: `promtool check rules`, then the rules' own unit tests
+    (provisioner-alerts.test.yml: each alert fires when it should and not before)."""
+    promtool = require_binary("promtool")
+    for argv in (["check", "rules", "provisioner-alerts.yml"], ["test", "rules", "provisioner-alerts.test.yml"]):
+        r = subprocess.run([promtool, *argv], cwd=EXAMPLES, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "SUCCESS" in r.stdout
+
+
+def test_alert_rules_name_only_metrics_the_endpoint_serves(app):
+    """A renamed metric must not leave an alert that can never fire."""
+    import re
+
+    client = app.test_client()
+    client.get("/ipxe?mac=hello")
+    served = {k[0] for k in scrape(client)} | {"provisioner_node_phase_seconds"}  # that one only when switching
+    named = set(re.findall(r"\bprovisioner_[a-z_]+", (EXAMPLES / "provisioner-alerts.yml").read_text()))
+    assert named and named <= served, named - served
