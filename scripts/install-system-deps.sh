@@ -21,6 +21,8 @@ PACKAGES=(
   # boot-storm benchmark baseline and load generator
   nginx-light wrk
   sqlite3 curl ca-certificates
+  # the PostgreSQL store: its tests run a throw-away server (initdb, postgres)
+  postgresql
   # /metrics scraped by a real Prometheus, promtool checks the example alert rules
   prometheus
 )
