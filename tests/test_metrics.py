@@ -196,3 +196,16 @@ def test_alert_rules_name_only_metrics_the_endpoint_serves(app):
     served = {k[0] for k in scrape(client)} | {"provisioner_node_phase_seconds"}  # that one only when switching
     named = set(re.findall(r"\bprovisioner_[a-z_]+", (EXAMPLES / "provisioner-alerts.yml").read_text()))
     assert named and named <= served, named - served
+
+
+def test_switch_log_counts_an_event_that_commits_after_a_later_id():
+    """PostgreSQL: ids come from a sequence, so id 3 may become visible after id 4."""
+    class E:
+        def __init__(self, id, kind, to):
+            self.id, self.ts, self.kind, self.data, self.node = id, float(id), kind, {"to": to}, f"n{id}"
+
+    log = SwitchLog()
+    log.feed([E(1, "switch", "k8s"), E(2, "switch", "k8s"), E(4, "switch", "slurm")])
+    log.feed([E(2, "switch", "k8s"), E(3, "switch", "slurm"), E(4, "switch", "slurm"), E(5, "switch", "k8s")])
+    log.feed([E(3, "switch", "slurm"), E(4, "switch", "slurm"), E(5, "switch", "k8s")])
+    assert log.started == {"k8s": 3, "slurm": 2}

@@ -140,10 +140,16 @@ class SwitchLog:
     `phase` (data from/to), `reboot-refused` (rebooting -> draining or cordoning), `retry` (from
     booting or joining back to rebooting; a retry in rebooting is a failed power action and
     stays), `switched` (-> steady), `failed`, `rollback` (-> steady). A phase's duration is the
-    time between the event that entered it and the one that left it."""
+    time between the event that entered it and the one that left it.
+
+    Each read returns the newest events (a window); an event is new when its id is above the
+    last one seen, or inside the previous window without having been in it: with PostgreSQL,
+    ids come from a sequence and a transaction may commit after one that took a later id."""
 
     def __init__(self):
         self.last_id = 0
+        self.window: set[int] = set()  # the ids of the previous read
+        self.window_low = 0
         self.started: Tally = Tally()
         self.finished: Tally = Tally()
         self.failed: Tally = Tally()
@@ -152,10 +158,13 @@ class SwitchLog:
         self.nodes: dict[str, _Node] = {}
 
     def feed(self, events) -> None:
-        for e in events:
-            if e.id <= self.last_id:
-                continue
-            self.last_id = e.id
+        events = list(events)
+        new = [e for e in events if e.id > self.last_id or (e.id >= self.window_low and e.id not in self.window)]
+        if events:
+            self.window = {e.id for e in events}
+            self.window_low = min(self.window)
+        for e in new:
+            self.last_id = max(self.last_id, e.id)
             if e.node is None:
                 continue
             n = self.nodes.setdefault(e.node, _Node())
