@@ -105,6 +105,8 @@ class SimSite:
     request (a real node spends them in firmware). join_delay: seconds between the boot callback
     (posted early by the image's init) and its daemon joining the cluster (slurmd registering,
     the kubelet going Ready).
+    store: site keys for the state store (e.g. {"store": "postgresql://...", "store_password_file":
+    ..., "state_dir": ...}); default the SQLite file of testbed/site.py.
     """
 
     # The harness plays the shared nodes' daemons (a slurmd here, a simulated kubelet) when they
@@ -114,7 +116,8 @@ class SimSite:
     def __init__(self, workdir: str | os.PathLike, fixed: str = "cn[01-02]", shared: str = "sn[01-04]",
                  fixed_k8s: str = "kn01", roles: dict[str, str] | None = None, boot_delay: float = 0.2,
                  join_delay: float = 0.0, policy: dict | None = None, power: dict | None = None,
-                 kube: KubeCluster | None = None, slurm_conf: str = "", slurm_settings: dict | None = None):
+                 kube: KubeCluster | None = None, slurm_conf: str = "", slurm_settings: dict | None = None,
+                 store: dict | None = None):
         self.workdir = Path(workdir).resolve()
         self.fixed = expand(fixed) if fixed else []
         self.shared = expand(shared)
@@ -126,6 +129,7 @@ class SimSite:
         self.power = {**FAST_POWER, **(power or {})}
         self.slurm_conf_extra = slurm_conf  # more slurm.conf lines (e.g. power saving)
         self.slurm_settings = dict(slurm_settings or {})  # more keys of the site's slurm: section
+        self.store_settings = dict(store or {})  # site.store & co. (default: SQLite in the site folder)
         self.nodes = {n: SimNode(n, mac(i, 3), f"127.0.0.{10 + i}", self.initial_roles[n])
                       for i, n in enumerate(self.shared, start=1)}
         self.slurm: SlurmCluster | None = None
@@ -192,9 +196,11 @@ class SimSite:
         self.stop()
 
     def write_config(self, policy: dict | None = None, power: dict | None = None,
-                     kubernetes: dict | None = None) -> Path:
+                     kubernetes: dict | None = None, store: dict | None = None, folder: Path | None = None) -> Path:
         """(Re)write site.yaml. Each `provisioner` run reads it afresh: tests change the policy
-        knobs between passes; the boot server only needs the nodes and images, which stay."""
+        knobs between passes; the boot server only needs the nodes and images, which stay.
+        store: site.store keys over the constructor's; folder: write the config there instead
+        (another "host" of the same site; its secret stays the first host's)."""
         # Fixed nodes are never power-cycled here; their BMC entry only satisfies the defaults.
         bmc = {"address": "127.0.0.1"}
         nodes = [{"name": n, "pool": "slurm", "macs": [mac(i, 1)], "bmc": bmc} for i, n in enumerate(self.fixed, 1)]
@@ -204,8 +210,9 @@ class SimSite:
                   for n in self.nodes.values()]
         url = f"http://127.0.0.1:{self.port}"
         return write_site(
-            self.workdir / "site", nodes=nodes,
-            site={"boot_url": url, "listen": f"127.0.0.1:{self.port}", "name": "sim"},
+            folder or self.workdir / "site", nodes=nodes,
+            site={"boot_url": url, "listen": f"127.0.0.1:{self.port}", "name": "sim",
+                  "secret_file": str(self.workdir / "site" / "secret"), **self.store_settings, **(store or {})},
             slurm=self.slurm.site_section(**self.slurm_settings),
             kubernetes={"kubeconfig": str(self.kube.provisioner_kubeconfig), "timeout_s": 5, **(kubernetes or {})},
             policy={**self.policy, **(policy or {})},
@@ -215,10 +222,10 @@ class SimSite:
     @property
     def store(self):
         from provisioner import config
-        from provisioner.store import Store
+        from provisioner.store import open_store
 
         if self._store is None:
-            self._store = Store(config.load(self.config).store)
+            self._store = open_store(config.load(self.config))
         return self._store
 
     # ----------------------------------------------------------------------- reset
