@@ -62,7 +62,8 @@ def unpack(data: bytes, dest: Path) -> str:
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run([cpio, "-idm", "--quiet", "--no-absolute-filenames"], input=raw, cwd=dest, check=True,
                    capture_output=True)
-    return subprocess.run([cpio, "-tv", "--quiet"], input=raw, capture_output=True, check=True).stdout.decode()
+    # numeric ids: the host may have users with the image's uids (Debian's prometheus package adds uid 104)
+    return subprocess.run([cpio, "-tv", "--numeric-uid-gid", "--quiet"], input=raw, capture_output=True, check=True).stdout.decode()
 
 
 # --------------------------------------------------------------------------- the real templates (no build)
