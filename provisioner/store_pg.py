@@ -240,6 +240,7 @@ class PgStore(Store):
         if conn is not None and (conn.raw.closed or conn.raw.broken):
             conn = None  # the server restarted or the connection dropped: connect again
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            # (psycopg never closes a connection it inherited through fork(): the parent's stays up)
             raw = connect(self.url, self.password_file, self.timeout_s)
             raw.row_factory = _row_factory
             conn = PgConnection(raw, self.where)

@@ -292,3 +292,28 @@ def test_postgresql_site_config_and_errors_hide_the_password(tmp_path, pg_url):
     with pytest.raises(OperationError) as exc:
         Store(url.replace("provisioner@", "provisioner:wrong-pw@"))
     assert "wrong-pw" not in str(exc.value) and "password authentication failed" in str(exc.value)
+
+
+def _use_after_fork(store, q):
+    store.add_event(None, "child", "note", "from the forked child")
+    q.put(store.get("a").desired_role)
+    store.close()  # closes the child's own connection; the inherited one was disowned
+    import gc
+
+    gc.collect()  # as a worker's exit would: the inherited connection object is finalized here
+
+
+def test_a_forked_child_does_not_end_its_parents_connection(backend):
+    """The boot server opens the store, then forks its workers: each worker connects anew, and
+    the parent's connection (SQLite handle, PostgreSQL session) keeps working."""
+    s = backend.open()
+    s.seed([("a", "slurm")])
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    for _ in range(2):
+        p = ctx.Process(target=_use_after_fork, args=(s, q))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0 and q.get(timeout=5) == "slurm"
+    s.add_event(None, "parent", "note", "the parent's connection still works")
+    assert [e.actor for e in s.events(kinds=["note"])] == ["child", "child", "parent"]
