@@ -125,8 +125,12 @@ TABLES = Store.COPY_TABLES
 SERIAL_TABLES = ("events", "asks")
 
 WRITE_LOCK_KEY = int.from_bytes(hashlib.sha256(b"provisioner:store-write").digest()[:8], "big", signed=True)
-# TCP keepalives: a pass whose host vanished (no FIN) loses its lock within about a minute.
+# TCP keepalives both ways: the client notices a server that vanished, and the server (its
+# tcp_keepalives_* settings, set per session) a client whose host vanished without closing its
+# connections (power loss, network split): then its session ends and the pass lock it held is
+# released within about 15 + 5 * 6 = 45 s.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5, "keepalives_count": 6}
+SERVER_KEEPALIVES = "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=6"
 
 
 def redact(url: str) -> str:
@@ -161,7 +165,7 @@ def connect(url: str, password_file: Any = None, timeout_s: float = 30.0, *, aut
     kwargs: dict[str, Any] = {"autocommit": autocommit, "connect_timeout": max(1, int(min(timeout_s, 10))),
                               "application_name": "provisioner", **KEEPALIVES,
                               # a write waits for the write lock at most timeout_s, like SQLite's busy timeout
-                              "options": f"-c lock_timeout={int(timeout_s * 1000)}"}
+                              "options": f"-c lock_timeout={int(timeout_s * 1000)} {SERVER_KEEPALIVES}"}
     password = read_password(password_file)
     if password is not None:
         kwargs["password"] = password

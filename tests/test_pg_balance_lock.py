@@ -122,3 +122,15 @@ def test_many_processes_at_once_one_holds(tmp_path, pg_url):
             stop(p)
     refused = [p.stderr.read() for p in procs if p is not running[0]]
     assert all("another balance pass is running" in e for e in refused), refused
+
+
+def test_the_lock_connection_asks_the_server_for_keepalives(tmp_path, pg_url):
+    """A host that vanishes without closing its connection (power loss) must lose the lock too:
+    the server probes the lock's connection (its tcp_keepalives_* for that session)."""
+    from provisioner.store_pg import connect
+
+    url, pw = pg_url
+    with connect(url, pw) as c:
+        settings = {k: c.execute(f"SHOW {k}").fetchone()[0]
+                    for k in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")}
+    assert settings == {"tcp_keepalives_idle": "15", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "6"}
