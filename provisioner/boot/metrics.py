@@ -93,7 +93,12 @@ class BootMetrics:
                      for r in (ROLES if o in ("script", "not_bootable") else ("",))}
         self._cb = {r: self.callbacks.labels(r) for r in CALLBACK_RESULTS}
         self.store_collector = StoreCollector(site, store)
-        self._registry: CollectorRegistry | None = None
+        if multiprocess_on():  # every worker's files, summed at each scrape
+            self.registry = CollectorRegistry(auto_describe=True)
+            multiprocess.MultiProcessCollector(self.registry)
+        else:
+            self.registry = self.local
+        self.registry.register(self.store_collector)
 
     def boot(self, outcome: str, role: str | None = None) -> None:
         child = self._req.get((outcome, role or ""))
@@ -107,19 +112,8 @@ class BootMetrics:
     def unexpected(self) -> None:
         self.errors.inc()
 
-    def registry(self) -> CollectorRegistry:
-        if self._registry is None:
-            if multiprocess_on():
-                reg = CollectorRegistry(auto_describe=True)
-                multiprocess.MultiProcessCollector(reg)
-            else:
-                reg = self.local
-            reg.register(self.store_collector)
-            self._registry = reg
-        return self._registry
-
     def render(self) -> bytes:
-        return generate_latest(self.registry())
+        return generate_latest(self.registry)
 
 
 # --------------------------------------------------------------------------- from the store
