@@ -209,3 +209,32 @@ def test_switch_log_counts_an_event_that_commits_after_a_later_id():
     log.feed([E(2, "switch", "k8s"), E(3, "switch", "slurm"), E(4, "switch", "slurm"), E(5, "switch", "k8s")])
     log.feed([E(3, "switch", "slurm"), E(4, "switch", "slurm"), E(5, "switch", "k8s")])
     assert log.started == {"k8s": 3, "slurm": 2}
+
+
+@pytest.mark.integration
+def test_store_metrics_on_postgresql(site, pg_url):
+    """The same reads through the PostgreSQL store (a real server, tests/fixtures/postgres.py)."""
+    from provisioner.boot.metrics import StoreCollector
+
+    url, password_file = pg_url
+    store = Store(url, password_file=password_file)
+    store.seed((n.name, n.default_role) for n in site.nodes.values())
+    collector = StoreCollector(site, store, cache_s=0)
+    switch_events(store, "sn01", "k8s", ["draining", "rebooting", "booting", "joining"])
+    switch_events(store, "sn02", "slurm", ["cordoning"], end="rollback")
+
+    def samples():
+        return {(s.name, *sorted(s.labels.items())): s.value for fam in collector.collect() for s in fam.samples}
+
+    m = samples()
+    assert value(m, "provisioner_store_up") == 1
+    assert sum(v for k, v in m.items() if k[0] == "provisioner_nodes") == len(site.nodes)
+    assert value(m, "provisioner_switches_started_total", to="k8s") == 1
+    assert value(m, "provisioner_switches_finished_total", to="k8s") == 1
+    assert value(m, "provisioner_switches_rolled_back_total", to="slurm") == 1
+    assert value(m, "provisioner_phase_duration_seconds_count", phase="joining", to="k8s") == 1
+    switch_events(store, "sn01", "slurm", ["cordoning", "rebooting", "booting"], end="failed")
+    m = samples()
+    assert value(m, "provisioner_switches_failed_total", to="slurm") == 1
+    assert value(m, "provisioner_switches_started_total", to="k8s") == 1
+    assert value(m, "provisioner_nodes", role=store.get("sn01").desired_role, phase="failed") == 1
