@@ -238,14 +238,13 @@ class StoreCollector:
             self.read_at = time.monotonic()
 
     def _new_events(self):
-        """The events after log.last_id, through Store.events(limit=) (newest last): asks for more
-        until the oldest one returned was seen already (the first scrape reads the whole log)."""
-        limit = self.batch
-        while True:
-            events = self.store.events(kinds=SWITCH_KINDS, limit=limit)
-            if len(events) < limit or events[0].id <= self.log.last_id:
-                return events
-            limit *= 8
+        """The newest events, through Store.events(limit=) (oldest first): the last `batch` of
+        them when those reach back to what was seen already, else the whole log (the first read;
+        `provisioner serve` makes it before forking, so its workers start from there)."""
+        events = self.store.events(kinds=SWITCH_KINDS, limit=self.batch)
+        if len(events) < self.batch or events[0].id <= self.log.last_id:
+            return events
+        return self.store.events(kinds=SWITCH_KINDS)
 
     def collect(self):
         self.refresh()

@@ -48,6 +48,10 @@ def serve(site: Site, listen: str | None = None, workers: int | None = None, thr
     except BaseException:
         metrics.remove_dir(metrics_dir)
         raise
+    try:  # the event log read once here, not by every worker at its first scrape
+        app.extensions["provisioner.metrics"].store_collector.refresh()
+    except Exception:  # noqa: BLE001 - /metrics must never keep the boot endpoint from starting
+        pass  # each worker reads it at its first scrape instead
     options = {
         "bind": bind,
         "workers": workers or default_workers(),
