@@ -107,7 +107,10 @@ def test_balancer_switches_a_vm_to_k8s_and_back(e2e_site):
         pods = [p for p in sim.kube.pods() if p["metadata"]["name"].startswith("web")]
         return all(p["spec"].get("nodeName") == "sn01" and p["status"].get("phase") == "Running" for p in pods)
 
-    reports = sim.passes_until(pods_on_sn01, timeout=SWITCH_TIMEOUT_S, what="the pods to run on sn01")
+    # The scheduler binds the pods on the kubelet's Ready, maybe a pass before the balancer records
+    # the switch done (seen in CI): wait for both.
+    reports = sim.passes_until(lambda: pods_on_sn01() and sim.state("sn01").phase == "steady",
+                               timeout=SWITCH_TIMEOUT_S, what="the pods to run on sn01, and the switch to end")
     moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
     assert moves == [("sn01", "k8s")], json.dumps(reports, indent=1)[-3000:]
     steps = [s["action"] for r in reports for s in r["steps"] if s["node"] == "sn01"]
@@ -130,8 +133,8 @@ def test_balancer_switches_a_vm_to_k8s_and_back(e2e_site):
     sim.fill_fixed()
     job = sim.submit_pending("--job-name=wants-sn01")
     mark = vm.serial_mark()
-    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] == "RUNNING", timeout=SWITCH_TIMEOUT_S,
-                               what=f"job {job} to run")
+    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] == "RUNNING" and sim.state("sn01").phase == "steady",
+                               timeout=SWITCH_TIMEOUT_S, what=f"job {job} to run, and the switch to end")
     assert sim.slurm.job_state(job)[1] == "sn01"
     moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
     assert moves == [("sn01", "slurm")], json.dumps(reports, indent=1)[-3000:]
