@@ -99,7 +99,38 @@ def cmd_serve(ctx: Context) -> int:
 
     if ctx.args.listen:
         configmod.parse_listen(ctx.args.listen, lambda m: UsageError(f"--listen {m}"))
-    serve(ctx.site, ctx.args.listen, workers=ctx.args.workers, access_log=ctx.args.access_log)
+    serve(ctx.site, ctx.args.listen, workers=ctx.args.workers, access_log=ctx.args.access_log,
+          behind_proxy=ctx.args.behind_proxy)
+    return EXIT_OK
+
+
+def cmd_prerender(ctx: Context) -> int:
+    import logging
+
+    from provisioner.boot.prerender import Watcher
+
+    watcher = Watcher(ctx.site, Path(ctx.args.folder), ctx.store)
+    if not ctx.args.watch:
+        stats = watcher.sync(force=True)
+        print(f"{stats['scripts']} scripts in {ctx.args.folder} ({stats['written']} written, {stats['removed']} removed)")
+        return EXIT_OK
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    import signal
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        watcher.watch(ctx.args.interval, stop)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_nginx_config(ctx: Context) -> int:
+    from provisioner.boot.prerender import nginx_config
+
+    print(nginx_config(ctx.site, Path(ctx.args.scripts), ctx.args.upstream, ctx.args.listen), end="")
     return EXIT_OK
 
 
@@ -417,6 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--listen", metavar="HOST:PORT", help="default: site.listen")
     sp.add_argument("--workers", type=int, help="worker processes (default: number of cores, at least 2)")
     sp.add_argument("--access-log", action="store_true", help="log every request to stderr")
+    sp.add_argument("--behind-proxy", action="store_true",
+                    help="nginx in front (provisioner nginx-config): take the client's address from X-Forwarded-For")
+
+    sp = add("prerender", cmd_prerender, "write every node's iPXE script into FOLDER, one file per MAC, for nginx "
+                                         "(--watch: keep them current)")
+    sp.add_argument("folder")
+    sp.add_argument("--watch", action="store_true", help="poll for changes and re-render until SIGTERM")
+    sp.add_argument("--interval", type=float, default=0.2, metavar="SECONDS", help="poll interval (default 0.2)")
+
+    sp = add("nginx-config", cmd_nginx_config, "print the nginx site for the boot-storm deployment "
+                                               "(scripts from files, /images/ by nginx, the rest proxied)")
+    sp.add_argument("--scripts", required=True, metavar="FOLDER", help="the folder `provisioner prerender` writes")
+    sp.add_argument("--upstream", required=True, metavar="HOST:PORT", help="where `provisioner serve` listens")
+    sp.add_argument("--listen", default="80", metavar="ADDR", help="nginx listen directive (default 80)")
 
     sp = add("nodes", cmd_nodes, "list nodes: pool, desired and booted role, phase, pinned")
     sp.add_argument("nodeset", nargs="?", help="hostlist expression, e.g. sn[01-04] (default: all)")

@@ -38,13 +38,16 @@ def default_workers() -> int:
 
 
 def serve(site: Site, listen: str | None = None, workers: int | None = None, threads: int = 4,
-          access_log: bool = False) -> None:
+          access_log: bool = False, behind_proxy: bool = False) -> None:
     host, port = parse_listen(listen or site.listen)
     metrics_dir = metrics.multiprocess_dir()  # before the app makes its counters
     master = os.getpid()
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         app = create_app(site)  # built before forking: config errors surface once, at start
+        if behind_proxy:  # nginx in front (provisioner nginx-config): the node's address is its X-Forwarded-For
+            from werkzeug.middleware.proxy_fix import ProxyFix
+            app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0, x_port=0, x_prefix=0)
     except BaseException:
         metrics.remove_dir(metrics_dir)
         raise

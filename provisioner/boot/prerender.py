@@ -1,0 +1,268 @@
+"""Boot scripts rendered ahead, for nginx to serve as files (`provisioner prerender`).
+
+The boot-storm deployment (issue 16, what xCAT does): nginx answers `GET /ipxe?mac=MAC` from a
+folder holding one file per MAC (`aa:bb:cc:dd:ee:ff.ipxe`), serves /images/ itself (sendfile),
+and passes everything else to `provisioner serve` behind it (nginx_config() writes that site).
+
+A file exists only for a MAC whose node has a good script now; anything else (unknown or
+malformed MAC, a node that cannot boot, a MAC spelled another way, the store unavailable) has
+no file and goes to the app, which answers as it always does. Files are written by the same
+BootPlanner and Renderer the endpoint uses, so their bytes are the endpoint's bytes, each by
+atomic rename (a reader sees the old script or the new one, never half of one).
+
+Kept current by polling: Watcher.sync() takes a cheap fingerprint of everything a script
+depends on (the nodes' desired roles and image pins in the store, each built image's `current`
+link and version folders, the template folder's files, the boot files the scripts name) and
+renders everything again only when it changed, writing the files whose text changed. A change is
+therefore served after at most one poll interval plus one pass (measured: bench/boot_storm.py,
+BENCHMARKS.md), not on the very next request as from the app alone. Every FULL_EVERY_S a pass
+runs regardless (a change the fingerprint cannot see, e.g. a version folder replaced in place).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+from provisioner.boot.plan import BootPlanner
+from provisioner.boot.render import Renderer
+from provisioner.errors import ProvisionerError
+from provisioner.model import Site
+from provisioner.store import open_store
+from provisioner.tokens import load_or_create_secret
+
+log = logging.getLogger("provisioner.prerender")
+
+SUFFIX = ".ipxe"
+INTERVAL_S = 0.2
+FULL_EVERY_S = 30.0
+MAC_FILE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\.ipxe$")
+
+
+class _Snapshot:
+    """What BootPlanner reads from the store, read in bulk once per pass (two queries, not two per node)."""
+
+    def __init__(self, roles: dict[str, str], pins: dict[tuple[str, str], str]):
+        self.roles, self.pins = roles, pins
+
+    def desired_role(self, name: str) -> str | None:
+        return self.roles.get(name)
+
+    def image_pin(self, node: str, image: str) -> str | None:
+        return self.pins.get((node, image))
+
+
+class Watcher:
+    def __init__(self, site: Site, folder: Path, store=None):
+        self.site = site
+        self.folder = Path(folder)
+        self.store = store or open_store(site)
+        self.store.seed((n.name, n.default_role) for n in site.nodes.values())
+        self.secret = load_or_create_secret(site.secret_file)
+        self.renderer = Renderer(site)
+        self.written: dict[str, str] = {}  # file name -> text on disk
+        self.boot_files: set[str] = set()  # absolute paths the current scripts name
+        self.last_fp: tuple | None = None
+        self.last_full = 0.0
+        self.passes = 0
+
+    # -- the fingerprint: cheap, taken before a pass so a change during it is caught next time --
+
+    def _store_fp(self) -> tuple:
+        conn = getattr(self.store, "_conn", None)
+        if conn is not None:
+            try:  # SQLite: one aggregate query; every write of a role or pin moves updated_at/since
+                return tuple(conn().execute(
+                    "SELECT (SELECT count(*) FROM nodes), (SELECT max(updated_at) FROM nodes),"
+                    " (SELECT total(updated_at) FROM nodes), (SELECT count(*) FROM image_pins),"
+                    " (SELECT total(since) FROM image_pins)").fetchone())
+            except Exception:  # noqa: BLE001 - another store: read what matters instead
+                pass
+        roles = tuple(sorted((n, s.desired_role) for n, s in self.store.nodes().items()))
+        pins = tuple((p["node"], p["image"], p["version"]) for p in self.store.image_pins())
+        return hash(roles), hash(pins)
+
+    def _files_fp(self) -> tuple:
+        parts = []
+        for root, dirs, files in os.walk(self.site.templates):
+            dirs.sort()
+            for f in sorted(files):
+                parts.append(_stat(os.path.join(root, f)))
+        root = str(self.site.image_root)
+        for name in sorted({i.name for i in self.site.images.values() if i.name}):
+            folder = os.path.join(root, name)
+            try:
+                parts.append(os.readlink(os.path.join(folder, "current")))
+            except OSError:
+                parts.append(None)
+            parts.append(_stat(folder))
+        parts.extend(_stat(p) for p in sorted(self.boot_files))
+        return tuple(parts)
+
+    def fingerprint(self) -> tuple:
+        return self._store_fp(), self._files_fp()
+
+    # -- a pass ----------------------------------------------------------------------------
+
+    def render_all(self) -> dict:
+        """Render every node's script for each of its MACs; write the changed files, remove the
+        files of MACs that have no good script now. Returns counts."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        wanted: dict[str, str] = {}
+        boot_files: set[str] = set()
+        try:
+            roles = {n: s.desired_role for n, s in self.store.nodes().items()}
+            pins = {(p["node"], p["image"]): p["version"] for p in self.store.image_pins()}
+        except ProvisionerError as exc:
+            log.error("store unavailable: %s; removing every script (the app answers)", exc)
+            roles = None
+        if roles is not None:
+            planner = BootPlanner(self.site, self.secret, _Snapshot(roles, pins))
+            for node in self.site.nodes.values():
+                plan = planner.plan(node)
+                if not plan.ok:
+                    continue
+                boot_files.update(path for _, path in plan.files)
+                for mac in node.macs:
+                    script = self.renderer.node(plan, mac)
+                    if script.ok:
+                        wanted[mac + SUFFIX] = script.text
+        written = removed = 0
+        for name, text in wanted.items():
+            if self.written.get(name) != text:
+                _write(self.folder / name, text)
+                written += 1
+        on_disk = {n for n in os.listdir(self.folder) if MAC_FILE.match(n)}
+        for name in (on_disk | set(self.written)) - set(wanted):
+            try:
+                os.unlink(self.folder / name)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        self.written = wanted
+        self.boot_files = boot_files
+        self.passes += 1
+        return {"scripts": len(wanted), "written": written, "removed": removed}
+
+    def sync(self, force: bool = False) -> dict | None:
+        """One poll: a pass when the fingerprint moved (or FULL_EVERY_S passed); None otherwise."""
+        now = time.monotonic()
+        try:
+            fp = self.fingerprint()
+        except ProvisionerError as exc:
+            log.error("store unavailable: %s", exc)
+            fp = None
+        if not force and fp is not None and fp == self.last_fp and now - self.last_full < FULL_EVERY_S:
+            return None
+        if self.passes == 0:  # files left by an earlier run are not trusted: rewrite them all
+            self.written = {}
+        stats = self.render_all()
+        self.last_fp = fp if fp is not None else None
+        self.last_full = now
+        if fp is not None:  # boot files named for the first time: fingerprint them from now on
+            self.last_fp = self.fingerprint()
+        return stats
+
+    def watch(self, interval: float = INTERVAL_S, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                stats = self.sync()
+            except Exception:  # noqa: BLE001 - keep watching; the next poll tries again
+                log.exception("prerender pass failed")
+                stats = None
+            if stats:
+                log.info("prerender: %(scripts)d scripts, %(written)d written, %(removed)d removed", stats)
+            stop.wait(max(0.0, interval - (time.monotonic() - t0)))
+
+
+def _stat(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- nginx
+
+NGINX_SITE = """\
+# Generated by `provisioner nginx-config` (provisioner/boot/prerender.py): the boot-storm
+# deployment. /ipxe?mac=aa:bb:cc:dd:ee:ff is a file written by `provisioner prerender --watch`
+# when one exists; every other request to /ipxe (another spelling of the MAC, an unknown or
+# malformed one, a node that cannot boot, not a GET) goes to `provisioner serve`. /images/ is
+# served from the image root with sendfile; everything else goes to `provisioner serve`.
+map "$request_method $arg_mac" $provisioner_ipxe_file {{
+    default "";
+    "~^GET (?<m>[0-9a-f]{{2}}(:[0-9a-f]{{2}}){{5}})$" $m;
+}}
+
+upstream provisioner_app {{
+    server {upstream};
+    keepalive 64;
+}}
+
+server {{
+    listen {listen};
+    server_name _;
+    sendfile on;
+    tcp_nopush on;
+    client_max_body_size 64k;
+    large_client_header_buffers 4 8k;
+    default_type text/plain;
+
+    location = /ipxe {{
+        root {scripts};
+        default_type "text/plain; charset=utf-8";
+        add_header Cache-Control no-store always;
+        etag off;
+        if_modified_since off;
+        try_files /$provisioner_ipxe_file{suffix} @provisioner;
+    }}
+
+    location /images/ {{
+        alias {image_root}/;
+        default_type application/octet-stream;
+        limit_except GET {{ deny all; }}
+        disable_symlinks off;
+        autoindex off;
+        error_page 301 403 404 405 = @provisioner;
+    }}
+
+    location / {{
+        proxy_pass http://provisioner_app;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For $remote_addr;
+    }}
+
+    location @provisioner {{
+        proxy_pass http://provisioner_app;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For $remote_addr;
+    }}
+}}
+"""
+
+
+def nginx_config(site: Site, scripts: Path, upstream: str, listen: str) -> str:
+    """The nginx `server` (plus its map and upstream) for the boot-storm deployment; goes into
+    nginx's http block (e.g. /etc/nginx/sites-enabled/provisioner)."""
+    return NGINX_SITE.format(upstream=upstream, listen=listen, scripts=Path(scripts).resolve(),
+                             image_root=Path(site.image_root).resolve(), suffix=SUFFIX)
