@@ -161,10 +161,11 @@ class Watcher:
         if self.passes == 0:  # files left by an earlier run are not trusted: rewrite them all
             self.written = {}
         stats = self.render_all()
-        self.last_fp = fp if fp is not None else None
+        # The fingerprint from before the pass: a change made during it shows at the next poll.
+        # (When the pass named other boot files, the next fingerprint includes them and differs:
+        # one more pass, once.)
+        self.last_fp = fp
         self.last_full = now
-        if fp is not None:  # boot files named for the first time: fingerprint them from now on
-            self.last_fp = self.fingerprint()
         return stats
 
     def watch(self, interval: float = INTERVAL_S, stop: threading.Event | None = None) -> None:
@@ -177,7 +178,8 @@ class Watcher:
                 log.exception("prerender pass failed")
                 stats = None
             if stats:
-                log.info("prerender: %(scripts)d scripts, %(written)d written, %(removed)d removed", stats)
+                log.info("prerender: %d scripts, %d written, %d removed in %.3f s", stats["scripts"], stats["written"],
+                         stats["removed"], time.monotonic() - t0)
             stop.wait(max(0.0, interval - (time.monotonic() - t0)))
 
 
