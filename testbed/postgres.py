@@ -9,6 +9,7 @@ superuser `provisioner` (written to `password_file`); the socket trusts local us
     pg = PostgresServer(Path("/tmp/x")).start()
     url = pg.create_database("t1")          # postgresql://provisioner@127.0.0.1:PORT/t1
     ... Store(url, password_file=pg.password_file) ...
+    pg.pause(); pg.resume()                 # a restart under its clients: same data, same port
     pg.stop()
 """
 
@@ -98,6 +99,10 @@ class PostgresServer:
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr[-2000:]}")
         self.port = free_port()
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> "PostgresServer":
+        env = {"PATH": f"{self.bin}:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.folder),
@@ -140,6 +145,23 @@ class PostgresServer:
                 pass
         if self.folder and self.folder.exists():
             shutil.rmtree(self.folder, ignore_errors=True)
+
+    def pause(self, timeout: float = 20) -> None:
+        """Stop the server (fast shutdown: its clients are disconnected) and keep its folder, data
+        dir and port, for resume(): a database restart under its clients."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+    def resume(self, timeout: float = 60.0) -> "PostgresServer":
+        """Start the server paused by pause() again: same data dir, same port."""
+        if self.proc and self.proc.poll() is None:
+            return self
+        return self._launch(timeout)
 
     # ----------------------------------------------------------------------- databases
 
