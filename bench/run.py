@@ -26,6 +26,7 @@ OUT = ROOT / "var" / "bench"
 BENCHMARKS: dict[str, str] = {
     "boot_storm": "bench.boot_storm",
     "decide": "bench.decide",
+    "image_storm": "bench.image_storm",
     "observe": "bench.observe",
     "reaction": "bench.reaction",
     "simulate": "bench.simulate",
