@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "observe": "bench.observe",
     "reaction": "bench.reaction",
     "simulate": "bench.simulate",
+    "store_storm": "bench.store_storm",
     "vm_boot": "bench.vm_boot",
 }
 
