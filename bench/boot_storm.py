@@ -430,7 +430,7 @@ def _pass_seconds(log: Path) -> list[float]:
     end only), so: the durations it logs, if any."""
     out = []
     for line in log.read_text(errors="replace").splitlines():
-        if " in " in line and line.rstrip().endswith(" s") and "prerender:" in line:
+        if " in " in line and line.rstrip().endswith(" s") and "prerender:" in line and "all nodes" in line:
             try:
                 out.append(float(line.rsplit(" in ", 1)[1].split()[0]))
             except ValueError:

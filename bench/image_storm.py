@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import shutil
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -29,7 +30,7 @@ from provisioner import config
 from provisioner.boot.plan import BootPlanner
 from provisioner.boot.server import default_workers
 from provisioner.tokens import load_or_create_secret
-from bench.boot_storm import _binary, _version, mac_of, nginx
+from bench.boot_storm import mac_of, nginx
 from testbed.boot_nginx import BootNginx
 from testbed.boot_server import BootServer
 from testbed.process import free_port
@@ -49,6 +50,18 @@ def add_arguments(group) -> None:
                        help="runs per server and N, alternating; the median by throughput is reported (default 3)")
     group.add_argument("--image-servers", default="provisioner,nginx,deployment", metavar="NAME[,NAME]",
                        help="which servers (default provisioner,nginx,deployment)")
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}",) if os.access(p, os.X_OK)), None)
+    if not found:
+        raise RuntimeError(f"{name} not found; run `make system-deps` (scripts/install-system-deps.sh)")
+    return found
+
+
+def _version(cmd: list[str]) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    return (out.stdout + out.stderr).strip().splitlines()[0]
 
 
 # --------------------------------------------------------------------------- the clients

@@ -24,13 +24,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from provisioner.boot.plan import BootPlanner
 from provisioner.boot.render import Renderer
-from provisioner.errors import ProvisionerError
+from provisioner.errors import OperationError, ProvisionerError
 from provisioner.model import Site
 from provisioner.store import open_store
 from provisioner.tokens import load_or_create_secret
@@ -66,27 +67,38 @@ class Watcher:
         self.renderer = Renderer(site)
         self.written: dict[str, str] = {}  # file name -> text on disk
         self.boot_files: set[str] = set()  # absolute paths the current scripts name
-        self.last_fp: tuple | None = None
+        self.last_state: tuple | None = None  # (roles, pins) of the last pass
+        self.last_files: tuple | None = None
         self.last_full = 0.0
         self.passes = 0
+        self._db: sqlite3.Connection | None = None  # our own read connection (SQLite store)
+        self._data_version: int | None = None
 
-    # -- the fingerprint: cheap, taken before a pass so a change during it is caught next time --
+    # -- what the scripts depend on; read before a pass, so a change during it is seen next time --
 
-    def _store_fp(self) -> tuple:
-        conn = getattr(self.store, "_conn", None)
-        if conn is not None:
-            try:  # SQLite: one aggregate query; every write of a role or pin moves updated_at/since
-                return tuple(conn().execute(
-                    "SELECT (SELECT count(*) FROM nodes), (SELECT max(updated_at) FROM nodes),"
-                    " (SELECT total(updated_at) FROM nodes), (SELECT count(*) FROM image_pins),"
-                    " (SELECT total(since) FROM image_pins)").fetchone())
-            except Exception:  # noqa: BLE001 - another store: read what matters instead
-                pass
-        roles = tuple(sorted((n, s.desired_role) for n, s in self.store.nodes().items()))
-        pins = tuple((p["node"], p["image"], p["version"]) for p in self.store.image_pins())
-        return hash(roles), hash(pins)
+    def store_state(self) -> tuple[dict[str, str], dict[tuple[str, str], str]]:
+        """The desired roles and image pins. On SQLite: `PRAGMA data_version` first (no commit by
+        anyone since the last poll: nothing to read), then two narrow queries; events and boot
+        callbacks change neither. Another store: its public reads."""
+        if getattr(self.store, "backend", None) == "sqlite":
+            try:
+                if self._db is None:
+                    self._db = sqlite3.connect(self.store.path, timeout=5, isolation_level=None)
+                version = self._db.execute("PRAGMA data_version").fetchone()[0]
+                if version == self._data_version and self.last_state is not None:
+                    return self.last_state
+                roles = dict(self._db.execute("SELECT name, desired_role FROM nodes").fetchall())
+                pins = {(n, i): v for n, i, v in self._db.execute("SELECT node, image, version FROM image_pins")}
+                self._data_version = version
+                return roles, pins
+            except sqlite3.Error as exc:
+                self._db = None
+                raise OperationError(f"cannot read the store {self.store.path}: {exc}") from None
+        roles = {n: st.desired_role for n, st in self.store.nodes().items()}
+        pins = {(p["node"], p["image"]): p["version"] for p in self.store.image_pins()}
+        return roles, pins
 
-    def _files_fp(self) -> tuple:
+    def files_state(self) -> tuple:
         parts = []
         for root, dirs, files in os.walk(self.site.templates):
             dirs.sort()
@@ -103,26 +115,23 @@ class Watcher:
         parts.extend(_stat(p) for p in sorted(self.boot_files))
         return tuple(parts)
 
-    def fingerprint(self) -> tuple:
-        return self._store_fp(), self._files_fp()
-
     # -- a pass ----------------------------------------------------------------------------
 
-    def render_all(self) -> dict:
-        """Render every node's script for each of its MACs; write the changed files, remove the
-        files of MACs that have no good script now. Returns counts."""
+    def render(self, state: tuple | None, only: set[str] | None = None) -> dict:
+        """Render the scripts of every node (or of the nodes in `only`) for each of its MACs; write
+        the changed files, remove those of MACs that have no good script now. state None: the
+        store could not be read, so no node has a file."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        wanted: dict[str, str] = {}
-        boot_files: set[str] = set()
-        try:
-            roles = {n: s.desired_role for n, s in self.store.nodes().items()}
-            pins = {(p["node"], p["image"]): p["version"] for p in self.store.image_pins()}
-        except ProvisionerError as exc:
-            log.error("store unavailable: %s; removing every script (the app answers)", exc)
-            roles = None
-        if roles is not None:
-            planner = BootPlanner(self.site, self.secret, _Snapshot(roles, pins))
-            for node in self.site.nodes.values():
+        wanted = dict(self.written) if only is not None else {}
+        boot_files = set(self.boot_files) if only is not None else set()
+        nodes = [self.site.nodes[n] for n in only if n in self.site.nodes] if only is not None \
+            else list(self.site.nodes.values())
+        for node in nodes:
+            for mac in node.macs:
+                wanted.pop(mac + SUFFIX, None)
+        if state is not None:
+            planner = BootPlanner(self.site, self.secret, _Snapshot(*state))
+            for node in nodes:
                 plan = planner.plan(node)
                 if not plan.ok:
                     continue
@@ -136,8 +145,10 @@ class Watcher:
             if self.written.get(name) != text:
                 _write(self.folder / name, text)
                 written += 1
-        on_disk = {n for n in os.listdir(self.folder) if MAC_FILE.match(n)}
-        for name in (on_disk | set(self.written)) - set(wanted):
+        stale = set(self.written) - set(wanted)
+        if only is None:
+            stale |= {n for n in os.listdir(self.folder) if MAC_FILE.match(n)} - set(wanted)
+        for name in stale:
             try:
                 os.unlink(self.folder / name)
                 removed += 1
@@ -146,26 +157,37 @@ class Watcher:
         self.written = wanted
         self.boot_files = boot_files
         self.passes += 1
-        return {"scripts": len(wanted), "written": written, "removed": removed}
+        return {"scripts": len(wanted), "written": written, "removed": removed,
+                "nodes": len(nodes), "full": only is None}
 
     def sync(self, force: bool = False) -> dict | None:
-        """One poll: a pass when the fingerprint moved (or FULL_EVERY_S passed); None otherwise."""
+        """One poll. Templates, published images or boot files changed (or FULL_EVERY_S passed):
+        every node again; only roles or pins changed: those nodes; nothing: None."""
         now = time.monotonic()
         try:
-            fp = self.fingerprint()
+            state = self.store_state()
         except ProvisionerError as exc:
-            log.error("store unavailable: %s", exc)
-            fp = None
-        if not force and fp is not None and fp == self.last_fp and now - self.last_full < FULL_EVERY_S:
+            log.error("store unavailable: %s; no scripts (the app answers)", exc)
+            state = None
+        files = self.files_state()
+        full = (force or self.passes == 0 or state is None or self.last_state is None or files != self.last_files
+                or now - self.last_full >= FULL_EVERY_S)
+        if full:
+            if self.passes == 0:  # files left by an earlier run are not trusted: rewrite them all
+                self.written = {}
+            stats = self.render(state)
+            self.last_full = now
+        elif state != self.last_state:
+            (roles, pins), (old_roles, old_pins) = state, self.last_state
+            changed = {n for n in roles.keys() | old_roles.keys() if roles.get(n) != old_roles.get(n)}
+            changed |= {k[0] for k in pins.keys() | old_pins.keys() if pins.get(k) != old_pins.get(k)}
+            stats = self.render(state, changed)
+        else:
             return None
-        if self.passes == 0:  # files left by an earlier run are not trusted: rewrite them all
-            self.written = {}
-        stats = self.render_all()
-        # The fingerprint from before the pass: a change made during it shows at the next poll.
-        # (When the pass named other boot files, the next fingerprint includes them and differs:
+        # What was read before the pass: a change made during it shows at the next poll. (When
+        # a full pass named other boot files, the next files_state includes them and differs:
         # one more pass, once.)
-        self.last_fp = fp
-        self.last_full = now
+        self.last_state, self.last_files = state, files
         return stats
 
     def watch(self, interval: float = INTERVAL_S, stop: threading.Event | None = None) -> None:
@@ -178,8 +200,9 @@ class Watcher:
                 log.exception("prerender pass failed")
                 stats = None
             if stats:
-                log.info("prerender: %d scripts, %d written, %d removed in %.3f s", stats["scripts"], stats["written"],
-                         stats["removed"], time.monotonic() - t0)
+                log.info("prerender: %d scripts, %d written, %d removed (%s) in %.3f s", stats["scripts"],
+                         stats["written"], stats["removed"], "all nodes" if stats["full"] else f"{stats['nodes']} nodes",
+                         time.monotonic() - t0)
             stop.wait(max(0.0, interval - (time.monotonic() - t0)))
 
 
