@@ -1,0 +1,91 @@
+"""provisioner/boot/prerender.py without nginx: the files are the endpoint's bytes, and a poll
+after a change rewrites exactly what the change affects."""
+
+import shutil
+
+import pytest
+
+from provisioner import config
+from provisioner.boot.app import create_app
+from provisioner.boot.prerender import Watcher
+from provisioner.model import DEFAULT_TEMPLATES
+from provisioner.store import Store
+from testbed.site import mac, write_site
+
+
+@pytest.fixture
+def world(tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(DEFAULT_TEMPLATES, templates)
+    site = config.load(write_site(tmp_path / "site", site={"templates": str(templates)}))
+    client = create_app(site).test_client()
+    watcher = Watcher(site, tmp_path / "scripts")
+    return site, client, watcher, tmp_path / "scripts", templates
+
+
+def files(folder):
+    return {p.name: p.read_text() for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+def test_one_file_per_mac_with_the_apps_bytes(world):
+    site, client, watcher, folder, _ = world
+    stats = watcher.sync()
+    macs = [m for n in site.nodes.values() for m in n.macs]
+    assert stats["scripts"] == len(macs) and set(files(folder)) == {m + ".ipxe" for m in macs}
+    for m in macs:
+        assert (folder / f"{m}.ipxe").read_text() == client.get(f"/ipxe?mac={m}").get_data(as_text=True)
+    watcher.sync()  # once more: the first pass named the boot files, which are watched from now on
+    assert watcher.sync() is None  # nothing changed: no pass
+
+
+def test_role_change_rewrites_that_node_only_and_events_cause_no_pass(world):
+    site, client, watcher, folder, _ = world
+    watcher.sync()
+    watcher.sync()
+    store = Store(site.store)
+    store.add_event("sn01", "test", "note", "an event is no change")
+    store.record_booted("sn02", "slurm", "1", actor="test", source=None)
+    assert watcher.sync() is None
+    store.set_role(["sn01"], "k8s", actor="test", reason="test", pin=True)
+    stats = watcher.sync()
+    assert stats == {"scripts": stats["scripts"], "written": 1, "removed": 0, "nodes": 1, "full": False}
+    text = (folder / f"{mac(1, 3)}.ipxe").read_text()
+    assert "images/k8s/vmlinuz" in text and text == client.get(f"/ipxe?mac={mac(1, 3)}").get_data(as_text=True)
+
+
+def test_template_edit_and_missing_files(world):
+    site, client, watcher, folder, templates = world
+    watcher.sync()
+    base = templates / "_linux.ipxe.j2"
+    base.write_text(base.read_text() + "# edited\n")
+    stats = watcher.sync()
+    assert stats["full"] and stats["written"] == stats["scripts"]
+    assert all("# edited" in t for t in files(folder).values())
+    # A node whose image files are gone has no file: nginx passes it to the app, which says why.
+    (site.image_root / "slurm" / "vmlinuz").unlink()
+    watcher.sync()
+    assert f"{mac(1, 3)}.ipxe" not in files(folder)
+    assert "missing" in client.get(f"/ipxe?mac={mac(1, 3)}").get_data(as_text=True)
+
+
+def test_store_unreadable_removes_every_file(world, monkeypatch):
+    from provisioner.errors import OperationError
+
+    _, _, watcher, folder, _ = world
+    watcher.sync()
+    assert files(folder)
+
+    def broken():
+        raise OperationError("store gone")
+
+    monkeypatch.setattr(watcher, "store_state", broken)
+    watcher.sync()
+    assert files(folder) == {}
+
+
+def test_stale_files_of_an_earlier_run_are_removed(world):
+    _, _, watcher, folder, _ = world
+    folder.mkdir()
+    (folder / "52:54:00:99:99:99.ipxe").write_text("old")
+    watcher.sync()
+    assert "52:54:00:99:99:99.ipxe" not in files(folder)
