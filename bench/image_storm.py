@@ -117,7 +117,28 @@ def _client_proc(port, files, piece, nodes, go_at, queue) -> None:
     queue.put(out)
 
 
-def _storm(port: int, files, piece: int, n: int, procs: int) -> dict:
+def _tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by process `root` and all its descendants."""
+    procs: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        procs[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    ticks, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        ticks += procs.get(pid, (0, 0))[1]
+        todo.extend(child for child, (ppid, _) in procs.items() if ppid == pid)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _storm(port: int, files, piece: int, n: int, procs: int, pid: int) -> dict:
+    cpu0 = _tree_cpu_s(pid)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     share = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
@@ -128,12 +149,14 @@ def _storm(port: int, files, piece: int, n: int, procs: int) -> dict:
     results = [r for _ in ps for r in queue.get(timeout=1800)]
     for p in ps:
         p.join()
+    cpu = _tree_cpu_s(pid) - cpu0
     times = [r[0] for r in results]
     total = sum(r[1] for r in results)
     errors = [r[2] for r in results if r[2]]
     last = max(times)
     return {"nodes": n, "bytes": total, "last_node_s": round(last, 3), "median_node_s": round(statistics.median(times), 3),
-            "gib_per_s": total / last / 2**30 if last else None, "errors": len(errors), "first_error": errors[0] if errors else None}
+            "gib_per_s": total / last / 2**30 if last else None,
+            "server_cpu_s_per_gib": cpu / (total / 2**30) if total else None, "errors": len(errors), "first_error": errors[0] if errors else None}
 
 
 # --------------------------------------------------------------------------- the run
@@ -188,7 +211,7 @@ def run(args) -> dict:
             daemons.append(boot)
             boot.start(timeout=120)
             targets["provisioner"] = {"label": f"provisioner serve alone (gunicorn, {workers} workers x 4 threads)",
-                                      "port": port_p}
+                                      "port": port_p, "pid": boot.proc.pid}
         if "nginx" in servers_wanted:
             www = tmp / "www"
             www.mkdir()
@@ -200,13 +223,13 @@ def run(args) -> dict:
             conf = web.cmd[web.cmd.index("-c") + 1]
             Path(conf).write_text(Path(conf).read_text().replace("access_log off;", "access_log off;\n    sendfile on;"))
             web.start(files[0][0], timeout=60)
-            targets["nginx"] = {"label": f"nginx alone, {nproc} workers, sendfile", "port": port}
+            targets["nginx"] = {"label": f"nginx alone, {nproc} workers, sendfile", "port": port, "pid": web.proc.pid}
         if "deployment" in servers_wanted:
             dep = BootNginx(path, free_port(), tmp / "deployment", workers=workers, nginx_workers=nproc)
             daemons.append(dep)
             dep.start(timeout=120)
             targets["deployment"] = {"label": "recommended: nginx in front of provisioner serve (/images/ by nginx)",
-                                     "port": dep.port}
+                                     "port": dep.port, "pid": dep.nginx.proc.pid}
 
         piece = args.image_range_mib * 2**20
         rows: dict[str, dict[int, dict]] = {k: {} for k in targets}
@@ -216,11 +239,14 @@ def run(args) -> dict:
                 keys = list(targets)
                 order = keys[r % len(keys):] + keys[:r % len(keys)]  # each server goes first in turn
                 for key in order:
-                    runs[key][n].append(_storm(targets[key]["port"], files, piece, n, args.image_procs))
+                    runs[key][n].append(_storm(targets[key]["port"], files, piece, n, args.image_procs,
+                                                targets[key]["pid"]))
         for key in targets:
             for n in counts:
                 ranked = sorted(runs[key][n], key=lambda x: x["gib_per_s"] or 0)
+                cpus = [x["server_cpu_s_per_gib"] for x in runs[key][n] if x["server_cpu_s_per_gib"]]
                 rows[key][n] = {**ranked[(len(ranked) - 1) // 2],
+                                "cpu_s_per_gib_median": statistics.median(cpus) if cpus else None,
                                 "rounds_gib_per_s": [round(x["gib_per_s"] or 0, 3) for x in runs[key][n]],
                                 "errors": sum(x["errors"] for x in runs[key][n])}
     finally:
@@ -241,6 +267,8 @@ def run(args) -> dict:
             for n in counts:
                 base, row = rows["nginx"][n], rows[k][n]
                 row["x_nginx"] = row["gib_per_s"] / base["gib_per_s"] if base["gib_per_s"] and row["gib_per_s"] else None
+                row["x_nginx_cpu"] = (base["cpu_s_per_gib_median"] / row["cpu_s_per_gib_median"]
+                                      if base["cpu_s_per_gib_median"] and row["cpu_s_per_gib_median"] else None)
         if "deployment" in targets:
             result["met"] = all((rows["deployment"][n].get("x_nginx") or 0) >= GOAL and rows["deployment"][n]["errors"] == 0
                                 for n in counts)
@@ -258,18 +286,19 @@ def summary(result: dict) -> str:
         f"loopback, files in the page cache; median of {p['rounds']} runs each (errors: all runs); "
         f"{result['versions']['nginx']}",
         "",
-        "| server | N | GiB/s (all bytes / last node done) | x nginx | last node has everything (s) | median node (s) | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | N | GiB/s (all bytes / last node done) | x nginx | last node has everything (s) | median node (s) "
+        "| server CPU s per GiB (median) | x nginx by CPU | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for t in result["targets"].values():
         for n, row in t["by_n"].items():
-            x = row.get("x_nginx")
-            lines.append(f"| {t['label']} | {int(n):,} | {row['gib_per_s']:.2f} | {x:.2f} | {row['last_node_s']:.2f} | "
-                         f"{row['median_node_s']:.2f} | {row['errors']} |" if x is not None else
-                         f"| {t['label']} | {int(n):,} | {row['gib_per_s'] or 0:.2f} | - | {row['last_node_s']:.2f} | "
-                         f"{row['median_node_s']:.2f} | {row['errors']} |")
+            x, xc, c = row.get("x_nginx"), row.get("x_nginx_cpu"), row.get("cpu_s_per_gib_median")
+            lines.append(f"| {t['label']} | {int(n):,} | {row['gib_per_s'] or 0:.2f} | "
+                         f"{'-' if x is None else f'{x:.2f}'} | {row['last_node_s']:.2f} | {row['median_node_s']:.2f} | "
+                         f"{'-' if c is None else f'{c:.3f}'} | {'-' if xc is None else f'{xc:.2f}'} | {row['errors']} |")
+    lines.append("")
     if "met" in result:
-        lines += ["", f"- the recommended deployment >= {result['goal']} x nginx at every N, no errors: "
+        lines += [f"- the recommended deployment >= {result['goal']} x nginx at every N, no errors: "
                       f"{'met' if result['met'] else 'MISSED'}"]
     first = [r["first_error"] for t in result["targets"].values() for r in t["by_n"].values() if r["first_error"]]
     if first:
