@@ -203,6 +203,13 @@ def test_database_restart_under_load(tmp_path, own_postgres):
                 break
             time.sleep(0.1)
         time.sleep(1.0)
+        loop.halt.set()
+        loop.join(15)
+        # The outage is in the metrics: the waiting scripts counted as store_unavailable.
+        _, text = get(f"{server.url}/metrics")
+        counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("provisioner_boot_requests_total{") and 'outcome="store_unavailable"' in line)
+        assert re.search(r"^provisioner_store_up 1\.0$", text, re.M), text[-1500:]
     finally:
         loop.halt.set()
         loop.join(15)
@@ -217,6 +224,8 @@ def test_database_restart_under_load(tmp_path, own_postgres):
     waiting = [text for text in during if "state store unavailable" in text]
     assert waiting == during, [t[:300] for t in during if t not in waiting][:3]
     assert all("images/" not in text and "sleep" in text for text in waiting), waiting[0]
+    outage = [text for text in (t for _, _, t in loop.answers) if "state store unavailable" in text]
+    assert counted == len(outage), (counted, len(outage))
     # After the restart: the right script again, without restarting the server.
     assert after and "images/slurm/vmlinuz" in after[-1] and "provisioner.node=sn01" in after[-1]
     tail = after[len(after) // 2:]
