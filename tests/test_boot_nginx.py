@@ -95,6 +95,9 @@ def test_scripts_are_the_apps_bytes(deployment):
     dep, app, _ = deployment
     for m in (mac(1, 3), mac(2, 3), mac(1, 3).upper(), mac(1, 3).replace(":", "-"), "zz", "", "52:54:00:99:99:99"):
         assert _get(f"{dep.url}/ipxe?mac={m}") == _get(f"{app.url}/ipxe?mac={m}"), m
+    for query in (f"MAC={mac(1, 3)}", f"mac={mac(1, 3)}&mac=zz", f"x=1&mac={mac(1, 3)}", f"mac={mac(1, 3)}&x=1",
+                  f"mac=zz&mac={mac(1, 3)}", "mac=52%3a54%3a00%3a03%3a00%3a01"):
+        assert _get(f"{dep.url}/ipxe?{query}") == _get(f"{app.url}/ipxe?{query}"), query
     assert _get(f"{dep.url}/boot.ipxe") == _get(f"{app.url}/boot.ipxe")
     assert _get(f"{dep.url}/images/slurm/vmlinuz") == (200, "slurm kernel\n")
 

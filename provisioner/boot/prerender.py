@@ -230,9 +230,11 @@ NGINX_SITE = """\
 # when one exists; every other request to /ipxe (another spelling of the MAC, an unknown or
 # malformed one, a node that cannot boot, not a GET) goes to `provisioner serve`. /images/ is
 # served from the image root with sendfile; everything else goes to `provisioner serve`.
-map "$request_method $arg_mac" $provisioner_ipxe_file {{
+# Only a GET whose whole query is `mac=` and a MAC as iPXE spells it (`${{netX/mac}}`); nginx's
+# $arg_mac would also match `MAC=` or a second `mac=`, which the app reads differently.
+map "$request_method $args" $provisioner_ipxe_file {{
     default "";
-    "~^GET (?<m>[0-9a-f]{{2}}(:[0-9a-f]{{2}}){{5}})$" $m;
+    "~^GET mac=(?<m>[0-9a-f]{{2}}(:[0-9a-f]{{2}}){{5}})$" $m;
 }}
 
 upstream provisioner_app {{
