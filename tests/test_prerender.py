@@ -89,3 +89,18 @@ def test_stale_files_of_an_earlier_run_are_removed(world):
     (folder / "52:54:00:99:99:99.ipxe").write_text("old")
     watcher.sync()
     assert "52:54:00:99:99:99.ipxe" not in files(folder)
+
+
+def test_cli_prerender_and_nginx_config(world, capsys):
+    from provisioner.cli import main
+
+    site, _, _, _, _ = world
+    config_path = site.templates.parent / "site" / "site.yaml"
+    out = site.templates.parent / "cli-scripts"
+    assert main(["--config", str(config_path), "prerender", str(out)]) == 0
+    assert "6 scripts" in capsys.readouterr().out and len(files(out)) == 6
+    assert main(["--config", str(config_path), "nginx-config", "--scripts", str(out), "--upstream",
+                 "127.0.0.1:8081", "--listen", "8080"]) == 0
+    conf = capsys.readouterr().out
+    assert f"root {out.resolve()};" in conf and f"alias {site.image_root.resolve()}/;" in conf
+    assert "server 127.0.0.1:8081;" in conf and "listen 8080;" in conf
