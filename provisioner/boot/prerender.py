@@ -12,8 +12,10 @@ atomic rename (a reader sees the old script or the new one, never half of one).
 
 Kept current by polling: Watcher.sync() takes a cheap fingerprint of everything a script
 depends on (the nodes' desired roles and image pins in the store, each built image's `current`
-link and version folders, the template folder's files, the boot files the scripts name) and
-renders everything again only when it changed, writing the files whose text changed. A change is
+link and version folders, the template folder's files, the boot files the scripts name): when
+files changed, every node is rendered again; when only roles or pins changed, those nodes (on
+SQLite, `PRAGMA data_version` on its own connection first, so boot callbacks and events cost a
+two-query read, not a pass); only files whose text changed are written. A change is
 therefore served after at most one poll interval plus one pass (measured: bench/boot_storm.py,
 BENCHMARKS.md), not on the very next request as from the app alone. Every FULL_EVERY_S a pass
 runs regardless (a change the fingerprint cannot see, e.g. a version folder replaced in place).
