@@ -104,3 +104,42 @@ def test_cli_prerender_and_nginx_config(world, capsys):
     conf = capsys.readouterr().out
     assert f"root {out.resolve()};" in conf and f"alias {site.image_root.resolve()}/;" in conf
     assert "server 127.0.0.1:8081;" in conf and "listen 8080;" in conf
+
+
+def test_image_pins_and_publishes_reach_the_files(tmp_path):
+    """A built image: unpinning a node rewrites its file; publishing another version (the
+    `current` link) rewrites every node that follows it; each file stays the app's bytes."""
+    import os
+
+    from tests.support import fake_built_image
+
+    old, new = "20250101-000000", "20250202-000000"
+    folder = tmp_path / "site"
+    fake_built_image(folder / "images", "tiny", [old, new], current=new)
+    nodes = [{"name": f"sn0{i}", "pool": "shared", "default_role": "slurm", "macs": [mac(i, 3)],
+              "bmc": {"address": "127.0.0.1"}} for i in (1, 2)]
+    site = config.load(write_site(folder, nodes=nodes, images={"slurm": {"image": "tiny"}, "k8s": {"image": "tiny"}}))
+    store = Store(site.store)
+    store.seed((n.name, n.default_role) for n in site.nodes.values())
+    store.pin_image(["sn02"], "tiny", old, actor="test", reason="rollback")
+    client = create_app(site).test_client()
+    watcher = Watcher(site, tmp_path / "scripts")
+    watcher.sync()
+    watcher.sync()
+
+    def same():
+        for i in (1, 2):
+            text = (tmp_path / "scripts" / f"{mac(i, 3)}.ipxe").read_text()
+            assert text == client.get(f"/ipxe?mac={mac(i, 3)}").get_data(as_text=True)
+        return [(tmp_path / "scripts" / f"{mac(i, 3)}.ipxe").read_text() for i in (1, 2)]
+
+    first, second = same()
+    assert f"tiny/{new}/vmlinuz" in first and f"tiny/{old}/vmlinuz" in second
+    store.unpin_image(["sn02"], "tiny", actor="test", reason="done")
+    assert watcher.sync()["nodes"] == 1
+    assert f"tiny/{new}/vmlinuz" in same()[1]
+    link = folder / "images" / "tiny" / "current"
+    os.symlink(old, str(link) + ".new")
+    os.replace(str(link) + ".new", link)
+    assert watcher.sync()["full"]
+    assert all(f"tiny/{old}/vmlinuz" in t for t in same())
