@@ -426,8 +426,7 @@ def _seen_after(port: int, path: str, want: str, timeout: float = 30.0) -> float
 
 
 def _pass_seconds(log: Path) -> list[float]:
-    """How long the watcher's passes took (from its log's timestamps is not enough: it logs the
-    end only), so: the durations it logs, if any."""
+    """The durations of the watcher's last full passes (every node rendered), from its log."""
     out = []
     for line in log.read_text(errors="replace").splitlines():
         if " in " in line and line.rstrip().endswith(" s") and "prerender:" in line and "all nodes" in line:
