@@ -124,6 +124,8 @@ def cmd_prerender(ctx: Context) -> int:
         watcher.watch(ctx.args.interval, stop)
     except KeyboardInterrupt:
         pass
+    finally:  # stopped: no file may go stale; nginx passes every request to the app
+        watcher.clear()
     return EXIT_OK
 
 

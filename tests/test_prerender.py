@@ -143,3 +143,9 @@ def test_image_pins_and_publishes_reach_the_files(tmp_path):
     os.replace(str(link) + ".new", link)
     assert watcher.sync()["full"]
     assert all(f"tiny/{old}/vmlinuz" in t for t in same())
+
+
+def test_clear_removes_every_script(world):
+    _, _, watcher, folder, _ = world
+    watcher.sync()
+    assert watcher.clear() == 6 and files(folder) == {}

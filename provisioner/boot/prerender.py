@@ -192,6 +192,18 @@ class Watcher:
         self.last_state, self.last_files = state, files
         return stats
 
+    def clear(self) -> int:
+        """Remove every script file (the watcher stops: nothing may go stale; the app answers)."""
+        removed = 0
+        for name in [n for n in os.listdir(self.folder) if MAC_FILE.match(n)] if self.folder.is_dir() else []:
+            try:
+                os.unlink(self.folder / name)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        self.written = {}
+        return removed
+
     def watch(self, interval: float = INTERVAL_S, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         while not stop.is_set():
