@@ -21,7 +21,9 @@ pytestmark = pytest.mark.integration
 def pg_sim(tmp_path_factory, kube_cluster, postgres_server):
     url = postgres_server.create_database("failover")
     workdir = tmp_path_factory.mktemp("pg-sim")
-    sim = SimSite(require_slurm(workdir), kube=kube_cluster,
+    # Node names of its own: the session's Kubernetes control plane also serves the balance world,
+    # whose simulated kubelets (pf01...) may still heartbeat there.
+    sim = SimSite(require_slurm(workdir), kube=kube_cluster, shared="pf[01-04]", fixed_k8s="kf01",
                   store={"store": url, "store_password_file": str(postgres_server.password_file),
                          "state_dir": str(workdir / "host-a")})
     try:
@@ -32,8 +34,8 @@ def pg_sim(tmp_path_factory, kube_cluster, postgres_server):
 
 
 def k8s_wants_a_node(sim) -> list[str]:
-    """kn01 full, two small pods Unschedulable; the fixed SLURM nodes run jobs (returned)."""
-    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
+    """kf01 full, two small pods Unschedulable; the fixed SLURM nodes run jobs (returned)."""
+    sim.kube.add_pod("big-0", node="kf01", requests={"cpu": "1", "memory": "128Mi"})
     for i in range(2):
         sim.kube.add_pod(f"web-{i}", namespace="ml")
     for i in range(2):
@@ -52,10 +54,10 @@ def test_host_a_killed_mid_switch_host_b_finishes_it(pg_sim, point):
     assert sim.store.backend == "postgresql"
     jobs = k8s_wants_a_node(sim)
 
-    # Host A's pass (the CLI, as cron runs it) dies at the crash point, sn01 mid-switch.
+    # Host A's pass (the CLI, as cron runs it) dies at the crash point, pf01 mid-switch.
     proc, _ = sim.balance(env={CRASH_ENV: point})
     assert proc.returncode == -9, (proc.returncode, proc.stderr)
-    assert sim.state("sn01").phase != "steady"
+    assert sim.state("pf01").phase != "steady"
 
     # Host B: its first pass does not find a stale lock (the killed pass's connection is gone).
     sim.config = host_b
@@ -67,21 +69,23 @@ def test_host_a_killed_mid_switch_host_b_finishes_it(pg_sim, point):
                              for n, s in sim.store.nodes(sim.shared).items()),
                      timeout=90, what=f"host B to finish the switch after kill -9 {point} on host A", cli=False)
 
-    # 0 stranded: every shared node steady, serving the side the store says; sn01 went to k8s.
+    # 0 stranded: every shared node steady, serving the side the store says; pf01 went to k8s.
     states = sim.store.nodes(sim.shared)
     stranded = [n for n, s in states.items() if s.phase != "steady" or sim.serving(n) != {s.desired_role}]
     assert stranded == []
-    assert sim.serving("sn01") == {"k8s"} and states["sn01"].desired_role == "k8s"
-    # 0 duplicate power actions: the BMC booted sn01 once per successful power action recorded
+    assert sim.serving("pf01") == {"k8s"} and states["pf01"].desired_role == "k8s"
+    # 0 duplicate power actions: the BMC booted pf01 once per successful power action recorded
     # (IPMI's own retries aside), and the store recorded one power action for it.
-    boots, attempts = sim.reboots("sn01")
-    power_events = sim.events(["sn01"], kinds=["power"])
+    boots, attempts = sim.reboots("pf01")
+    power_events = sim.events(["pf01"], kinds=["power"])
     if point == "after-power":
-        assert boots == 1, (boots, sim.bmc_actions("sn01"))
-    assert 1 <= boots <= max(attempts, 1), (boots, attempts, sim.bmc_actions("sn01"))
+        assert boots == 1, (boots, sim.bmc_actions("pf01"))
+    assert 1 <= boots <= max(attempts, 1), (boots, attempts, sim.bmc_actions("pf01"))
     assert len([e for e in power_events if (e.data or {}).get("ok")]) <= 1, [e.message for e in power_events]
-    assert [n for n in sim.shared if n != "sn01" and sim.bmc_actions(n)] == []
+    others = [n for n in sim.shared if n != "pf01" and sim.bmc_actions(n)]
+    assert others == [], {n: [(e.kind, e.actor, e.message) for e in sim.events([n])][-8:]
+                          for n in others}
     assert all(sim.slurm.job_state(j)[0] == "RUNNING" for j in jobs)
     assert not sim.violations
     # Host B's passes are recorded as such in the shared history.
-    assert any(e.kind in ("phase", "switched") for e in sim.events(["sn01"]))
+    assert any(e.kind in ("phase", "switched") for e in sim.events(["pf01"]))
