@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from testbed.kube_cluster import KubeCluster
+from testbed.power_saving import settle, start_site
 from testbed.simnodes import ROOT, SimSite, provisioner_cmd
 from testbed.wait import wait_for
 
@@ -36,9 +37,6 @@ TITLE = "reaction time: demand -> a shared node's first switch action, provision
 GOAL_S = 2.0  # p95, event-driven
 CRON_PERIOD_S = 60.0
 FIRST_ACTION = ("switch", "phase")
-
-RESUME_TIMEOUT = 40
-SUSPEND_TIME = 6
 
 
 def add_arguments(group) -> None:
@@ -118,49 +116,14 @@ def _wait_first(site: SimSite, since: float, timeout: float = 60):
 # --------------------------------------------------------------------------- (a) SLURM power saving
 
 
-def _power_saving_conf(bindir: Path) -> str:
-    return "\n".join([
-        f"ResumeProgram={bindir}/provisioner-slurm-resume",
-        f"SuspendProgram={bindir}/provisioner-slurm-suspend",
-        f"ResumeFailProgram={bindir}/provisioner-slurm-resume-fail",
-        f"ResumeTimeout={RESUME_TIMEOUT}",
-        f"SuspendTime={SUSPEND_TIME}",
-        "SuspendTimeout=2",
-        "ResumeRate=0",
-        "SuspendRate=0",
-        "SuspendExcNodes=cn[01-02]",
-    ])
-
-
-def _powered_down_and_free(site: SimSite, name: str) -> bool:
-    v = site.slurm_view(name)
-    return v.powered_down and not (v.drain or v.down) and "powering_down" not in v.flags
-
-
-def _settle(site: SimSite) -> None:
-    site.passes_until(lambda: all(_powered_down_and_free(site, n) for n in site.shared), timeout=90, cli=False,
-                      what="SLURM to show the k8s-side nodes powered down and free")
-
-
 def _slurm_event_driven(work: Path, kube: KubeCluster, rounds: int, log) -> dict:
-    (work / "bin").mkdir(parents=True)
-    for name in ("resume", "suspend", "resume-fail"):  # slurmctld needs them at its start
-        stub = work / "bin" / f"provisioner-slurm-{name}"
-        stub.write_text("#!/bin/sh\nexit 0\n")
-        stub.chmod(0o755)
-    roles = {"ps01": "k8s", "ps02": "k8s"}
-    site = SimSite(work, shared="ps[01-02]", fixed_k8s="", roles=roles, kube=kube, boot_delay=1.5,
-                   slurm_conf=_power_saving_conf(work / "bin"), slurm_settings={"power_saving": True},
-                   policy={"phase_timeout_s": 20, "max_retries": 0})
+    site, _ = start_site(work, kube)
+    roles = {n: "k8s" for n in site.shared}
     rows = []
-    site.start()
     try:
-        proc = site.cli("slurm", "programs", "--dir", str(work / "bin"))
-        if proc.returncode != 0:
-            raise RuntimeError(f"slurm programs: {proc.stderr}")
         for r in range(rounds):
             site.reset(roles=roles)
-            _settle(site)
+            settle(site, timeout=90)
             _with_run(site.config, interval_s=3600, busy_interval_s=1)  # no timer pass can be credited
             daemon = Daemon(site, work / f"run-{r}.log")
             try:

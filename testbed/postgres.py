@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from testbed.parts import PartMissing
-from testbed.process import free_port
+from testbed.process import free_port, stop_group
 
 SUPERUSER = "provisioner"
 PASSWORD = "pg-test-pw"
@@ -134,28 +134,14 @@ class PostgresServer:
     def stop(self, timeout: float = 20) -> None:
         """Fast shutdown (SIGINT: clients are disconnected) of the server's process group, by pid;
         then the folder goes."""
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGINT)
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
+        stop_group(self.proc, signal.SIGINT, timeout)
         if self.folder and self.folder.exists():
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def pause(self, timeout: float = 20) -> None:
         """Stop the server (fast shutdown: its clients are disconnected) and keep its folder, data
         dir and port, for resume(): a database restart under its clients."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_group(self.proc, signal.SIGINT, timeout)
 
     def resume(self, timeout: float = 60.0) -> "PostgresServer":
         """Start the server paused by pause() again: same data dir, same port."""

@@ -38,6 +38,21 @@ def http_probe(url: str, context: ssl.SSLContext | None = None, headers: dict | 
     return probe
 
 
+def stop_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    """Stop a process started with start_new_session=True, and its group, by pid: `sig`, then
+    SIGKILL after `timeout` s. Nothing to do when it is gone already."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    except ProcessLookupError:
+        pass
+
+
 class Daemon:
     """A server in the foreground in its own session, stopped by pid (its whole group)."""
 
@@ -78,12 +93,4 @@ class Daemon:
             return ""
 
     def stop(self, timeout: float = 15) -> None:
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-            except ProcessLookupError:
-                pass
+        stop_group(self.proc, signal.SIGTERM, timeout)

@@ -18,65 +18,22 @@ from pathlib import Path
 import pytest
 
 from provisioner.states import FAILED, STEADY
+from testbed.power_saving import RESUME_TIMEOUT, SUSPEND_TIME, settle, start_site
 from testbed.simnodes import SimSite
 from tests.fixtures.slurm_cluster import require_slurm
 from testbed.wait import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-RESUME_TIMEOUT = 40
-SUSPEND_TIME = 6
-
-
-def power_saving_conf(bindir: Path) -> str:
-    return "\n".join([
-        f"ResumeProgram={bindir}/provisioner-slurm-resume",
-        f"SuspendProgram={bindir}/provisioner-slurm-suspend",
-        f"ResumeFailProgram={bindir}/provisioner-slurm-resume-fail",
-        f"ResumeTimeout={RESUME_TIMEOUT}",
-        f"SuspendTime={SUSPEND_TIME}",
-        "SuspendTimeout=2",
-        "ResumeRate=0",
-        "SuspendRate=0",
-        "SuspendExcNodes=cn[01-02]",
-    ])
-
-
 @pytest.fixture(scope="module")
 def ps_site(tmp_path_factory, kube_cluster):
-    work = tmp_path_factory.mktemp("power-saving")
-    # slurmctld turns power saving off for good when a program is missing at its start (a
-    # reconfigure does not turn it on again): placeholders now, the real ones once site.yaml exists.
-    (work / "bin").mkdir()
-    for name in ("resume", "suspend", "resume-fail"):
-        stub = work / "bin" / f"provisioner-slurm-{name}"
-        stub.write_text("#!/bin/sh\nexit 0\n")
-        stub.chmod(0o755)
-    # Node names of its own: the session's Kubernetes control plane also serves the balance world.
-    site = SimSite(require_slurm(work), shared="ps[01-02]", fixed_k8s="", roles={"ps01": "k8s", "ps02": "k8s"},
-                   kube=kube_cluster, boot_delay=1.5,  # firmware time: slurmctld wants the boot after its resume
-                   slurm_conf=power_saving_conf(work / "bin"), slurm_settings={"power_saving": True},
-                   policy={"phase_timeout_s": 20, "max_retries": 0})
-    site.start()
+    work = require_slurm(tmp_path_factory.mktemp("power-saving"))
+    site, programs = start_site(work, kube_cluster)
     try:
-        proc = site.cli("slurm", "programs", "--dir", str(work / "bin"))
-        assert proc.returncode == 0, proc.stderr
-        assert f"ResumeProgram={work}/bin/provisioner-slurm-resume" in proc.stdout
+        assert f"ResumeProgram={work}/bin/provisioner-slurm-resume" in programs
         yield site
     finally:
         site.stop()
-
-
-def powered_down_and_free(site: SimSite, name: str) -> bool:
-    v = site.slurm_view(name)
-    return v.powered_down and not (v.drain or v.down) and "powering_down" not in v.flags
-
-
-def settle(site: SimSite, names=("ps01", "ps02")) -> None:
-    """Passes until SLURM shows the Kubernetes-side nodes powered down and free to ask for."""
-    site.passes_until(lambda: all(powered_down_and_free(site, n) for n in names), timeout=60, cli=False,
-                      what="SLURM to show the k8s-side nodes powered down and free: "
-                           + "; ".join(f"{n} {site.slurm.node_state(n)}" for n in names))
 
 
 def passes_until(site: SimSite, done, timeout: float, what: str) -> None:
