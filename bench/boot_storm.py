@@ -102,14 +102,14 @@ def mac_of(i: int) -> str:
     return f"52:54:01:{(i >> 16) & 0xff:02x}:{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"
 
 
-def _binary(name: str) -> str:
+def binary(name: str) -> str:
     found = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}",) if os.access(p, os.X_OK)), None)
     if not found:
         raise RuntimeError(f"{name} not found; run `make system-deps` (scripts/install-system-deps.sh)")
     return found
 
 
-def _version(cmd: list[str]) -> str:
+def tool_version(cmd: list[str]) -> str:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     return (out.stdout + out.stderr).strip().splitlines()[0]
 
@@ -164,7 +164,7 @@ def _get(port: int, path: str) -> tuple[int, str]:
 
 
 def _wrk(url: str, macs_file: Path, seconds: float, args, scripts: Path | None = None) -> dict:
-    cmd = [_binary("wrk"), f"-t{args.storm_wrk_threads}", f"-c{args.storm_connections}", f"-d{max(1, round(seconds))}s",
+    cmd = [binary("wrk"), f"-t{args.storm_wrk_threads}", f"-c{args.storm_connections}", f"-d{max(1, round(seconds))}s",
            "--timeout", "5s", "-s", str(LUA), url, "--", str(macs_file)]
     if args.storm_close:
         cmd[1:1] = ["-H", "Connection: close"]
@@ -188,7 +188,7 @@ def _wrk(url: str, macs_file: Path, seconds: float, args, scripts: Path | None =
     raise RuntimeError(f"wrk gave no result (exit {out.returncode}): {(out.stderr or out.stdout)[-500:]}")
 
 
-def _tree_cpu_s(root: int) -> float:
+def tree_cpu_s(root: int) -> float:
     """CPU seconds (user + system) used so far by process `root` and all its descendants."""
     procs: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
@@ -217,11 +217,11 @@ def _machine_busy_s() -> float:
 
 def _measured(url: str, server_pid: int, macs_file: Path, seconds: float, args) -> dict:
     """One timed wrk run, with the CPU time the server, wrk and everything else used meanwhile."""
-    server0, busy0 = _tree_cpu_s(server_pid), _machine_busy_s()
+    server0, busy0 = tree_cpu_s(server_pid), _machine_busy_s()
     wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = _wrk(url, macs_file, seconds, args)
     wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_s = _tree_cpu_s(server_pid) - server0
+    server_s = tree_cpu_s(server_pid) - server0
     busy_s = _machine_busy_s() - busy0
     wrk_s = (wrk1.ru_utime + wrk1.ru_stime) - (wrk0.ru_utime + wrk0.ru_stime)
     result.update({
@@ -243,7 +243,7 @@ def _sample(port: int, expected: dict[str, str], macs: list[str]) -> int:
 
 
 def run(args) -> dict:
-    wrk, nginx_bin = _binary("wrk"), _binary("nginx")
+    wrk, nginx_bin = binary("wrk"), binary("nginx")
     n = args.storm_nodes
     if not 1 <= n <= 1 << 24:
         raise RuntimeError("--storm-nodes must be between 1 and 16777216")
@@ -378,7 +378,7 @@ def run(args) -> dict:
                    "connections": args.storm_connections, "wrk_threads": args.storm_wrk_threads,
                    "workers": workers, "rounds": args.storm_rounds,
                    "connection": "close" if args.storm_close else "keep-alive"},
-        "versions": {"wrk": _version([wrk, "-v"]), "nginx": _version([nginx_bin, "-v"])},
+        "versions": {"wrk": tool_version([wrk, "-v"]), "nginx": tool_version([nginx_bin, "-v"])},
         "setup": {"prerender_s": round(prerender_s, 2), "serve_start_s": round(serve_start_s, 2),
                   "deployment_start_s": round(deploy_start_s, 2)},
         "deployment_seen_after_s": {"role_change": role_delay, "template_edit": edit_delay,

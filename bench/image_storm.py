@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -30,7 +29,7 @@ from provisioner import config
 from provisioner.boot.plan import BootPlanner
 from provisioner.boot.server import default_workers
 from provisioner.tokens import load_or_create_secret
-from bench.boot_storm import mac_of, nginx
+from bench.boot_storm import binary, mac_of, nginx, tool_version, tree_cpu_s
 from testbed.boot_nginx import BootNginx
 from testbed.boot_server import BootServer
 from testbed.process import free_port
@@ -50,18 +49,6 @@ def add_arguments(group) -> None:
                        help="runs per server and N, alternating; the median by throughput is reported (default 3)")
     group.add_argument("--image-servers", default="provisioner,nginx,deployment", metavar="NAME[,NAME]",
                        help="which servers (default provisioner,nginx,deployment)")
-
-
-def _binary(name: str) -> str:
-    found = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}",) if os.access(p, os.X_OK)), None)
-    if not found:
-        raise RuntimeError(f"{name} not found; run `make system-deps` (scripts/install-system-deps.sh)")
-    return found
-
-
-def _version(cmd: list[str]) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    return (out.stdout + out.stderr).strip().splitlines()[0]
 
 
 # --------------------------------------------------------------------------- the clients
@@ -117,28 +104,8 @@ def _client_proc(port, files, piece, nodes, go_at, queue) -> None:
     queue.put(out)
 
 
-def _tree_cpu_s(root: int) -> float:
-    """CPU seconds (user + system) used so far by process `root` and all its descendants."""
-    procs: dict[int, tuple[int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        procs[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    ticks, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        ticks += procs.get(pid, (0, 0))[1]
-        todo.extend(child for child, (ppid, _) in procs.items() if ppid == pid)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def _storm(port: int, files, piece: int, n: int, procs: int, pid: int) -> dict:
-    cpu0 = _tree_cpu_s(pid)
+    cpu0 = tree_cpu_s(pid)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     share = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
@@ -149,7 +116,7 @@ def _storm(port: int, files, piece: int, n: int, procs: int, pid: int) -> dict:
     results = [r for _ in ps for r in queue.get(timeout=1800)]
     for p in ps:
         p.join()
-    cpu = _tree_cpu_s(pid) - cpu0
+    cpu = tree_cpu_s(pid) - cpu0
     times = [r[0] for r in results]
     total = sum(r[1] for r in results)
     errors = [r[2] for r in results if r[2]]
@@ -163,7 +130,7 @@ def _storm(port: int, files, piece: int, n: int, procs: int, pid: int) -> dict:
 
 
 def run(args) -> dict:
-    nginx_bin = _binary("nginx")
+    nginx_bin = binary("nginx")
     counts = [int(x) for x in args.image_nodes.split(",") if x]
     sizes = [int(float(x) * 2**20) for x in args.image_sizes_mib.split(",")]
     if len(sizes) < 2:
@@ -257,7 +224,7 @@ def run(args) -> dict:
     result = {
         "params": {"rounds": args.image_rounds, "counts": counts, "sizes_bytes": sizes, "range_bytes": piece, "procs": args.image_procs,
                    "per_node_bytes": sum(sizes), "requests_per_node": len(sizes) - 1 + -(-sizes[-1] // piece)},
-        "versions": {"nginx": _version([nginx_bin, "-v"])},
+        "versions": {"nginx": tool_version([nginx_bin, "-v"])},
         "targets": {k: {"label": targets[k]["label"], "by_n": {str(n): v for n, v in rows[k].items()}} for k in targets},
         "nproc": len(os.sched_getaffinity(0)),
         "goal": GOAL,

@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.boot_storm import LUA, mac_of
+from bench.boot_storm import LUA, binary, mac_of, tool_version, tree_cpu_s
 from provisioner import config, policy as pol
 from provisioner.boot.server import default_workers
 from provisioner.reconcile import Reconciler
@@ -52,18 +52,6 @@ SECRET = "5e" * 32 + "\n"
 # -- wrk and CPU accounting, as bench/boot_storm.py does them (its helpers are private to it) ----
 
 
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise RuntimeError(f"{name} is not installed (Debian package {name})")
-    return path
-
-
-def _version(cmd: list[str]) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    return ((out.stdout or out.stderr).strip().splitlines() or ["?"])[0]
-
-
 def _get(port: int, path: str) -> tuple[int, str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -76,7 +64,7 @@ def _get(port: int, path: str) -> tuple[int, str]:
 
 def _wrk(url: str, macs_file: Path, seconds: float, threads: int, connections: int) -> dict:
     """wrk with bench/boot_storm.lua (a random MAC per request); its JSON line parsed."""
-    cmd = [_binary("wrk"), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
+    cmd = [binary("wrk"), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
            "-s", str(LUA), url, "--", str(macs_file)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     for line in out.stdout.splitlines():
@@ -87,26 +75,6 @@ def _wrk(url: str, macs_file: Path, seconds: float, threads: int, connections: i
                     "p50_ms": lat["p50"] / 1000, "p99_ms": lat["p99"] / 1000,
                     "non_2xx": errors.pop("status"), "socket_errors": errors}
     raise RuntimeError(f"wrk gave no result (exit {out.returncode}): {(out.stderr or out.stdout)[-500:]}")
-
-
-def _tree_cpu_s(root: int) -> float:
-    """CPU seconds (user + system) used so far by process `root` and all its descendants."""
-    procs: dict[int, tuple[int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        procs[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    ticks, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        ticks += procs.get(pid, (0, 0))[1]
-        todo.extend(child for child, (ppid, _) in procs.items() if ppid == pid)
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_busy_s() -> float:
@@ -148,7 +116,7 @@ def _storm(servers: list[dict], pids: list[int], macs_file: Path, seconds: float
     """One timed run: one wrk per server at once, the connections split between them."""
     per = max(1, total_c // len(servers))
     wrk_threads = 1 if len(servers) > 1 else 2
-    cpu0 = sum(_tree_cpu_s(p) for p in pids)
+    cpu0 = sum(tree_cpu_s(p) for p in pids)
     busy0 = _machine_busy_s()
     wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     results: list[dict | Exception] = [None] * len(servers)  # type: ignore[list-item]
@@ -167,7 +135,7 @@ def _storm(servers: list[dict], pids: list[int], macs_file: Path, seconds: float
     for r in results:
         if isinstance(r, Exception):
             raise r
-    cpu_s = sum(_tree_cpu_s(p) for p in pids) - cpu0
+    cpu_s = sum(tree_cpu_s(p) for p in pids) - cpu0
     wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     wrk_s = (wrk1.ru_utime + wrk1.ru_stime) - (wrk0.ru_utime + wrk0.ru_stime)
     requests = sum(r["requests"] for r in results)
@@ -218,7 +186,7 @@ def _pass_costs(site, store: Store, repeats: int) -> dict:
 
 def run(args) -> dict:
     n = args.store_nodes
-    wrk = _binary("wrk")
+    wrk = binary("wrk")
     tmp = Path(tempfile.mkdtemp(prefix="provisioner-bench-store-"))
     pg = PostgresServer()
     daemons: list = []
@@ -292,7 +260,7 @@ def run(args) -> dict:
                         s.stop()
                         daemons.remove(s)
         tracebacks = sum(p.read_text(errors="replace").count("Traceback") for p in tmp.glob("*.log"))
-        pg_version = _version([str(pg.bin / "postgres"), "--version"])
+        pg_version = tool_version([str(pg.bin / "postgres"), "--version"])
     finally:
         for d in daemons:
             d.stop()
@@ -314,7 +282,7 @@ def run(args) -> dict:
         "params": {"nodes": n, "duration_s": args.store_duration, "warmup_s": args.store_warmup,
                    "connections": args.store_connections, "rounds": args.store_rounds, "workers": workers,
                    "pass_repeats": args.store_pass_repeats},
-        "versions": {"wrk": _version([wrk, "-v"]), "postgres": pg_version},
+        "versions": {"wrk": tool_version([wrk, "-v"]), "postgres": pg_version},
         "setup": {"configs_s": setup_s, "seed_s": seed_s},
         "storm": storm, "pass": pass_costs, "ratios": ratios,
         "correct": all(r["non_2xx"] == 0 for v in runs.values() for r in v) and tracebacks == 0,
