@@ -1,7 +1,10 @@
 """The admin CLI: `provisioner COMMAND ...`. Thin: parse, call a module, print.
 
 Exit codes: 0 ok, 1 an operation failed, 2 usage or config error. Errors go to stderr as one
-line that says what to do next.
+line that says what to do next (a config with several errors: one line each).
+
+Listings (`nodes`, `history`, `render`, `check`, `image list`) only read: they open the store
+read-only and never create it or the token secret; `provisioner init` does.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from provisioner import ROLES, __version__
+from provisioner import POOLS, ROLES, __version__
 from provisioner import config as configmod
-from provisioner.errors import ConfigError, OperationError, ProvisionerError, UsageError
-from provisioner.nodeset import fold, select
-from provisioner.store import Store, default_actor, iso, open_store
+from provisioner.errors import ConfigError, ConfigErrors, OperationError, ProvisionerError, UsageError
+from provisioner.model import normalize_mac
+from provisioner.nodeset import EXAMPLE, fold, select
+from provisioner.store import INIT_HINT, Store, default_actor, iso, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -32,6 +36,7 @@ class Context:
         self.args = args
         self._site = None
         self._store = None
+        self._reader = None
 
     @property
     def site(self) -> configmod.Site:
@@ -46,8 +51,33 @@ class Context:
             self._store.seed((n.name, n.default_role) for n in self.site.nodes.values())
         return self._store
 
+    @property
+    def reader(self) -> Store:
+        """The store for a listing: read-only, never created (the writing one when already open)."""
+        if self._store is not None:
+            return self._store
+        if self._reader is None:
+            self._reader = open_store(self.site, read_only=True)
+        return self._reader
+
+    def close(self) -> None:
+        for store in (self._store, self._reader):
+            if store is not None:
+                store.close()
+
     def nodes(self, expr: str | None) -> list[str]:
-        return select(expr, self.site.nodes)
+        pools: dict[str, list[str]] = {}
+        for node in self.site.nodes.values():
+            pools.setdefault(node.pool, []).append(node.name)
+        return select(expr, self.site.nodes, pools)
+
+    def secret(self) -> bytes:
+        """The token secret, read only: a listing never makes one."""
+        from provisioner.tokens import load_or_create_secret
+
+        if not self.site.secret_file.is_file():
+            raise UsageError(f"no token secret at {self.site.secret_file} yet (site.secret_file): {INIT_HINT}")
+        return load_or_create_secret(self.site.secret_file)
 
 
 def emit_json(data) -> None:
@@ -74,6 +104,18 @@ def report_changed(names: list[str], changed: list[str], done: str, untouched: s
 
 
 # --------------------------------------------------------------------------- commands
+
+
+def cmd_init(ctx: Context) -> int:
+    from provisioner.tokens import load_or_create_secret
+
+    site = ctx.site
+    had_secret = site.secret_file.is_file()
+    store = ctx.store  # created (or migrated) and seeded with the config's nodes
+    load_or_create_secret(site.secret_file)
+    print(f"store {store.where}: schema version {store.schema_version()}, {len(site.nodes)} nodes")
+    print(f"token secret {site.secret_file}: {'kept' if had_secret else 'created'} (back it up with the store)")
+    return EXIT_OK
 
 
 def cmd_check(ctx: Context) -> int:
@@ -137,7 +179,7 @@ def cmd_nginx_config(ctx: Context) -> int:
 
 
 def node_rows(ctx: Context, names: list[str]) -> list[dict]:
-    states = ctx.store.nodes(names)
+    states = ctx.reader.nodes(names)
     rows = []
     for name in names:
         node, st = ctx.site.nodes[name], states.get(name)
@@ -149,6 +191,9 @@ def node_rows(ctx: Context, names: list[str]) -> list[dict]:
             "booted_version": st.booted_version if st else None,
             "booted_at": iso(st.booted_at) if st else None,
             "phase": st.phase if st else "steady",
+            "phase_since": iso(st.phase_since) if st else None,
+            "phase_since_ts": st.phase_since if st else None,
+            "attempts": st.attempts if st else 0,
             "target_role": st.target_role if st else None,
             "pinned": bool(st and st.pinned),
             "pin_reason": st.pin_reason if st else None,
@@ -159,16 +204,30 @@ def node_rows(ctx: Context, names: list[str]) -> list[dict]:
     return rows
 
 
+def age(since: float | None, now: float) -> str | None:
+    """Seconds ago, as an admin reads it: 42s, 7m, 3h, 2d."""
+    if since is None:
+        return None
+    s = max(0, int(now - since))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
 def cmd_nodes(ctx: Context) -> int:
     rows = node_rows(ctx, ctx.nodes(ctx.args.nodeset))
+    rows = [r for r in rows if (not ctx.args.pool or r["pool"] == ctx.args.pool)
+            and (not ctx.args.phase or r["phase"] == ctx.args.phase)]
     if ctx.args.json:
         emit_json(rows)
         return EXIT_OK
+    now = time.time()
     emit_table(
-        ["node", "pool", "desired", "booted", "phase", "pinned"],
-        [[r["name"], r["pool"], r["desired_role"], r["booted_role"],
-          r["phase"] + (f" ({r['failed_reason']})" if r["failed_reason"] else ""),
-          "yes" if r["pinned"] else "no"] for r in rows],
+        ["node", "pool", "desired", "booted", "target", "phase", "age", "pinned", "reason"],
+        [[r["name"], r["pool"], r["desired_role"], r["booted_role"], r["target_role"], r["phase"],
+          age(r["phase_since_ts"], now), "yes" if r["pinned"] else "no",
+          r["failed_reason"] or r["pin_reason"]] for r in rows],
     )
     return EXIT_OK
 
@@ -235,7 +294,7 @@ def cmd_run(ctx: Context) -> int:
 def cmd_slurm_program(ctx: Context) -> int:
     from provisioner import slurm_programs
 
-    rec = slurm_programs.record(ctx.site, ctx.store, ctx.args.slurm_command, ctx.args.hostlist)
+    rec = slurm_programs.record(ctx.site, ctx.store, ctx.args.slurm_command, ctx.args.nodeset)
     if rec.nodes:
         print(f"{fold(rec.nodes)}: {rec.kind} asked by slurmctld; {rec.woke}")
     if rec.ignored:
@@ -262,24 +321,28 @@ def cmd_release(ctx: Context) -> int:
 def cmd_render(ctx: Context) -> int:
     from provisioner.boot.plan import BootPlanner
     from provisioner.boot.render import Renderer
-    from provisioner.tokens import load_or_create_secret
 
-    name = ctx.args.node
-    if name not in ctx.site.nodes:
-        raise UsageError(f"unknown node {name}: not in {ctx.site.path} (see `provisioner nodes`)")
+    names = ctx.nodes(ctx.args.nodeset)
+    if ctx.args.mac and len(names) > 1:
+        raise UsageError(f"--mac is for one node; {fold(names)} is {len(names)} (e.g. `provisioner render sn01 --mac "
+                         f"52:54:00:00:01:01`)")
     # The boot endpoint's own plan and renderer: the node's desired role and version pin apply.
-    plan = BootPlanner(ctx.site, load_or_create_secret(ctx.site.secret_file), ctx.store).plan(name, ctx.args.role)
-    script = Renderer(ctx.site).node(plan, ctx.args.mac)
-    sys.stdout.write(script.text)
-    if not script.ok:
-        print(f"provisioner: {name} would get the unknown-node script: {script.reason}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    planner, renderer = BootPlanner(ctx.site, ctx.secret(), ctx.reader), Renderer(ctx.site)
+    failed = []
+    for name in names:
+        script = renderer.node(planner.plan(name, ctx.args.role), ctx.args.mac)
+        if len(names) > 1:  # one script alone stays exactly what the node gets (#!ipxe first)
+            print(f"# ---- {name}")
+        sys.stdout.write(script.text)
+        if not script.ok:
+            failed.append(name)
+            print(f"provisioner: {name} would get the unknown-node script: {script.reason}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_history(ctx: Context) -> int:
     names = None if ctx.args.nodeset is None else ctx.nodes(ctx.args.nodeset)
-    events = ctx.store.events(names, limit=ctx.args.limit, include_site=names is None)
+    events = ctx.reader.events(names, limit=ctx.args.limit, include_site=names is None)
     if ctx.args.json:
         emit_json([e.as_dict() for e in events])
         return EXIT_OK
@@ -291,8 +354,18 @@ def cmd_history(ctx: Context) -> int:
 def cmd_power(ctx: Context) -> int:
     from provisioner.reconcile import power_nodes
 
+    from provisioner import workload
+
     names = ctx.nodes(ctx.args.nodeset)
     action = ctx.args.action
+    if action in workload.DISRUPTIVE and not ctx.args.force:
+        nodes = [ctx.site.nodes[n] for n in names]
+        refused = workload.refusals(nodes, workload.observe_work(ctx.site, nodes))
+        if refused:
+            raise OperationError(
+                f"not going to power {action} {fold(refused)}: {workload.describe(refused)}; drain them first "
+                f"(`provisioner role NODESET ROLE` switches through drain and eviction) or add --force, "
+                f"which kills that work")
     # status changes nothing and is not recorded, so it needs no store
     store = None if action == "status" else ctx.store
     results = power_nodes(ctx.site, [ctx.site.nodes[n] for n in names], action, netboot=ctx.args.netboot,
@@ -348,7 +421,7 @@ def cmd_image_list(ctx: Context) -> int:
     from provisioner import images
 
     site = ctx.site
-    found = images.listing(site.image_root, site.image_definitions, ctx.store.image_pins(),
+    found = images.listing(site.image_root, site.image_definitions, ctx.reader.image_pins(),
                            {role: image.name for role, image in site.images.items()}, ctx.args.name)
     if ctx.args.json:
         emit_json(list(found.rows))
@@ -373,7 +446,8 @@ def cmd_image_publish(ctx: Context) -> int:
 def cmd_image_remove(ctx: Context) -> int:
     from provisioner import images
 
-    images.remove(ctx.site.image_root, ctx.args.name, ctx.args.version, store=ctx.store, actor=default_actor())
+    images.remove(ctx.site.image_root, ctx.args.name, ctx.args.version, store=ctx.store, actor=default_actor(),
+                  reason=ctx.args.reason)
     print(f"{ctx.args.name} {ctx.args.version}: removed")
     return EXIT_OK
 
@@ -414,6 +488,13 @@ def cmd_simulate(ctx: Context) -> int:
     return run(ctx.args)
 
 
+def cmd_completion(ctx: Context) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=ctx.args.shell), end="")
+    return EXIT_OK
+
+
 def cmd_ssh_known_hosts(ctx: Context) -> int:
     from provisioner import hostkeys
 
@@ -429,165 +510,296 @@ def cmd_ssh_known_hosts(ctx: Context) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line, each with an example of the right form."""
+
+    def __init__(self, *args, example: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.example = example
+
+    def error(self, message: str):
+        hint = f" (e.g. `{self.example}`)" if self.example else f"; see `{self.prog} --help`"
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}{hint}\n")
+
+
+def arg_type(name: str, check: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type from a check that raises ValueError with the reason."""
+    def convert(value: str):
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = name  # argparse names the type in its message
+    return convert
+
+
+def _mac(value: str) -> str:
+    mac = normalize_mac(value)
+    if mac is None:
+        raise ValueError(f"not a MAC address: {value!r} (write it like 52:54:00:00:01:01)")
+    return mac
+
+
+def _hostport(value: str) -> str:
+    configmod.parse_listen(value)  # ValueError: must be HOST:PORT
+    return value
+
+
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number, got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"must be 0 or more, got {n}")
+    return n
+
+
+def _seconds(value: str, positive: bool = False) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {value!r}") from None
+    if not (0 <= s < float("inf")) or (positive and s == 0):
+        raise ValueError(f"must be {'more than 0' if positive else '0 or more'} seconds, got {value}")
+    return s
+
+
+def _positive(value: str) -> int:
+    n = _count(value)
+    if n < 1:
+        raise ValueError(f"must be 1 or more, got {n}")
+    return n
+
+
+def _nginx_listen(value: str) -> str:
+    if not value.strip() or any(c in value for c in ";{}\n"):
+        raise ValueError(f"must be an nginx listen address (80, 0.0.0.0:80, [::]:80), got {value!r}")
+    return value
+
+
+MAC = arg_type("MAC", _mac)
+HOSTPORT = arg_type("HOST:PORT", _hostport)
+COUNT = arg_type("N", _count)
+WORKERS = arg_type("N", _positive)
+SECONDS = arg_type("SECONDS", _seconds)
+INTERVAL = arg_type("SECONDS", lambda v: _seconds(v, positive=True))
+NGINX_LISTEN = arg_type("ADDR", _nginx_listen)
+
+NODESET_HELP = f"node set: a hostlist expression or @POOL, e.g. {EXAMPLE}"
+JSON_HELP = "print JSON instead of the table (one object per row)"
+REASON_HELP = "why (recorded in the history; default: {})"
+
+
+def add_nodeset(sp: argparse.ArgumentParser, optional: bool = False, help_: str | None = None) -> None:
+    """The one node-set positional every command takes (NODESET)."""
+    sp.add_argument("nodeset", metavar="NODESET", nargs="?" if optional else None,
+                    help=help_ or NODESET_HELP + (" (default: every node)" if optional else ""))
+
+
+def add_reason(sp: argparse.ArgumentParser, default: str) -> None:
+    sp.add_argument("--reason", default=default, metavar="TEXT", help=REASON_HELP.format(repr(default)))
+
+
+def add_json(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="provisioner",
         description="Diskless image switching for nodes shared between SLURM and Kubernetes.",
+        example="provisioner --config /etc/provisioner/site.yaml nodes",
     )
-    p.add_argument("--version", action="version", version=f"provisioner {__version__}")
+    p.add_argument("--version", action="version", version=f"provisioner {__version__}",
+                   help="print the version and exit")
     p.add_argument("--config", "-c", metavar="PATH",
                    help=f"site config (default: ${configmod.ENV_VAR} or {configmod.DEFAULT_PATH})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, handler: Callable[[Context], int], help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
+    def add(name: str, handler: Callable[[Context], int], help_: str, example: str, parent=sub
+            ) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, help=help_, description=help_, example=example)
         sp.set_defaults(handler=handler)
         return sp
 
-    add("check", cmd_check, "validate the site config (exit 0 ok, 2 error)")
+    add("init", cmd_init, "create the store and the token secret (or migrate the store after an upgrade); "
+                          "safe to run again", "provisioner init")
+    add("check", cmd_check, "validate the site config, every error at once (exit 0 ok, 2 error); changes nothing",
+        "provisioner --config /etc/provisioner/site.yaml check")
 
-    sp = add("serve", cmd_serve, "run the boot endpoint (gunicorn)")
-    sp.add_argument("--listen", metavar="HOST:PORT", help="default: site.listen")
-    sp.add_argument("--workers", type=int, help="worker processes (default: number of cores, at least 2)")
+    sp = add("serve", cmd_serve, "run the boot endpoint (gunicorn)", "provisioner serve --listen 0.0.0.0:8080")
+    sp.add_argument("--listen", metavar="HOST:PORT", type=HOSTPORT, help="default: site.listen")
+    sp.add_argument("--workers", type=WORKERS, metavar="N",
+                    help="worker processes (default: number of cores, at least 2)")
     sp.add_argument("--access-log", action="store_true", help="log every request to stderr")
     sp.add_argument("--behind-proxy", action="store_true",
                     help="nginx in front (provisioner nginx-config): take the client's address from X-Forwarded-For")
 
     sp = add("prerender", cmd_prerender, "write every node's iPXE script into FOLDER, one file per MAC, for nginx "
-                                         "(--watch: keep them current)")
-    sp.add_argument("folder")
+                                         "(--watch: keep them current)", "provisioner prerender /srv/ipxe --watch")
+    sp.add_argument("folder", metavar="FOLDER", help="where the scripts go (nginx-config --scripts)")
     sp.add_argument("--watch", action="store_true", help="poll for changes and re-render until SIGTERM")
-    sp.add_argument("--interval", type=float, default=0.2, metavar="SECONDS", help="poll interval (default 0.2)")
+    sp.add_argument("--interval", type=INTERVAL, default=0.2, metavar="SECONDS", help="poll interval (default 0.2)")
 
     sp = add("nginx-config", cmd_nginx_config, "print the nginx site for the boot-storm deployment "
-                                               "(scripts from files, /images/ by nginx, the rest proxied)")
+                                               "(scripts from files, /images/ by nginx, the rest proxied)",
+             "provisioner nginx-config --scripts /srv/ipxe --upstream 127.0.0.1:8080")
     sp.add_argument("--scripts", required=True, metavar="FOLDER", help="the folder `provisioner prerender` writes")
-    sp.add_argument("--upstream", required=True, metavar="HOST:PORT", help="where `provisioner serve` listens")
-    sp.add_argument("--listen", default="80", metavar="ADDR", help="nginx listen directive (default 80)")
+    sp.add_argument("--upstream", required=True, type=HOSTPORT, metavar="HOST:PORT",
+                    help="where `provisioner serve` listens")
+    sp.add_argument("--listen", default="80", type=NGINX_LISTEN, metavar="ADDR",
+                    help="nginx listen directive (default 80)")
 
-    sp = add("nodes", cmd_nodes, "list nodes: pool, desired and booted role, phase, pinned")
-    sp.add_argument("nodeset", nargs="?", help="hostlist expression, e.g. sn[01-04] (default: all)")
-    sp.add_argument("--json", action="store_true")
+    from provisioner.states import PHASES
 
-    sp = add("role", cmd_role, "force shared nodes to a role and pin them there")
-    sp.add_argument("nodeset")
-    sp.add_argument("role", choices=ROLES)
-    sp.add_argument("--reason", required=True, help="why (recorded in the history)")
+    sp = add("nodes", cmd_nodes, "list nodes: pool, desired, booted and target role, phase and its age, pinned, "
+                                 "reason; reads only", "provisioner nodes @shared --phase failed")
+    add_nodeset(sp, optional=True)
+    sp.add_argument("--pool", choices=POOLS, help="only the nodes of this pool")
+    sp.add_argument("--phase", choices=PHASES, help="only the nodes in this phase")
+    add_json(sp)
+
+    sp = add("role", cmd_role, "force shared nodes to a role and pin them there",
+             "provisioner role 'sn[01-04]' k8s --reason 'GPU course this week'")
+    add_nodeset(sp)
+    sp.add_argument("role", choices=ROLES, help="the role to switch to")
+    add_reason(sp, "role set by admin")
     sp.add_argument("--now", action="store_true",
                     help="carry the switch out now, as far as it can go without waiting (else: next balance pass)")
 
-    sp = add("balance", cmd_balance, "one balancing pass: move shared nodes where work is pending (run by cron)")
+    sp = add("balance", cmd_balance, "one balancing pass: move shared nodes where work is pending (run by cron)",
+             "provisioner balance --dry-run")
     sp.add_argument("--dry-run", action="store_true", help="print the moves and reasons; change nothing")
-    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    sp.add_argument("--wait", type=SECONDS, default=0.0, metavar="SECONDS",
                     help="wait this long for a running pass to finish (default: exit at once)")
-    sp.add_argument("--json", action="store_true")
+    add_json(sp)
 
     add("run", cmd_run, "balance continuously: a pass at once on asks and unschedulable pods, else every "
-                        "run.interval_s (instead of cron's balance; logs to stderr; SIGTERM stops it)")
+                        "run.interval_s (instead of cron's balance; logs to stderr; SIGTERM stops it)",
+        "provisioner run")
 
-    sp = add("release", cmd_release, "unpin nodes: the balancer may move them again")
-    sp.add_argument("nodeset")
-    sp.add_argument("--reason", default="released by admin", help="why (recorded in the history)")
+    sp = add("release", cmd_release, "unpin nodes: the balancer may move them again",
+             "provisioner release 'sn[01-04]'")
+    add_nodeset(sp)
+    add_reason(sp, "released by admin")
 
-    sp = add("render", cmd_render, "print the exact iPXE script a node gets")
-    sp.add_argument("node")
+    sp = add("render", cmd_render, "print the exact iPXE script each node gets; reads only",
+             "provisioner render 'sn[01-02]' --role k8s")
+    add_nodeset(sp)
     sp.add_argument("--role", choices=ROLES, help="render for this role instead of the desired one")
-    sp.add_argument("--mac", help="as if asked with this MAC (default: the node's first MAC)")
+    sp.add_argument("--mac", type=MAC, help="as if asked with this MAC (default: the node's first MAC; one node only)")
 
     from provisioner.power.ipmi import ACTIONS as POWER_ACTIONS  # light: no paramiko at start-up
 
-    sp = add("power", cmd_power, "power control through each node's BMC or SSH (one result per node)")
-    sp.add_argument("nodeset", help="hostlist expression, e.g. sn[01-04]")
+    sp = add("power", cmd_power, "power control through each node's BMC or SSH (one result per node); "
+                                 "off, soft, reset, cycle and boot refuse nodes that run jobs or pods",
+             "provisioner power 'sn[01-02]' status")
+    add_nodeset(sp)
     sp.add_argument("action", choices=POWER_ACTIONS,
-                    help="boot = on when off, reset when on")
+                    help="status, on, off, soft (ACPI shutdown), reset, cycle, boot (on when off, reset when on)")
     sp.add_argument("--netboot", action="store_true", help="one-time network boot first (next boot only)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--force", action="store_true",
+                    help="act on nodes that run jobs or pods (they are killed: no drain, no eviction, no PDB), "
+                         "or whose cluster cannot be read")
+    add_json(sp)
 
     img = sub.add_parser("image", help="diskless images: build, list, publish, remove, pin (rollback)",
-                         description="diskless images: build, list, publish, remove, pin (rollback)")
+                         description="diskless images: build, list, publish, remove, pin (rollback)",
+                         example="provisioner image list")
     isub = img.add_subparsers(dest="image_command", metavar="IMAGE_COMMAND", required=True)
 
-    def add_image(name: str, handler: Callable[[Context], int], help_: str) -> argparse.ArgumentParser:
-        isp = isub.add_parser(name, help=help_, description=help_)
-        isp.set_defaults(handler=handler)
-        return isp
-
-    isp = add_image("build", cmd_image_build, "build an image into a new version, then publish it")
+    isp = add("build", cmd_image_build, "build an image into a new version, then publish it",
+              "provisioner image build slurm", isub)
     isp.add_argument("name", help="an image defined in site.image_definitions (NAME/image.yaml there)")
     isp.add_argument("--no-publish", action="store_true", help="build only; publish later with `image publish`")
-    isp.add_argument("--cache", type=Path, help="download cache (default: $PROVISIONER_CACHE/images or ~/.cache/provisioner/images)")
+    isp.add_argument("--cache", type=Path, metavar="DIR",
+                     help="download cache (default: $PROVISIONER_CACHE/images or ~/.cache/provisioner/images)")
     isp.add_argument("--rebuild", action="store_true",
                      help="build from scratch even when the build cache ($PROVISIONER_CACHE/image-builds or "
                           "~/.cache/provisioner/image-builds) has a build with the same inputs; it replaces it")
-    isp.add_argument("--json", action="store_true")
-    isp = add_image("list", cmd_image_list, "versions of each image: current, size, pinned nodes")
-    isp.add_argument("name", nargs="?")
-    isp.add_argument("--json", action="store_true")
-    isp = add_image("publish", cmd_image_publish, "make a version current (also: roll back to an old one)")
-    isp.add_argument("name")
-    isp.add_argument("version")
-    isp.add_argument("--reason", default="published by admin", help="why (recorded in the history)")
-    isp = add_image("remove", cmd_image_remove, "delete a version (not the current one, nor a pinned one)")
-    isp.add_argument("name")
-    isp.add_argument("version")
-    isp = add_image("pin", cmd_image_pin, "boot nodes from one version of an image (per-node rollback)")
-    isp.add_argument("nodeset")
+    add_json(isp)
+    isp = add("list", cmd_image_list, "versions of each image: current, size, pinned nodes; reads only",
+              "provisioner image list slurm", isub)
+    isp.add_argument("name", nargs="?", help="only this image (default: all)")
+    add_json(isp)
+    isp = add("publish", cmd_image_publish, "make a version current (also: roll back to an old one)",
+              "provisioner image publish slurm 2026.11.0 --reason 'roll back: NFS client bug'", isub)
+    isp.add_argument("name", help="the image")
+    isp.add_argument("version", help="one of `provisioner image list NAME`")
+    add_reason(isp, "published by admin")
+    isp = add("remove", cmd_image_remove, "delete a version (not the current one, nor a pinned one)",
+              "provisioner image remove slurm 2026.10.0", isub)
+    isp.add_argument("name", help="the image")
+    isp.add_argument("version", help="one of `provisioner image list NAME`")
+    add_reason(isp, "removed by admin")
+    isp = add("pin", cmd_image_pin, "boot nodes from one version of an image (per-node rollback)",
+              "provisioner image pin sn01 slurm/2026.10.0", isub)
+    add_nodeset(isp)
     isp.add_argument("version", help="VERSION or NAME/VERSION")
     isp.add_argument("--image", help="the image, when several have this version")
-    isp.add_argument("--reason", default="pinned by admin", help="why (recorded in the history)")
-    isp = add_image("unpin", cmd_image_unpin, "nodes boot the current version again")
-    isp.add_argument("nodeset")
+    add_reason(isp, "pinned by admin")
+    isp = add("unpin", cmd_image_unpin, "nodes boot the current version again", "provisioner image unpin sn01", isub)
+    add_nodeset(isp)
     isp.add_argument("--image", help="only this image's pin (default: all)")
-    isp.add_argument("--reason", default="unpinned by admin", help="why (recorded in the history)")
+    add_reason(isp, "unpinned by admin")
 
     ssh = sub.add_parser("ssh", help="the nodes' SSH host keys (per node, delivered in their overlays)",
-                         description="the nodes' SSH host keys (per node, delivered in their overlays)")
+                         description="the nodes' SSH host keys (per node, delivered in their overlays)",
+                         example="provisioner ssh known-hosts")
     ssub = ssh.add_subparsers(dest="ssh_command", metavar="SSH_COMMAND", required=True)
-    help_ = ("print known_hosts lines for the nodes (their keys are made now when they have none): "
-             "write them to power.ssh.known_hosts")
-    ssp = ssub.add_parser("known-hosts", help=help_, description=help_)
-    ssp.set_defaults(handler=cmd_ssh_known_hosts)
-    ssp.add_argument("nodeset", nargs="?", help="hostlist expression, e.g. sn[01-04] (default: all)")
-    ssp.add_argument("--json", action="store_true")
+    ssp = add("known-hosts", cmd_ssh_known_hosts,
+              "print known_hosts lines for the nodes (their keys are made now when they have none): "
+              "write them to power.ssh.known_hosts", "provisioner ssh known-hosts @shared", ssub)
+    add_nodeset(ssp, optional=True)
+    add_json(ssp)
 
     sl = sub.add_parser("slurm", help="slurmctld's power-saving programs (ResumeProgram, SuspendProgram, ...)",
                         description="slurmctld's power-saving programs: shared nodes in Kubernetes are "
-                                    "'powered down' for SLURM; these record SLURM's asks for the balancer")
+                                    "'powered down' for SLURM; these record SLURM's asks for the balancer",
+                        example="provisioner slurm programs --dir /usr/local/sbin")
     slsub = sl.add_subparsers(dest="slurm_command", metavar="SLURM_COMMAND", required=True)
     for name, help_ in (("resume", "ResumeProgram: SLURM gave jobs to these nodes; switch them to SLURM"),
                         ("suspend", "SuspendProgram: idle in SLURM; back to the shared pool (to Kubernetes if it "
                                     "has work, else powered off)"),
                         ("resume-fail", "ResumeFailProgram: SLURM gave up waiting for these nodes")):
-        ssp = slsub.add_parser(name, help=help_, description=help_ + ". Records the ask and returns at once.")
+        ssp = slsub.add_parser(name, help=help_, description=help_ + ". Records the ask and returns at once.",
+                               example=f"provisioner slurm {name} 'sn[01-02]'")
         ssp.set_defaults(handler=cmd_slurm_program)
-        ssp.add_argument("hostlist", help="as slurmctld passes it, e.g. sn[01-02]")
-    help_ = "write the three program wrappers into DIR and print the slurm.conf lines for them"
-    ssp = slsub.add_parser("programs", help=help_, description=help_)
-    ssp.set_defaults(handler=cmd_slurm_programs)
+        add_nodeset(ssp, help_="as slurmctld passes it, e.g. sn[01-02]")
+    ssp = add("programs", cmd_slurm_programs,
+              "write the three program wrappers into DIR and print the slurm.conf lines for them",
+              "provisioner slurm programs --dir /usr/local/sbin", slsub)
     ssp.add_argument("--dir", type=Path, required=True, help="e.g. /usr/local/sbin (slurmctld must be able to run them)")
 
-    st = sub.add_parser("store", help="the state store (SQLite, PostgreSQL)", description="the state store")
+    st = sub.add_parser("store", help="the state store (SQLite, PostgreSQL)", description="the state store",
+                        example="provisioner store copy --to postgresql://provisioner@db1:5432/provisioner")
     stsub = st.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
-    help_ = ("copy the site's store (every node, event, ask, image pin and demand row) into an empty "
-             "PostgreSQL database (or SQLite file)")
-    ssp = stsub.add_parser("copy", help=help_, description=help_)
-    ssp.set_defaults(handler=cmd_store_copy)
+    ssp = add("copy", cmd_store_copy,
+              "copy the site's store (every node, event, ask, image pin and demand row) into an empty "
+              "PostgreSQL database (or SQLite file)",
+              "provisioner store copy --to postgresql://provisioner@db1:5432/provisioner", stsub)
     ssp.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST:PORT/DB (no password in it)")
     ssp.add_argument("--password-file", type=Path, help="the target's password (default: PGPASSWORD)")
 
     from provisioner.simulate.command import add_arguments as add_simulate_arguments  # no matplotlib at start-up
 
     sp = add("simulate", cmd_simulate, "replay a SLURM job trace (SWF) and a pod load in simulated time: the static "
-                                       "split, the paper's cron rule, provisioner's policy and a bound, side by side")
+                                       "split, the paper's cron rule, provisioner's policy and a bound, side by side",
+             "provisioner simulate --slurm-trace trace.swf --no-plots")
     add_simulate_arguments(sp)
 
-    sp = add("history", cmd_history, "show the event log, oldest first")
-    sp.add_argument("nodeset", nargs="?", help="only these nodes (default: everything)")
-    sp.add_argument("--limit", type=int, default=100, help="the last N events (default 100; 0: all)")
-    sp.add_argument("--json", action="store_true")
+    sp = add("history", cmd_history, "show the event log, oldest first; reads only",
+             "provisioner history sn01 --limit 20")
+    add_nodeset(sp, optional=True, help_=NODESET_HELP + " (default: everything, site events too)")
+    sp.add_argument("--limit", type=COUNT, default=100, metavar="N", help="the last N events (default 100; 0: all)")
+    add_json(sp)
+
+    sp = add("completion", cmd_completion, "print a shell completion script (generated from this parser by shtab)",
+             "provisioner completion bash > /etc/bash_completion.d/provisioner")
+    sp.add_argument("shell", choices=("bash", "zsh", "tcsh"), help="the shell")
 
     return p
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -599,6 +811,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(args)
     try:
         return args.handler(ctx)
+    except ConfigErrors as exc:
+        for error in exc.errors:
+            print(f"provisioner: config error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as exc:
         print(f"provisioner: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -616,3 +832,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    finally:
+        ctx.close()

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from provisioner import POOLS, ROLES
-from provisioner.errors import ConfigError
+from provisioner.errors import ConfigError, ConfigErrors
 from provisioner.model import (
     DEFAULT_IMAGE_DEFINITIONS, DEFAULT_TEMPLATES, NAME_RE, POWER_METHODS, ROLE_TEMPLATE, SHARE_RULES, Bmc, Image,
     KubernetesSettings, Node, OverlaySettings, Policy, PowerSettings, RunSettings, Site, SlurmSettings, SshPower,
@@ -73,13 +73,13 @@ class Fields:
             value = {}
         if not isinstance(value, dict):
             raise self.err(where, f"must be a mapping, got {type(value).__name__}")
-        for key in value:
-            if key not in allowed:
-                hint = ", ".join(sorted(allowed))
-                raise self.err(f"{where}.{key}" if where else str(key), f"unknown field (known: {hint})")
-        for key in required:
-            if value.get(key) in (None, ""):
-                raise self.err(f"{where}.{key}" if where else key, "is required")
+        hint = ", ".join(sorted(allowed))
+        errors = [self.err(f"{where}.{key}" if where else str(key), f"unknown field (known: {hint})")
+                  for key in value if key not in allowed]
+        errors += [self.err(f"{where}.{key}" if where else key, "is required")
+                   for key in required if value.get(key) in (None, "")]
+        if errors:
+            raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
         return value
 
     def string(self, value: Any, where: str, default=None, required=False) -> str | None:
@@ -146,14 +146,39 @@ class Fields:
 
 
 class _SiteLoader(Fields):
-    """The site file's sections, each into its model object."""
+    """The site file's sections, each into its model object. Every section (and every node
+    entry) is checked even when an earlier one is wrong: all the errors come out at once."""
+
+    def collect(self, check, *args):
+        """check(*args), or None with its ConfigError kept for the end."""
+        try:
+            return check(*args)
+        except ConfigErrors as exc:
+            self.errors.extend(exc.errors)
+        except ConfigError as exc:
+            self.errors.append(exc)
+        return None
 
     def site(self, data: Any) -> Site:
+        self.errors: list[ConfigError] = []
         top = self.mapping(
             data,
             "",
             {"site", "images", "defaults", "nodes", "policy", "slurm", "kubernetes", "power", "overlay", "run"},
         )
+        head = self.collect(self.site_section, top)
+        sections = {name: self.collect(getattr(self, name), top.get(name))
+                    for name in ("policy", "slurm", "kubernetes", "power", "overlay", "run")}
+        # A wrong site section still lets the images and nodes be checked, against the defaults.
+        image_root = head["image_root"] if head else self.resolve("images")
+        templates = head["templates"] if head else Path(DEFAULT_TEMPLATES)
+        images = self.collect(self.images, top.get("images"), image_root, templates)
+        nodes = self.collect(self.nodes, top.get("nodes"), top.get("defaults"), templates)
+        if self.errors:
+            raise ConfigErrors(self.errors)
+        return Site(path=self.path.resolve(), images=images, nodes=nodes, **head, **sections)
+
+    def site_section(self, top: dict) -> dict:
         s = self.mapping(
             top.get("site"),
             "site",
@@ -183,10 +208,7 @@ class _SiteLoader(Fields):
         image_definitions = self.resolve(
             self.string(s.get("image_definitions"), "site.image_definitions", str(DEFAULT_IMAGE_DEFINITIONS))
         )
-        images = self.images(top.get("images"), image_root, templates)
-        nodes = self.nodes(top.get("nodes"), top.get("defaults"), templates)
-        return Site(
-            path=self.path.resolve(),
+        return dict(
             name=self.string(s.get("name"), "site.name", "site"),
             boot_url=boot_url,
             listen=listen,
@@ -197,15 +219,7 @@ class _SiteLoader(Fields):
             check_callback_source=self.boolean(
                 s.get("check_callback_source"), "site.check_callback_source", True
             ),
-            images=images,
-            nodes=nodes,
-            policy=self.policy(top.get("policy")),
-            slurm=self.slurm(top.get("slurm")),
-            kubernetes=self.kubernetes(top.get("kubernetes")),
-            power=self.power(top.get("power")),
             image_definitions=image_definitions,
-            overlay=self.overlay(top.get("overlay")),
-            run=self.run(top.get("run")),
             store_url=store_url,
             store_password_file=store_password_file,
         )
@@ -335,85 +349,90 @@ class _SiteLoader(Fields):
         seen_mac: dict[str, str] = {}
         seen_ip: dict[str, str] = {}
         for gi, raw in enumerate(value):
-            where = f"nodes[{gi}]"
-            entry = self.mapping(raw, where, node_keys, required=("name",))
-            try:
-                names = expand(str(entry["name"]))
-            except NodeSetError as exc:
-                raise self.err(f"{where}.name", str(exc)) from None
-            n = len(names)
-            merged = {**dflt, **entry}
-            if isinstance(dflt.get("bmc"), dict) and isinstance(entry.get("bmc"), dict):
-                merged["bmc"] = {**dflt["bmc"], **entry["bmc"]}
-            pool = self.choice(merged.get("pool"), f"{where}.pool", POOLS)
-            role_default = pool if pool in ROLES else "slurm"
-            default_role = self.choice(merged.get("default_role"), f"{where}.default_role", ROLES, role_default)
-            if pool in ROLES and default_role != pool:
-                raise self.err(f"{where}.default_role", f"a node in pool {pool} can only have role {pool}")
-            if "mac" in entry and "macs" in entry:
-                raise self.err(f"{where}.mac", "give either mac or macs, not both")
-            if "mac" in entry:
-                if n != 1:
-                    raise self.err(f"{where}.mac", f"one MAC for {n} nodes; use macs: with one entry per node")
-                macs_per_node = [[entry["mac"]]]
-            elif "macs" in entry:
-                macs = entry["macs"]
-                if not isinstance(macs, list):
-                    raise self.err(f"{where}.macs", "must be a list")
-                macs_per_node = [macs] if n == 1 else self.spread(macs, n, f"{where}.macs")
-            else:
-                raise self.err(f"{where}.macs", "is required: the node(s) boot by MAC")
-            ips = self.spread(merged.get("ip"), n, f"{where}.ip")
-            bmcs = self.bmc(merged.get("bmc"), f"{where}.bmc", n)
-            ssh_hosts = self.spread(merged.get("ssh_host"), n, f"{where}.ssh_host")
-            method = self.choice(merged.get("power_method"), f"{where}.power_method", POWER_METHODS, "ipmi")
-            template = self.string(merged.get("template"), f"{where}.template")
-            if template:
-                self.check_template(templates, template, f"{where}.template")
-            for i, name in enumerate(names):
-                nw = where if n == 1 else f"{where} ({name})"
-                if name in nodes:
-                    raise self.err(f"{where}.name", f"duplicate node name {name}")
-                node_macs = macs_per_node[i]
-                if isinstance(node_macs, str):
-                    node_macs = [node_macs]
-                if not isinstance(node_macs, list) or not node_macs:
-                    raise self.err(f"{nw}.macs", "needs at least one MAC")
-                norm = []
-                for mi, mac in enumerate(node_macs):
-                    m = normalize_mac(mac) if isinstance(mac, str) else None
-                    if m is None:
-                        raise self.err(f"{where}.macs[{i if n > 1 else mi}]", f"not a MAC address: {mac!r}")
-                    if m in seen_mac:
-                        raise self.err(f"{where}.macs[{i if n > 1 else mi}]",
-                                       f"duplicate MAC {m}: also used by {seen_mac[m]}")
-                    seen_mac[m] = name
-                    norm.append(m)
-                ip = ips[i]
-                if ip is not None:
-                    try:
-                        ip = str(ipaddress.ip_address(str(ip)))
-                    except ValueError:
-                        raise self.err(f"{where}.ip", f"not an IP address: {ip!r}") from None
-                    if ip in seen_ip:
-                        raise self.err(f"{where}.ip", f"duplicate IP {ip}: also used by {seen_ip[ip]}")
-                    seen_ip[ip] = name
-                bmc = self.make_bmc(bmcs[i], f"{where}.bmc")
-                if pool == "shared" and bmc is None:
-                    raise self.err(f"{where}.bmc", f"shared node {name} needs a BMC (bmc.address) to be switched")
-                nodes[name] = Node(
-                    name=name,
-                    pool=pool,
-                    default_role=default_role,
-                    macs=tuple(norm),
-                    ip=ip,
-                    bmc=bmc,
-                    power_method=method,
-                    ssh_host=self.string(ssh_hosts[i], f"{where}.ssh_host") or ip,
-                    ssh_port=self.integer(merged.get("ssh_port"), f"{where}.ssh_port", 22, 1),
-                    template=template,
-                )
+            # Each entry on its own: a wrong one is reported with the others, at once.
+            self.collect(self.node_entry, gi, raw, dflt, templates, node_keys, nodes, seen_mac, seen_ip)
         return nodes
+
+    def node_entry(self, gi: int, raw: Any, dflt: dict, templates: Path, node_keys: set[str],
+                   nodes: dict[str, Node], seen_mac: dict[str, str], seen_ip: dict[str, str]) -> None:
+        where = f"nodes[{gi}]"
+        entry = self.mapping(raw, where, node_keys, required=("name",))
+        try:
+            names = expand(str(entry["name"]))
+        except NodeSetError as exc:
+            raise self.err(f"{where}.name", str(exc)) from None
+        n = len(names)
+        merged = {**dflt, **entry}
+        if isinstance(dflt.get("bmc"), dict) and isinstance(entry.get("bmc"), dict):
+            merged["bmc"] = {**dflt["bmc"], **entry["bmc"]}
+        pool = self.choice(merged.get("pool"), f"{where}.pool", POOLS)
+        role_default = pool if pool in ROLES else "slurm"
+        default_role = self.choice(merged.get("default_role"), f"{where}.default_role", ROLES, role_default)
+        if pool in ROLES and default_role != pool:
+            raise self.err(f"{where}.default_role", f"a node in pool {pool} can only have role {pool}")
+        if "mac" in entry and "macs" in entry:
+            raise self.err(f"{where}.mac", "give either mac or macs, not both")
+        if "mac" in entry:
+            if n != 1:
+                raise self.err(f"{where}.mac", f"one MAC for {n} nodes; use macs: with one entry per node")
+            macs_per_node = [[entry["mac"]]]
+        elif "macs" in entry:
+            macs = entry["macs"]
+            if not isinstance(macs, list):
+                raise self.err(f"{where}.macs", "must be a list")
+            macs_per_node = [macs] if n == 1 else self.spread(macs, n, f"{where}.macs")
+        else:
+            raise self.err(f"{where}.macs", "is required: the node(s) boot by MAC")
+        ips = self.spread(merged.get("ip"), n, f"{where}.ip")
+        bmcs = self.bmc(merged.get("bmc"), f"{where}.bmc", n)
+        ssh_hosts = self.spread(merged.get("ssh_host"), n, f"{where}.ssh_host")
+        method = self.choice(merged.get("power_method"), f"{where}.power_method", POWER_METHODS, "ipmi")
+        template = self.string(merged.get("template"), f"{where}.template")
+        if template:
+            self.check_template(templates, template, f"{where}.template")
+        for i, name in enumerate(names):
+            nw = where if n == 1 else f"{where} ({name})"
+            if name in nodes:
+                raise self.err(f"{where}.name", f"duplicate node name {name}")
+            node_macs = macs_per_node[i]
+            if isinstance(node_macs, str):
+                node_macs = [node_macs]
+            if not isinstance(node_macs, list) or not node_macs:
+                raise self.err(f"{nw}.macs", "needs at least one MAC")
+            norm = []
+            for mi, mac in enumerate(node_macs):
+                m = normalize_mac(mac) if isinstance(mac, str) else None
+                if m is None:
+                    raise self.err(f"{where}.macs[{i if n > 1 else mi}]", f"not a MAC address: {mac!r}")
+                if m in seen_mac:
+                    raise self.err(f"{where}.macs[{i if n > 1 else mi}]",
+                                   f"duplicate MAC {m}: also used by {seen_mac[m]}")
+                seen_mac[m] = name
+                norm.append(m)
+            ip = ips[i]
+            if ip is not None:
+                try:
+                    ip = str(ipaddress.ip_address(str(ip)))
+                except ValueError:
+                    raise self.err(f"{where}.ip", f"not an IP address: {ip!r}") from None
+                if ip in seen_ip:
+                    raise self.err(f"{where}.ip", f"duplicate IP {ip}: also used by {seen_ip[ip]}")
+                seen_ip[ip] = name
+            bmc = self.make_bmc(bmcs[i], f"{where}.bmc")
+            if pool == "shared" and bmc is None:
+                raise self.err(f"{where}.bmc", f"shared node {name} needs a BMC (bmc.address) to be switched")
+            nodes[name] = Node(
+                name=name,
+                pool=pool,
+                default_role=default_role,
+                macs=tuple(norm),
+                ip=ip,
+                bmc=bmc,
+                power_method=method,
+                ssh_host=self.string(ssh_hosts[i], f"{where}.ssh_host") or ip,
+                ssh_port=self.integer(merged.get("ssh_port"), f"{where}.ssh_port", 22, 1),
+                template=template,
+            )
 
     def make_bmc(self, d: dict | None, where: str) -> Bmc | None:
         if d is None:

@@ -16,6 +16,19 @@ class ConfigError(ProvisionerError):
         super().__init__(f"{where}: {message}")
 
 
+class ConfigErrors(ConfigError):
+    """Several things wrong in one file, all found in one reading: one line each."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = list(errors)
+        first = self.errors[0]
+        super().__init__(first.path, first.field, first.message)
+        self.args = ("\n".join(str(e) for e in self.errors),)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class UsageError(ProvisionerError):
     """The command line is wrong (bad node set, unknown node, bad argument)."""
 

@@ -22,10 +22,11 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from provisioner.errors import OperationError
+from provisioner.errors import OperationError, UsageError
 from provisioner.states import ROLES
 
 # Each entry migrates from version i to i+1. Append, never edit a shipped one.
@@ -187,9 +188,11 @@ class Event:
 
 
 def iso(ts: float | None) -> str | None:
+    """Epoch seconds -> UTC with its offset (2026-12-03T11:00:00.123+00:00): one reading on every
+    host, whatever its time zone."""
     if ts is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
 
 
 def default_actor() -> str:
@@ -209,13 +212,17 @@ def is_url(target: Any) -> bool:
     return isinstance(target, str) and target.split("://", 1)[0] in ("postgresql", "postgres") and "://" in target
 
 
-def open_store(site: Any, timeout_s: float = 30.0) -> "Store":
+INIT_HINT = "`provisioner init` creates it (so do `serve`, `balance` and `run`)"
+
+
+def open_store(site: Any, timeout_s: float = 30.0, read_only: bool = False) -> "Store":
     """The site's store: site.store_url (PostgreSQL) when the config gives one, else the SQLite
-    file site.store."""
+    file site.store. read_only (the listings): an SQLite store is opened read-only and must
+    exist at the current schema; nothing is created or migrated."""
     url = getattr(site, "store_url", None)
     if url:
         return Store(url, timeout_s=timeout_s, password_file=getattr(site, "store_password_file", None))
-    return Store(site.store, timeout_s=timeout_s)
+    return Store(site.store, timeout_s=timeout_s, read_only=read_only)
 
 
 class Store:
@@ -232,11 +239,21 @@ class Store:
             return super().__new__(PgStore)
         return super().__new__(cls)
 
-    def __init__(self, path: str | os.PathLike, timeout_s: float = 30.0, password_file: Any = None):
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 30.0, password_file: Any = None,
+                 read_only: bool = False):
         self.path = Path(path)
         self.where = str(self.path)  # for messages
         self.timeout_s = timeout_s
+        self.read_only = read_only
         self._local = threading.local()
+        if read_only:
+            if not self.path.is_file():
+                raise UsageError(f"no store at {self.where} yet (site.store): {INIT_HINT}")
+            version = self.schema_version()
+            if version != SCHEMA_VERSION:
+                raise UsageError(f"store {self.where} has schema version {version}, this provisioner reads "
+                                 f"{SCHEMA_VERSION}: `provisioner init` migrates it")
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -251,6 +268,15 @@ class Store:
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
             try:
+                if self.read_only:
+                    # Not mode=ro: a read-only reader of a WAL database leaves its -wal and -shm
+                    # files behind. query_only refuses writes; the WAL files a reader needs go
+                    # again when it closes, so a listing leaves the folder as it found it.
+                    conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+                    conn.execute("PRAGMA query_only=ON")
+                    conn.row_factory = sqlite3.Row
+                    self._local.conn, self._local.pid = conn, os.getpid()
+                    return conn
                 conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")

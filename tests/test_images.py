@@ -219,6 +219,7 @@ def test_init_reads_the_kernel_command_line(tmp_path):
 
 
 def _script_version(config: Path, node: str) -> str:
+    cli(config, "init", check=True)  # render only reads: the store and the secret come from init
     text = cli(config, "render", node, check=True).stdout
     return re.search(r"provisioner\.version=(\S+)", text).group(1)
 
@@ -304,6 +305,7 @@ def test_unreachable_repository_through_the_cli(tiny_image, tmp_path):
 
 def test_built_image_without_a_published_version_gets_the_waiting_script(tmp_path):
     config = tiny_site(tmp_path / "site", tmp_path / "empty-root")
+    cli(config, "init", check=True)
     r = cli(config, "render", "sn01")
     assert r.returncode == 1 and "image tiny has no published version" in r.stdout
     assert "run `provisioner image build tiny`" in r.stderr

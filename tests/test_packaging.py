@@ -80,6 +80,8 @@ def test_installed_package_checks_and_renders_with_its_packaged_templates(tmp_pa
     assert check.returncode == 0, check.stderr
     assert "ok: 6 nodes (4 shared)" in check.stdout
 
+    init = run([provisioner, "--config", site, "init"], tmp_path)
+    assert init.returncode == 0, init.stderr
     render = run([provisioner, "--config", site, "render", "sn01"], tmp_path)
     assert render.returncode == 0, render.stderr
     assert PACKAGED_LINE in render.stdout

@@ -109,7 +109,7 @@ def test_cli_power_json_and_exit_codes(tmp_path, bmcs):
     assert res.stdout.splitlines()[1].split()[:5] == ["bn01", "status", "ok", "on", "ipmi"]
 
     bmcs.set_fault("bn02", "password")
-    res = cli(path, "power", "bn[01-02]", "reset", "--json")
+    res = cli(path, "power", "bn[01-02]", "reset", "--json", "--force")  # no cluster here to ask about work
     assert res.returncode == 1
     rows = json.loads(res.stdout)
     assert [(r["ok"], r["error_kind"]) for r in rows] == [(True, None), (False, "auth")]
@@ -132,7 +132,7 @@ def test_password_never_appears_in_output_events_or_logs(tmp_path, bmcs):
     seen += [res.stdout, res.stderr]
     bmcs.set_fault("bn03", None)  # silence costs the whole timeout: once is enough
     for i, action in enumerate(("reset", "soft", "reset")):  # the last: 0xD5 (off)
-        res = cli(path, "power", "bn[01-05]", action, *(["--json"] if i % 2 else ["--netboot"]))
+        res = cli(path, "power", "bn[01-05]", action, "--force", *(["--json"] if i % 2 else ["--netboot"]))
         seen += [res.stdout, res.stderr]
     history = cli(path, "history", "--json", "--limit", "0")
     assert history.returncode == 0

@@ -39,6 +39,8 @@ SHOW_NODES = ("scontrol", "show", "node", "-o")
 # One line per pending job (and per pending array task: -r). The name goes last: it may hold '|'.
 SQUEUE_FORMAT = "%i|%T|%r|%P|%D|%C|%u|%V|%Q|%b|%n|%j"
 SQUEUE_PENDING = ("squeue", "-h", "-r", "-t", "PENDING", "-o", SQUEUE_FORMAT)
+# Jobs that hold nodes now (a suspended job still lives in the node's memory): id|nodes.
+SQUEUE_RUNNING = ("squeue", "-h", "-r", "-t", "RUNNING,COMPLETING,SUSPENDED", "-o", "%i|%N")
 
 VERIFY_TIMEOUT_S = 5.0  # scontrol update is synchronous; this only covers a busy slurmctld
 
@@ -410,6 +412,19 @@ class SlurmAdapter:
 
     def pending_jobs(self) -> list[PendingJob]:
         return parse_pending(self._run(SQUEUE_PENDING, "read the pending jobs"))
+
+    def running_jobs(self, names: str | Iterable[str]) -> dict[str, list[str]]:
+        """{node: [job id, ...]} for the jobs running (or completing, or suspended) on `names`;
+        a node without any is left out."""
+        wanted = set(_names(names))
+        out: dict[str, list[str]] = {}
+        for line in self._run(SQUEUE_RUNNING, "read the running jobs").splitlines():
+            job, _, nodelist = line.strip().partition("|")
+            if job and nodelist and nodelist not in ("(null)", "n/a"):
+                for node in expand(nodelist):
+                    if node in wanted:
+                        out.setdefault(node, []).append(job)
+        return out
 
     def observe(self) -> SlurmSnapshot:
         nodes = self.nodes()

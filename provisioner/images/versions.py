@@ -158,7 +158,8 @@ def publish(image_root: Path, name: str, version: str, *, store=None, actor: str
     return old
 
 
-def remove(image_root: Path, name: str, version: str, *, store=None, actor: str = "provisioner") -> None:
+def remove(image_root: Path, name: str, version: str, *, store=None, actor: str = "provisioner",
+           reason: str = "removed by admin") -> None:
     """Delete a version; refused for the current one and for one a node is pinned to."""
     check_name(name)
     with image_lock(image_root, name):
@@ -183,8 +184,8 @@ def remove(image_root: Path, name: str, version: str, *, store=None, actor: str 
             raise OperationError(f"cannot remove {v.path}: {exc.strerror}") from None
     shutil.rmtree(trash, ignore_errors=True)
     if store is not None:
-        store.add_event(None, actor, "image-remove", f"image {name}: version {version} removed",
-                        {"image": name, "version": version, "size": v.size})
+        store.add_event(None, actor, "image-remove", f"image {name}: version {version} removed: {reason}",
+                        {"image": name, "version": version, "size": v.size, "reason": reason})
 
 
 def find_version(image_root: Path, spec: str, image: str | None = None) -> Version:

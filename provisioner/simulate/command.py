@@ -67,7 +67,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     g.add_argument("--plots", default="simulate-plots", metavar="DIR",
                    help="write the PNG plots here (default: simulate-plots/)")
-    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-plots", action="store_true", help="write no plots (no matplotlib needed)")
 
 
 def parse_dist(text: str) -> engine.Dist:
