@@ -266,7 +266,7 @@ def cmd_balance(ctx: Context) -> int:
     from provisioner.reconcile import PassLocked, pass_lock
 
     # cron appends every pass to one log: each text line starts with the time of the pass.
-    stamp = "" if ctx.args.json else iso(time.time())[:19] + " "
+    stamp = "" if ctx.args.json else iso(time.time()) + " "
     try:
         with pass_lock(ctx.site, wait_s=ctx.args.wait):
             report = _reconciler(ctx).run_pass(dry_run=ctx.args.dry_run)
