@@ -1,4 +1,5 @@
-# provisioner: the two set-up commands are `make demo` and `make test` (see README.md).
+# provisioner: the two set-up commands are `make demo` and `make test` (see CONTRIBUTING.md). With
+# no Go >= 1.24 on PATH, tools/build.sh gets the pinned one first (tools/go.sh).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -19,8 +19,14 @@ STATIC=(); ldflags() { :; }
 # shellcheck source=/dev/null
 . "$dir/build.conf"
 command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin   # Go's own installer puts it there
-command -v go >/dev/null ||
-    { echo "FAILED: building $name: no 'go' on PATH (Go >= 1.24 is needed; Debian 12's golang-go is too old)" >&2; exit 1; }
+# Go >= 1.24 is needed; with none here (Debian 12's golang-go is 1.19), tools/go.sh gets the
+# pinned toolchain (tools/go.version) into the cache, saying so, and we build with it.
+gov=$(go env GOVERSION 2>/dev/null || true); gov=${gov#go1.}; gov=${gov%%[.a-z]*}
+if [ "${gov:-0}" -lt 24 ] 2>/dev/null || [ -z "$gov" ]; then
+    gobin=$("$here/go.sh") || { echo "FAILED: building $name: no Go >= 1.24 (tools/go.sh could not get one)" >&2; exit 1; }
+    PATH=$gobin:$PATH
+    unset GOROOT
+fi
 V=$(sed -n "s|^[[:space:]]*$MODULE \\(v[^ ]*\\)\\( //.*\\)\\{0,1\\}\$|\\1|p" "$dir/go.mod" | head -1)
 [ -n "$V" ] || { echo "FAILED: tools/$name/go.mod does not pin $MODULE; regenerate it with tools/$name/gen-gomod.sh" >&2; exit 1; }
 # The key covers what changes the binaries: the pins, the component's recipe (build.conf) and
