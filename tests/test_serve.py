@@ -54,8 +54,8 @@ def test_cli_exit_codes(boot_server, tmp_path):
     assert r.returncode == 2 and "shared pool" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = cli(boot_server.config, "nodes", "sn[01-")
     assert r.returncode == 2 and "bad hostlist" in r.stderr
-    r = cli(boot_server.config, "role", "sn01", "k8s")  # --reason is required
-    assert r.returncode == 2
+    r = cli(boot_server.config, "role", "sn01", "gpu")  # not a role: one line, with an example
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "(e.g. `provisioner role" in r.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(boot_server.config.read_text().replace(mac(2, 3), mac(1, 3)))
     r = cli(bad, "check")
