@@ -363,9 +363,9 @@ def cmd_power(ctx: Context) -> int:
         refused = workload.refusals(nodes, workload.observe_work(ctx.site, nodes))
         if refused:
             raise OperationError(
-                f"not going to power {action} {fold(refused)}: {workload.describe(refused)}; drain them first "
-                f"(`provisioner role NODESET ROLE` switches through drain and eviction) or add --force, "
-                f"which kills that work")
+                f"not going to power {action} {fold(refused)}: {workload.describe(refused)}; let the work end, "
+                f"or move the nodes with `provisioner role` (it drains and evicts first), or add --force, which "
+                f"kills that work")
     # status changes nothing and is not recorded, so it needs no store
     store = None if action == "status" else ctx.store
     results = power_nodes(ctx.site, [ctx.site.nodes[n] for n in names], action, netboot=ctx.args.netboot,
