@@ -33,16 +33,16 @@ def refusals(nodes: Iterable[Node], work: Work) -> dict[str, str]:
         why = []
         if node.pool in ("slurm", "shared"):
             if "slurm" in work.unknown:
-                why.append(f"SLURM cannot be read ({work.unknown['slurm']})")
+                why.append(f"may run jobs (SLURM cannot be read: {work.unknown['slurm']})")
             elif work.jobs.get(node.name):
                 why.append(f"runs job(s) {', '.join(work.jobs[node.name])}")
         if node.pool in ("k8s", "shared"):
             if "kubernetes" in work.unknown:
-                why.append(f"Kubernetes cannot be read ({work.unknown['kubernetes']})")
+                why.append(f"may run pods (Kubernetes cannot be read: {work.unknown['kubernetes']})")
             elif work.pods.get(node.name):
                 why.append(f"runs pod(s) {', '.join(work.pods[node.name])}")
         if why:
-            out[node.name] = "; ".join(why)
+            out[node.name] = " and ".join(why)
     return out
 
 

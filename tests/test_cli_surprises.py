@@ -185,7 +185,9 @@ def test_refusals_name_the_work_and_treat_an_unreadable_cluster_as_busy():
     work = workload.Work(jobs={"sn01": ["41", "42"]}, pods={"kn01": ["default/web-1"]})
     assert workload.refusals(nodes, work) == {"sn01": "runs job(s) 41, 42", "kn01": "runs pod(s) default/web-1"}
     blind = workload.Work(unknown={"kubernetes": "no kubeconfig"})
-    assert set(workload.refusals(nodes, blind)) == {"sn01", "sn02", "kn01"}  # cn01 is SLURM's only
+    refused = workload.refusals(nodes, blind)
+    assert set(refused) == {"sn01", "sn02", "kn01"}  # cn01 is SLURM's only
+    assert refused["sn02"] == "may run pods (Kubernetes cannot be read: no kubeconfig)"
 
 
 @pytest.mark.integration
