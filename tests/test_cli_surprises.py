@@ -17,10 +17,28 @@ import yaml
 from provisioner import cli as climod
 from provisioner import workload
 from provisioner.model import Node
-from testbed.boot_server import cli
+from testbed.boot_server import cli as cli_process
 from testbed.site import write_site
 
 UTC_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
+
+
+class Run:
+    """What the user saw: the exit code, stdout and stderr of `provisioner --config PATH ARGS...`
+    (in this process: the same main() the command runs, without the start-up cost)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    def run(config: Path, *args: str) -> Run:
+        capsys.readouterr()
+        code = climod.main(["--config", str(config), *args])
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+    return run
 
 
 def one_line(r) -> str:
@@ -61,7 +79,7 @@ USAGE = [
 
 
 @pytest.mark.parametrize("argv,start", USAGE, ids=[" ".join(a) for a, _ in USAGE])
-def test_usage_errors_are_one_line_with_the_right_form(site_path, argv, start):
+def test_usage_errors_are_one_line_with_the_right_form(cli, site_path, argv, start):
     r = cli(site_path, *argv)
     line = one_line(r)
     assert r.returncode == 2 and line.startswith(start), line
@@ -69,7 +87,7 @@ def test_usage_errors_are_one_line_with_the_right_form(site_path, argv, start):
     assert "(e.g. `provisioner " in line or "'sn[01-04,07]'" in line or "see `provisioner nodes`" in line, line
 
 
-def test_every_config_error_at_once_each_naming_file_and_field(tmp_path):
+def test_every_config_error_at_once_each_naming_file_and_field(cli, tmp_path):
     path = write_site(tmp_path / "site")
     data = yaml.safe_load(path.read_text())
     data["site"]["listen"] = "nowhere"
@@ -97,7 +115,7 @@ LISTINGS = [["nodes"], ["nodes", "@shared", "--json"], ["history"], ["history", 
             ["render", "sn[01-02]"], ["check"], ["image", "list"]]
 
 
-def test_listings_never_create_the_store_or_the_secret(site_path):
+def test_listings_never_create_the_store_or_the_secret(cli, site_path):
     folder = site_path.parent
     before = snapshot(folder)
     for argv in LISTINGS:
@@ -109,7 +127,7 @@ def test_listings_never_create_the_store_or_the_secret(site_path):
         assert snapshot(folder) == before, argv
 
 
-def test_listings_change_no_file(site_path):
+def test_listings_change_no_file(cli, site_path):
     folder = site_path.parent
     assert cli(site_path, "init").returncode == 0
     assert cli(site_path, "role", "sn01", "k8s", "--reason", "course").returncode == 0
@@ -123,7 +141,7 @@ def test_listings_change_no_file(site_path):
 # --------------------------------------------------------------------------- nodes
 
 
-def test_nodes_shows_target_age_and_reason_filters_and_pools(site_path):
+def test_nodes_shows_target_age_and_reason_filters_and_pools(cli, site_path):
     assert cli(site_path, "init").returncode == 0
     assert cli(site_path, "role", "sn02", "k8s", "--reason", "GPU course").returncode == 0
     r = cli(site_path, "nodes", "@shared", "--phase", "requested")
@@ -171,7 +189,7 @@ def test_every_flag_and_positional_has_help_and_node_sets_have_one_name():
     assert all(reasons.values())  # optional everywhere, with a default that says who
 
 
-def test_shell_completion_is_generated_from_the_parser(site_path):
+def test_shell_completion_is_generated_from_the_parser(cli, site_path):
     r = cli(site_path, "completion", "bash")
     assert r.returncode == 0 and "--force" in r.stdout and "nginx-config" in r.stdout
 
@@ -203,19 +221,19 @@ def test_power_off_refuses_a_shared_node_that_runs_a_job_unless_forced(slurm_clu
     kube.add_pod("web-1", node="sn02")
 
     for action in ("off", "reset", "cycle", "soft"):
-        r = cli(path, "power", "sn[01-03]", action)
+        r = cli_process(path, "power", "sn[01-03]", action)
         line = one_line(r)
         assert r.returncode == 1, r.stderr
         assert line.startswith(f"provisioner: failed: not going to power {action} sn[01-02]: "
                                f"sn01 runs job(s) {job}; sn02 runs pod(s) default/web-1;"), line
         assert "--force" in line
     # Nothing was attempted, nothing recorded.
-    assert cli(path, "init").returncode == 0
-    assert not [e for e in json.loads(cli(path, "history", "--json").stdout) if e["kind"] == "power"]
+    assert cli_process(path, "init").returncode == 0
+    assert not [e for e in json.loads(cli_process(path, "history", "--json").stdout) if e["kind"] == "power"]
     # sn03 runs nothing: it passes the check (its BMC is not there, so the action itself fails).
-    r = cli(path, "power", "sn03", "off")
+    r = cli_process(path, "power", "sn03", "off")
     assert "not going to" not in r.stderr and "power off failed on sn03" in r.stderr
     # --force skips the check: the action is attempted.
-    r = cli(path, "power", "sn01", "off", "--force")
+    r = cli_process(path, "power", "sn01", "off", "--force")
     assert "not going to" not in r.stderr and "power off failed on sn01" in r.stderr
     assert slurm_cluster.job_state(job)[0] == "RUNNING"  # the fake BMC never cut it
