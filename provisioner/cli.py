@@ -156,7 +156,9 @@ def cmd_prerender(ctx: Context) -> int:
         stats = watcher.sync(force=True)
         print(f"{stats['scripts']} scripts in {ctx.args.folder} ({stats['written']} written, {stats['removed']} removed)")
         return EXIT_OK
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S+00:00")
+    logging.Formatter.converter = time.gmtime  # UTC, as every time provisioner prints
     import signal
     import threading
 
