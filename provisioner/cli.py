@@ -132,7 +132,11 @@ def cmd_prerender(ctx: Context) -> int:
 def cmd_nginx_config(ctx: Context) -> int:
     from provisioner.boot.prerender import nginx_config
 
-    print(nginx_config(ctx.site, Path(ctx.args.scripts), ctx.args.upstream, ctx.args.listen), end="")
+    try:
+        text = nginx_config(ctx.site, Path(ctx.args.scripts), ctx.args.upstream, ctx.args.listen, ctx.args.access_log)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(text, end="")
     return EXIT_OK
 
 
@@ -288,6 +292,9 @@ def cmd_history(ctx: Context) -> int:
     return EXIT_OK
 
 
+BOOTING_ACTIONS = ("on", "reset", "cycle", "boot")
+
+
 def cmd_power(ctx: Context) -> int:
     from provisioner.reconcile import power_nodes
 
@@ -295,6 +302,8 @@ def cmd_power(ctx: Context) -> int:
     action = ctx.args.action
     # status changes nothing and is not recorded, so it needs no store
     store = None if action == "status" else ctx.store
+    if action in BOOTING_ACTIONS:  # an admin-requested boot: the nodes may fetch their secrets once
+        store.grant_boot(names, actor=default_actor(), reason=f"provisioner power {action}")
     results = power_nodes(ctx.site, [ctx.site.nodes[n] for n in names], action, netboot=ctx.args.netboot,
                           store=store, actor=default_actor())
     if ctx.args.json:
@@ -464,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scripts", required=True, metavar="FOLDER", help="the folder `provisioner prerender` writes")
     sp.add_argument("--upstream", required=True, metavar="HOST:PORT", help="where `provisioner serve` listens")
     sp.add_argument("--listen", default="80", metavar="ADDR", help="nginx listen directive (default 80)")
+    sp.add_argument("--access-log", default="/var/log/nginx/provisioner-boot.log", metavar="PATH|off",
+                    help="nginx access log, paths without query strings (default /var/log/nginx/provisioner-boot.log)")
 
     sp = add("nodes", cmd_nodes, "list nodes: pool, desired and booted role, phase, pinned")
     sp.add_argument("nodeset", nargs="?", help="hostlist expression, e.g. sn[01-04] (default: all)")

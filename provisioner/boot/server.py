@@ -33,6 +33,21 @@ class _Gunicorn(BaseApplication):
         return self.application
 
 
+def behind_nginx(wsgi_app):
+    """The client as nginx saw it: its address (X-Forwarded-For, werkzeug's ProxyFix) and its
+    source port (X-Provisioner-Source-Port, which the generated nginx site always sets; without
+    it the port is unknown, never nginx's own)."""
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    fixed = ProxyFix(wsgi_app, x_for=1, x_proto=0, x_host=0, x_port=0, x_prefix=0)
+
+    def app(environ, start_response):
+        environ["REMOTE_PORT"] = environ.pop("HTTP_X_PROVISIONER_SOURCE_PORT", "")
+        return fixed(environ, start_response)
+
+    return app
+
+
 def default_workers() -> int:
     return max(2, multiprocessing.cpu_count())
 
@@ -46,8 +61,7 @@ def serve(site: Site, listen: str | None = None, workers: int | None = None, thr
     try:
         app = create_app(site)  # built before forking: config errors surface once, at start
         if behind_proxy:  # nginx in front (provisioner nginx-config): the node's address is its X-Forwarded-For
-            from werkzeug.middleware.proxy_fix import ProxyFix
-            app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0, x_port=0, x_prefix=0)
+            app.wsgi_app = behind_nginx(app.wsgi_app)
     except BaseException:
         metrics.remove_dir(metrics_dir)
         raise

@@ -4,7 +4,9 @@
 # Reads its parameters from the kernel command line (provisioner.node, .role, .version,
 # .callback, .token, and .rootfs for images with a root file system), loads the NIC drivers,
 # gets an address by DHCP, and applies the node's overlay (the extra initrd the boot endpoint
-# serves to this node only, unpacked by the kernel under /provisioner/overlay). Then either:
+# serves to this node only, unpacked by the kernel under /provisioner/overlay) and its secret part
+# (provisioner.secrets: fetched here, as root, once per boot, from a privileged source port, with
+# this boot's token; docs/security.md). Then either:
 #   - with provisioner.rootfs=URL: fetches the squashfs root into RAM, mounts it read-only under a
 #     tmpfs overlay, copies the overlay files in and switches to its /sbin/init (systemd), whose
 #     provisioner-callback.service calls back once the node's services run; or
@@ -33,6 +35,7 @@ VERSION=$(arg provisioner.version)
 CALLBACK=$(arg provisioner.callback)
 TOKEN=$(arg provisioner.token)
 ROOTFS=$(arg provisioner.rootfs)
+SECRETS=$(arg provisioner.secrets)
 
 # Drivers in dependency order (the image builder wrote the list).
 if [ -f /etc/provisioner/modules ]; then
@@ -75,6 +78,47 @@ net_up() {
     return 1
 }
 net_up || say "no DHCP answer on any interface"
+
+# The overlay's secret part: GET $SECRETS with busybox nc from a source port below 1024 (the boot
+# server answers only such a request: only root can send one), base64 in the body. Unpacked
+# into /provisioner/overlay (0700) next to the public part; apply_overlay copies both.
+SECRETS_OK=none
+fetch_secrets() {
+    [ -n "$SECRETS" ] || return 0
+    hostport=${SECRETS#http://}; path=/${hostport#*/}; hostport=${hostport%%/*}
+    host=${hostport%:*}; port=${hostport##*:}; [ "$port" = "$hostport" ] && port=80
+    tries=0
+    while [ $tries -lt 15 ]; do
+        tries=$((tries + 1))
+        lport=$((600 + (tries * 37 + $$) % 400))
+        printf 'GET %s?token=%s&version=%s HTTP/1.0\r\nHost: %s\r\nConnection: close\r\n\r\n' \
+            "$path" "$TOKEN" "$VERSION" "$hostport" | nc -w 10 -p "$lport" "$host" "$port" > /run/secrets.http 2>/dev/null
+        status=$(head -n 1 /run/secrets.http | cut -d' ' -f2)
+        case "$status" in
+            200)
+                mkdir -p /provisioner && chmod 0700 /provisioner
+                if sed '1,/^\r*$/d' /run/secrets.http | base64 -d | gunzip -c > /run/secrets.cpio \
+                        && (cd / && cpio -i -d -m -u < /run/secrets.cpio 2>/dev/null); then
+                    SECRETS_OK=yes
+                else
+                    SECRETS_OK=broken
+                fi
+                rm -f /run/secrets.http /run/secrets.cpio
+                return 0 ;;
+            403|404|409)
+                say "secrets refused: $(sed '1,/^\r*$/d' /run/secrets.http | head -c 300)"
+                SECRETS_OK=refused
+                rm -f /run/secrets.http
+                return 0 ;;
+        esac
+        rm -f /run/secrets.http
+        sleep 2
+    done
+    say "cannot fetch the secrets from $SECRETS"
+    SECRETS_OK=unreachable
+}
+fetch_secrets
+echo "PROVISIONER-SECRETS node=$NODE $SECRETS_OK"
 
 if [ -n "$ROOTFS" ]; then
     say "fetching the root file system $ROOTFS"
