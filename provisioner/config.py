@@ -194,6 +194,11 @@ class _SiteLoader(Fields):
             problem = secret_problem(secret_file)
             if problem:
                 raise self.err("site.secret_file", problem)
+        published = {"site.image_root": image_root, "site.templates": templates}
+        self.check_private(published, [("site.secret_file", secret_file),
+                                       ("site.state_dir", state_dir) if state_dir else ("site.store", store),
+                                       *([("site.store_password_file", store_password_file)]
+                                         if store_password_file else [])])
 
         image_definitions = self.resolve(
             self.string(s.get("image_definitions"), "site.image_definitions", str(DEFAULT_IMAGE_DEFINITIONS))
@@ -227,24 +232,16 @@ class _SiteLoader(Fields):
                                                  True),
             boot_window_s=self.number(s.get("boot_window_s"), "site.boot_window_s", 3600.0, 1.0),
         )
-        self.check_private(site, state_dir)
+        self.check_private(published, [(f"overlay.files.{k}", Path(v)) for k, v in site.overlay.files.items()] + [
+            (f"nodes.{n.name}.bmc.password_file", Path(n.bmc.password_file)) for n in site.nodes.values()
+            if n.bmc is not None and n.bmc.password_file])
         return site
 
-    def check_private(self, site: Site, state_dir: Path | None) -> None:
+    def check_private(self, folders: dict[str, Path], private: list[tuple[str, Path]]) -> None:
         """The folders the boot server publishes (site.image_root under /images/, site.templates)
-        must hold none of its private files: the store, the token secret, a password file, an
-        overlay file (the munge key...). A state_dir (PostgreSQL) may not hold them either."""
-        private: list[tuple[str, Path]] = [("site.secret_file", site.secret_file)]
-        if state_dir is not None:
-            private.append(("site.state_dir", state_dir))
-        else:
-            private.append(("site.store", site.store))
-        if site.store_password_file:
-            private.append(("site.store_password_file", site.store_password_file))
-        private += [(f"overlay.files.{k}", Path(v)) for k, v in site.overlay.files.items()]
-        private += [(f"nodes.{n.name}.bmc.password_file", Path(n.bmc.password_file)) for n in site.nodes.values()
-                    if n.bmc is not None and n.bmc.password_file]
-        for field_, folder in (("site.image_root", site.image_root), ("site.templates", site.templates)):
+        hold none of its private files (the store, the token secret, a password file, an overlay
+        file such as the munge key) and sit in no site.state_dir."""
+        for field_, folder in folders.items():
             shown = _real(folder)
             for what, path in private:
                 p = _real(path)
