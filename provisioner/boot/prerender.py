@@ -285,6 +285,7 @@ server {{
     listen {listen};
     server_name _;
     access_log {access_log} provisioner_boot;
+    log_not_found off;  # its error lines quote the request line, query string (tokens) and all
     sendfile on;
     tcp_nopush on;
     client_max_body_size 64k;

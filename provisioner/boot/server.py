@@ -8,9 +8,12 @@ made here before the app is built and removed when the server stops (provisioner
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+import re
 
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from provisioner.boot import metrics
@@ -31,6 +34,27 @@ class _Gunicorn(BaseApplication):
 
     def load(self):
         return self.application
+
+
+_QUERY = re.compile(r"\?[^\s'\"]*|token=[^\s'\"]*", re.I)
+
+
+class _HideQueries(logging.Filter):
+    """gunicorn's error log quotes a request line it cannot parse, query string and all: overlay
+    and boot URLs carry tokens, so the query goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message or "token" in message.lower():
+            record.msg, record.args = _QUERY.sub("?(query hidden)", message), ()
+        return True
+
+
+class QuietLogger(glogging.Logger):
+    def setup(self, cfg):
+        super().setup(cfg)
+        self.error_log.addFilter(_HideQueries())
+        self.access_log.addFilter(_HideQueries())
 
 
 def behind_nginx(wsgi_app):
@@ -81,6 +105,7 @@ def serve(site: Site, listen: str | None = None, workers: int | None = None, thr
         # The path without the query string: /overlay/ and callback URLs carry per-node tokens.
         "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"',
         "errorlog": "-",
+        "logger_class": QuietLogger,
         "loglevel": "info",
         "proc_name": "provisioner-boot",
         "control_socket_disable": True,  # no stray socket in root's home
