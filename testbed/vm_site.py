@@ -20,6 +20,7 @@ Every qemu is stopped at the end of the session, also when a test fails (testbed
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -77,7 +78,15 @@ class VmSite(SimSite):
         data = yaml.safe_load(path.read_text())
         data["site"]["boot_url"] = self.guest_boot_url
         data["site"]["image_root"] = str(self.image_root)
+        # qemu's user-mode network connects to the boot server from its own (unprivileged) port:
+        # the guest's privileged source port cannot be seen through it.
+        data["site"]["secrets_privileged_port"] = False
         data["images"] = {"slurm": {"image": "tiny"}, "k8s": {"image": "tiny"}}
+        secret = self.workdir / "node-secret"
+        if not secret.exists():
+            secret.write_text(secrets.token_hex(24) + "\n")
+            secret.chmod(0o600)
+        data["overlay"] = {"files": {"node_secret": str(secret)}}  # the tiny image's secret part
         for entry in data["nodes"]:
             if entry["name"] in self.nodes:
                 entry.pop("ip", None)
@@ -120,6 +129,8 @@ class VmSite(SimSite):
             vm, want = self.vm(name), self.nodes[name].role
             if vm.is_running() and self.running_role.get(name) == want:
                 continue
+            # As an admin's `provisioner power` does: the boot may fetch the overlay's secrets.
+            self.store.grant_boot([name], actor="testbed", reason="test set-up boot")
             with vm.lock:
                 self.running_role[name] = None
                 mark = vm.serial_mark()

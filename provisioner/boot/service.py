@@ -33,7 +33,7 @@ ACTOR = "boot-endpoint"
 MAX_MAC_PARAM = 64
 EVENT_EVERY_S = 60.0  # the same unknown MAC booting in a loop is recorded once a minute, not 30 times
 RETRY_AFTER_S = 5
-CALLBACK_EVERY_S = 5.0  # accepted boot callbacks per node and worker: at most one in this long
+CALLBACK_EVERY_S = 2.0  # accepted boot callbacks per node and worker: at most one in this long (a real boot takes longer)
 
 
 # --------------------------------------------------------------------------- results
