@@ -17,7 +17,9 @@ import os
 import random
 import re
 import secrets
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -254,6 +256,34 @@ def test_another_node_cannot_with_or_without_the_source_check(dep):
     status, body = as_root(dep, secrets_path(args))
     assert status == 200 and dep.secret in unpack(body), body
     dep.store.update("sn03", actor="test", kind="test", message="steady", phase="steady")
+
+
+def test_the_images_init_fetches_the_secret_part_as_root_once(dep, tmp_path):
+    """The image's own fetcher (fetch_secrets() of images/_common/init.sh, under busybox sh as in
+    the initramfs): curl from a privileged port, the base64 body unpacked into /provisioner."""
+    from testbed.tinyimage import DEFINITIONS
+
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        missing("busybox (Debian busybox; make system-deps)")
+    init = (DEFINITIONS / "_common" / "init.sh").read_text()
+    start = init.index("fetch_secrets() {")
+    function = init[start:init.index("\n}\n", start) + 3]
+    dep.open_window("sn01")
+    args = script_of(get(dep, f"/ipxe?mac={mac(1, 3)}")[1])
+    dest = tmp_path / "root"
+    dest.mkdir()
+    env = {"PATH": os.environ["PATH"], "SECRETS": args["provisioner.secrets"], "TOKEN": args["provisioner.token"],
+           "VERSION": args["provisioner.version"], "PROVISIONER_TMP": str(tmp_path), "PROVISIONER_DEST": str(dest)}
+    program = 'say() { echo "provisioner: $*"; }\n' + function + 'fetch_secrets\necho "RESULT=$SECRETS_OK"\n'
+    for expected in ("yes", "refused"):
+        r = subprocess.run([busybox, "sh", "-c", program], env=env, capture_output=True, text=True, timeout=120)
+        assert f"RESULT={expected}" in r.stdout, r.stdout + r.stderr
+    assert "served once" in r.stdout
+    secret = dest / "provisioner" / "overlay" / "etc" / "provisioner" / "node-secret"
+    assert secret.read_bytes() == dep.secret and stat.S_IMODE(secret.stat().st_mode) == 0o400
+    assert stat.S_IMODE((dest / "provisioner").stat().st_mode) == 0o700
+    assert not list(tmp_path.glob("secrets.*"))  # nothing left behind
 
 
 FUZZ_REQUESTS = 300

@@ -79,46 +79,53 @@ net_up() {
 }
 net_up || say "no DHCP answer on any interface"
 
-# The overlay's secret part: GET $SECRETS with busybox nc from a source port below 1024 (the boot
-# server answers only such a request: only root can send one), base64 in the body. Unpacked
-# into /provisioner/overlay (0700) next to the public part; apply_overlay copies both.
+# The overlay's secret part (provisioner.secrets): fetched as root before any user process exists,
+# from a source port below 1024 (the boot server answers only such a request, as only root can
+# send one) with curl --local-port: the image root's curl (chroot, before switch_root), or one on
+# PATH. Without curl, busybox wget (an ordinary port: only for sites that turned
+# site.secrets_privileged_port off). The body is base64; it is unpacked into /provisioner (0700)
+# next to the public part, and apply_overlay copies both into place.
 SECRETS_OK=none
 fetch_secrets() {
     [ -n "$SECRETS" ] || return 0
-    hostport=${SECRETS#http://}; path=/${hostport#*/}; hostport=${hostport%%/*}
-    host=${hostport%:*}; port=${hostport##*:}; [ "$port" = "$hostport" ] && port=80
+    T=${PROVISIONER_TMP:-/run}; D=${PROVISIONER_DEST:-/}  # set only by the test that runs this on a host
+    url="$SECRETS?token=$TOKEN&version=$VERSION"
     tries=0
     while [ $tries -lt 15 ]; do
         tries=$((tries + 1))
-        lport=$((600 + (tries * 37 + $$) % 400))
-        printf 'GET %s?token=%s&version=%s HTTP/1.0\r\nHost: %s\r\nConnection: close\r\n\r\n' \
-            "$path" "$TOKEN" "$VERSION" "$hostport" | nc -w 10 -p "$lport" "$host" "$port" > /run/secrets.http 2>/dev/null
-        status=$(head -n 1 /run/secrets.http | cut -d' ' -f2)
+        rm -f "$T/secrets.out" "$T/secrets.err"
+        if [ -x "$1/usr/bin/curl" ] || { [ -z "$1" ] && command -v curl >/dev/null; }; then
+            [ -n "$1" ] && mount --bind /dev "$1/dev"  # curl's libraries want /dev/urandom
+            ${1:+chroot "$1"} curl -s -m 30 --local-port 600-1023 -w '\n%{http_code}' "$url" > "$T/secrets.out" 2>/dev/null
+            [ -n "$1" ] && umount "$1/dev"
+            status=$(tail -n 1 "$T/secrets.out"); sed -i '$d' "$T/secrets.out"
+        else
+            wget -q -S -O "$T/secrets.out" "$url" 2> "$T/secrets.err"
+            status=$(grep -o 'HTTP/[0-9.]* [0-9]*' "$T/secrets.err" | tail -n 1 | cut -d' ' -f2)
+        fi
         case "$status" in
             200)
-                mkdir -p /provisioner && chmod 0700 /provisioner
-                if sed '1,/^\r*$/d' /run/secrets.http | base64 -d | gunzip -c > /run/secrets.cpio \
-                        && (cd / && cpio -i -d -m -u < /run/secrets.cpio 2>/dev/null); then
+                mkdir -p "$D/provisioner" && chmod 0700 "$D/provisioner"
+                if base64 -d < "$T/secrets.out" | gunzip -c > "$T/secrets.cpio" \
+                        && (cd "$D" && cpio -i -d -m -u < "$T/secrets.cpio" 2>/dev/null); then
                     SECRETS_OK=yes
                 else
                     SECRETS_OK=broken
                 fi
-                rm -f /run/secrets.http /run/secrets.cpio
+                rm -f "$T/secrets.out" "$T/secrets.err" "$T/secrets.cpio"
                 return 0 ;;
             403|404|409)
-                say "secrets refused: $(sed '1,/^\r*$/d' /run/secrets.http | head -c 300)"
+                say "secrets refused: $(head -c 300 "$T/secrets.out")"
                 SECRETS_OK=refused
-                rm -f /run/secrets.http
+                rm -f "$T/secrets.out" "$T/secrets.err"
                 return 0 ;;
         esac
-        rm -f /run/secrets.http
         sleep 2
     done
+    rm -f "$T/secrets.out" "$T/secrets.err"
     say "cannot fetch the secrets from $SECRETS"
     SECRETS_OK=unreachable
 }
-fetch_secrets
-echo "PROVISIONER-SECRETS node=$NODE $SECRETS_OK"
 
 if [ -n "$ROOTFS" ]; then
     say "fetching the root file system $ROOTFS"
@@ -133,6 +140,8 @@ if [ -n "$ROOTFS" ]; then
     mkdir -p /rw/upper /rw/work
     mount -t overlay overlay -o lowerdir=/ro,upperdir=/rw/upper,workdir=/rw/work /newroot \
         || { say "cannot mount the overlay root"; sleep 30; reboot -f; }
+    fetch_secrets /newroot
+    echo "PROVISIONER-SECRETS node=$NODE $SECRETS_OK"
     apply_overlay /newroot
     rm -rf /provisioner/overlay
     [ -s /etc/resolv.conf ] && cp /etc/resolv.conf /newroot/etc/resolv.conf
@@ -145,6 +154,8 @@ if [ -n "$ROOTFS" ]; then
 fi
 
 # The tiny test image stays here.
+fetch_secrets
+echo "PROVISIONER-SECRETS node=$NODE $SECRETS_OK"
 apply_overlay /
 rm -rf /provisioner/overlay
 if [ -s /etc/hostname ]; then hostname "$(cat /etc/hostname)"; elif [ -n "$NODE" ]; then hostname "$NODE"; fi
