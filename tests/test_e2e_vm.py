@@ -33,7 +33,7 @@ SWITCH_TIMEOUT_S = 240  # one switch: drain or cordon, IPMI reset, a TCG boot (~
 
 def fetched_urls(console: str) -> list[str]:
     """The URLs iPXE reports as fetched (`http://...... ok`), in order."""
-    return re.findall(r"(http://\S+?)\.\.\. ok", console)
+    return re.findall(r"(http://\S+?)\.\.\.[\s\d%]*? ok", console)  # "... 77%     ok" on a slow download
 
 
 def cmdline(console: str) -> dict[str, str]:
