@@ -33,7 +33,8 @@ SWITCH_TIMEOUT_S = 240  # one switch: drain or cordon, IPMI reset, a TCG boot (~
 
 def fetched_urls(console: str) -> list[str]:
     """The URLs iPXE reports as fetched (`http://...... ok`), in order."""
-    return re.findall(r"(http://\S+?)\.\.\.[\s\d%]*? ok", console)  # "... 77%     ok" on a slow download
+    # On a slow download iPXE shows its progress on the same line first (digits, %, backspaces).
+    return re.findall(r"(http://\S+?)\.\.\.[^\n]*? ok\b", console)
 
 
 def cmdline(console: str) -> dict[str, str]:
