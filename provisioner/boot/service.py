@@ -252,18 +252,20 @@ class BootService:
         node = self.site.nodes.get(name)
         if node is None:
             return Reply.error(404, f"unknown node {name}")
-        why = None
+        why = cause = None
         if self.site.check_callback_source and node.ip and not same_address(source, node.ip):
-            why = f"source {source} is not the node's address {node.ip}"
+            why, cause = f"source {source} is not the node's address {node.ip}", "address"
         elif self.site.secrets_privileged_port and not (source_port is not None and 0 < source_port < PRIVILEGED_PORTS):
-            why = f"source port {source_port} is not privileged (below {PRIVILEGED_PORTS}): only root on the node may ask"
+            why, cause = (f"source port {source_port} is not privileged (below {PRIVILEGED_PORTS}): only root on the "
+                          "node may ask"), "port"
         try:
             grant = None
             if why is None:
                 grant = self.boots.may_have_secrets(name, token)
-                why = None if grant.ok else grant.why
+                why = cause = None if grant.ok else grant.why
             if why:
-                self.record("secrets-refused", name, f"secrets of {name} refused: {why}", ("sec-refused", name, why),
+                # keyed by the cause, not the text: a loop of requests from changing ports is one event a minute
+                self.record("secrets-refused", name, f"secrets of {name} refused: {why}", ("sec-refused", name, cause),
                             source)
                 return Reply.error(403, f"secrets of {name} refused: {why}")
             plan = self.planner.plan(node, version=version or None, check_files=False)
