@@ -144,3 +144,16 @@ def test_a_flood_of_valid_callbacks_records_one_boot(tmp_path):
                                  environ_base={"REMOTE_ADDR": "10.0.3.1"}).status_code)
     assert codes[0] == 200 and set(codes[1:]) == {429}
     assert len(Store(site.store).events(["sn01"], kinds=["booted"])) == 1
+
+
+@pytest.mark.parametrize("port, says", [(None, "source port unknown"), (40000, "source port 40000 is not privileged"),
+                                        (0, "source port 0 is not privileged")])
+def test_the_secret_part_wants_a_privileged_port_before_anything_else(tmp_path, port, says):
+    """Checked before the token: a user's process learns nothing about the token it tried."""
+    site = config.load(write_site(tmp_path / "site"))
+    service = create_app(site).extensions["provisioner.boot"]
+    store = Store(site.store)
+    store.grant_boot(["sn01"], actor="t", reason="r")
+    reply = service.secrets("sn01", token=Boots.for_site(site).token("sn01"), source="10.0.3.1", source_port=port)
+    assert reply.status == 403 and says in reply.body["error"]
+    assert "served" not in reply.body["error"] and store.boot_row("sn01")["secrets_at"] is None

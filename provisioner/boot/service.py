@@ -257,7 +257,9 @@ class BootService:
             why, cause = f"source {source} is not the node's address {node.ip}", "address"
         elif self.site.secrets_privileged_port and not (source_port is not None and 0 < source_port < PRIVILEGED_PORTS):
             why, cause = (f"source port {source_port} is not privileged (below {PRIVILEGED_PORTS}): only root on the "
-                          "node may ask"), "port"
+                          "node may ask" if source_port is not None else
+                          "source port unknown (behind nginx: its site must come from `provisioner nginx-config`, "
+                          "which passes it)"), "port"
         try:
             grant = None
             if why is None:
