@@ -45,6 +45,27 @@ BOOTED_RE = (r"^PROVISIONER-BOOTED node={node} role=(?P<role>\S+) version=(?P<ve
 CALLBACK_RE = r"^PROVISIONER-CALLBACK-OK node={node} role=(?P<role>\S+) version=(?P<version>\S+)"
 
 
+# Run by the tiny image's /init once the node is up: a user of the node (nobody) tries for its
+# secrets with all it can read (the token on the kernel command line, a new script by its MAC).
+USER_ATTACK = r"""#!/bin/sh
+mkdir -p /tmp/user && chown 65534:65534 /tmp/user
+su -s /bin/sh nobody -c '
+cd /tmp/user
+arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1="*) echo "${w#*=}";; esac; done; }
+code() { if wget -q -O out "$@" 2>err; then echo 200; else c=$(grep -o "HTTP/1.[01] [0-9]*" err | cut -d" " -f2); echo "${c:-none}"; fi; }
+TOKEN=$(arg provisioner.token); SECRETS=$(arg provisioner.secrets); CB=$(arg provisioner.callback)
+file=$(cat /etc/provisioner/node-secret >/dev/null 2>&1 && echo read || echo denied)
+cmdline=$(code "$SECRETS?token=$TOKEN")
+NIC=$(ls /sys/class/net | grep -v "^lo$" | head -n 1)
+code "${CB%/api/*}/ipxe?mac=$(cat /sys/class/net/$NIC/address)" >/dev/null
+FRESH=$(grep -o "provisioner.token=[0-9a-f]*" out | head -n 1 | cut -d= -f2)
+fresh=$(code "$SECRETS?token=$FRESH")
+spent=$(code --post-data "role=slurm&token=$TOKEN" "$CB")
+echo "USER-ATTACK uid=$(id -u) file=$file cmdline-token=$cmdline fresh-token=${FRESH:+$fresh} spent-callback=$spent"
+'
+"""
+
+
 class VmSite(SimSite):
     """SimSite with VMs as the shared nodes. `image_root` must hold a published tiny image."""
 
@@ -86,7 +107,12 @@ class VmSite(SimSite):
         if not secret.exists():
             secret.write_text(secrets.token_hex(24) + "\n")
             secret.chmod(0o600)
-        data["overlay"] = {"files": {"node_secret": str(secret)}}  # the tiny image's secret part
+        (self.workdir / "passwd").write_text("root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
+        (self.workdir / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+        (self.workdir / "after-boot").write_text(USER_ATTACK)
+        data["overlay"] = {"files": {"node_secret": str(secret),  # the tiny image's secret part
+                                     "tiny_passwd": str(self.workdir / "passwd"), "tiny_group": str(self.workdir / "group"),
+                                     "tiny_after_boot": str(self.workdir / "after-boot")}}
         for entry in data["nodes"]:
             if entry["name"] in self.nodes:
                 entry.pop("ip", None)

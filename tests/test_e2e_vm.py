@@ -89,6 +89,12 @@ def test_vm_boots_the_image_its_role_says(e2e_site):
         raise AssertionError("the spent token still opens the secrets")
     except urllib.error.HTTPError as exc:
         assert exc.code == 403
+    # A user of the booted node (nobody, from the image's after-boot script) gets nothing: not the
+    # file, not the secret part with the token from /proc/cmdline nor with a new script's.
+    wait_for(lambda: "USER-ATTACK" in sim.console("sn01", mark), 60, "the user's attempt on sn01")
+    console = sim.console("sn01", mark)
+    assert "AFTER-BOOT: USER-ATTACK uid=65534 file=denied cmdline-token=403 fresh-token=403 spent-callback=403" \
+        in console, console[-3000:]
     # The callback, as the boot server recorded it.
     state = sim.state("sn01")
     assert (state.booted_role, state.booted_version) == ("slurm", current)

@@ -169,4 +169,9 @@ if [ -n "$CALLBACK" ]; then
     done
     echo "PROVISIONER-CALLBACK-OK node=$NODE role=$ROLE version=$VERSION"
 fi
+# The test image only: what the site's overlay brings as /etc/provisioner/after-boot runs once the
+# node is up (the tests play a user of the booted node with it); its output goes to the console.
+if [ -x /etc/provisioner/after-boot ]; then
+    /etc/provisioner/after-boot 2>&1 | sed 's/^/AFTER-BOOT: /'
+fi
 while :; do sleep 3600; done
