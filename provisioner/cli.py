@@ -176,7 +176,11 @@ def cmd_prerender(ctx: Context) -> int:
 def cmd_nginx_config(ctx: Context) -> int:
     from provisioner.boot.prerender import nginx_config
 
-    print(nginx_config(ctx.site, Path(ctx.args.scripts), ctx.args.upstream, ctx.args.listen), end="")
+    try:
+        text = nginx_config(ctx.site, Path(ctx.args.scripts), ctx.args.upstream, ctx.args.listen, ctx.args.access_log)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(text, end="")
     return EXIT_OK
 
 
@@ -321,6 +325,7 @@ def cmd_release(ctx: Context) -> int:
 
 
 def cmd_render(ctx: Context) -> int:
+    from provisioner.boot.boots import Boots
     from provisioner.boot.plan import BootPlanner
     from provisioner.boot.render import Renderer
 
@@ -329,7 +334,11 @@ def cmd_render(ctx: Context) -> int:
         raise UsageError(f"--mac is for one node; {fold(names)} is {len(names)} (e.g. `provisioner render sn01 --mac "
                          f"52:54:00:00:01:01`)")
     # The boot endpoint's own plan and renderer: the node's desired role and version pin apply.
-    planner, renderer = BootPlanner(ctx.site, ctx.secret(), ctx.reader), Renderer(ctx.site)
+    # It only reads: a node's current boot token where it has one, else a placeholder.
+    secret = ctx.secret()
+    planner = BootPlanner(ctx.site, secret, ctx.reader,
+                          tokens=Boots(secret, ctx.reader, ctx.site.boot_window_s).peek)
+    renderer = Renderer(ctx.site)
     failed = []
     for name in names:
         script = renderer.node(planner.plan(name, ctx.args.role), ctx.args.mac)
@@ -353,6 +362,9 @@ def cmd_history(ctx: Context) -> int:
     return EXIT_OK
 
 
+BOOTING_ACTIONS = ("on", "reset", "cycle", "boot")
+
+
 def cmd_power(ctx: Context) -> int:
     from provisioner.reconcile import power_nodes
 
@@ -370,6 +382,8 @@ def cmd_power(ctx: Context) -> int:
                 f"kills that work")
     # status changes nothing and is not recorded, so it needs no store
     store = None if action == "status" else ctx.store
+    if action in BOOTING_ACTIONS:  # an admin-requested boot: the nodes may fetch their secrets once
+        store.grant_boot(names, actor=default_actor(), reason=f"provisioner power {action}")
     results = power_nodes(ctx.site, [ctx.site.nodes[n] for n in names], action, netboot=ctx.args.netboot,
                           store=store, actor=default_actor())
     if ctx.args.json:
@@ -652,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where `provisioner serve` listens")
     sp.add_argument("--listen", default="80", type=NGINX_LISTEN, metavar="ADDR",
                     help="nginx listen directive (default 80)")
+    sp.add_argument("--access-log", default="/var/log/nginx/provisioner-boot.log", metavar="PATH|off",
+                    help="nginx access log, paths without query strings (default /var/log/nginx/provisioner-boot.log)")
 
     from provisioner.states import PHASES
 

@@ -26,6 +26,7 @@ from provisioner.model import (
     normalize_mac,
 )
 from provisioner.nodeset import NodeSetError, expand
+from provisioner.tokens import secret_problem
 
 ENV_VAR = "PROVISIONER_CONFIG"
 DEFAULT_PATH = "/etc/provisioner/site.yaml"
@@ -39,11 +40,18 @@ def find_config_path(cli_value: str | None) -> Path:
 def load(path: str | os.PathLike, check_files: bool = True) -> Site:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(path, "", f"no such file; pass --config PATH or set {ENV_VAR}") from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not a text file (the site config is YAML in UTF-8); "
+                                    "pass the right --config PATH") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -176,14 +184,20 @@ class _SiteLoader(Fields):
         nodes = self.collect(self.nodes, top.get("nodes"), top.get("defaults"), templates)
         if self.errors:
             raise ConfigErrors(self.errors)
-        return Site(path=self.path.resolve(), images=images, nodes=nodes, **head, **sections)
+        site = Site(path=self.path.resolve(), images=images, nodes=nodes, **head, **sections)
+        published = {"site.image_root": site.image_root, "site.templates": site.templates}
+        self.check_private(published, [(f"overlay.files.{k}", Path(v)) for k, v in site.overlay.files.items()] + [
+            (f"nodes.{n.name}.bmc.password_file", Path(n.bmc.password_file)) for n in site.nodes.values()
+            if n.bmc is not None and n.bmc.password_file])
+        return site
 
     def site_section(self, top: dict) -> dict:
         s = self.mapping(
             top.get("site"),
             "site",
             {"name", "boot_url", "listen", "store", "image_root", "templates", "secret_file",
-             "check_callback_source", "image_definitions", "store_password_file", "state_dir"},
+             "check_callback_source", "image_definitions", "store_password_file", "state_dir",
+             "secrets_privileged_port", "boot_window_s"},
             required=("boot_url",),
         )
         boot_url = self.string(s.get("boot_url"), "site.boot_url", required=True).rstrip("/")
@@ -199,11 +213,22 @@ class _SiteLoader(Fields):
             raise self.err("site.templates", f"folder {templates} does not exist")
         store_url, store_password_file = self.store_url(s)
         if store_url:  # PostgreSQL: this host's own files (secret, locks, host keys) go to site.state_dir
-            store = self.resolve(self.string(s.get("state_dir"), "site.state_dir", "/var/lib/provisioner")) / "store"
+            state_dir = self.resolve(self.string(s.get("state_dir"), "site.state_dir", "/var/lib/provisioner"))
+            store = state_dir / "store"
         else:
             store = self.resolve(self.string(s.get("store"), "site.store", "/var/lib/provisioner/state.db"))
+            state_dir = None
         secret = self.string(s.get("secret_file"), "site.secret_file", None)
         secret_file = self.resolve(secret) if secret else store.with_name("secret")
+        if self.check_files:
+            problem = secret_problem(secret_file)
+            if problem:
+                raise self.err("site.secret_file", problem)
+        published = {"site.image_root": image_root, "site.templates": templates}
+        self.check_private(published, [("site.secret_file", secret_file),
+                                       ("site.state_dir", state_dir) if state_dir else ("site.store", store),
+                                       *([("site.store_password_file", store_password_file)]
+                                         if store_password_file else [])])
 
         image_definitions = self.resolve(
             self.string(s.get("image_definitions"), "site.image_definitions", str(DEFAULT_IMAGE_DEFINITIONS))
@@ -222,7 +247,22 @@ class _SiteLoader(Fields):
             image_definitions=image_definitions,
             store_url=store_url,
             store_password_file=store_password_file,
+            secrets_privileged_port=self.boolean(s.get("secrets_privileged_port"), "site.secrets_privileged_port",
+                                                 True),
+            boot_window_s=self.number(s.get("boot_window_s"), "site.boot_window_s", 3600.0, 1.0),
         )
+
+    def check_private(self, folders: dict[str, Path], private: list[tuple[str, Path]]) -> None:
+        """The folders the boot server publishes (site.image_root under /images/, site.templates)
+        hold none of its private files (the store, the token secret, a password file, an overlay
+        file such as the munge key) and sit in no site.state_dir."""
+        for field_, folder in folders.items():
+            shown = _real(folder)
+            for what, path in private:
+                p = _real(path)
+                if p == shown or shown in p.parents or (what == "site.state_dir" and p in shown.parents):
+                    raise self.err(field_, f"{folder} would publish {path} ({what}): nodes could download it; "
+                                           f"keep private files outside {field_}")
 
     def store_url(self, s: dict) -> tuple[str | None, Path | None]:
         """site.store as a PostgreSQL URL (postgresql://USER@HOST:PORT/DB) and the password file."""
@@ -558,6 +598,10 @@ class _SiteLoader(Fields):
             busy_interval_s=busy,
             watch_kubernetes=self.boolean(d.get("watch_kubernetes"), "run.watch_kubernetes", True),
         )
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
 
 
 def parse_listen(value: str, err=None) -> tuple[str, int]:

@@ -203,6 +203,10 @@ class Site:
     # names a local path in site.state_dir whose siblings hold this host's files (locks, sockets).
     store_url: str | None = None
     store_password_file: Path | None = None  # the PostgreSQL password (else libpq's PGPASSWORD)
+    # The overlay's secret part only to a request from a source port below 1024 (only root on the
+    # node can send one); off for firmware that cannot (as Warewulf's `secure` overlays).
+    secrets_privileged_port: bool = True
+    boot_window_s: float = 3600.0  # how long an admin-requested boot may take to fetch its secrets
 
     def node_by_mac(self) -> dict[str, Node]:
         return {mac: node for node in self.nodes.values() for mac in node.macs}

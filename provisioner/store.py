@@ -115,6 +115,21 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX asks_open ON asks (closed_at, id);
     """,
+    # 5 -> 6: boots: each node's current boot token (only its random nonce: the token is an HMAC
+    # of it under the site secret), whether the callback spent it, in which boot window its
+    # overlay's secret part was served, and an admin's request to boot it (a boot window).
+    """
+    CREATE TABLE boots (
+        node            TEXT PRIMARY KEY,
+        nonce           TEXT,
+        issued_at       REAL,
+        spent_at        REAL,
+        secrets_at      REAL,
+        secrets_window  REAL,
+        granted_at      REAL,
+        granted_by      TEXT
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -416,12 +431,19 @@ class Store:
                     changed.append(name)
         return changed
 
-    def record_booted(self, name: str, role: str, version: str | None, *, actor: str, source: str | None) -> None:
+    def record_booted(self, name: str, role: str, version: str | None, *, actor: str, source: str | None,
+                      spend: str | None = None) -> bool:
+        """The boot callback. spend: the nonce of the boot token it presented, spent in the same
+        transaction (False, nothing recorded: it was spent already or is not the current one)."""
         now = time.time()
         with self.transaction() as c:
             row = c.execute("SELECT desired_role, booted_role FROM nodes WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise OperationError(f"node {name} is not in the store")
+            if spend is not None and c.execute(
+                    "UPDATE boots SET spent_at = ? WHERE node = ? AND nonce = ? AND spent_at IS NULL",
+                    (now, name, spend)).rowcount != 1:
+                return False
             c.execute(
                 "UPDATE nodes SET booted_role = ?, booted_version = ?, booted_at = ?, updated_at = ? WHERE name = ?",
                 (role, version, now, now, name),
@@ -429,6 +451,7 @@ class Store:
             note = "" if role == row["desired_role"] else f" (desired role is {row['desired_role']})"
             self._event(c, now, name, actor, "booted", f"booted {role} image version {version or '?'}{note}",
                         {"role": role, "version": version, "source": source})
+        return True
 
     def update(self, name: str, *, actor: str, kind: str, message: str,
                expect: dict[str, Any] | None = None, data: dict | None = None, **fields: Any) -> bool:
@@ -453,6 +476,42 @@ class Store:
             c.execute(f"UPDATE nodes SET {sets} WHERE name = ?", (*fields.values(), name))
             self._event(c, now, name, actor, kind, message, data)
         return True
+
+    # -- boots (provisioner/boot/boots.py decides; these only read and compare-and-set) --------
+
+    def boot_row(self, name: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT * FROM boots WHERE node = ?", (name,)).fetchone()
+        return {k: row[k] for k in row.keys()} if row is not None else None
+
+    def boot_rows(self) -> dict[str, dict[str, Any]]:
+        rows = self._conn().execute("SELECT * FROM boots").fetchall()
+        return {r["node"]: {k: r[k] for k in r.keys()} for r in rows}
+
+    def issue_boot(self, name: str, nonce: str, now: float, expect: str | None) -> bool:
+        """A new boot token (its nonce) for `name`, if its current one is still `expect`."""
+        with self.transaction() as c:
+            c.execute("INSERT INTO boots (node) VALUES (?) ON CONFLICT (node) DO NOTHING", (name,))
+            where = "nonce IS NULL" if expect is None else "nonce = ?"
+            cur = c.execute(f"UPDATE boots SET nonce = ?, issued_at = ?, spent_at = NULL WHERE node = ? AND {where}",
+                            (nonce, now, name) + (() if expect is None else (expect,)))
+            return cur.rowcount == 1
+
+    def serve_boot_secrets(self, name: str, nonce: str, window: float, now: float) -> bool:
+        """Once per boot window: False when they were served in this window already."""
+        with self.transaction() as c:
+            cur = c.execute("UPDATE boots SET secrets_at = ?, secrets_window = ? WHERE node = ? AND nonce = ? "
+                            "AND spent_at IS NULL AND (secrets_window IS NULL OR secrets_window <> ?)",
+                            (now, window, name, nonce, window))
+            return cur.rowcount == 1
+
+    def grant_boot(self, names: list[str], *, actor: str, reason: str) -> None:
+        """An admin-requested boot: opens the nodes' boot windows (provisioner/boot/boots.py)."""
+        now = time.time()
+        with self.transaction() as c:
+            for name in names:
+                c.execute("INSERT INTO boots (node) VALUES (?) ON CONFLICT (node) DO NOTHING", (name,))
+                c.execute("UPDATE boots SET granted_at = ?, granted_by = ? WHERE node = ?", (now, actor, name))
+                self._event(c, now, name, actor, "boot-granted", f"boot window opened: {reason}", {"reason": reason})
 
     # -- image version pins ----------------------------------------------------------
 

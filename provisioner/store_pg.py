@@ -117,6 +117,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX asks_open ON asks (closed_at, id);
     """,
+    # 5 -> 6: boots (per-boot tokens and boot windows)
+    """
+    CREATE TABLE boots (
+        node            TEXT PRIMARY KEY,
+        nonce           TEXT,
+        issued_at       DOUBLE PRECISION,
+        spent_at        DOUBLE PRECISION,
+        secrets_at      DOUBLE PRECISION,
+        secrets_window  DOUBLE PRECISION,
+        granted_at      DOUBLE PRECISION,
+        granted_by      TEXT
+    );
+    """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION, "store_pg.MIGRATIONS must follow store.MIGRATIONS"
 

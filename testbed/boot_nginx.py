@@ -60,6 +60,10 @@ class BootNginx:
         self.daemons: list[Daemon] = []
 
     @property
+    def access_log(self) -> Path:
+        return self.folder / "nginx" / "access.log"
+
+    @property
     def nginx(self) -> Daemon:
         return self.daemons[-1]
 
@@ -81,11 +85,11 @@ class BootNginx:
             self.daemons.append(watch)
             watch.start(lambda: "scripts" in watch.tail(), timeout)
             self.scripts.chmod(0o755)
+            prefix = self.folder / "nginx"
             site = subprocess.run([*PROVISIONER, "--config", str(self.config), "nginx-config", "--scripts",
                                    str(self.scripts), "--upstream", f"127.0.0.1:{self.app_port}",
-                                   "--listen", f"127.0.0.1:{self.port}"], capture_output=True, text=True,
-                                  cwd=ROOT, check=True, timeout=60).stdout
-            prefix = self.folder / "nginx"
+                                   "--listen", f"127.0.0.1:{self.port}", "--access-log", str(self.access_log)],
+                                  capture_output=True, text=True, cwd=ROOT, check=True, timeout=60).stdout
             (prefix / "tmp").mkdir(parents=True, exist_ok=True)
             (prefix / "site.conf").write_text(site)
             conf = prefix / "nginx.conf"

@@ -20,6 +20,7 @@ Every qemu is stopped at the end of the session, also when a test fails (testbed
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -42,6 +43,27 @@ REAL_POLICY = {"phase_timeout_s": 600, "max_retries": 1}
 BOOTED_RE = (r"^PROVISIONER-BOOTED node={node} role=(?P<role>\S+) version=(?P<version>\S+) "
              r"overlay=(?P<overlay>\S+) hostname=(?P<hostname>\S*)")
 CALLBACK_RE = r"^PROVISIONER-CALLBACK-OK node={node} role=(?P<role>\S+) version=(?P<version>\S+)"
+
+
+# Run by the tiny image's /init once the node is up: a user of the node (nobody) tries for its
+# secrets with all it can read (the token on the kernel command line, a new script by its MAC).
+USER_ATTACK = r"""#!/bin/sh
+mkdir -p /tmp/user && chown 65534:65534 /tmp/user
+su -s /bin/sh nobody -c '
+cd /tmp/user
+arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1="*) echo "${w#*=}";; esac; done; }
+code() { if wget -q -O out "$@" 2>err; then echo 200; else c=$(grep -o "HTTP/1.[01] [0-9]*" err | cut -d" " -f2); echo "${c:-none}"; fi; }
+TOKEN=$(arg provisioner.token); SECRETS=$(arg provisioner.secrets); CB=$(arg provisioner.callback)
+file=$(cat /etc/provisioner/node-secret >/dev/null 2>&1 && echo read || echo denied)
+cmdline=$(code "$SECRETS?token=$TOKEN")
+NIC=$(ls /sys/class/net | grep -v "^lo$" | head -n 1)
+code "${CB%/api/*}/ipxe?mac=$(cat /sys/class/net/$NIC/address)" >/dev/null
+FRESH=$(grep -o "provisioner.token=[0-9a-f]*" out | head -n 1 | cut -d= -f2)
+fresh=$(code "$SECRETS?token=$FRESH")
+spent=$(code --post-data "role=slurm&token=$TOKEN" "$CB")
+echo "USER-ATTACK uid=$(id -u) file=$file cmdline-token=$cmdline fresh-token=${FRESH:+$fresh} spent-callback=$spent"
+'
+"""
 
 
 class VmSite(SimSite):
@@ -77,7 +99,20 @@ class VmSite(SimSite):
         data = yaml.safe_load(path.read_text())
         data["site"]["boot_url"] = self.guest_boot_url
         data["site"]["image_root"] = str(self.image_root)
+        # qemu's user-mode network connects to the boot server from its own (unprivileged) port:
+        # the guest's privileged source port cannot be seen through it.
+        data["site"]["secrets_privileged_port"] = False
         data["images"] = {"slurm": {"image": "tiny"}, "k8s": {"image": "tiny"}}
+        secret = self.workdir / "node-secret"
+        if not secret.exists():
+            secret.write_text(secrets.token_hex(24) + "\n")
+            secret.chmod(0o600)
+        (self.workdir / "passwd").write_text("root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
+        (self.workdir / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+        (self.workdir / "after-boot").write_text(USER_ATTACK)
+        data["overlay"] = {"files": {"node_secret": str(secret),  # the tiny image's secret part
+                                     "tiny_passwd": str(self.workdir / "passwd"), "tiny_group": str(self.workdir / "group"),
+                                     "tiny_after_boot": str(self.workdir / "after-boot")}}
         for entry in data["nodes"]:
             if entry["name"] in self.nodes:
                 entry.pop("ip", None)
@@ -120,6 +155,8 @@ class VmSite(SimSite):
             vm, want = self.vm(name), self.nodes[name].role
             if vm.is_running() and self.running_role.get(name) == want:
                 continue
+            # As an admin's `provisioner power` does: the boot may fetch the overlay's secrets.
+            self.store.grant_boot([name], actor="testbed", reason="test set-up boot")
             with vm.lock:
                 self.running_role[name] = None
                 mark = vm.serial_mark()

@@ -4,9 +4,10 @@ import pytest
 
 from provisioner import config
 from provisioner.boot.app import create_app
+from provisioner.boot.boots import Boots
 from provisioner.boot.service import BootService, OverlayArchive, Reply
 from provisioner.store import Store
-from provisioner.tokens import load_or_create_secret, node_token
+from provisioner.tokens import load_or_create_secret
 from testbed.site import mac, write_site
 
 
@@ -17,7 +18,7 @@ def client(site):
 
 
 def token(site, name):
-    return node_token(load_or_create_secret(site.secret_file), name)
+    return Boots.for_site(site).token(name)  # what its script says now
 
 
 def test_stage1_chains_by_mac(client):
@@ -91,9 +92,27 @@ def test_callback_records_booted_role(client, site):
     st = Store(site.store).get("sn01")
     assert (st.booted_role, st.booted_version) == ("slurm", "1")
     # JSON body and a bearer token work too
-    r = client.post("/api/v1/nodes/sn01/booted", json={"role": "k8s", "version": "2"},
-                    headers={"Authorization": f"Bearer {token(site, 'sn01')}"}, environ_base={"REMOTE_ADDR": "10.0.3.1"})
-    assert r.status_code == 200 and Store(site.store).get("sn01").booted_role == "k8s"
+    r = client.post("/api/v1/nodes/sn02/booted", json={"role": "k8s", "version": "2"},
+                    headers={"Authorization": f"Bearer {token(site, 'sn02')}"}, environ_base={"REMOTE_ADDR": "10.0.3.2"})
+    assert r.status_code == 200 and Store(site.store).get("sn02").booted_role == "k8s"
+
+
+def test_the_callback_spends_the_token_and_is_rate_limited(client, site):
+    """The token in the script (and in /proc/cmdline) is good for one callback; a node calling
+    back again at once with a new one waits (one event per POST would flood the log)."""
+    service_of(client.application).callbacks.every_s = 3600  # the limit, whatever the host's speed
+    first = token(site, "sn01")
+    ok = dict(data={"role": "slurm", "token": first}, environ_base={"REMOTE_ADDR": "10.0.3.1"})
+    assert client.post("/api/v1/nodes/sn01/booted", **ok).status_code == 200
+    replay = client.post("/api/v1/nodes/sn01/booted", **ok)
+    assert replay.status_code == 403 and "spent" in replay.json["error"]
+    again = token(site, "sn01")
+    assert again != first
+    r = client.post("/api/v1/nodes/sn01/booted", data={"role": "slurm", "token": again},
+                    environ_base={"REMOTE_ADDR": "10.0.3.1"})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    booted = [e for e in Store(site.store).events(["sn01"]) if e.kind == "booted"]
+    assert len(booted) == 1
 
 
 @pytest.mark.parametrize("node, tok_for, source, role, code", [

@@ -33,7 +33,8 @@ SWITCH_TIMEOUT_S = 240  # one switch: drain or cordon, IPMI reset, a TCG boot (~
 
 def fetched_urls(console: str) -> list[str]:
     """The URLs iPXE reports as fetched (`http://...... ok`), in order."""
-    return re.findall(r"(http://\S+?)\.\.\. ok", console)
+    # On a slow download iPXE shows its progress on the same line first (digits, %, backspaces).
+    return re.findall(r"(http://\S+?)\.\.\.[^\n]*? ok\b", console)
 
 
 def cmdline(console: str) -> dict[str, str]:
@@ -78,6 +79,22 @@ def test_vm_boots_the_image_its_role_says(e2e_site):
     assert re.search(rf"^PROVISIONER-BOOTED node=sn01 role=slurm version={current} overlay=yes hostname=sn01 ",
                      console, re.M), console[-2000:]
     assert f"PROVISIONER-CALLBACK-OK node=sn01 role=slurm version={current}" in console
+    # An admin-requested boot: /init fetched the overlay's secret part, once; the token on the
+    # kernel command line (readable by every user of the node) was spent by the callback.
+    assert "PROVISIONER-SECRETS node=sn01 yes" in console
+    assert len(sim.events(["sn01"], kinds=["secrets-served"])) == 1
+    secrets_url = f"{args['provisioner.secrets'].replace(sim.guest_boot_url, sim.boot.url)}?token={args['provisioner.token']}"
+    try:
+        urllib.request.urlopen(secrets_url, timeout=10)
+        raise AssertionError("the spent token still opens the secrets")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 403
+    # A user of the booted node (nobody, from the image's after-boot script) gets nothing: not the
+    # file, not the secret part with the token from /proc/cmdline nor with a new script's.
+    wait_for(lambda: "USER-ATTACK" in sim.console("sn01", mark), 60, "the user's attempt on sn01")
+    console = sim.console("sn01", mark)
+    assert "AFTER-BOOT: USER-ATTACK uid=65534 file=denied cmdline-token=403 fresh-token=403 spent-callback=403" \
+        in console, console[-3000:]
     # The callback, as the boot server recorded it.
     state = sim.state("sn01")
     assert (state.booted_role, state.booted_version) == ("slurm", current)
@@ -119,6 +136,7 @@ def test_balancer_switches_a_vm_to_k8s_and_back(e2e_site):
     console = sim.console("sn01", mark)
     assert re.search(rf"^PROVISIONER-BOOTED node=sn01 role=k8s version={current} overlay=yes", console, re.M)
     assert cmdline(console)["provisioner.role"] == "k8s"
+    assert "PROVISIONER-SECRETS node=sn01 yes" in console  # the switch's boot window
     assert sim.state("sn01").booted_role == "k8s" and sim.state("sn01").phase == "steady"
     assert [b["role"] for b in sim.boots if b.get("ok")] == ["k8s"]
     assert sim.bmc_actions("sn01") == ["reset"]
@@ -141,6 +159,7 @@ def test_balancer_switches_a_vm_to_k8s_and_back(e2e_site):
     console = sim.console("sn01", mark)
     assert re.search(rf"^PROVISIONER-BOOTED node=sn01 role=slurm version={current} overlay=yes", console, re.M)
     assert cmdline(console)["provisioner.role"] == "slurm"
+    assert "PROVISIONER-SECRETS node=sn01 yes" in console
     assert sim.state("sn01").booted_role == "slurm"
     assert [b["role"] for b in sim.boots if b.get("ok")] == ["k8s", "slurm"]
     assert [e.data["role"] for e in boot_events(sim, "sn01")] == ["k8s", "slurm"]

@@ -131,7 +131,7 @@ def test_known_hosts_lines_are_what_openssh_checks(site, tmp_path):
 def test_the_overlay_carries_the_nodes_own_key(site, tmp_path, image):
     require_binary("cpio")
     pub = published_from_definition(image)
-    listing = unpack(overlay.build(site, site.nodes["sn01"], image, pub), tmp_path / "a")
+    listing = unpack(overlay.build(site, site.nodes["sn01"], image, pub, secret=None), tmp_path / "a")
     root = tmp_path / "a" / "provisioner" / "overlay" / "etc" / "ssh"
     key = hostkeys.get(site, "sn01")
     assert (root / "ssh_host_ed25519_key").read_bytes() == key.private
@@ -140,7 +140,7 @@ def test_the_overlay_carries_the_nodes_own_key(site, tmp_path, image):
     assert lines["provisioner/overlay/etc/ssh/ssh_host_ed25519_key"].startswith("-rw------- ")
     assert lines["provisioner/overlay/etc/ssh/ssh_host_ed25519_key.pub"].startswith("-rw-r--r-- ")
     # another node gets its own
-    unpack(overlay.build(site, site.nodes["sn02"], image, pub), tmp_path / "b")
+    unpack(overlay.build(site, site.nodes["sn02"], image, pub, secret=None), tmp_path / "b")
     other = (tmp_path / "b" / "provisioner" / "overlay" / "etc" / "ssh" / "ssh_host_ed25519_key").read_bytes()
     assert other == hostkeys.get(site, "sn02").private != key.private
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from provisioner.boot.app import create_app
 from provisioner.boot.metrics import PHASE_BUCKETS, SwitchLog
 from provisioner.store import Store
-from provisioner.tokens import load_or_create_secret, node_token
+from provisioner.boot.boots import Boots
 from testbed.site import mac
 from tests.support import require_binary
 
@@ -51,7 +51,7 @@ def test_boot_requests_and_callbacks_are_counted_by_outcome(app, site):
     client.post("/ipxe?mac=x")  # 405: the waiting script
     Store(site.store).set_role(["sn02"], "k8s", actor="t", reason="r", pin=True)
     client.get(f"/ipxe?mac={mac(2, 3)}")
-    tok = node_token(load_or_create_secret(site.secret_file), "sn01")
+    tok = Boots.for_site(site).token("sn01")
     assert client.post("/api/v1/nodes/sn01/booted", json={"role": "slurm", "token": tok},
                        environ_base={"REMOTE_ADDR": "10.0.3.1"}).status_code == 200
     assert client.post("/api/v1/nodes/sn01/booted", json={"role": "slurm", "token": "nope"}).status_code == 403

@@ -21,11 +21,12 @@ import yaml
 from provisioner import config
 from provisioner.boot import overlay
 from provisioner.boot.app import create_app
+from provisioner.boot.boots import Boots
 from provisioner.errors import OperationError
 from provisioner.images.definition import load as load_definition
 from provisioner.images.versions import Published
 from provisioner.store import Store
-from provisioner.tokens import load_or_create_secret, node_token
+from provisioner.tokens import load_or_create_secret
 from testbed.boot_server import BootServer
 from testbed.site import mac
 from tests.support import free_port, require_binary
@@ -93,7 +94,7 @@ def _site(tmp_path, secret_files, **values):
 def test_slurm_overlay(tmp_path, secret_files):
     site = _site(tmp_path, secret_files)
     pub = published_from_definition("slurm", {"munge": (104, 107)})
-    listing = unpack(overlay.build(site, site.nodes["sn02"], "slurm", pub), tmp_path / "out")
+    listing = unpack(overlay.build(site, site.nodes["sn02"], "slurm", pub, secret=None), tmp_path / "out")
     root = tmp_path / "out" / "provisioner" / "overlay"
     assert (root / "etc/hostname").read_text() == "sn02\n"
     assert (root / "etc/slurm/slurm.conf").read_text() == secret_files["slurm_conf"].read_text()
@@ -108,7 +109,7 @@ def test_slurm_overlay(tmp_path, secret_files):
 def test_k8s_overlay(tmp_path, secret_files):
     site = _site(tmp_path, secret_files, kube_cluster_dns="10.32.0.10")
     pub = published_from_definition("k8s")
-    unpack(overlay.build(site, site.nodes["sn01"], "k8s", pub), tmp_path / "out")
+    unpack(overlay.build(site, site.nodes["sn01"], "k8s", pub, secret=None), tmp_path / "out")
     root = tmp_path / "out" / "provisioner" / "overlay"
     kubeconfig = yaml.safe_load((root / "etc/kubernetes/bootstrap-kubelet.conf").read_text())
     cluster = kubeconfig["clusters"][0]["cluster"]
@@ -129,15 +130,28 @@ def test_overlay_errors_name_the_setting_never_the_secret(tmp_path, secret_files
     site = config.load(write_site(tmp_path / "a", overlay={"files": {k: str(v) for k, v in files.items()}}))
     with pytest.raises(OperationError, match=r"image slurm needs overlay.files.munge_key for /etc/munge/munge.key; "
                                              r"set it in .*site.yaml"):
-        overlay.build(site, site.nodes["sn01"], "slurm", published_from_definition("slurm"))
+        overlay.build(site, site.nodes["sn01"], "slurm", published_from_definition("slurm"), secret=None)
     with pytest.raises(OperationError, match=r"bootstrap-kubelet.conf.j2 of k8s .*: overlay.values.kube_api_server "
                                              r"is not set in .*site.yaml"):
-        overlay.build(site, site.nodes["sn01"], "k8s", published_from_definition("k8s"))
+        overlay.build(site, site.nodes["sn01"], "k8s", published_from_definition("k8s"), secret=None)
     # a binary file used in a template (instead of copy:) is refused by name, its bytes unshown
     files["kube_bootstrap_token"] = secret_files["munge_key"]
     site = config.load(write_site(tmp_path / "b", overlay=overlay_section(files)))
     with pytest.raises(OperationError, match=r"overlay.files.kube_bootstrap_token is binary"):
-        overlay.build(site, site.nodes["sn01"], "k8s", published_from_definition("k8s"))
+        overlay.build(site, site.nodes["sn01"], "k8s", published_from_definition("k8s"), secret=True)
+
+
+def test_the_public_part_holds_no_secret(tmp_path, secret_files):
+    """What iPXE loads (any user who knows the node's MAC can ask for it) holds only files every
+    user of the node may read; the rest is the secret part, which /init fetches as root."""
+    site = _site(tmp_path, secret_files, kube_cluster_dns="10.32.0.10")
+    for role, secret_paths in (("slurm", {"/etc/munge/munge.key", "/etc/ssh/ssh_host_ed25519_key"}),
+                               ("k8s", {"/etc/kubernetes/bootstrap-kubelet.conf", "/etc/ssh/ssh_host_ed25519_key"})):
+        pub = published_from_definition(role)
+        public = {e["path"] for e, _ in overlay.render_files(site, site.nodes["sn01"], role, pub, secret=False)}
+        hidden = {e["path"] for e, _ in overlay.render_files(site, site.nodes["sn01"], role, pub, secret=True)}
+        assert secret_paths <= hidden and not secret_paths & public and "/etc/hostname" in public, role
+        assert all(not overlay.is_secret(e) for e in pub.overlay if e["path"] in public)
 
 
 # --------------------------------------------------------------------------- served by the real boot endpoint
@@ -203,13 +217,15 @@ def overlay_url(server, node: str, *, token_for: str | None = None, mac_: str | 
 def test_script_names_the_overlay_with_its_own_token(overlay_server):
     status, body, _ = get(f"{overlay_server.url}/ipxe?mac={mac(1, 3)}")
     text = body.decode()
-    line = next(line for line in text.splitlines() if "/overlay/" in line)
+    line = next(line for line in text.splitlines() if line.startswith("initrd --name overlay"))
     tok = overlay.token(overlay_server.secret, "sn01")
     assert line == (f"initrd --name overlay {overlay_server.url}/overlay/sn01.cpio.gz?image=secrets"
                     f"&version={overlay_server.version}&token={tok}&mac=${{netX/mac}} || goto failed")
-    assert tok != node_token(overlay_server.secret, "sn01")  # not the callback token
-    assert f"provisioner.token={node_token(overlay_server.secret, 'sn01')}" in text
-    assert text.index("initramfs.img") < text.index("/overlay/")  # the image first, the overlay on top
+    boot = Boots.for_site(overlay_server.site).token("sn01")
+    assert tok != boot  # not the callback token: that one is this boot's
+    assert f"provisioner.token={boot}" in text
+    assert f"provisioner.secrets={overlay_server.url}/overlay/sn01/secrets" in text
+    assert text.index("initramfs.img") < text.index("/overlay/sn01.cpio")  # the image first, the overlay on top
 
 
 @pytest.mark.integration
@@ -223,10 +239,9 @@ def test_the_node_gets_its_own_overlay(overlay_server, tmp_path):
     root = tmp_path / "provisioner" / "overlay"
     assert (root / "etc/hostname").read_text() == "sn01\n"
     assert (root / "etc/slurm/slurm.conf").read_text() == overlay_server.files["slurm_conf"].read_text()
-    assert (root / "etc/munge/munge.key").read_bytes() == overlay_server.files["munge_key"].read_bytes()
-    assert f"token: {BOOTSTRAP_TOKEN}" in (root / "etc/kubernetes/bootstrap-kubelet.conf").read_text()
-    assert re.search(r"^-r-------- .* provisioner/overlay/etc/munge/munge.key$", listing, re.M)
-    assert re.search(r"^-rw------- .* provisioner/overlay/etc/kubernetes/bootstrap-kubelet.conf$", listing, re.M)
+    # the secret files are not in what iPXE loads (test_boot_secrets.py: the secret part)
+    assert not (root / "etc/munge").exists() and not (root / "etc/kubernetes").exists()
+    assert "munge" not in listing and re.search(r"^drwx------ .* provisioner$", listing, re.M)
     # sn03 (no address configured) gets its own
     status, data, _ = get(overlay_url(overlay_server, "sn03"))
     assert status == 200
@@ -236,7 +251,7 @@ def test_the_node_gets_its_own_overlay(overlay_server, tmp_path):
 
 def _refusals(server) -> list[tuple[str, str]]:
     s = server
-    callback_token = node_token(s.secret, "sn01")
+    callback_token = Boots.for_site(s.site).token("sn01")
     return [
         ("another node's token", overlay_url(s, "sn01", token_for="sn03")),
         ("another node's MAC", overlay_url(s, "sn01", mac_=mac(3, 3))),
@@ -287,7 +302,7 @@ def _secret_strings(server) -> list[str]:
     key = server.files["munge_key"].read_bytes()
     return [BOOTSTRAP_TOKEN, SLURM_MARKER, key.hex()[:32], base64.b64encode(key).decode()[:32],
             *(overlay.token(server.secret, n) for n in ("sn01", "sn02", "sn03")),
-            *(node_token(server.secret, n) for n in ("sn01", "sn02", "sn03"))]
+            *(Boots.for_site(server.site).token(n) for n in ("sn01", "sn02", "sn03"))]
 
 
 @pytest.mark.integration

@@ -102,8 +102,32 @@ def test_cli_prerender_and_nginx_config(world, capsys):
     assert main(["--config", str(config_path), "nginx-config", "--scripts", str(out), "--upstream",
                  "127.0.0.1:8081", "--listen", "8080"]) == 0
     conf = capsys.readouterr().out
-    assert f"root {out.resolve()};" in conf and f"alias {site.image_root.resolve()}/;" in conf
+    assert f'root "{out.resolve()}";' in conf and f'alias "{site.image_root.resolve()}/";' in conf
     assert "server 127.0.0.1:8081;" in conf and "listen 8080;" in conf
+    # the access log has paths, never query strings (overlay and boot URLs carry tokens)
+    assert 'access_log "/var/log/nginx/provisioner-boot.log" provisioner_boot;' in conf
+    assert "$request_uri" not in conf and "$args" not in conf.split("log_format")[1].split(";")[0]
+    assert "proxy_set_header X-Provisioner-Source-Port $remote_port;" in conf
+
+
+@pytest.mark.parametrize("args, wrong", [
+    (["--listen", "80; include /etc/shadow"], "--listen"),
+    (["--upstream", "127.0.0.1:8081;}"], "--upstream"),
+    (["--listen", "70000"], "--listen"),
+    (["--scripts", '/tmp/a"b'], "--scripts"),
+    (["--scripts", "/tmp/$host"], "--scripts"),
+    (["--access-log", "/tmp/x\nserver {"], "--access-log"),
+])
+def test_nginx_config_refuses_what_nginx_would_read_otherwise(world, capsys, args, wrong):
+    from provisioner.cli import main
+
+    site, _, _, _, _ = world
+    config_path = site.templates.parent / "site" / "site.yaml"
+    base = {"--scripts": "/tmp/scripts", "--upstream": "127.0.0.1:8081", "--listen": "8080"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    assert main(["--config", str(config_path), "nginx-config", *(x for kv in base.items() for x in kv)]) == 2
+    err = capsys.readouterr().err
+    assert wrong in err
 
 
 def test_image_pins_and_publishes_reach_the_files(tmp_path):

@@ -317,3 +317,24 @@ def test_a_forked_child_does_not_end_its_parents_connection(backend):
         assert p.exitcode == 0 and q.get(timeout=5) == "slurm"
     s.add_event(None, "parent", "note", "the parent's connection still works")
     assert [e.actor for e in s.events(kinds=["note"])] == ["child", "child", "parent"]
+
+
+def test_boots_compare_and_set(backend):
+    """The boots rows (provisioner/boot/boots.py): a token is issued over the one expected, spent
+    once with its callback, and the secrets served once per window."""
+    s = backend.open()
+    s.seed([("n1", "slurm")])
+    assert s.boot_row("n1") is None
+    assert s.issue_boot("n1", "a" * 32, 10.0, None)
+    assert not s.issue_boot("n1", "b" * 32, 11.0, None)  # another worker issued meanwhile
+    assert s.boot_row("n1")["nonce"] == "a" * 32 and s.boot_rows()["n1"]["issued_at"] == 10.0
+    assert s.serve_boot_secrets("n1", "a" * 32, 5.0, 12.0)
+    assert not s.serve_boot_secrets("n1", "a" * 32, 5.0, 13.0)  # once per window
+    assert not s.record_booted("n1", "slurm", "1", actor="t", source=None, spend="b" * 32)
+    assert s.record_booted("n1", "slurm", "1", actor="t", source=None, spend="a" * 32)
+    assert not s.record_booted("n1", "slurm", "1", actor="t", source=None, spend="a" * 32)  # spent
+    assert [e.kind for e in s.events(["n1"])].count("booted") == 1
+    s.grant_boot(["n1"], actor="admin", reason="test")
+    row = s.boot_row("n1")
+    assert row["granted_by"] == "admin" and row["spent_at"] is not None
+    assert s.issue_boot("n1", "c" * 32, 20.0, "a" * 32) and s.boot_row("n1")["spent_at"] is None

@@ -8,6 +8,7 @@ the boot paths becomes a `200` iPXE script that says why, waits, and asks again.
 
 from __future__ import annotations
 
+import base64
 import logging
 from urllib.parse import parse_qsl
 
@@ -63,6 +64,20 @@ def create_app(site: Site, store: Store | None = None) -> Flask:
                               version=args.get("version"), source=request.remote_addr)
         if isinstance(res, OverlayArchive):
             resp = Response(res.data, status=200, mimetype="application/gzip")
+            resp.headers["Cache-Control"] = "no-store"
+            return resp
+        return _json(res)
+
+    @app.get("/overlay/<name>/secrets")
+    def node_secrets(name: str):
+        # Answered base64 (text): the image's /init asks with busybox nc from a privileged port
+        # and cuts the headers off with sed.
+        version = request.args.get("version")
+        res = service.secrets(name, token=request.args.get("token") or _bearer(), source=request.remote_addr,
+                              source_port=_port(request.environ.get("REMOTE_PORT")),
+                              version=version if version and len(version) <= 128 else None)
+        if isinstance(res, OverlayArchive):
+            resp = Response(base64.b64encode(res.data) + b"\n", status=200, mimetype="text/plain")
             resp.headers["Cache-Control"] = "no-store"
             return resp
         return _json(res)
@@ -151,6 +166,13 @@ def _mac_param(environ) -> str:
         if key == "mac":
             return value
     return ""
+
+
+def _port(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _bearer() -> str | None:

@@ -5,8 +5,13 @@ node boots (copied into the version folder at build) and the files the site conf
 (overlay.files / overlay.values), in memory: secrets are never written to disk or logged.
 
 The kernel unpacks it under /provisioner/overlay; the image's /init copies the files into place.
-Only the node itself may fetch it: a per-node token (an HMAC with its own purpose, not the
-callback's) in its iPXE script, checked with its MAC and source address by the boot endpoint.
+Two parts (provisioner/boot/boots.py, docs/security.md):
+- the public part, what any user of the booted node may read anyway (files readable by all on
+  the node: hostname, slurm.conf, ...): the initrd iPXE loads, with a per-node token (an HMAC
+  with its own purpose) in its URL, checked with its MAC and source address;
+- the secret part (every file not readable by all on the node: the munge key, host keys,
+  kubelet credentials; or an entry with `secret: true`): fetched by the image's /init, as root,
+  once per boot, with the boot's token, only in a boot window (BootService.secrets).
 
 Entries: `template` (rendered), `copy` (a site file, byte for byte) or `host_key` (private /
 public: the node's own SSH host key, provisioner.hostkeys, made the first time it is needed).
@@ -40,6 +45,22 @@ def token(secret: bytes, node: str) -> str:
 
 def check(secret: bytes, node: str, presented: str | None) -> bool:
     return check_token(secret, node, presented, PURPOSE)
+
+
+def is_secret(entry: Mapping) -> bool:
+    """A file the node's users may not read (not readable by others on the node) is secret."""
+    if entry.get("secret") is not None:
+        return bool(entry["secret"])
+    return not int(str(entry.get("mode") or "0644"), 8) & 0o004
+
+
+def has_secrets(pub: Published | None) -> bool:
+    return bool(pub and any(is_secret(e) for e in pub.overlay))
+
+
+def secrets_url(boot_url: str, node: str) -> str:
+    """Where /init fetches the secret part (the boot token goes with it, not in the URL)."""
+    return f"{boot_url}/overlay/{quote(node)}/secrets"
 
 
 def url(boot_url: str, secret: bytes, node: str, pub: Published) -> str:
@@ -106,9 +127,11 @@ def _env(folder: str) -> jinja2.Environment:
     return env
 
 
-def render_files(site: Site, node: Node, role: str, pub: Published) -> list[tuple[dict, bytes]]:
-    """(entry, content) for each file of the node's overlay. Raises OperationError naming the
-    template or the site setting at fault (never a secret's value)."""
+def render_files(site: Site, node: Node, role: str, pub: Published, secret: bool | None = None
+                 ) -> list[tuple[dict, bytes]]:
+    """(entry, content) for each file of the node's overlay (secret: only the secret part, or only
+    the public one; None: both). Raises OperationError naming the template or the site setting at
+    fault (never a secret's value)."""
     env = _env(pub.folder)
     ctx = {
         "node": {"name": node.name, "pool": node.pool, "ip": node.ip, "macs": list(node.macs)},
@@ -120,6 +143,8 @@ def render_files(site: Site, node: Node, role: str, pub: Published) -> list[tupl
     }
     out = []
     for entry in pub.overlay:
+        if secret is not None and is_secret(entry) != secret:
+            continue
         if entry.get("copy"):
             key = entry["copy"]
             if key not in site.overlay.files:
@@ -143,9 +168,10 @@ def render_files(site: Site, node: Node, role: str, pub: Published) -> list[tupl
     return out
 
 
-def build(site: Site, node: Node, role: str, pub: Published) -> bytes:
-    """The node's overlay as a gzip-compressed newc cpio archive."""
-    files = render_files(site, node, role, pub)
+def build(site: Site, node: Node, role: str, pub: Published, secret: bool | None = False) -> bytes:
+    """The node's overlay (by default its public part; see render_files) as a gzip-compressed
+    newc cpio archive."""
+    files = render_files(site, node, role, pub, secret)
 
     def fill(w) -> None:
         # 0700: the unpacked secrets are root's only, until /init has copied them into place.

@@ -19,6 +19,7 @@ from typing import ClassVar
 from urllib.parse import quote
 
 from provisioner.boot import overlay
+from provisioner.boot.boots import Boots
 from provisioner.model import ROLE_TEMPLATE, Image, Node, Site
 from provisioner.images.versions import Published, Resolver
 from provisioner.tokens import node_token
@@ -74,13 +75,14 @@ def choose_role(desired: str | None, default_role: str) -> str:
 
 def plan(node: Node, role: str, image: Image, secret: bytes, *, boot_url: str, image_root: str,
          version: str | None = None, pin: str | None = None, current: str | None = None,
-         published: Published | None = None) -> BootPlan | NoBoot:
+         published: Published | None = None, token: str | None = None) -> BootPlan | NoBoot:
     """The plan for `node` booting `role`, whose image in the config is `image`.
 
     For a built image (image.name): `version` is the version to boot (the node's `pin`, a version
     asked for, or the `current` published one; None: none is published) and `published` what
     the image root holds of it (None: not there). For an image given by its files they are
-    ignored.
+    ignored. `token`: the token of this boot (provisioner/boot/boots.py); None: the node's
+    derived one (no store to check a boot token against).
     """
     if image.name is None:
         version, pin = image.version, None
@@ -105,13 +107,15 @@ def plan(node: Node, role: str, image: Image, secret: bytes, *, boot_url: str, i
     def url(rel: str) -> str:
         return f"{boot_url}/images/{quote(rel)}"
 
-    token = node_token(secret, node.name)
+    token = token or node_token(secret, node.name)
     callback = f"{boot_url}/api/v1/nodes/{quote(node.name)}/booted"
     rootfs_url = url(rootfs) if rootfs else None
     args = [cmdline, f"provisioner.node={node.name}", f"provisioner.role={role}", f"provisioner.version={version}",
             f"provisioner.callback={callback}", f"provisioner.token={token}"]
     if rootfs_url:
         args.append(f"provisioner.rootfs={rootfs_url}")
+    if overlay.has_secrets(published):  # /init fetches them as root, with this boot's token
+        args.append(f"provisioner.secrets={overlay.secrets_url(boot_url, node.name)}")
     return BootPlan(
         node=node.name, role=role, image=image.name, version=version, pin=pin,
         kernel_url=url(kernel), initrd_urls=tuple(url(p) for p in initrds), rootfs_url=rootfs_url,
@@ -130,10 +134,15 @@ class BootPlanner:
     image's pin), one readlink(2) for the current version, a stat(2) per boot file; a plan
     already made for the same node, role and version is reused (it depends on nothing else)."""
 
-    def __init__(self, site: Site, secret: bytes, store=None):
+    def __init__(self, site: Site, secret: bytes, store=None, tokens=None):
         self.site = site
         self.secret = secret
         self.store = store  # None: every node boots its default role, unpinned
+        # The boot token of a node (name -> token): the store's boots (provisioner/boot/boots.py);
+        # without a store the derived one.
+        if tokens is None and store is not None and hasattr(store, "boot_row"):
+            tokens = Boots(secret, store, site.boot_window_s).token
+        self.tokens = tokens
         self.resolver = Resolver(site.image_root)
         self._image_root = str(site.image_root)
         self._plans: dict[tuple, BootPlan] = {}
@@ -158,11 +167,12 @@ class BootPlanner:
                 current = self.resolver.current(image.name)
             version = version or pin or current
             pub = self.resolver.get(image.name, version) if version else None
-        key = (node.name, role, image.name, version, pin)
+        token = self.tokens(node.name) if self.tokens else None
+        key = (node.name, role, image.name, version, pin, token)
         made = self._plans.get(key)
         if made is None:
             made = plan(node, role, image, self.secret, boot_url=self.site.boot_url, image_root=self._image_root,
-                        version=version, pin=pin, current=current, published=pub)
+                        version=version, pin=pin, current=current, published=pub, token=token)
             if not made.ok:
                 return made  # not kept: the version may be published any moment
             if len(self._plans) >= self._max_plans:

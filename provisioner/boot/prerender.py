@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+from provisioner.boot.boots import BOOT_COLUMNS, Boots, window
 from provisioner.boot.plan import BootPlanner
 from provisioner.boot.render import Renderer
 from provisioner.errors import OperationError, ProvisionerError
@@ -47,10 +48,11 @@ MAC_FILE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\.ipxe$")
 
 
 class _Snapshot:
-    """What BootPlanner reads from the store, read in bulk once per pass (two queries, not two per node)."""
+    """What BootPlanner reads from the store, read in bulk once per pass (three queries, not
+    three per node); `boots`: node -> (phase, phase_since, power_at, boots row) for the tokens."""
 
-    def __init__(self, roles: dict[str, str], pins: dict[tuple[str, str], str]):
-        self.roles, self.pins = roles, pins
+    def __init__(self, roles: dict[str, str], pins: dict[tuple[str, str], str], boots: dict | None = None):
+        self.roles, self.pins, self.boots = roles, pins, boots or {}
 
     def desired_role(self, name: str) -> str | None:
         return self.roles.get(name)
@@ -66,6 +68,7 @@ class Watcher:
         self.store = store or open_store(site)
         self.store.seed((n.name, n.default_role) for n in site.nodes.values())
         self.secret = load_or_create_secret(site.secret_file)
+        self.boots = Boots(self.secret, self.store, site.boot_window_s)
         self.renderer = Renderer(site)
         self.written: dict[str, str] = {}  # file name -> text on disk
         self.boot_files: set[str] = set()  # absolute paths the current scripts name
@@ -89,16 +92,22 @@ class Watcher:
                 version = self._db.execute("PRAGMA data_version").fetchone()[0]
                 if version == self._data_version and self.last_state is not None:
                     return self.last_state
-                roles = dict(self._db.execute("SELECT name, desired_role FROM nodes").fetchall())
+                nodes = self._db.execute("SELECT name, desired_role, phase, phase_since, power_at FROM nodes").fetchall()
+                roles = {n[0]: n[1] for n in nodes}
                 pins = {(n, i): v for n, i, v in self._db.execute("SELECT node, image, version FROM image_pins")}
+                self._db.row_factory = sqlite3.Row
+                rows = {r["node"]: tuple(r) for r in self._db.execute("SELECT * FROM boots")}
+                self._db.row_factory = None
                 self._data_version = version
-                return roles, pins
+                return roles, pins, {n[0]: (*n[2:], rows.get(n[0])) for n in nodes}
             except sqlite3.Error as exc:
                 self._db = None
                 raise OperationError(f"cannot read the store {self.store.path}: {exc}") from None
-        roles = {n: st.desired_role for n, st in self.store.nodes().items()}
+        states = self.store.nodes()
+        roles = {n: st.desired_role for n, st in states.items()}
         pins = {(p["node"], p["image"]): p["version"] for p in self.store.image_pins()}
-        return roles, pins
+        rows = {n: tuple(r.values()) for n, r in self.store.boot_rows().items()}
+        return roles, pins, {n: (st.phase, st.phase_since, st.power_at, rows.get(n)) for n, st in states.items()}
 
     def files_state(self) -> tuple:
         parts = []
@@ -132,8 +141,14 @@ class Watcher:
             for mac in node.macs:
                 wanted.pop(mac + SUFFIX, None)
         if state is not None:
-            planner = BootPlanner(self.site, self.secret, _Snapshot(*state))
+            snapshot = _Snapshot(*state)
+            planner = BootPlanner(self.site, self.secret, snapshot, tokens=lambda name: self.token(snapshot, name))
+            now = time.time()
             for node in nodes:
+                phase, since, power_at, row = snapshot.boots.get(node.name, (None, None, None, None))
+                row = dict(zip(BOOT_COLUMNS, row)) if row else None
+                if window(phase, since, power_at, (row or {}).get("granted_at"), now, self.site.boot_window_s):
+                    continue  # being booted: the app answers, with this boot's own token
                 plan = planner.plan(node)
                 if not plan.ok:
                     continue
@@ -162,6 +177,11 @@ class Watcher:
         return {"scripts": len(wanted), "written": written, "removed": removed,
                 "nodes": len(nodes), "full": only is None}
 
+    def token(self, snapshot: _Snapshot, name: str) -> str:
+        """The token of the node's boot (outside a boot window): the current one, or a new one."""
+        row = (snapshot.boots.get(name) or (None,) * 4)[3]
+        return self.boots.token(name, dict(zip(BOOT_COLUMNS, row)) if row else None, None, read=False)
+
     def sync(self, force: bool = False) -> dict | None:
         """One poll. Templates, published images or boot files changed (or FULL_EVERY_S passed):
         every node again; only roles or pins changed: those nodes; nothing: None."""
@@ -180,9 +200,10 @@ class Watcher:
             stats = self.render(state)
             self.last_full = now
         elif state != self.last_state:
-            (roles, pins), (old_roles, old_pins) = state, self.last_state
+            (roles, pins, boots), (old_roles, old_pins, old_boots) = state, self.last_state
             changed = {n for n in roles.keys() | old_roles.keys() if roles.get(n) != old_roles.get(n)}
             changed |= {k[0] for k in pins.keys() | old_pins.keys() if pins.get(k) != old_pins.get(k)}
+            changed |= {n for n in boots.keys() | old_boots.keys() if boots.get(n) != old_boots.get(n)}
             stats = self.render(state, changed)
         else:
             return None
@@ -251,6 +272,10 @@ map "$request_method $args" $provisioner_ipxe_file {{
     "~^GET mac=(?<m>[0-9a-f]{{2}}(:[0-9a-f]{{2}}){{5}})$" $m;
 }}
 
+# The access log has the path without the query string: overlay and boot URLs carry tokens.
+log_format provisioner_boot '$remote_addr:$remote_port [$time_local] "$request_method $uri $server_protocol" '
+                            '$status $body_bytes_sent $request_time';
+
 upstream provisioner_app {{
     server {upstream};
     keepalive 64;
@@ -259,6 +284,8 @@ upstream provisioner_app {{
 server {{
     listen {listen};
     server_name _;
+    access_log {access_log} provisioner_boot;
+    log_not_found off;  # its error lines quote the request line, query string (tokens) and all
     sendfile on;
     tcp_nopush on;
     client_max_body_size 64k;
@@ -275,7 +302,7 @@ server {{
     }}
 
     location /images/ {{
-        alias {image_root}/;
+        alias {image_root};
         default_type application/octet-stream;
         limit_except GET {{ deny all; }}
         disable_symlinks off;
@@ -285,25 +312,54 @@ server {{
 
     location / {{
         proxy_pass http://provisioner_app;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host $http_host;
-        proxy_set_header X-Forwarded-For $remote_addr;
+{proxy_headers}
     }}
 
     location @provisioner {{
         proxy_pass http://provisioner_app;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host $http_host;
-        proxy_set_header X-Forwarded-For $remote_addr;
+{proxy_headers}
     }}
 }}
 """
 
+# What the app behind (`provisioner serve --behind-proxy`) learns of the client: its address and
+# its source port (the overlay's secret part asks for a privileged one). Set here, so a header of
+# the same name that a client sent never reaches the app.
+PROXY_HEADERS = """\
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For $remote_addr;
+        proxy_set_header X-Provisioner-Source-Port $remote_port;"""
 
-def nginx_config(site: Site, scripts: Path, upstream: str, listen: str) -> str:
-    """The nginx `server` (plus its map and upstream) for the boot-storm deployment; goes into
-    nginx's http block (e.g. /etc/nginx/sites-enabled/provisioner)."""
-    return NGINX_SITE.format(upstream=upstream, listen=listen, scripts=Path(scripts).resolve(),
-                             image_root=Path(site.image_root).resolve(), suffix=SUFFIX)
+DEFAULT_ACCESS_LOG = "/var/log/nginx/provisioner-boot.log"
+_LISTEN = re.compile(r"^(\d{1,5}|[A-Za-z0-9.-]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}|unix:/[^\s;{}\"'$\\]+)$")
+_UNQUOTABLE = re.compile(r"[\x00-\x1f\x7f\"$\\]")
+
+
+def nginx_quote(value: str, what: str) -> str:
+    """A path as an nginx string: quoted; refused when it holds what nginx would read another way
+    (a quote, `$` (a variable), a backslash, a control character)."""
+    if _UNQUOTABLE.search(value):
+        raise ValueError(f"{what} {value!r} holds a quote, $, a backslash or a control character, which "
+                         "nginx would not read as written; use another path")
+    return f'"{value}"'
+
+
+def nginx_address(value: str, what: str) -> str:
+    """--listen / --upstream: PORT, HOST:PORT, [V6]:PORT or unix:/PATH, nothing else."""
+    if not _LISTEN.match(value or "") or (value[-1].isdigit() and not 0 < int(re.split(r"[:\]]", value)[-1]) < 65536):
+        raise ValueError(f"{what} must be PORT, HOST:PORT, [IPV6]:PORT or unix:/PATH, got {value!r}")
+    return value
+
+
+def nginx_config(site: Site, scripts: Path, upstream: str, listen: str, access_log: str = DEFAULT_ACCESS_LOG) -> str:
+    """The nginx `server` (plus its map, log format and upstream) for the boot-storm deployment;
+    goes into nginx's http block (e.g. /etc/nginx/sites-enabled/provisioner). ValueError names
+    the argument nginx could not read as written."""
+    return NGINX_SITE.format(
+        upstream=nginx_address(upstream, "--upstream"), listen=nginx_address(listen, "--listen"),
+        scripts=nginx_quote(str(Path(scripts).resolve()), "--scripts"),
+        image_root=nginx_quote(str(Path(site.image_root).resolve()) + "/", "site.image_root"),
+        access_log="off" if access_log == "off" else nginx_quote(access_log, "--access-log"),
+        suffix=SUFFIX, proxy_headers=PROXY_HEADERS)

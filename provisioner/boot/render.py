@@ -80,7 +80,7 @@ class Renderer:
         if not plan.ok:
             return self.unknown(plan.reason, mac)
         node = self.site.nodes[plan.node]
-        key = (plan.node, plan.role, mac or node.macs[0], plan.version, plan.template)
+        key = (plan.node, plan.role, mac or node.macs[0], plan.version, plan.template, plan.token)
         used = self._templates(plan.template)  # before rendering: a change meanwhile is caught next time
         cached = self._scripts.get(key)
         if cached is not None and used is not None and cached[0] == used:

@@ -8,9 +8,12 @@ made here before the app is built and removed when the server stops (provisioner
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+import re
 
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from provisioner.boot import metrics
@@ -33,6 +36,42 @@ class _Gunicorn(BaseApplication):
         return self.application
 
 
+_QUERY = re.compile(r"\?[^\s'\"]*|token=[^\s'\"]*", re.I)
+
+
+class _HideQueries(logging.Filter):
+    """gunicorn's error log quotes a request line it cannot parse, query string and all: overlay
+    and boot URLs carry tokens, so the query goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message or "token" in message.lower():
+            record.msg, record.args = _QUERY.sub("?(query hidden)", message), ()
+        return True
+
+
+class QuietLogger(glogging.Logger):
+    def setup(self, cfg):
+        super().setup(cfg)
+        self.error_log.addFilter(_HideQueries())
+        self.access_log.addFilter(_HideQueries())
+
+
+def behind_nginx(wsgi_app):
+    """The client as nginx saw it: its address (X-Forwarded-For, werkzeug's ProxyFix) and its
+    source port (X-Provisioner-Source-Port, which the generated nginx site always sets; without
+    it the port is unknown, never nginx's own)."""
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    fixed = ProxyFix(wsgi_app, x_for=1, x_proto=0, x_host=0, x_port=0, x_prefix=0)
+
+    def app(environ, start_response):
+        environ["REMOTE_PORT"] = environ.pop("HTTP_X_PROVISIONER_SOURCE_PORT", "")
+        return fixed(environ, start_response)
+
+    return app
+
+
 def default_workers() -> int:
     return max(2, multiprocessing.cpu_count())
 
@@ -46,8 +85,7 @@ def serve(site: Site, listen: str | None = None, workers: int | None = None, thr
     try:
         app = create_app(site)  # built before forking: config errors surface once, at start
         if behind_proxy:  # nginx in front (provisioner nginx-config): the node's address is its X-Forwarded-For
-            from werkzeug.middleware.proxy_fix import ProxyFix
-            app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0, x_port=0, x_prefix=0)
+            app.wsgi_app = behind_nginx(app.wsgi_app)
     except BaseException:
         metrics.remove_dir(metrics_dir)
         raise
@@ -67,6 +105,7 @@ def serve(site: Site, listen: str | None = None, workers: int | None = None, thr
         # The path without the query string: /overlay/ and callback URLs carry per-node tokens.
         "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"',
         "errorlog": "-",
+        "logger_class": QuietLogger,
         "loglevel": "info",
         "proc_name": "provisioner-boot",
         "control_socket_disable": True,  # no stray socket in root's home

@@ -9,6 +9,7 @@ reason. Refusals are recorded as events (at most once a minute per cause); the s
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
@@ -18,12 +19,13 @@ from typing import Any
 
 from provisioner import ROLES
 from provisioner.boot import overlay
+from provisioner.boot.boots import PRIVILEGED_PORTS, Boots
 from provisioner.boot.plan import BootPlan, BootPlanner, NoBoot
 from provisioner.boot.render import Renderer, Script
 from provisioner.model import Site, normalize_mac
 from provisioner.errors import ProvisionerError
 from provisioner.store import Store, open_store
-from provisioner.tokens import check_token, load_or_create_secret
+from provisioner.tokens import load_or_create_secret
 
 log = logging.getLogger("provisioner.boot")
 
@@ -31,6 +33,7 @@ ACTOR = "boot-endpoint"
 MAX_MAC_PARAM = 64
 EVENT_EVERY_S = 60.0  # the same unknown MAC booting in a loop is recorded once a minute, not 30 times
 RETRY_AFTER_S = 5
+CALLBACK_EVERY_S = 2.0  # accepted boot callbacks per node and worker: at most one in this long (a real boot takes longer)
 
 
 # --------------------------------------------------------------------------- results
@@ -62,6 +65,18 @@ class Reply:
 
 # 429 + Retry-After, not 503: the node's init retries, and no compute node sees a 5xx.
 STORE_BUSY = Reply(429, {"ok": False, "error": "state store busy; retry"}, retry_after=RETRY_AFTER_S)
+
+
+def same_address(source: str | None, ip: str | None) -> bool:
+    """The request's source is the node's address. Compared as addresses, not strings: a server
+    listening on [::] sees an IPv4 node as ::ffff:a.b.c.d."""
+    try:
+        a, b = ipaddress.ip_address((source or "").split("%")[0]), ipaddress.ip_address(ip or "")
+    except ValueError:
+        return False
+    a = a.ipv4_mapped or a if a.version == 6 else a
+    b = b.ipv4_mapped or b if b.version == 6 else b
+    return a == b
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,9 @@ class BootService:
         self.store.seed((n.name, n.default_role) for n in site.nodes.values())
         self.secret = load_or_create_secret(site.secret_file)
         self.renderer = Renderer(site)
-        self.planner = BootPlanner(site, self.secret, self.store)
+        self.boots = Boots(self.secret, self.store, site.boot_window_s)
+        self.planner = BootPlanner(site, self.secret, self.store, tokens=self.boots.token)
+        self.callbacks = EventThrottle(CALLBACK_EVERY_S)
         self.by_mac = site.node_by_mac()
         self.throttle = EventThrottle(EVENT_EVERY_S)
         self._stage1 = self.renderer.stage1()
@@ -154,10 +171,7 @@ class BootService:
         node = self.site.nodes.get(name)
         if node is None:
             return Reply.error(404, f"unknown node {name}")
-        if not check_token(self.secret, name, token):
-            self.record("callback-refused", name, "boot callback with a wrong token", ("cb-token", name), source)
-            return Reply.error(403, "token does not match this node")
-        if self.site.check_callback_source and node.ip and source != node.ip:
+        if self.site.check_callback_source and node.ip and not same_address(source, node.ip):
             self.record("callback-refused", name, f"boot callback from {source}, node is {node.ip}",
                         ("cb-src", name, source), source)
             return Reply.error(403, f"callback source {source} is not node {name}")
@@ -168,7 +182,15 @@ class BootService:
         if version is not None and (not isinstance(version, str) or len(version) > 128):
             return Reply.error(400, "version must be a short string")
         try:
-            self.store.record_booted(name, role, version, actor=f"node:{name}", source=source)
+            row, good = self.boots.current(name, token)
+            if good and not self.callbacks.allow((name,)):
+                return Reply(429, {"ok": False, "error": f"node {name} called back less than {CALLBACK_EVERY_S:.0f} s "
+                                                         "ago; retry"}, retry_after=int(CALLBACK_EVERY_S))
+            if not good or not self.store.record_booted(name, role, version, actor=f"node:{name}", source=source,
+                                                        spend=row["nonce"]):
+                self.record("callback-refused", name, "boot callback with a wrong or spent token", ("cb-token", name),
+                            source)
+                return Reply.error(403, "token is not this node's current boot token (each is spent by its callback)")
             desired = self.store.desired_role(name)
         except ProvisionerError as exc:
             log.error("cannot record boot of %s: %s", name, exc)
@@ -190,7 +212,7 @@ class BootService:
             why = "wrong or no overlay token"
         elif mac is None or mac not in node.macs:
             why = f"MAC {mac or '(missing or malformed)'} is not one of this node's"
-        elif self.site.check_callback_source and node.ip and source != node.ip:
+        elif self.site.check_callback_source and node.ip and not same_address(source, node.ip):
             why = f"source {source} is not the node's address {node.ip}"
         if why:
             self.record("overlay-refused", name, f"overlay of {name} refused: {why}", ("ov-refused", name, why),
@@ -220,6 +242,54 @@ class BootService:
             return Reply.error(409, f"overlay of {name} cannot be built; see `provisioner history {name}`")
         self.record("overlay-served", name, f"overlay of {name} ({plan.image} {pub.version}) served",
                     ("ov-served", name, pub.version), source, image=plan.image, version=pub.version, mac=mac)
+        return OverlayArchive(data, plan.image, pub.version)
+
+    def secrets(self, name: str, *, token: str | None, source: str | None, source_port: int | None,
+                version: str | None = None) -> OverlayArchive | Reply:
+        """`GET /overlay/NAME/secrets`: the overlay's secret part, to the image's /init only: the
+        node's address, a privileged source port (site.secrets_privileged_port), this boot's token,
+        a boot window, once (provisioner/boot/boots.py). Refusals say why, never with a secret."""
+        node = self.site.nodes.get(name)
+        if node is None:
+            return Reply.error(404, f"unknown node {name}")
+        why = cause = None
+        if self.site.check_callback_source and node.ip and not same_address(source, node.ip):
+            why, cause = f"source {source} is not the node's address {node.ip}", "address"
+        elif self.site.secrets_privileged_port and not (source_port is not None and 0 < source_port < PRIVILEGED_PORTS):
+            why, cause = (f"source port {source_port} is not privileged (below {PRIVILEGED_PORTS}): only root on the "
+                          "node may ask" if source_port is not None else
+                          "source port unknown (behind nginx: its site must come from `provisioner nginx-config`, "
+                          "which passes it)"), "port"
+        try:
+            grant = None
+            if why is None:
+                grant = self.boots.may_have_secrets(name, token)
+                why = cause = None if grant.ok else grant.why
+            if why:
+                # keyed by the cause, not the text: a loop of requests from changing ports is one event a minute
+                self.record("secrets-refused", name, f"secrets of {name} refused: {why}", ("sec-refused", name, cause),
+                            source)
+                return Reply.error(403, f"secrets of {name} refused: {why}")
+            plan = self.planner.plan(node, version=version or None, check_files=False)
+        except ProvisionerError as exc:
+            log.error("store unavailable for %s: %s", name, exc)
+            return STORE_BUSY
+        if not plan.ok or plan.published is None:
+            return Reply.error(409, f"node {name} boots no built image now; ask for its script again")
+        pub = plan.published
+        try:
+            data = overlay.build(self.site, node, plan.role, pub, secret=True)
+        except ProvisionerError as exc:
+            self.record("overlay-failed", name, f"secrets of {name} cannot be built: {exc}", ("ov-failed", name), source)
+            return Reply.error(409, f"secrets of {name} cannot be built; see `provisioner history {name}`")
+        try:
+            if not self.boots.served(name, grant):
+                return Reply.error(403, f"secrets of {name} refused: served once in this boot already")
+        except ProvisionerError as exc:
+            log.error("store unavailable for %s: %s", name, exc)
+            return STORE_BUSY
+        self.record("secrets-served", name, f"secrets of {name} ({plan.image} {pub.version}) served",
+                    ("sec-served", name, grant.window), source, image=plan.image, version=pub.version)
         return OverlayArchive(data, plan.image, pub.version)
 
     # -- the rest --------------------------------------------------------------------

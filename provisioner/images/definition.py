@@ -44,10 +44,14 @@ class OverlayEntry:
     mode: int = 0o644
     owner: str = "root"
     optional: bool = False  # copy only: skipped when the site names no such file
+    # In the overlay's secret part (fetched by /init as root, once per boot)? None: when the file
+    # is not readable by others on the node (provisioner.boot.overlay.is_secret).
+    secret: bool | None = None
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "template": self.template, "copy": self.copy, "host_key": self.host_key,
-                "mode": f"{self.mode:04o}", "owner": self.owner, "optional": self.optional}
+        out = {"path": self.path, "template": self.template, "copy": self.copy, "host_key": self.host_key,
+               "mode": f"{self.mode:04o}", "owner": self.owner, "optional": self.optional}
+        return out if self.secret is None else {**out, "secret": self.secret}
 
 
 @dataclass(frozen=True)
@@ -309,7 +313,7 @@ class _DefinitionLoader(Fields):
         out, seen = [], set()
         for i, raw in enumerate(value):
             where = f"overlay[{i}]"
-            d = self.mapping(raw, where, {"path", "template", "copy", "host_key", "mode", "owner", "optional"},
+            d = self.mapping(raw, where, {"path", "template", "copy", "host_key", "mode", "owner", "optional", "secret"},
                              required=("path",))
             path = self.root_path(d.get("path"), f"{where}.path")
             if path in seen:
@@ -343,6 +347,10 @@ class _DefinitionLoader(Fields):
             optional = self.boolean(d.get("optional"), f"{where}.optional", False)
             if optional and copy is None:
                 raise self.err(f"{where}.optional", "only copy entries can be optional")
+            secret = None if d.get("secret") is None else self.boolean(d.get("secret"), f"{where}.secret", False)
+            if secret is False and not mode & 0o004:
+                raise self.err(f"{where}.secret", f"a file the node's users cannot read (mode {mode:04o}) goes to the "
+                                                  "secret part; drop `secret: false` or make it readable by all")
             out.append(OverlayEntry(path=path, template=template, copy=copy, host_key=host_key, mode=mode, owner=owner,
-                                    optional=optional))
+                                    optional=optional, secret=secret))
         return tuple(out)

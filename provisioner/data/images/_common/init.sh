@@ -4,7 +4,9 @@
 # Reads its parameters from the kernel command line (provisioner.node, .role, .version,
 # .callback, .token, and .rootfs for images with a root file system), loads the NIC drivers,
 # gets an address by DHCP, and applies the node's overlay (the extra initrd the boot endpoint
-# serves to this node only, unpacked by the kernel under /provisioner/overlay). Then either:
+# serves to this node only, unpacked by the kernel under /provisioner/overlay) and its secret part
+# (provisioner.secrets: fetched here, as root, once per boot, from a privileged source port, with
+# this boot's token; docs/security.md). Then either:
 #   - with provisioner.rootfs=URL: fetches the squashfs root into RAM, mounts it read-only under a
 #     tmpfs overlay, copies the overlay files in and switches to its /sbin/init (systemd), whose
 #     provisioner-callback.service calls back once the node's services run; or
@@ -33,6 +35,7 @@ VERSION=$(arg provisioner.version)
 CALLBACK=$(arg provisioner.callback)
 TOKEN=$(arg provisioner.token)
 ROOTFS=$(arg provisioner.rootfs)
+SECRETS=$(arg provisioner.secrets)
 
 # Drivers in dependency order (the image builder wrote the list).
 if [ -f /etc/provisioner/modules ]; then
@@ -76,6 +79,54 @@ net_up() {
 }
 net_up || say "no DHCP answer on any interface"
 
+# The overlay's secret part (provisioner.secrets): fetched as root before any user process exists,
+# from a source port below 1024 (the boot server answers only such a request, as only root can
+# send one) with curl --local-port: the image root's curl (chroot, before switch_root), or one on
+# PATH. Without curl, busybox wget (an ordinary port: only for sites that turned
+# site.secrets_privileged_port off). The body is base64; it is unpacked into /provisioner (0700)
+# next to the public part, and apply_overlay copies both into place.
+SECRETS_OK=none
+fetch_secrets() {
+    [ -n "$SECRETS" ] || return 0
+    T=${PROVISIONER_TMP:-/run}; D=${PROVISIONER_DEST:-/}  # set only by the test that runs this on a host
+    url="$SECRETS?token=$TOKEN&version=$VERSION"
+    tries=0
+    while [ $tries -lt 15 ]; do
+        tries=$((tries + 1))
+        rm -f "$T/secrets.out" "$T/secrets.err"
+        if [ -x "$1/usr/bin/curl" ] || { [ -z "$1" ] && command -v curl >/dev/null; }; then
+            [ -n "$1" ] && mount --bind /dev "$1/dev"  # curl's libraries want /dev/urandom
+            ${1:+chroot "$1"} curl -s -m 30 --local-port 600-1023 -w '\n%{http_code}' "$url" > "$T/secrets.out" 2>/dev/null
+            [ -n "$1" ] && umount "$1/dev"
+            status=$(tail -n 1 "$T/secrets.out"); sed -i '$d' "$T/secrets.out"
+        else
+            wget -q -S -O "$T/secrets.out" "$url" 2> "$T/secrets.err"
+            status=$(grep -o 'HTTP/[0-9.]* [0-9]*' "$T/secrets.err" | tail -n 1 | cut -d' ' -f2)
+        fi
+        case "$status" in
+            200)
+                mkdir -p "$D/provisioner" && chmod 0700 "$D/provisioner"
+                if base64 -d < "$T/secrets.out" | gunzip -c > "$T/secrets.cpio" \
+                        && (cd "$D" && cpio -i -d -m -u < "$T/secrets.cpio" 2>/dev/null); then
+                    SECRETS_OK=yes
+                else
+                    SECRETS_OK=broken
+                fi
+                rm -f "$T/secrets.out" "$T/secrets.err" "$T/secrets.cpio"
+                return 0 ;;
+            403|404|409)
+                say "secrets refused: $(head -c 300 "$T/secrets.out")"
+                SECRETS_OK=refused
+                rm -f "$T/secrets.out" "$T/secrets.err"
+                return 0 ;;
+        esac
+        sleep 2
+    done
+    rm -f "$T/secrets.out" "$T/secrets.err"
+    say "cannot fetch the secrets from $SECRETS"
+    SECRETS_OK=unreachable
+}
+
 if [ -n "$ROOTFS" ]; then
     say "fetching the root file system $ROOTFS"
     mkdir -p /newroot /ro /rw
@@ -89,6 +140,8 @@ if [ -n "$ROOTFS" ]; then
     mkdir -p /rw/upper /rw/work
     mount -t overlay overlay -o lowerdir=/ro,upperdir=/rw/upper,workdir=/rw/work /newroot \
         || { say "cannot mount the overlay root"; sleep 30; reboot -f; }
+    fetch_secrets /newroot
+    echo "PROVISIONER-SECRETS node=$NODE $SECRETS_OK"
     apply_overlay /newroot
     rm -rf /provisioner/overlay
     [ -s /etc/resolv.conf ] && cp /etc/resolv.conf /newroot/etc/resolv.conf
@@ -101,6 +154,8 @@ if [ -n "$ROOTFS" ]; then
 fi
 
 # The tiny test image stays here.
+fetch_secrets
+echo "PROVISIONER-SECRETS node=$NODE $SECRETS_OK"
 apply_overlay /
 rm -rf /provisioner/overlay
 if [ -s /etc/hostname ]; then hostname "$(cat /etc/hostname)"; elif [ -n "$NODE" ]; then hostname "$NODE"; fi
@@ -113,5 +168,10 @@ if [ -n "$CALLBACK" ]; then
         sleep 2
     done
     echo "PROVISIONER-CALLBACK-OK node=$NODE role=$ROLE version=$VERSION"
+fi
+# The test image only: what the site's overlay brings as /etc/provisioner/after-boot runs once the
+# node is up (the tests play a user of the booted node with it); its output goes to the console.
+if [ -x /etc/provisioner/after-boot ]; then
+    /etc/provisioner/after-boot 2>&1 | sed 's/^/AFTER-BOOT: /'
 fi
 while :; do sleep 3600; done
