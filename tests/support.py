@@ -20,6 +20,16 @@ def missing(what: str) -> None:
     pytest.skip(msg)
 
 
+def require_module(name: str):
+    """A Python package of the [test] extra: imported, or skipped locally and failed in CI."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"the Python package {name} (pip install -e '.[test]')")
+
+
 def require_binary(name: str, extra_paths: tuple[str, ...] = ()) -> str:
     for candidate in extra_paths:
         if Path(candidate).is_file() and os.access(candidate, os.X_OK):
