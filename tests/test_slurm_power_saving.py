@@ -25,7 +25,7 @@ from testbed.wait import wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
-def ps_site(tmp_path_factory, kube_cluster):
+def ps_world(tmp_path_factory, kube_cluster):
     work = require_slurm(tmp_path_factory.mktemp("power-saving"))
     site, programs = start_site(work, kube_cluster)
     try:
@@ -33,6 +33,13 @@ def ps_site(tmp_path_factory, kube_cluster):
         yield site
     finally:
         site.stop()
+
+
+@pytest.fixture
+def ps_site(ps_world):
+    """The module's world (each test resets it); the test fails on what the harness saw go wrong."""
+    yield ps_world
+    ps_world.check()
 
 
 def passes_until(site: SimSite, done, timeout: float, what: str) -> None:
@@ -61,7 +68,7 @@ def test_a_job_resumes_a_kubernetes_node_and_idle_suspends_it(ps_site):
     assert any(e.kind == "ask-granted" for e in asks(site, node, "resume"))
     out = site.slurm.workdir / "jobs" / f"{job}.out"
     wait_for(lambda: out.exists() and f"ran on {node}" in out.read_text(), 60, "the job's own output")
-    assert not site.violations
+    site.check()
     for j in fixed_jobs:
         site.slurm.run("scancel", j)
 
@@ -70,7 +77,7 @@ def test_a_job_resumes_a_kubernetes_node_and_idle_suspends_it(ps_site):
                  SUSPEND_TIME + 60, f"SuspendProgram for {node} and its answer")
     assert site.bmc_actions(node)[-1] == "off"
     assert site.slurm_view(node).powered_down and site.state(node).desired_role == "slurm"
-    assert not site.violations
+    site.check()
 
 
 def test_a_node_that_does_not_come_back_fails_in_both_clusters(ps_site):
