@@ -12,11 +12,13 @@ from testbed.wait import wait_for
 pytestmark = pytest.mark.integration
 
 
-def test_the_harness_fails_closed(balance_site, monkeypatch):
+def test_the_harness_fails_closed(balance_site, monkeypatch, tmp_path):
     sim = balance_site()  # every shared node idle in SLURM
 
     # squeue cannot answer while a node is powered off: never read as "no jobs ran there".
-    monkeypatch.setitem(sim.slurm.env, "SLURM_CONF", "/nonexistent/slurm.conf")
+    (tmp_path / "squeue").write_text("#!/bin/sh\necho 'squeue: error: slurmctld unreachable' >&2\nexit 1\n")
+    (tmp_path / "squeue").chmod(0o755)
+    monkeypatch.setitem(sim.slurm.env, "PATH", f"{tmp_path}:{sim.slurm.env['PATH']}")
     assert sim.cli("power", "sn01", "off").returncode == 0
     wait_for(lambda: sim.errors, 20, "the harness to record the check it could not make")
     monkeypatch.undo()
