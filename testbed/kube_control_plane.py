@@ -65,6 +65,7 @@ def binaries() -> dict[str, Path]:
 
 class ControlPlane:
     def __init__(self, folder: str | os.PathLike, *, grace_s: int = 8, extra_sans: tuple[str, ...] = ("10.0.2.2",)):
+        self._probes: dict[str, object] = {}
         self.folder = Path(folder).resolve()
         self.grace_s = grace_s
         self.extra_sans = extra_sans
@@ -175,8 +176,17 @@ class ControlPlane:
         self.wait_service_account("default", timeout)
 
     def _run(self, name: str, cmd: list[str], port: int, probe, timeout: float) -> None:
+        self._probes[name] = probe
         self.daemons[name] = Daemon(cmd, port, self.folder / f"{name}.log", env={"PATH": "/usr/bin:/bin"},
                                     name=name).start(probe, timeout)
+
+    def stop_apiserver(self) -> None:
+        """The API server goes down (etcd and the controllers stay): clients get connection refused."""
+        self.daemons["kube-apiserver"].stop()
+
+    def start_apiserver(self, timeout: float = 120) -> None:
+        """The same API server again, on the same port and certificates, over the same etcd."""
+        self.daemons["kube-apiserver"].start(self._probes["kube-apiserver"], timeout)
 
     def stop(self) -> None:
         """Stop everything, controllers first, etcd last; safe to call twice."""

@@ -151,6 +151,8 @@ class SimSite:
         self.boots: list[dict] = []  # one record per simulated boot (role, ok, error, ...)
         self.violations: list[str] = []  # reboots of nodes that still ran work
         self.errors: list[str] = []  # what the harness could not observe or do (see check())
+        self.hang: set[str] = set()  # nodes whose image hangs before its boot callback (a fault; reset clears)
+        self.pools: dict[str, str] = {}  # shared nodes the site.yaml puts in another pool (a fault; reset clears)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._store = None
@@ -215,8 +217,9 @@ class SimSite:
         bmc = {"address": "127.0.0.1"}
         nodes = [{"name": n, "pool": "slurm", "macs": [mac(i, 1)], "bmc": bmc} for i, n in enumerate(self.fixed, 1)]
         nodes += [{"name": n, "pool": "k8s", "macs": [mac(i, 2)], "bmc": bmc} for i, n in enumerate(self.fixed_k8s, 1)]
-        nodes += [{"name": n.name, "pool": "shared", "default_role": self.initial_roles[n.name], "macs": [n.mac],
-                   "ip": n.ip, "bmc": {"address": "127.0.0.1", "port": self.bmc.port(n.name)}}
+        nodes += [{"name": n.name, "pool": self.pools.get(n.name, "shared"), "macs": [n.mac], "ip": n.ip,
+                   "bmc": {"address": "127.0.0.1", "port": self.bmc.port(n.name)},
+                   **({} if n.name in self.pools else {"default_role": self.initial_roles[n.name]})}
                   for n in self.nodes.values()]
         url = f"http://127.0.0.1:{self.port}"
         return write_site(
@@ -254,6 +257,8 @@ class SimSite:
         if left:  # every fixture checks at teardown: these came after it, from an earlier test's leftovers
             raise AssertionError("harness errors nobody checked (an earlier test's leftovers?):\n" + "\n".join(left))
         roles = {**self.initial_roles, **(roles or {})}
+        self.hang.clear()
+        self.pools.clear()
         self.config = self.write_config(policy, power, kubernetes)
         self.boot_delay = self.default_boot_delay if boot_delay is None else boot_delay
         self.join_delay = self.default_join_delay if join_delay is None else join_delay
@@ -423,6 +428,9 @@ class SimSite:
             record["role"] = role
             if not self._current(node, gen):
                 record["superseded"] = True
+                return
+            if node.name in self.hang:  # the fault a test asked for: the image never gets to its callback
+                record["hung"] = True
                 return
             # The image's init calls back early; its cluster daemon joins later (join_delay).
             record["callback"] = self._callback(node, args)

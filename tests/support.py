@@ -20,11 +20,11 @@ def missing(what: str) -> None:
     pytest.skip(msg)
 
 
-def awaits_state_machine(failure: str):
-    """A fault test today's reconciler fails (`failure`: what it did). Deselected unless pytest
-    runs with --awaiting (tests/conftest.py), so the default run stays green and counts only what
-    holds; the table-driven state machine turns them on by dropping this mark."""
-    return pytest.mark.awaits_state_machine(failure)
+def awaits_fix(failure: str):
+    """A fault test today's code fails (`failure`: what it did). Deselected unless pytest runs with
+    --awaiting (tests/conftest.py), so the default run stays green and counts only what holds; the
+    fix (the table-driven state machine, for most) turns it on by dropping this mark."""
+    return pytest.mark.awaits_fix(failure)
 
 
 def require_module(name: str):

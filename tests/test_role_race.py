@@ -21,7 +21,7 @@ import pytest
 from testbed.simnodes import provisioner_cmd
 from testbed.site import write_site
 from testbed.wait import wait_for
-from tests.support import ROOT, awaits_state_machine
+from tests.support import ROOT, awaits_fix
 
 
 def cli(path, *args, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
@@ -81,7 +81,7 @@ def node(path) -> dict:
     return row
 
 
-@awaits_state_machine("the second command's compare-and-set loses, it prints nothing and exits 0")
+@awaits_fix("the second command's compare-and-set loses, it prints nothing and exits 0")
 def test_two_admins_ask_the_same_switch(shared_site):
     path, db = shared_site
     first, second = race(path, db, ("role", "sn01", "k8s", "--reason", "admin A"),
@@ -93,7 +93,7 @@ def test_two_admins_ask_the_same_switch(shared_site):
     assert (row["target_role"], row["pinned"], row["pin_reason"]) == ("k8s", True, "admin A"), row
 
 
-@awaits_state_machine("'already slurm, pinned' writes the pin without a compare-and-set: admin B is told the "
+@awaits_fix("'already slurm, pinned' writes the pin without a compare-and-set: admin B is told the "
                       "node is pinned to slurm (exit 0) while it switches to k8s showing B's pin reason")
 def test_two_admins_ask_opposite_roles_the_switch_first(shared_site):
     path, db = shared_site
