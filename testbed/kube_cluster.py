@@ -191,15 +191,18 @@ class KubeCluster:
         return pod
 
     def add_replicaset(self, name: str, replicas: int, *, namespace: str = "default", labels: dict | None = None,
-                       requests: dict | None = None, node_selector: dict | None = None) -> dict:
-        """A ReplicaSet: the real controller makes its pods (and replaces an evicted one)."""
+                       requests: dict | None = None, node_selector: dict | None = None, grace_s: int = 30,
+                       stop_s: float = 0) -> dict:
+        """A ReplicaSet: the real controller makes its pods (and replaces an evicted one).
+        grace_s, stop_s: as for add_pod (stop_s > grace_s: an application deaf to SIGTERM)."""
         self.namespace(namespace)
         labels = labels or {"app": name}
+        meta: dict = {"labels": labels, **({"annotations": {STOP_ANNOTATION: str(stop_s)}} if stop_s else {})}
         return self.api.create(ns_path("replicasets", namespace), {
             "apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": name, "namespace": namespace},
             "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                     "template": {"metadata": {"labels": labels},
-                                  "spec": self.pod_spec(requests, node_selector=node_selector)}}})
+                     "template": {"metadata": meta,
+                                  "spec": self.pod_spec(requests, node_selector=node_selector, grace_s=grace_s)}}})
 
     def add_daemonset(self, name: str, *, namespace: str = "kube-system", node_selector: dict | None = None) -> dict:
         """A DaemonSet: the real controller puts a pod on each (selected) node."""

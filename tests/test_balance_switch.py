@@ -1,6 +1,8 @@
 """The balancer moves shared nodes between real SLURM and a real Kubernetes control plane, through
 BMC simulators and the real boot endpoint (testbed/simnodes.py). Passes run through the real CLI,
-as cron runs them: `provisioner --config SITE balance --json`."""
+as cron runs them: `provisioner --config SITE balance --json`. No node boots an image: a shared
+node "boots" by fetching its script and posting its callback, then the harness starts its role's
+daemon (a real slurmd on the host, or a simulated kubelet)."""
 
 from __future__ import annotations
 
