@@ -93,6 +93,13 @@ def kernel_args(script: str) -> dict[str, str]:
     return {}
 
 
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
 class BootFailed(Exception):
     """A simulated boot stopped where a real node's would (no script, a refused callback)."""
 
@@ -156,6 +163,7 @@ class SimSite:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._store = None
+        self._boot_env: dict | None = None
         self.first_event = 0  # events before this id belong to earlier tests
 
     # ----------------------------------------------------------------------- life cycle
@@ -188,6 +196,7 @@ class SimSite:
 
     def stop(self) -> None:
         """Stop everything started here (by pid); safe to call twice and after a failed start."""
+        self.reap_passes()
         for t in list(self._threads):
             t.join(timeout=15)
         if self.boot:
@@ -200,6 +209,13 @@ class SimSite:
             self.slurm.stop()
         if self._store is not None:
             self._store.close()
+
+    def restart_boot_server(self, env: dict | None = None) -> None:
+        """The boot server again, on the same port (env: its environment, e.g. a clock that is
+        behind: testbed.boot_server.clock_offset_env). reset() brings the plain one back."""
+        self.boot.stop()
+        self.boot = BootServer(self.config, self.port, self.workdir / "serve.log", env=env).start()
+        self._boot_env = env
 
     def __enter__(self) -> "SimSite":
         return self.start()
@@ -260,6 +276,8 @@ class SimSite:
         self.hang.clear()
         self.pools.clear()
         self.config = self.write_config(policy, power, kubernetes)
+        if self._boot_env is not None:
+            self.restart_boot_server()
         self.boot_delay = self.default_boot_delay if boot_delay is None else boot_delay
         self.join_delay = self.default_join_delay if join_delay is None else join_delay
         self.bmc.reset()
@@ -336,9 +354,35 @@ class SimSite:
             out += [f"simulated kubelets: {e}" for e in self.kube.kubelets.take_errors()]
         return out
 
+    def reap_passes(self) -> list[int]:
+        """SIGKILL the balance passes of this world still running: the detached ones slurmctld's
+        programs start (`provisioner slurm resume` wakes a pass) outlive the test that caused
+        them, and must not act in the next one. Returns their pids."""
+        mine = str(self.workdir)
+        killed = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            words = [w.decode(errors="replace") for w in argv]
+            if "balance" in words and any(w.startswith(mine) for w in words):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+                except ProcessLookupError:
+                    pass
+        for pid in killed:  # gone before the test ends (they are not our children: poll /proc)
+            wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in _proc_state(pid), 10, f"pass {pid} to end")
+        return killed
+
     def check(self, timeout: float = 20) -> None:
-        """The teardown of every test: the boots in progress end, no node was rebooted while it
-        ran work, and the harness made every observation and step it had to (take_errors())."""
+        """The teardown of every test: detached passes reaped, the boots in progress end, no node
+        was rebooted while it ran work, and the harness made every observation and step it had
+        to (take_errors())."""
+        self.reap_passes()
         self.wait_idle(timeout)
         problems = [f"rebooted while it ran work: {v}" for v in self.violations] + self.take_errors()
         self.violations.clear()

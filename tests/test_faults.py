@@ -7,16 +7,20 @@ and serving exactly the side the store says)."""
 
 from __future__ import annotations
 
+import email.utils
 import errno
 import json
 import os
 import sqlite3
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from provisioner.reconcile import CRASH_ENV
+from testbed.boot_server import clock_offset_env
 from testbed.simnodes import provisioner_cmd
 from testbed.site import write_site
 from tests.support import ROOT, awaits_fix, missing
@@ -115,6 +119,29 @@ def test_slurmctld_restarts_mid_switch(balance_site):
 
     sim.passes_until(lambda: web_bound() and not stranded(sim), timeout=90,
                      what="the switch to finish once slurmctld is back", cli=False)
+    assert sim.serving("sn01") == {"k8s"} and sim.booted_once("sn01")
+    assert running(sim, jobs)
+
+
+# --------------------------------------------------------------------------- clocks
+
+
+def test_a_boot_server_two_minutes_behind_still_sees_its_nodes_through(balance_site):
+    """The boot server's host clock is 2 minutes behind the balancer's (libfaketime under
+    `provisioner serve`): the callbacks it records carry its time. The switch still converges:
+    sn01 boots once, joins, and no pass takes its callback for a stale one."""
+    sim = balance_site()
+    sim.restart_boot_server(env=clock_offset_env(-120))
+    with urllib.request.urlopen(f"{sim.boot.url}/healthz", timeout=10) as r:
+        behind = time.time() - email.utils.parsedate_to_datetime(r.headers["Date"]).timestamp()
+    assert 100 < behind < 140, f"the boot server's clock is {behind:.0f} s behind, not 120"
+    jobs = k8s_wants_a_node(sim)
+
+    def web_bound() -> bool:
+        return all(p["spec"].get("nodeName") for p in sim.kube.pods() if p["metadata"]["name"].startswith("web"))
+
+    sim.passes_until(lambda: web_bound() and not stranded(sim), timeout=90,
+                     what="sn01's switch with the boot server's clock behind", cli=False)
     assert sim.serving("sn01") == {"k8s"} and sim.booted_once("sn01")
     assert running(sim, jobs)
 
