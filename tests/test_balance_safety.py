@@ -18,36 +18,11 @@ from testbed.kube_control_plane import PROVISIONER_USER
 from testbed.tcp_gate import TcpGate
 from testbed.wait import wait_for
 from testbed.simnodes import ROOT, kernel_args, provisioner_cmd
+from tests.fixtures.balance import k8s_wants_a_node, running, settled, slurm_wants_a_node
 
 pytestmark = pytest.mark.integration
 
 ALL_K8S = {n: "k8s" for n in ("sn01", "sn02", "sn03", "sn04")}
-
-
-def slurm_wants_a_node(sim) -> tuple[list[str], str]:
-    """Fixed SLURM nodes full, one job Pending (Resources); returns (running jobs, pending job)."""
-    running = sim.fill_fixed()
-    return running, sim.submit_pending("--job-name=needs-a-node")
-
-
-def k8s_wants_a_node(sim) -> list[str]:
-    """kn01 full, two small pods Unschedulable; the fixed SLURM nodes run jobs (returned)."""
-    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
-    for i in range(2):
-        sim.kube.add_pod(f"web-{i}", namespace="ml")
-    for i in range(2):
-        sim.kube.wait_unschedulable(f"web-{i}", "ml")
-    return sim.fill_fixed()
-
-
-def settled(sim) -> bool:
-    """Every shared node steady (or failed) and serving exactly the side the store says."""
-    states = sim.store.nodes(sim.shared)
-    return all(s.phase == "steady" and sim.serving(n) == {s.desired_role} for n, s in states.items())
-
-
-def running(sim, jobs) -> bool:
-    return all(sim.slurm.job_state(j)[0] == "RUNNING" for j in jobs)
 
 
 # --------------------------------------------------------------------------- work arrives late

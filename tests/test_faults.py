@@ -24,42 +24,12 @@ from provisioner.reconcile import CRASH_ENV
 from testbed.boot_server import clock_offset_env
 from testbed.simnodes import provisioner_cmd
 from testbed.site import write_site
+from tests.fixtures.balance import k8s_wants_a_node, running, settled, slurm_wants_a_node, web_bound
 from tests.support import ROOT, awaits_fix, missing
 
 pytestmark = pytest.mark.integration
 
 ALL_K8S = {n: "k8s" for n in ("sn01", "sn02", "sn03", "sn04")}
-
-
-def slurm_wants_a_node(sim) -> tuple[list[str], str]:
-    """Fixed SLURM nodes full, one job Pending (Resources): sn01 is to move from k8s to slurm."""
-    running = sim.fill_fixed()
-    return running, sim.submit_pending("--job-name=needs-a-node")
-
-
-def k8s_wants_a_node(sim) -> list[str]:
-    """kn01 full, two small pods Unschedulable (sn01 is to move from slurm to k8s); the fixed
-    SLURM nodes run jobs (returned)."""
-    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
-    for i in range(2):
-        sim.kube.add_pod(f"web-{i}", namespace="ml")
-    for i in range(2):
-        sim.kube.wait_unschedulable(f"web-{i}", "ml")
-    return sim.fill_fixed()
-
-
-def stranded(sim) -> dict:
-    """Shared nodes not steady, or not serving exactly the side the store says ({} when none)."""
-    out = {}
-    for name, st in sim.store.nodes(sim.shared).items():
-        serving = sim.serving(name)
-        if st.phase != "steady" or serving != {st.desired_role}:
-            out[name] = (st.phase, st.desired_role, sorted(serving))
-    return out
-
-
-def running(sim, jobs) -> bool:
-    return all(sim.slurm.job_state(j)[0] == "RUNNING" for j in jobs)
 
 
 def killed_mid_switch(sim, point: str) -> None:
@@ -90,7 +60,7 @@ def test_the_api_server_stops_mid_switch_and_comes_back(balance_site):
         assert sim.bmc_actions("sn01") == [] and sim.state("sn01").phase == phase
     finally:
         sim.kube.plane.start_apiserver()
-    sim.passes_until(lambda: sim.slurm.job_state(pending)[0] == "RUNNING" and not stranded(sim), timeout=90,
+    sim.passes_until(lambda: sim.slurm.job_state(pending)[0] == "RUNNING" and settled(sim), timeout=90,
                      what="the switch to finish once the API server is back", cli=False)
     assert sim.serving("sn01") == {"slurm"} and sim.booted_once("sn01")
     assert running(sim, jobs)
@@ -116,10 +86,7 @@ def test_slurmctld_restarts_mid_switch(balance_site):
     sim.slurm.wait_node_state("cn01", lambda s: s.startswith("ALLOCATED") or s.startswith("MIXED"), timeout=60)
     assert running(sim, jobs)
 
-    def web_bound() -> bool:
-        return all(p["spec"].get("nodeName") for p in sim.kube.pods() if p["metadata"]["name"].startswith("web"))
-
-    sim.passes_until(lambda: web_bound() and not stranded(sim), timeout=90,
+    sim.passes_until(lambda: web_bound(sim) and settled(sim), timeout=90,
                      what="the switch to finish once slurmctld is back", cli=False)
     assert sim.serving("sn01") == {"k8s"} and sim.booted_once("sn01")
     assert running(sim, jobs)
@@ -139,10 +106,7 @@ def test_a_boot_server_two_minutes_behind_still_sees_its_nodes_through(balance_s
     assert 100 < behind < 140, f"the boot server's clock is {behind:.0f} s behind, not 120"
     jobs = k8s_wants_a_node(sim)
 
-    def web_bound() -> bool:
-        return all(p["spec"].get("nodeName") for p in sim.kube.pods() if p["metadata"]["name"].startswith("web"))
-
-    sim.passes_until(lambda: web_bound() and not stranded(sim), timeout=90,
+    sim.passes_until(lambda: web_bound(sim) and settled(sim), timeout=90,
                      what="sn01's switch with the boot server's clock behind", cli=False)
     assert sim.serving("sn01") == {"k8s"} and sim.booted_once("sn01")
     assert running(sim, jobs)

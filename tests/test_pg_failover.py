@@ -12,6 +12,7 @@ import pytest
 from provisioner import config
 from provisioner.reconcile import CRASH_ENV
 from testbed.simnodes import SimSite
+from tests.fixtures.balance import k8s_wants_a_node
 from tests.fixtures.slurm_cluster import require_slurm
 
 pytestmark = pytest.mark.integration
@@ -38,16 +39,6 @@ def pg_sim(pg_world):
     """The module's world (each test resets it); the test fails on what the harness saw go wrong."""
     yield pg_world
     pg_world.check()
-
-
-def k8s_wants_a_node(sim) -> list[str]:
-    """kf01 full, two small pods Unschedulable; the fixed SLURM nodes run jobs (returned)."""
-    sim.kube.add_pod("big-0", node="kf01", requests={"cpu": "1", "memory": "128Mi"})
-    for i in range(2):
-        sim.kube.add_pod(f"web-{i}", namespace="ml")
-    for i in range(2):
-        sim.kube.wait_unschedulable(f"web-{i}", "ml")
-    return sim.fill_fixed()
 
 
 @pytest.mark.parametrize("point", ["after-power", "before-power", "after-down"])
