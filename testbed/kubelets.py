@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
 from testbed.kube_api import Api, ApiError, ns_path
 
 LEASE_S = 40  # the kubelet's default nodeLeaseDurationSeconds
+# The kubelet's nodeStatusUpdateFrequency: how often it compares its Node's status with its own
+# (and posts its own again where the node-lifecycle controller marked it Unknown).
+STATUS_S = 10
 # On a pod: the seconds its containers take to stop after SIGTERM (a slow or SIGTERM-deaf application).
 STOP_ANNOTATION = "testbed.provisioner/stop-after-s"
 
@@ -69,6 +73,11 @@ class SimKubelet:
     not_ready_reason: str = ""
 
 
+def condition_status(node: dict, kind: str) -> str | None:
+    return next((c.get("status") for c in (node.get("status") or {}).get("conditions") or [] if c["type"] == kind),
+                None)
+
+
 def ready_condition(ready: bool, message: str = "") -> dict:
     t = now()
     return {"type": "Ready", "status": "True" if ready else "False",
@@ -90,6 +99,7 @@ class Kubelets:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._phases: dict[tuple[str, str], str] = {}  # (namespace, pod) -> phase a test asked for
+        self._status_at = 0.0  # time.monotonic() of the last status check
 
     # -- life cycle of the simulator --------------------------------------------------
 
@@ -167,7 +177,7 @@ class Kubelets:
             k = self.nodes.get(name)
         if k is None:
             raise KeyError(f"no running simulated kubelet on {name}")
-        k.ready = ready
+        k.ready, k.not_ready_reason = ready, message
         self.api.patch(ns_path("nodes", name=name, sub="status"),
                        {"status": {"conditions": [ready_condition(ready, message)]}})
 
@@ -201,6 +211,9 @@ class Kubelets:
             return
         for name in nodes:
             self._renew(name)
+        if time.monotonic() - self._status_at >= STATUS_S:
+            self._status_at = time.monotonic()
+            self._post_status(nodes)
         now_s = dt.datetime.now(dt.timezone.utc).timestamp()
         for pod in self.api.items(ns_path("pods"), fieldSelector="spec.nodeName!="):
             meta, spec, status = pod["metadata"], pod["spec"], pod.get("status") or {}
@@ -222,6 +235,20 @@ class Kubelets:
             except ApiError as exc:
                 if exc.status != 409:  # 409: the uid precondition, a new pod of the same name
                     raise
+
+    def _post_status(self, nodes: dict[str, SimKubelet]) -> None:
+        """As the real kubelet every STATUS_S: where the Node's Ready condition is not what this
+        kubelet reports (the controller set it Unknown while the API server or the heartbeats were
+        away), post its own again."""
+        for node in self.api.items(ns_path("nodes")):
+            k = nodes.get(node["metadata"]["name"])
+            if k is None:
+                continue
+            ready = condition_status(node, "Ready")
+            if ready != ("True" if k.ready else "False"):
+                self.api.patch(ns_path("nodes", name=k.name, sub="status"),
+                               {"status": {"conditions": [ready_condition(k.ready, k.not_ready_reason)]}},
+                               ok_missing=True)
 
     def _renew(self, name: str) -> None:
         path = ns_path("leases", "kube-node-lease", name)

@@ -214,8 +214,8 @@ class SimSite:
         """The boot server again, on the same port (env: its environment, e.g. a clock that is
         behind: testbed.boot_server.clock_offset_env). reset() brings the plain one back."""
         self.boot.stop()
+        self._boot_env = env  # set first: a server that fails to start is replaced at the next reset
         self.boot = BootServer(self.config, self.port, self.workdir / "serve.log", env=env).start()
-        self._boot_env = env
 
     def __enter__(self) -> "SimSite":
         return self.start()
@@ -276,7 +276,7 @@ class SimSite:
         self.hang.clear()
         self.pools.clear()
         self.config = self.write_config(policy, power, kubernetes)
-        if self._boot_env is not None:
+        if self._boot_env is not None or not self.boot.running():
             self.restart_boot_server()
         self.boot_delay = self.default_boot_delay if boot_delay is None else boot_delay
         self.join_delay = self.default_join_delay if join_delay is None else join_delay
