@@ -24,7 +24,7 @@ from testbed.wait import wait_for
 from tests.support import ROOT, awaits_fix
 
 
-def cli(path, *args, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
+def cli(path, *args) -> subprocess.CompletedProcess:
     return subprocess.run([*provisioner_cmd(), "--config", str(path), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
 
@@ -74,11 +74,12 @@ def shared_site(tmp_path):
     return path, str(tmp_path / "site" / "state.db")
 
 
-def node(path) -> dict:
+def pin(path) -> tuple:
+    """sn01's (target role, pinned, pin reason), as `provisioner nodes --json` shows them."""
     proc = cli(path, "nodes", "sn01", "--json")
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(proc.stdout)
-    return row
+    return row["target_role"], row["pinned"], row["pin_reason"]
 
 
 @awaits_fix("the second command's compare-and-set loses, it prints nothing and exits 0")
@@ -89,12 +90,11 @@ def test_two_admins_ask_the_same_switch(shared_site):
     # As if one after the other: A requested the switch, B found it under way and pinned there.
     assert first.returncode == 0 and "sn01: switch to k8s requested, pinned (admin A)" in first.stdout, first
     assert second.returncode == 0 and "sn01: already k8s; pinned there" in second.stdout, second
-    row = node(path)
-    assert (row["target_role"], row["pinned"], row["pin_reason"]) == ("k8s", True, "admin A"), row
+    assert pin(path) == ("k8s", True, "admin A")
 
 
 @awaits_fix("'already slurm, pinned' writes the pin without a compare-and-set: admin B is told the "
-                      "node is pinned to slurm (exit 0) while it switches to k8s showing B's pin reason")
+            "node is pinned to slurm (exit 0) while it switches to k8s showing B's pin reason")
 def test_two_admins_ask_opposite_roles_the_switch_first(shared_site):
     path, db = shared_site
     to_k8s, stay = race(path, db, ("role", "sn01", "k8s", "--reason", "admin A wants k8s"),
@@ -102,8 +102,7 @@ def test_two_admins_ask_opposite_roles_the_switch_first(shared_site):
     assert to_k8s.returncode == 0 and "sn01: switch to k8s requested, pinned" in to_k8s.stdout, to_k8s
     # B comes second: the node is switching away, B is told so and to try again; nothing of B's stays.
     assert stay.returncode == 1 and "sn01 is switching to k8s" in stay.stderr, stay
-    row = node(path)
-    assert (row["target_role"], row["pinned"], row["pin_reason"]) == ("k8s", True, "admin A wants k8s"), row
+    assert pin(path) == ("k8s", True, "admin A wants k8s")
     assert [e["kind"] for e in switch_and_pin_events(path)] == ["switch"]
 
 
@@ -114,8 +113,7 @@ def test_two_admins_ask_opposite_roles_the_pin_first(shared_site):
     # B first: its pin held until A's switch replaced it, as if they had run one after the other.
     assert stay.returncode == 0 and "sn01: already slurm; pinned there" in stay.stdout, stay
     assert to_k8s.returncode == 0 and "sn01: switch to k8s requested, pinned" in to_k8s.stdout, to_k8s
-    row = node(path)
-    assert (row["target_role"], row["pinned"], row["pin_reason"]) == ("k8s", True, "admin A wants k8s"), row
+    assert pin(path) == ("k8s", True, "admin A wants k8s")
     assert [e["kind"] for e in switch_and_pin_events(path)] == ["pin", "switch"]
 
 
