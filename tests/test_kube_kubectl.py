@@ -117,6 +117,8 @@ def test_kubectl_gets_pending_pods_as_the_adapter_does(kube, kube_adapter, kubec
     kube.add_pod("web-1", node="sn01")
     kube.add_pod("big-1", requests={"cpu": "64", "memory": "1Gi"})
     kube.wait_unschedulable("big-1")
+    # web-1 is bound at creation; Pending until its kubelet's next tick reports it Running.
+    wait_for(lambda: kube.pod("web-1")["status"].get("phase") == "Running", 30, "web-1 to run on sn01")
     rows = table(kubectl("get", "pods", "--field-selector", "status.phase=Pending").stdout)
     assert [(r["NAME"], r["STATUS"]) for r in rows] == [("big-1", "Pending")]
     assert [p.name for p in kube_adapter.pending_pods()] == ["big-1"]
