@@ -25,6 +25,8 @@ PACKAGES=(
   postgresql
   # /metrics scraped by a real Prometheus, promtool checks the example alert rules
   prometheus
+  # a boot server whose clock is behind the balancer's (libfaketime under `provisioner serve`)
+  faketime
 )
 
 missing=()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from testbed.kube_api import MERGE, Api, ApiError, ns_path
 from testbed.kube_control_plane import PROVISIONER_USER, VERSION, ControlPlane
-from testbed.kubelets import Kubelets
+from testbed.kubelets import STOP_ANNOTATION, Kubelets
 from testbed.process import free_port
 from testbed.wait import wait_for
 
@@ -75,7 +75,12 @@ class KubeCluster:
     def reset(self) -> None:
         """An empty cluster: every kubelet stopped, every workload, PDB, pod, Node, Lease and test
         webhook gone (pods force-deleted: no kubelet is left to finish them). The audit log
-        mark moves on, so requests() shows this test's calls only."""
+        mark moves on, so requests() shows this test's calls only. Fails on errors of the
+        simulated kubelets nobody took (every fixture takes them at its teardown)."""
+        left = self.kubelets.take_errors()
+        if left:
+            raise AssertionError("simulated kubelet errors nobody checked (an earlier test's leftovers?): "
+                                 + "; ".join(left))
         for name in list(self.kubelets.nodes):
             self.kubelets.halt(name)
         api = self.api
@@ -91,7 +96,6 @@ class KubeCluster:
         api.delete(ns_path("leases", "kube-node-lease"))
         wait_for(lambda: not api.items(ns_path("pods")) and not api.items(ns_path("nodes")), 30,
                  "the cluster to be empty")
-        self.kubelets.errors.clear()
         self._mark = self.plane.audit_mark()
 
     # -- nodes ---------------------------------------------------------------------------
@@ -144,14 +148,14 @@ class KubeCluster:
 
     @staticmethod
     def pod_spec(requests: dict | None = None, gpus: int = 0, node_selector: dict | None = None,
-                 tolerations: list | None = None, node: str | None = None) -> dict:
+                 tolerations: list | None = None, node: str | None = None, grace_s: int = 30) -> dict:
         res = dict(requests or {"cpu": "100m", "memory": "128Mi"})
         limits = {}
         if gpus:  # extended resources need a limit (equal to the request)
             res["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(gpus)
         spec: dict = {"containers": [{"name": "main", "image": IMAGE, "imagePullPolicy": "Never",
                                       "resources": {"requests": res, **({"limits": limits} if limits else {})}}],
-                      "terminationGracePeriodSeconds": 30, "automountServiceAccountToken": False}
+                      "terminationGracePeriodSeconds": grace_s, "automountServiceAccountToken": False}
         if node_selector:
             spec["nodeSelector"] = dict(node_selector)
         if tolerations is not None:
@@ -163,32 +167,42 @@ class KubeCluster:
     def add_pod(self, name: str, *, namespace: str = "default", node: str | None = None, phase: str | None = None,
                 requests: dict | None = None, labels: dict | None = None, node_selector: dict | None = None,
                 tolerations: list | None = None, annotations: dict | None = None, gpus: int = 0,
-                priority_class: str | None = None) -> dict:
+                priority_class: str | None = None, grace_s: int = 30, stop_s: float = 0,
+                finalizers: list[str] | None = None) -> dict:
         """A bare pod. node: bound at creation (as kubectl run --overrides nodeName, or a static
-        pod), else the real scheduler places it. phase: what its kubelet reports (Succeeded...)."""
+        pod), else the real scheduler places it. phase: what its kubelet reports (Succeeded...).
+        grace_s: its terminationGracePeriodSeconds; stop_s: the seconds its application takes to
+        stop after SIGTERM (evicted, it stays Terminating min(stop_s, grace_s) s); finalizers:
+        keep it Terminating after its kubelet is done, until they are removed."""
         self.namespace(namespace)
-        spec = self.pod_spec(requests, gpus, node_selector, tolerations, node)
+        spec = self.pod_spec(requests, gpus, node_selector, tolerations, node, grace_s)
+        if stop_s:
+            annotations = {**(annotations or {}), STOP_ANNOTATION: str(stop_s)}
         if priority_class:
             spec["priorityClassName"] = priority_class
         pod = self.api.create(ns_path("pods", namespace), {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "labels": labels or {"app": name},
-                         **({"annotations": annotations} if annotations else {})},
+                         **({"annotations": annotations} if annotations else {}),
+                         **({"finalizers": finalizers} if finalizers else {})},
             "spec": spec})
         if phase and node:
             self.kubelets.set_pod_phase(namespace, name, phase)
         return pod
 
     def add_replicaset(self, name: str, replicas: int, *, namespace: str = "default", labels: dict | None = None,
-                       requests: dict | None = None, node_selector: dict | None = None) -> dict:
-        """A ReplicaSet: the real controller makes its pods (and replaces an evicted one)."""
+                       requests: dict | None = None, node_selector: dict | None = None, grace_s: int = 30,
+                       stop_s: float = 0) -> dict:
+        """A ReplicaSet: the real controller makes its pods (and replaces an evicted one).
+        grace_s, stop_s: as for add_pod (stop_s > grace_s: an application deaf to SIGTERM)."""
         self.namespace(namespace)
         labels = labels or {"app": name}
+        meta: dict = {"labels": labels, **({"annotations": {STOP_ANNOTATION: str(stop_s)}} if stop_s else {})}
         return self.api.create(ns_path("replicasets", namespace), {
             "apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": name, "namespace": namespace},
             "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                     "template": {"metadata": {"labels": labels},
-                                  "spec": self.pod_spec(requests, node_selector=node_selector)}}})
+                     "template": {"metadata": meta,
+                                  "spec": self.pod_spec(requests, node_selector=node_selector, grace_s=grace_s)}}})
 
     def add_daemonset(self, name: str, *, namespace: str = "kube-system", node_selector: dict | None = None) -> dict:
         """A DaemonSet: the real controller puts a pod on each (selected) node."""

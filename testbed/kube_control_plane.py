@@ -65,6 +65,7 @@ def binaries() -> dict[str, Path]:
 
 class ControlPlane:
     def __init__(self, folder: str | os.PathLike, *, grace_s: int = 8, extra_sans: tuple[str, ...] = ("10.0.2.2",)):
+        self._probes: dict[str, object] = {}
         self.folder = Path(folder).resolve()
         self.grace_s = grace_s
         self.extra_sans = extra_sans
@@ -175,8 +176,35 @@ class ControlPlane:
         self.wait_service_account("default", timeout)
 
     def _run(self, name: str, cmd: list[str], port: int, probe, timeout: float) -> None:
+        self._probes[name] = probe
         self.daemons[name] = Daemon(cmd, port, self.folder / f"{name}.log", env={"PATH": "/usr/bin:/bin"},
                                     name=name).start(probe, timeout)
+
+    def stop_apiserver(self) -> None:
+        """The API server goes down (etcd and the controllers stay): clients get connection refused."""
+        self.daemons["kube-apiserver"].stop()
+
+    def start_apiserver(self, timeout: float = 120) -> None:
+        """The same API server again, on the same port and certificates, over the same etcd; back
+        once the scheduler, whose watches broke, places pods again (a probe pod it must find
+        unschedulable), so the next test meets a working cluster."""
+        self.daemons["kube-apiserver"].start(self._probes["kube-apiserver"], timeout)
+        probe = ns_path("pods", "default", "scheduler-probe")
+        self.api.delete(probe, {"gracePeriodSeconds": 0})
+        self.api.create(ns_path("pods", "default"), {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "scheduler-probe", "namespace": "default"},
+            "spec": {"nodeSelector": {"testbed.provisioner/probe": "nowhere"}, "automountServiceAccountToken": False,
+                     "containers": [{"name": "main", "image": "registry.invalid/probe:1"}]}})
+        deadline = time.monotonic() + timeout
+        try:
+            while not any(c.get("type") == "PodScheduled" and c.get("reason") == "Unschedulable"
+                          for c in ((self.api.get(probe) or {}).get("status") or {}).get("conditions") or []):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"kube-scheduler did not come back within {timeout:.0f} s after the API "
+                                       f"server restarted: {self.folder / 'kube-scheduler.log'}")
+                time.sleep(0.2)
+        finally:
+            self.api.delete(probe, {"gracePeriodSeconds": 0})
 
     def stop(self) -> None:
         """Stop everything, controllers first, etcd last; safe to call twice."""

@@ -5,9 +5,17 @@ A kubelet that starts registers its Node (labels, capacity, a fresh status.nodeI
 posts Ready; while it runs it renews its Lease in kube-node-lease (the heartbeat the real
 node-lifecycle controller watches), starts the pods the real scheduler bound to it (status
 Running and Ready, which is what the real disruption controller counts), and finishes the
-deletion of its pods that were evicted or deleted (the final delete a kubelet makes once the
-containers stopped). When its node powers off it simply stops: no more heartbeats, so the real
-controller marks the node NotReady after its grace period, as for a real node.
+deletion of its pods that were evicted or deleted as the real one does: the pod stays Terminating
+until its containers stopped, which takes STOP_ANNOTATION seconds after the SIGTERM (default 0: an
+application that exits on SIGTERM), and at most the deletion's grace period (then SIGKILL); then
+the kubelet reports the terminal phase and makes the final delete, which the API server carries
+out once the pod's finalizers are gone. When its node powers off it simply stops: no more
+heartbeats, so the real controller marks the node NotReady after its grace period, as for a real
+node.
+
+What a tick cannot do is recorded in `errors` (take_errors()); the test world's fixtures fail the
+test on them. A pod that disappears between the listing and the kubelet's write is no error (the
+real kubelet meets the same race).
 
 One thread serves every simulated node; nothing here decides anything for the product.
 """
@@ -16,12 +24,18 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
 from testbed.kube_api import Api, ApiError, ns_path
 
 LEASE_S = 40  # the kubelet's default nodeLeaseDurationSeconds
+# The kubelet's nodeStatusUpdateFrequency: how often it compares its Node's status with its own
+# (and posts its own again where the node-lifecycle controller marked it Unknown).
+STATUS_S = 10
+# On a pod: the seconds its containers take to stop after SIGTERM (a slow or SIGTERM-deaf application).
+STOP_ANNOTATION = "testbed.provisioner/stop-after-s"
 
 
 def now() -> str:
@@ -30,6 +44,20 @@ def now() -> str:
 
 def _micro_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _epoch(stamp: str) -> float:
+    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def containers_stop_at(meta: dict) -> float:
+    """When the containers of a pod being deleted have stopped: SIGTERM at the deletion request
+    (deletionTimestamp minus its grace period), then the application's own stop time, cut at the
+    grace period by SIGKILL."""
+    grace = int(meta.get("deletionGracePeriodSeconds") or 0)
+    asked = _epoch(meta["deletionTimestamp"]) - grace
+    slow = float((meta.get("annotations") or {}).get(STOP_ANNOTATION) or 0)
+    return asked + min(slow, grace)
 
 
 @dataclass
@@ -43,6 +71,11 @@ class SimKubelet:
     running: bool = True
     ready: bool = True  # False: the kubelet runs but reports NotReady (e.g. its runtime is down)
     not_ready_reason: str = ""
+
+
+def condition_status(node: dict, kind: str) -> str | None:
+    return next((c.get("status") for c in (node.get("status") or {}).get("conditions") or [] if c["type"] == kind),
+                None)
 
 
 def ready_condition(ready: bool, message: str = "") -> dict:
@@ -61,10 +94,12 @@ class Kubelets:
         self.nodes: dict[str, SimKubelet] = {}
         self.errors: list[str] = []  # what a tick could not do (a test may show them)
         self._lock = threading.Lock()
+        self._tick_lock = threading.Lock()  # halt() waits for a tick in progress: no write after it
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._phases: dict[tuple[str, str], str] = {}  # (namespace, pod) -> phase a test asked for
+        self._status_at = 0.0  # time.monotonic() of the last status check
 
     # -- life cycle of the simulator --------------------------------------------------
 
@@ -123,9 +158,15 @@ class Kubelets:
             if exc.status != 409:
                 raise
 
+    def take_errors(self) -> list[str]:
+        """The errors of the ticks so far, cleared."""
+        with self._lock:
+            out, self.errors = self.errors, []
+        return out
+
     def halt(self, name: str) -> None:
         """Power off: the kubelet is gone, its heartbeats stop (the Node object stays)."""
-        with self._lock:
+        with self._tick_lock, self._lock:
             k = self.nodes.pop(name, None)
         if k:
             k.running = False
@@ -136,7 +177,7 @@ class Kubelets:
             k = self.nodes.get(name)
         if k is None:
             raise KeyError(f"no running simulated kubelet on {name}")
-        k.ready = ready
+        k.ready, k.not_ready_reason = ready, message
         self.api.patch(ns_path("nodes", name=name, sub="status"),
                        {"status": {"conditions": [ready_condition(ready, message)]}})
 
@@ -156,10 +197,12 @@ class Kubelets:
             self._wake.wait(self.interval)
             self._wake.clear()
             try:
-                self.tick()
-            except Exception as exc:  # the API server restarting, a race with a test's reset
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-                del self.errors[:-20]
+                with self._tick_lock:
+                    self.tick()
+            except Exception as exc:  # e.g. the API server down: the test that stopped it takes these
+                with self._lock:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    del self.errors[:-20]
 
     def tick(self) -> None:
         with self._lock:
@@ -168,17 +211,44 @@ class Kubelets:
             return
         for name in nodes:
             self._renew(name)
+        if time.monotonic() - self._status_at >= STATUS_S:
+            self._status_at = time.monotonic()
+            self._post_status(nodes)
+        now_s = dt.datetime.now(dt.timezone.utc).timestamp()
         for pod in self.api.items(ns_path("pods"), fieldSelector="spec.nodeName!="):
             meta, spec, status = pod["metadata"], pod["spec"], pod.get("status") or {}
             if spec.get("nodeName") not in nodes:
                 continue
             path = ns_path("pods", meta["namespace"], meta["name"])
-            if meta.get("deletionTimestamp"):
-                # The containers stopped: the kubelet's final delete (grace 0, this very pod).
-                self.api.delete(path, {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}})
-            elif status.get("phase") == "Pending":
-                phase = self._phases.get((meta["namespace"], meta["name"]), "Running")
-                self.api.patch(path + "/status", {"status": self._pod_status(phase, spec, nodes[spec["nodeName"]])})
+            try:
+                if meta.get("deletionTimestamp"):
+                    if now_s < containers_stop_at(meta):
+                        continue  # Terminating: SIGTERM sent, the containers still run
+                    if status.get("phase") not in ("Succeeded", "Failed"):
+                        # Stopped: the kubelet reports the terminal phase, then makes the final delete.
+                        self.api.patch(path + "/status", {"status": self._pod_status("Failed")}, ok_missing=True)
+                    self.api.delete(path, {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}})
+                elif status.get("phase") == "Pending":
+                    phase = self._phases.get((meta["namespace"], meta["name"]), "Running")
+                    self.api.patch(path + "/status", {"status": self._pod_status(phase, spec, nodes[spec["nodeName"]])},
+                                   ok_missing=True)
+            except ApiError as exc:
+                if exc.status != 409:  # 409: the uid precondition, a new pod of the same name
+                    raise
+
+    def _post_status(self, nodes: dict[str, SimKubelet]) -> None:
+        """As the real kubelet every STATUS_S: where the Node's Ready condition is not what this
+        kubelet reports (the controller set it Unknown while the API server or the heartbeats were
+        away), post its own again."""
+        for node in self.api.items(ns_path("nodes")):
+            k = nodes.get(node["metadata"]["name"])
+            if k is None:
+                continue
+            ready = condition_status(node, "Ready")
+            if ready != ("True" if k.ready else "False"):
+                self.api.patch(ns_path("nodes", name=k.name, sub="status"),
+                               {"status": {"conditions": [ready_condition(k.ready, k.not_ready_reason)]}},
+                               ok_missing=True)
 
     def _renew(self, name: str) -> None:
         path = ns_path("leases", "kube-node-lease", name)

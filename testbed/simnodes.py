@@ -17,7 +17,12 @@ real node-lifecycle controller marks the Node NotReady after its grace period, s
 seconds a rebooting node still looks Ready, as in production.
 
 A reboot of a node that still runs a SLURM job or a pod would kill that work: the harness records
-it in `violations` (tests assert it stays empty).
+it in `violations`. The harness fails closed: an observation it cannot make (squeue or the API
+server failing while it checks a power action for running work), a boot step that fails (no
+script, a refused callback: the node then never joins), an exception in its BMC hook and an error
+of the simulated kubelets are recorded in `errors`, and `check()` (every fixture's teardown)
+fails the test on any of them. A test that causes one on purpose takes it with `take_errors()`
+and asserts on it.
 
 Outside pytest (the demo uses it):
 
@@ -88,6 +93,17 @@ def kernel_args(script: str) -> dict[str, str]:
     return {}
 
 
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
+class BootFailed(Exception):
+    """A simulated boot stopped where a real node's would (no script, a refused callback)."""
+
+
 class SimNode:
     def __init__(self, name: str, mac_addr: str, ip: str, role: str):
         self.name, self.mac, self.ip = name, mac_addr, ip
@@ -141,9 +157,13 @@ class SimSite:
         self.port = 0
         self.boots: list[dict] = []  # one record per simulated boot (role, ok, error, ...)
         self.violations: list[str] = []  # reboots of nodes that still ran work
+        self.errors: list[str] = []  # what the harness could not observe or do (see check())
+        self.hang: set[str] = set()  # nodes whose image hangs before its boot callback (a fault; reset clears)
+        self.pools: dict[str, str] = {}  # shared nodes the site.yaml puts in another pool (a fault; reset clears)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._store = None
+        self._boot_env: dict | None = None
         self.first_event = 0  # events before this id belong to earlier tests
 
     # ----------------------------------------------------------------------- life cycle
@@ -176,6 +196,7 @@ class SimSite:
 
     def stop(self) -> None:
         """Stop everything started here (by pid); safe to call twice and after a failed start."""
+        self.reap_passes()
         for t in list(self._threads):
             t.join(timeout=15)
         if self.boot:
@@ -188,6 +209,13 @@ class SimSite:
             self.slurm.stop()
         if self._store is not None:
             self._store.close()
+
+    def restart_boot_server(self, env: dict | None = None) -> None:
+        """The boot server again, on the same port (env: its environment, e.g. a clock that is
+        behind: testbed.boot_server.clock_offset_env). reset() brings the plain one back."""
+        self.boot.stop()
+        self._boot_env = env  # set first: a server that fails to start is replaced at the next reset
+        self.boot = BootServer(self.config, self.port, self.workdir / "serve.log", env=env).start()
 
     def __enter__(self) -> "SimSite":
         return self.start()
@@ -205,8 +233,9 @@ class SimSite:
         bmc = {"address": "127.0.0.1"}
         nodes = [{"name": n, "pool": "slurm", "macs": [mac(i, 1)], "bmc": bmc} for i, n in enumerate(self.fixed, 1)]
         nodes += [{"name": n, "pool": "k8s", "macs": [mac(i, 2)], "bmc": bmc} for i, n in enumerate(self.fixed_k8s, 1)]
-        nodes += [{"name": n.name, "pool": "shared", "default_role": self.initial_roles[n.name], "macs": [n.mac],
-                   "ip": n.ip, "bmc": {"address": "127.0.0.1", "port": self.bmc.port(n.name)}}
+        nodes += [{"name": n.name, "pool": self.pools.get(n.name, "shared"), "macs": [n.mac], "ip": n.ip,
+                   "bmc": {"address": "127.0.0.1", "port": self.bmc.port(n.name)},
+                   **({} if n.name in self.pools else {"default_role": self.initial_roles[n.name]})}
                   for n in self.nodes.values()]
         url = f"http://127.0.0.1:{self.port}"
         return write_site(
@@ -240,8 +269,15 @@ class SimSite:
 
         start = time.monotonic()
         self.wait_idle()
+        left = self.take_errors()
+        if left:  # every fixture checks at teardown: these came after it, from an earlier test's leftovers
+            raise AssertionError("harness errors nobody checked (an earlier test's leftovers?):\n" + "\n".join(left))
         roles = {**self.initial_roles, **(roles or {})}
+        self.hang.clear()
+        self.pools.clear()
         self.config = self.write_config(policy, power, kubernetes)
+        if self._boot_env is not None or not self.boot.running():
+            self.restart_boot_server()
         self.boot_delay = self.default_boot_delay if boot_delay is None else boot_delay
         self.join_delay = self.default_join_delay if join_delay is None else join_delay
         self.bmc.reset()
@@ -285,7 +321,8 @@ class SimSite:
         self._trace(start, roles, "reset: ")
 
     def wait_idle(self, timeout: float = 20) -> None:
-        """Wait for the boots in progress to finish (so a test starts from a still world)."""
+        """Wait for the boots in progress to finish (so a test starts from a still world); fail
+        when one is still going after `timeout` s."""
         deadline = time.monotonic() + timeout
         with self._lock:
             threads = list(self._threads)
@@ -293,6 +330,64 @@ class SimSite:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()]
+            alive = [t.name for t in self._threads]
+        if alive:
+            raise AssertionError(f"simulated boots still going after {timeout:.0f}s: {alive}")
+
+    # ----------------------------------------------------------------------- failing closed
+
+    def error(self, what: str) -> None:
+        """Record something the harness could not observe or do: it fails the test (check())."""
+        with self._lock:
+            self.errors.append(f"{time.strftime('%H:%M:%S')} {what}")
+
+    def take_errors(self) -> list[str]:
+        """Every harness error recorded so far (this site's, its BMC hook's, the simulated
+        kubelets'), cleared: what a test that causes them on purpose asserts on."""
+        with self._lock:
+            out, self.errors = self.errors, []
+        hooks = [e for e in list(self.bmc.events) if e.get("event") == "hook-error"] if self.bmc else []
+        for e in hooks:
+            self.bmc.events.remove(e)
+            out.append(f"BMC hook for {e.get('bmc')}: {e.get('error')}")
+        if self.kube is not None and self.kube.kubelets is not None:
+            out += [f"simulated kubelets: {e}" for e in self.kube.kubelets.take_errors()]
+        return out
+
+    def reap_passes(self) -> list[int]:
+        """SIGKILL the balance passes of this world still running: the detached ones slurmctld's
+        programs start (`provisioner slurm resume` wakes a pass) outlive the test that caused
+        them, and must not act in the next one. Returns their pids."""
+        mine = str(self.workdir)
+        killed = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            words = [w.decode(errors="replace") for w in argv]
+            if "balance" in words and any(w.startswith(mine) for w in words):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+                except ProcessLookupError:
+                    pass
+        for pid in killed:  # gone before the test ends (they are not our children: poll /proc)
+            wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in _proc_state(pid), 10, f"pass {pid} to end")
+        return killed
+
+    def check(self, timeout: float = 20) -> None:
+        """The teardown of every test: detached passes reaped, the boots in progress end, no node
+        was rebooted while it ran work, and the harness made every observation and step it had
+        to (take_errors())."""
+        self.reap_passes()
+        self.wait_idle(timeout)
+        problems = [f"rebooted while it ran work: {v}" for v in self.violations] + self.take_errors()
+        self.violations.clear()
+        if problems:
+            raise AssertionError("the test world saw:\n" + "\n".join(problems))
 
     # ----------------------------------------------------------------------- the simulated nodes
 
@@ -304,18 +399,29 @@ class SimSite:
         with node.lock:
             node.generation += 1
             gen = node.generation
-        self._check_no_work(node.name, event["action"])
+        try:
+            self._check_no_work(node.name, event["action"])
+        except Exception as exc:  # the check could not be made: that fails the test, never reads as "no work"
+            self.error(f"{node.name}: could not check for running work before power {event['action']}: "
+                       f"{type(exc).__name__}: {exc}")
         target = self._boot if event.get("boot") else self._power_off
-        t = threading.Thread(target=target, args=(node, gen, event), name=f"sim-{node.name}-{gen}", daemon=True)
+        t = threading.Thread(target=self._guarded, args=(target, node, gen, event), name=f"sim-{node.name}-{gen}",
+                             daemon=True)
         with self._lock:  # started before it is listed: wait_idle() may join any listed thread
             t.start()
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
+    def _guarded(self, target: Callable, node: SimNode, gen: int, event: dict) -> None:
+        try:
+            target(node, gen, event)
+        except Exception as exc:  # a thread's exception would only be printed
+            self.error(f"{node.name}: power {event['action']}: {type(exc).__name__}: {exc}")
 
     def _check_no_work(self, name: str, action: str) -> None:
         if action not in ("off", "soft", "reset", "cycle"):
             return
         # Running work only: a job waiting for this node to power up (CONFIGURING) runs nowhere yet.
-        jobs = self.slurm.run("squeue", "-h", "-w", name, "-t", "R,CG,S", "-o", "%i", check=False).split()
+        jobs = self.slurm.run("squeue", "-h", "-w", name, "-t", "R,CG,S", "-o", "%i").split()
         pods = [p["metadata"]["name"] for p in self.kube.pods(name)
                 if p["status"].get("phase") not in ("Succeeded", "Failed")
                 and not any(o.get("kind") == "DaemonSet" for o in p["metadata"].get("ownerReferences") or [])]
@@ -355,29 +461,34 @@ class SimSite:
         try:
             time.sleep(self.boot_delay)
             if not self._current(node, gen):
-                record["error"] = "superseded by a newer power event"
+                record["superseded"] = True
                 return
             with urllib.request.urlopen(f"{self.boot.url}/ipxe?mac={urllib.parse.quote(node.mac)}", timeout=10) as r:
                 script = r.read().decode()
             args = kernel_args(script)
             role = args.get("provisioner.role")
             if role not in ("slurm", "k8s"):
-                record["error"] = f"no bootable script: {script.splitlines()[1:3]}"
-                return
+                raise BootFailed(f"no bootable script: {script.splitlines()[1:3]}")
             record["role"] = role
             if not self._current(node, gen):
-                record["error"] = "superseded by a newer power event"
+                record["superseded"] = True
+                return
+            if node.name in self.hang:  # the fault a test asked for: the image never gets to its callback
+                record["hung"] = True
                 return
             # The image's init calls back early; its cluster daemon joins later (join_delay).
             record["callback"] = self._callback(node, args)
-            record["ok"] = record["callback"] == 200
+            if record["callback"] != 200:  # the image's init stops there: the node never joins
+                raise BootFailed(f"boot callback refused (HTTP {record['callback']})")
+            record["ok"] = True
             time.sleep(self.join_delay)
             if not self._current(node, gen):
                 return
             self._join(node, role)
             record["joined"] = time.time()
-        except Exception as exc:  # recorded for the test to see; a boot that fails leaves the node down
-            record["error"] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a boot that fails leaves the node down, and fails the test (check())
+            record["error"] = str(exc) if isinstance(exc, BootFailed) else f"{type(exc).__name__}: {exc}"
+            self.error(f"{node.name}: boot ({event['action']}): {record['error']}")
 
     def _callback(self, node: SimNode, args: dict[str, str]) -> int:
         url = urllib.parse.urlsplit(args["provisioner.callback"])

@@ -207,7 +207,7 @@ class VmSite(SimSite):
         try:
             with vm.lock:
                 if not self._current(node, gen):
-                    record["error"] = "superseded by a newer power event"
+                    record["superseded"] = True
                     return
                 self.running_role[node.name] = None
                 mark = vm.serial_mark()
@@ -225,6 +225,8 @@ class VmSite(SimSite):
             record["joined"] = time.time()
         except VMError as exc:
             record["error"] = str(exc)
+            if not self._stopping.is_set() and self._current(node, gen):  # fails the test (check())
+                self.error(f"{node.name}: VM boot ({event['action']}): {exc}")
             if not vm.is_running() and self._current(node, gen) and not self._stopping.is_set():
                 self.bmc.set_power(node.name, "off")  # the BMC reports what the machine does
 

@@ -1,6 +1,7 @@
 """The balancer's safety promises, against the real parts (testbed/simnodes.py): work that arrives
 late stops a reboot, a pass killed at any step leaves nothing stranded, one pass at a time, and a
-dead BMC fails one node visibly without holding up the others."""
+dead BMC fails one node visibly without holding up the others. The shared nodes' daemons are
+played by the harness (a real slurmd on the host, a simulated kubelet); no image boots."""
 
 from __future__ import annotations
 
@@ -18,36 +19,11 @@ from testbed.kube_control_plane import PROVISIONER_USER
 from testbed.tcp_gate import TcpGate
 from testbed.wait import wait_for
 from testbed.simnodes import ROOT, kernel_args, provisioner_cmd
+from tests.fixtures.balance import k8s_wants_a_node, running, settled, slurm_wants_a_node
 
 pytestmark = pytest.mark.integration
 
 ALL_K8S = {n: "k8s" for n in ("sn01", "sn02", "sn03", "sn04")}
-
-
-def slurm_wants_a_node(sim) -> tuple[list[str], str]:
-    """Fixed SLURM nodes full, one job Pending (Resources); returns (running jobs, pending job)."""
-    running = sim.fill_fixed()
-    return running, sim.submit_pending("--job-name=needs-a-node")
-
-
-def k8s_wants_a_node(sim) -> list[str]:
-    """kn01 full, two small pods Unschedulable; the fixed SLURM nodes run jobs (returned)."""
-    sim.kube.add_pod("big-0", node="kn01", requests={"cpu": "1", "memory": "128Mi"})
-    for i in range(2):
-        sim.kube.add_pod(f"web-{i}", namespace="ml")
-    for i in range(2):
-        sim.kube.wait_unschedulable(f"web-{i}", "ml")
-    return sim.fill_fixed()
-
-
-def settled(sim) -> bool:
-    """Every shared node steady (or failed) and serving exactly the side the store says."""
-    states = sim.store.nodes(sim.shared)
-    return all(s.phase == "steady" and sim.serving(n) == {s.desired_role} for n, s in states.items())
-
-
-def running(sim, jobs) -> bool:
-    return all(sim.slurm.job_state(j)[0] == "RUNNING" for j in jobs)
 
 
 # --------------------------------------------------------------------------- work arrives late
@@ -147,6 +123,35 @@ def test_admin_forced_switches_wait_for_jobs_and_evict_pods_never_kill(balance_s
     sim.passes_until(lambda: settled(sim) and sim.serving("sn01") == {"k8s"} and sim.serving("sn02") == {"slurm"},
                      timeout=60, what="both forced switches", cli=False)
     assert sim.booted_once("sn01") and sim.booted_once("sn02")
+
+
+def test_a_pod_deaf_to_sigterm_keeps_its_node_up_for_its_whole_grace_period(balance_site):
+    """As with the real kubelet, an evicted pod stays Terminating until its containers stop; this
+    one ignores SIGTERM, so it runs until its grace period (8 s) ends in SIGKILL. The forced switch
+    waits for it: no power action while the pod exists, then exactly one."""
+    sim = balance_site(roles={"sn02": "k8s"})
+    sim.kube.add_replicaset("slow", 1, node_selector={"kubernetes.io/hostname": "sn02"}, grace_s=8, stop_s=3600)
+    (pod,) = [p["metadata"]["name"] for p in wait_for(lambda: sim.kube.pods("sn02"), 30, "the slow pod on sn02")]
+    sim.kube.wait_bound(pod)
+    proc = sim.cli("role", "sn02", "slurm", "--reason", "maintenance", "--now")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: ((sim.kube.pod(pod) or {}).get("metadata") or {}).get("deletionTimestamp"), 30,
+             "the slow pod to be evicted")
+    terminating = []
+
+    def pod_gone() -> bool:
+        if sim.kube.pod(pod) is None:
+            return True
+        assert sim.bmc_actions("sn02") == [], "sn02 powered while its pod was still Terminating"
+        terminating.append(sim.state("sn02").phase)
+        return False
+
+    sim.passes_until(pod_gone, timeout=60, what="the slow pod's grace period to end", cli=False)
+    # Passes came meanwhile and waited before the power step.
+    assert terminating and set(terminating) <= {"cordoning", "draining"}, terminating
+    sim.passes_until(lambda: settled(sim) and sim.serving("sn02") == {"slurm"}, timeout=60,
+                     what="the switch to finish", cli=False)
+    assert sim.booted_once("sn02")
 
 
 # --------------------------------------------------------------------------- crashes

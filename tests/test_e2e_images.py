@@ -43,13 +43,20 @@ def real_image_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def image_site(tmp_path_factory, real_image_root, kube_cluster):
+def image_world(tmp_path_factory, real_image_root, kube_cluster):
     require_vm_parts()
     require_binary("ssh")
     site = ImageVmSite(require_slurm(tmp_path_factory.mktemp("image-site")), real_image_root, kube=kube_cluster,
                        fixed="cn01", shared="sn01", fixed_k8s="kn01", policy=REAL_POLICY)
     with running(site):
         yield site
+
+
+@pytest.fixture
+def image_site(image_world):
+    """The module's world; the test fails on what the harness saw go wrong."""
+    yield image_world
+    image_world.check(image_world.boot_timeout + 30)
 
 
 def _switch_times(sim: ImageVmSite, node: str) -> list[tuple[str, float]]:

@@ -1,7 +1,14 @@
 """End to end, with real VMs: qemu (TCG) network-boots through Debian's iPXE ROM from the real
 `provisioner serve`, powered through the BMC simulators over IPMI, and the balancer switches a VM
-between the slurm and the k8s image, driven only by pending work in the real SLURM cluster and in
-a real Kubernetes control plane. The console and the boot callback prove which image booted.
+from the SLURM role to the Kubernetes role and back, driven only by pending work in the real SLURM
+cluster and in a real Kubernetes control plane.
+
+What runs, exactly: both roles boot the same TINY image (provisioner/data/images/tiny: a kernel
+and a busybox initramfs, no slurmd, no kubelet); what differs per role is the kernel command line,
+the overlay and the callback, which the console and the boot server prove. Once the VM's callback
+is accepted, the HARNESS plays the role's daemon: a real slurmd on the host (slurm) or a simulated
+kubelet (k8s). The real Debian images, with their own slurmd and kubelet, are booted only by
+tests/test_e2e_images.py.
 
 The world is tests/fixtures/vms.py's VmSite (one session; VMs reused between tests): cn01 fixed
 SLURM node, sn01 a shared node that is a VM, kn01 fixed Kubernetes node.

@@ -30,7 +30,16 @@ def scrape(client) -> dict[tuple, float]:
 
 
 def value(samples, name, **labels) -> float:
-    return samples.get((name, *sorted(labels.items())), 0.0)
+    """The sample's value. A labelled counter has no sample for a label set it never counted
+    (0 then), but a metric the endpoint no longer serves at all fails: `== 0` must not pass
+    because the metric disappeared."""
+    key = (name, *sorted(labels.items()))
+    if key in samples:
+        return samples[key]
+    label_sets = {tuple(k for k, _ in key[1:]) for key in samples if key[0] == name}
+    assert label_sets, f"the endpoint serves no metric {name}"
+    assert tuple(sorted(labels)) in label_sets, f"{name} has labels {label_sets}, not {sorted(labels)}"
+    return 0.0
 
 
 @pytest.fixture

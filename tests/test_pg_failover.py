@@ -12,13 +12,14 @@ import pytest
 from provisioner import config
 from provisioner.reconcile import CRASH_ENV
 from testbed.simnodes import SimSite
+from tests.fixtures.balance import k8s_wants_a_node
 from tests.fixtures.slurm_cluster import require_slurm
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def pg_sim(tmp_path_factory, kube_cluster, postgres_server):
+def pg_world(tmp_path_factory, kube_cluster, postgres_server):
     url = postgres_server.create_database("failover")
     workdir = tmp_path_factory.mktemp("pg-sim")
     # Node names of its own: the session's Kubernetes control plane also serves the balance world,
@@ -33,14 +34,11 @@ def pg_sim(tmp_path_factory, kube_cluster, postgres_server):
         sim.stop()
 
 
-def k8s_wants_a_node(sim) -> list[str]:
-    """kf01 full, two small pods Unschedulable; the fixed SLURM nodes run jobs (returned)."""
-    sim.kube.add_pod("big-0", node="kf01", requests={"cpu": "1", "memory": "128Mi"})
-    for i in range(2):
-        sim.kube.add_pod(f"web-{i}", namespace="ml")
-    for i in range(2):
-        sim.kube.wait_unschedulable(f"web-{i}", "ml")
-    return sim.fill_fixed()
+@pytest.fixture
+def pg_sim(pg_world):
+    """The module's world (each test resets it); the test fails on what the harness saw go wrong."""
+    yield pg_world
+    pg_world.check()
 
 
 @pytest.mark.parametrize("point", ["after-power", "before-power", "after-down"])

@@ -162,6 +162,9 @@ def test_password_never_appears_in_logs(tmp_path, bmcs, caplog):
 
 def test_cli_module_entry_point_works_too(tmp_path, bmcs):
     path = bmc_site(tmp_path / "site", bmcs, names=["bn01"])
-    res = subprocess.run([sys.executable, "-m", "provisioner", "--config", str(path), "power", "bn01", "on"],
+    assert bmcs.state("bn01")["power"] == "off"
+    res = subprocess.run([sys.executable, "-m", "provisioner", "--config", str(path), "power", "bn01", "on", "--json"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 0, res.stderr
+    assert [(r["node"], r["ok"], r["state"]) for r in json.loads(res.stdout)] == [("bn01", True, "on")]
+    assert bmcs.state("bn01")["power"] == "on" and bmcs.state("bn01")["actions"] == ["on"]

@@ -15,6 +15,7 @@ from provisioner.model import Policy
 from provisioner.simulate import engine, pods as podsmod, report, swf
 from provisioner.simulate.engine import Cluster, Dist, Settings, simulate
 from provisioner.simulate.pods import Pod
+from tests.support import require_module
 from provisioner.simulate.swf import Job
 from provisioner.states import K8S, SLURM
 
@@ -199,7 +200,7 @@ SMALL = ["--slurm-nodes", "2", "--k8s-nodes", "1", "--shared-nodes", "2", "--nod
 
 
 def test_the_command_prints_four_rows_and_writes_the_plots(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     trace = tmp_path / "tiny.swf"
     trace.write_text("; MaxNodes: 4\n" + TRACE)
     assert main(["simulate", "--slurm-trace", str(trace), *SMALL, "--plots", str(tmp_path / "out")]) == 0

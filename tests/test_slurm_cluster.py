@@ -19,10 +19,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_nodes_join_and_leave_and_stop_leaves_nothing(tmp_path):
+def test_the_test_worlds_slurm_cluster(slurm_cluster, tmp_path):
+    """The harness itself, once: nodes join and leave at runtime, a second cluster beside the
+    session's sees only its own jobs, and stop() leaves no process behind."""
     cluster = SlurmCluster(require_slurm(tmp_path / "c"), nodes=["x[1-2]"], started=["x1"])
     try:
         cluster.start()
+        assert cluster.ctld_port != slurm_cluster.ctld_port
         # never registered (powered off / in the other cluster): UNKNOWN, later +NOT_RESPONDING
         assert cluster.node_state("x2").startswith("UNKNOWN")
         cluster.start_slurmd("x2")  # "booted the SLURM image"
@@ -30,6 +33,8 @@ def test_nodes_join_and_leave_and_stop_leaves_nothing(tmp_path):
 
         job = cluster.sbatch(nodelist="x2")
         assert cluster.wait_job_running(job) == "x2"
+        assert cluster.run("squeue", "-h", "-o", "%i %N").split() == [job, "x2"]
+        assert slurm_cluster.run("squeue", "-h") == ""  # each sees only its own jobs
         daemons = [p.pid for p in cluster._procs.values()]
         cluster.stop_slurmd("x2")  # the job's slurmstepd and sleep outlive slurmd
         job_pids = wait_for(lambda: [p for p in cluster.marked_pids() if p not in daemons], 10, "job processes")
@@ -39,13 +44,4 @@ def test_nodes_join_and_leave_and_stop_leaves_nothing(tmp_path):
     assert not [p for p in daemons + job_pids if alive(p)]
     assert cluster.marked_pids() == []
     cluster.stop()  # twice is fine
-
-
-def test_two_clusters_side_by_side(slurm_cluster, tmp_path):
-    with SlurmCluster(require_slurm(tmp_path / "other"), nodes=["cn01"]) as other:
-        assert other.ctld_port != slurm_cluster.ctld_port
-        assert other.node_ports["cn01"] != slurm_cluster.node_ports["cn01"]
-        other.sbatch()
-        assert "cn01" in other.run("squeue", "-h", "-o", "%N") or other.run("squeue", "-h")
-        assert slurm_cluster.run("squeue", "-h") == ""  # each sees only its own jobs
     assert slurm_cluster.node_state("cn01").startswith("IDLE")
