@@ -20,18 +20,13 @@ redacted before it leaves this module.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import select
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from provisioner.errors import OperationError
+from provisioner.power import worker
 
 if TYPE_CHECKING:  # the worker process stays light: no yaml, no config loader
     from provisioner.model import Bmc
@@ -46,8 +41,6 @@ _NETWORK = 0x04  # boot flags data 2: "force PXE" device selector (1 << 2)
 _BUSY, _BAD_STATE = 0xC0, 0xD5
 _BUSY_BACKOFF_S = 0.5
 _EXPECTED = {"on": "on", "off": "off", "reset": "on", "cycle": "on", "boot": "on"}  # power state after
-_STARTUP_S = 30.0  # for the worker to start and load pyghmi (not the BMC's time)
-_READY = b"ready\n"
 
 
 class IpmiError(OperationError):
@@ -101,7 +94,7 @@ def power(bmc: Bmc, action: str, *, netboot: bool = False, timeout: float = 5.0,
     attempts = retries + 1
     last: dict[str, Any] = {}
     for attempt in range(1, attempts + 1):
-        last = _run_worker(request, timeout)
+        last = worker.run("provisioner.power.ipmi", request, timeout)
         if last.get("ok"):
             return IpmiResult(last["power"], last.get("bootdev"), last.get("persistent"), attempt)
         if last["kind"] not in ("timeout", "busy"):
@@ -128,55 +121,8 @@ def _error(res: dict, who: str, bmc: Bmc, action: str, timeout: float, attempt: 
         hint = "power it on instead" if step in ("reset", "cycle") else "check the node's power state"
         return BmcStateError(f"{who}: {step} is not possible in the present power state (0xD5); {hint}")
     code = res.get("code")
-    detail = _redact(res.get("detail") or "unknown error", bmc.password)
+    detail = worker.redact(res.get("detail") or "unknown error", bmc.password)
     return IpmiError(f"{who}: {step} failed{f' (0x{code:02X})' if code else ''}: {detail}; check the BMC")
-
-
-def _run_worker(request: dict, timeout: float) -> dict:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "provisioner.power.ipmi"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, start_new_session=True,
-    )
-    # The clock for the BMC starts once the worker has loaded pyghmi: on a loaded host, Python's
-    # start-up must not eat the BMC's time (and cause a needless, maybe doubled, retry).
-    if not _wait_ready(proc, _STARTUP_S):
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    else:
-        try:
-            out, err = proc.communicate(json.dumps(request).encode() + b"\n", timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # The BMC is silent (or too slow): end the worker, by its pid, and say so.
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return {"ok": False, "kind": "timeout"}
-    try:
-        return json.loads(out.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        lines = err.decode("utf-8", "replace").strip().splitlines()
-        tail = _redact(lines[-1] if lines else f"exit status {proc.returncode}", request["password"])
-        return {"ok": False, "kind": "error", "detail": f"IPMI worker failed: {tail[:200]}"}
-
-
-def _wait_ready(proc: subprocess.Popen, limit: float) -> bool:
-    """Read the worker's b"ready\\n" straight from the pipe (no buffering ahead of communicate())."""
-    fd, got, deadline = proc.stdout.fileno(), b"", time.monotonic() + limit
-    while not got.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return False
-        chunk = os.read(fd, 1)
-        if not chunk:
-            return False
-        got += chunk
-    return got == _READY
-
-
-def _redact(text: str, password: str | None) -> str:
-    text = " ".join(str(text).split())
-    if password:
-        text = text.replace(password, "***")
-    return text
 
 
 # ---------------------------------------------------------------------- worker (own process)
@@ -262,7 +208,7 @@ def _do(request: dict) -> dict:
     except pyghmi_exc.IpmiException as exc:
         text = str(exc)
         kind = "timeout" if ("timeout" in text.lower() or "no longer connected" in text) else "error"
-        return {"ok": False, "kind": kind, "step": action, "detail": _redact(text, request["password"])}
+        return {"ok": False, "kind": kind, "step": action, "detail": worker.redact(text, request["password"])}
     finally:
         try:
             cmd.ipmi_session.logout()
@@ -270,21 +216,9 @@ def _do(request: dict) -> dict:
             pass
 
 
-def _worker_main() -> None:
+def _preload() -> None:
     from pyghmi.ipmi import command  # noqa: F401  (loaded before the caller's clock starts)
-
-    sys.stdout.buffer.write(_READY)
-    sys.stdout.flush()
-    request = json.loads(sys.stdin.readline())
-    try:
-        res = _do(request)
-    except Exception as exc:  # never let a traceback (with locals) out: one redacted line
-        res = {"ok": False, "kind": "error", "step": request.get("action"),
-               "detail": _redact(f"{type(exc).__name__}: {exc}", request.get("password"))}
-    sys.stdout.write(json.dumps(res) + "\n")
-    sys.stdout.flush()
-    os._exit(0)  # pyghmi's IO thread would otherwise linger
 
 
 if __name__ == "__main__":
-    _worker_main()
+    worker.serve(_do, _preload)
