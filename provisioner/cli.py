@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--role", choices=ROLES, help="render for this role instead of the desired one")
     sp.add_argument("--mac", help="as if asked with this MAC (default: the node's first MAC)")
 
-    from provisioner.power.ipmi import ACTIONS as POWER_ACTIONS  # light: no paramiko at start-up
+    from provisioner.power.bmc import ACTIONS as POWER_ACTIONS  # light: no paramiko at start-up
 
     sp = add("power", cmd_power, "power control through each node's BMC or SSH (one result per node)")
     sp.add_argument("nodeset", help="hostlist expression, e.g. sn[01-04]")

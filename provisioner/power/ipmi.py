@@ -1,128 +1,26 @@
-"""IPMI power and boot-device control of one node's BMC, through pyghmi (IPMI 2.0 / RMCP+ over UDP).
+"""IPMI power and boot-device control of one BMC, through pyghmi (IPMI 2.0 / RMCP+ over UDP): the
+worker side of provisioner.power.bmc (which retries and words the errors), served as
+`python -m provisioner.power.ipmi` by provisioner/power/worker.py.
 
-Each call runs pyghmi in a short-lived worker process (`python -m provisioner.power.ipmi`, the
-request on stdin so the password never shows in a process list). Why not in this process: pyghmi
-keeps every session in class-level state shared by all threads, and in 1.6.19 a session that
-ended (logged out, or failed to log in) poisons the next one to the same BMC (a stale
-`initting_sessions` entry: TypeError, or a hang); a silent BMC also holds pyghmi for its own
-fixed ~5 s. A worker process starts clean, and killing it cuts each attempt's BMC conversation
-at power.timeout_s (the clock starts once the worker has loaded pyghmi).
-
-Retries: a BMC that answered 0xC0 did nothing, so retrying is safe. After a timeout we cannot
-know whether a reset got through, so a retried reset may reset twice; every attempt sets the
-one-time network boot again, so the boot that counts still network-boots. The resulting power
-state is read back and must be what the action implies (soft-off excepted: that is up to the OS).
-
-Errors are subclasses of OperationError, one per cause, so callers (and the fan-out) can tell
-them apart. The BMC password appears in none of them, nor in logs: anything pyghmi says is
-redacted before it leaves this module.
+Why a worker process for IPMI in particular: pyghmi keeps every session in class-level state
+shared by all threads, and in 1.6.19 a session that ended (logged out, or failed to log in)
+poisons the next one to the same BMC (a stale `initting_sessions` entry: TypeError, or a hang); a
+silent BMC also holds pyghmi for its own fixed ~5 s. A worker process starts clean, and killing
+it cuts each attempt's BMC conversation at power.timeout_s.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from provisioner.errors import OperationError
 from provisioner.power import worker
+from provisioner.power.bmc import EXPECTED, NETBOOT_ONLY
 
-if TYPE_CHECKING:  # the worker process stays light: no yaml, no config loader
-    from provisioner.model import Bmc
-
-log = logging.getLogger(__name__)
-
-ACTIONS = ("status", "on", "off", "soft", "reset", "cycle", "boot")
-NETBOOT_ONLY = "netboot"  # set the one-time network boot override, no power change
 # IPMI Chassis Control (netfn 0, cmd 2) directives
 _CONTROL = {"off": 0, "on": 1, "cycle": 2, "reset": 3, "soft": 5}
 _NETWORK = 0x04  # boot flags data 2: "force PXE" device selector (1 << 2)
 _BUSY, _BAD_STATE = 0xC0, 0xD5
-_BUSY_BACKOFF_S = 0.5
-_EXPECTED = {"on": "on", "off": "off", "reset": "on", "cycle": "on", "boot": "on"}  # power state after
-
-
-class IpmiError(OperationError):
-    kind = "error"
-
-
-class BmcAuthError(IpmiError):
-    """The BMC refused the user name or password."""
-    kind = "auth"
-
-
-class BmcTimeout(IpmiError):
-    """The BMC did not answer (wrong address, down, or network)."""
-    kind = "timeout"
-
-
-class BmcBusy(IpmiError):
-    """The BMC answered 0xC0 (node busy) on every attempt."""
-    kind = "busy"
-
-
-class BmcStateError(IpmiError):
-    """The BMC answered 0xD5: not possible in the present power state (e.g. reset while off)."""
-    kind = "state"
-
-
-@dataclass(frozen=True)
-class IpmiResult:
-    power: str  # "on" | "off", read back from the BMC after the action
-    bootdev: str | None = None  # the boot override read back after setting it (netboot)
-    persistent: bool | None = None
-    attempts: int = 1
-
-
-def power(bmc: Bmc, action: str, *, netboot: bool = False, timeout: float = 5.0, retries: int = 2,
-          node: str | None = None) -> IpmiResult:
-    """Do `action` (see ACTIONS) and read the power state back.
-
-    netboot: first set a ONE-TIME boot override to network (verified by reading it back), so a
-    node that later reboots by itself goes back to its normal boot order. "boot" = on when off,
-    reset when on; "netboot" only sets the override. Each attempt gets `timeout` seconds; not answering and busy are retried up to
-    `retries` times (the whole sequence, boot override included), wrong credentials and 0xD5 not.
-    """
-    if action == NETBOOT_ONLY:
-        netboot = True
-    elif action not in ACTIONS:
-        raise ValueError(f"unknown power action {action!r}")
-    who = f"BMC {bmc.address}:{bmc.port}" + (f" (node {node})" if node else "")
-    request = {"address": bmc.address, "port": bmc.port, "user": bmc.user, "password": bmc.password,
-               "action": action, "netboot": bool(netboot), "timeout": timeout}
-    attempts = retries + 1
-    last: dict[str, Any] = {}
-    for attempt in range(1, attempts + 1):
-        last = worker.run("provisioner.power.ipmi", request, timeout)
-        if last.get("ok"):
-            return IpmiResult(last["power"], last.get("bootdev"), last.get("persistent"), attempt)
-        if last["kind"] not in ("timeout", "busy"):
-            break
-        if attempt < attempts:
-            log.info("%s: %s (attempt %d of %d); retrying", who, last["kind"], attempt, attempts)
-            if last["kind"] == "busy":
-                time.sleep(_BUSY_BACKOFF_S * attempt)
-    raise _error(last, who, bmc, action, timeout, attempt, attempts)
-
-
-def _error(res: dict, who: str, bmc: Bmc, action: str, timeout: float, attempt: int, attempts: int) -> IpmiError:
-    kind, step = res["kind"], res.get("step", action)
-    tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
-    if kind == "auth":
-        return BmcAuthError(f"{who} refused the login of user {bmc.user!r} (wrong user name or password); "
-                            f"fix bmc.user / bmc.password_file in the site config")
-    if kind == "timeout":
-        return BmcTimeout(f"{who} did not answer within {timeout:g}s ({tries}); check the BMC address, "
-                          f"port and network, or raise power.timeout_s")
-    if kind == "busy":
-        return BmcBusy(f"{who} is busy (0xC0) ({tries}); retry later")
-    if kind == "state":
-        hint = "power it on instead" if step in ("reset", "cycle") else "check the node's power state"
-        return BmcStateError(f"{who}: {step} is not possible in the present power state (0xD5); {hint}")
-    code = res.get("code")
-    detail = worker.redact(res.get("detail") or "unknown error", bmc.password)
-    return IpmiError(f"{who}: {step} failed{f' (0x{code:02X})' if code else ''}: {detail}; check the BMC")
 
 
 # ---------------------------------------------------------------------- worker (own process)
@@ -193,7 +91,7 @@ def _do(request: dict) -> dict:
             if step:
                 _raw(cmd, step, 0, 2, (_CONTROL[step],))
         result["power"] = _power_state(cmd)
-        expected = _EXPECTED.get(action)
+        expected = EXPECTED.get(action)
         # Verify: some BMCs take a moment to switch. Poll within this attempt's budget (the parent
         # kills the worker at its timeout anyway); soft-off is the OS's business and not waited for.
         deadline = started + 0.6 * float(request.get("timeout", 5.0))
