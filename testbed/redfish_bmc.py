@@ -65,9 +65,8 @@ class RedfishBmc:
             "SUSHY_EMULATOR_SSL_CERT": str(self.cert),
             "SUSHY_EMULATOR_SSL_KEY": str(self.key),
             "SUSHY_EMULATOR_AUTH_FILE": str(htpasswd),
-            # the emulator's state (the fake systems' power) lives in the process: a restart
-            # starts from the config again
-            "SUSHY_EMULATOR_STATE_DIR": None,
+            # the fake systems' power, kept across a restart of the emulator (as a BMC's is)
+            "SUSHY_EMULATOR_STATE_DIR": str(self.workdir / "state"),
         }
         if self.fake is not None:
             conf["SUSHY_EMULATOR_FAKE_DRIVER"] = True
