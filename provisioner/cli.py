@@ -91,6 +91,10 @@ def cmd_check(ctx: Context) -> int:
 
     print(f"{site.path}: ok: {len(site.nodes)} nodes ({shared} shared), "
           f"images: {', '.join(f'{r} -> {version(i)}' for r, i in site.images.items())}")
+    insecure = [n.name for n in site.nodes.values() if n.bmc and n.bmc.insecure]
+    if insecure:
+        print(f"provisioner: warning: the Redfish BMCs of {fold(insecure)} are reached without checking their TLS "
+              f"certificate (bmc.insecure: true); give bmc.ca_file instead", file=sys.stderr)
     return EXIT_OK
 
 

@@ -63,6 +63,7 @@ class LibvirtHost:
         if os.geteuid() != 0:
             raise PartMissing("root (libvirtd's qemu:///system)")
         if self.answers():  # a libvirtd runs already (the host's own): use it, leave it running
+            self._undefine_strays()
             return self
         for name in ("virtlogd", "libvirtd"):
             cmd = [require_binary(name)]
@@ -75,7 +76,18 @@ class LibvirtHost:
             d = Daemon(cmd, 0, self.workdir / f"{name}.log", name=name)
             probe = (lambda: Path("/run/libvirt/virtlogd-sock").exists()) if name == "virtlogd" else self.answers
             self.daemons.append(d.start(probe, timeout))
+        self._undefine_strays()
         return self
+
+    def _undefine_strays(self) -> None:
+        """Test domains whose test process is gone (killed before its clean-up)."""
+        libvirt = _libvirt()
+        with libvirt.open(self.uri) as conn:
+            names = [d.name() for d in conn.listAllDomains()]
+        for name in names:
+            pid = name.rsplit("-", 1)[-1]
+            if name.startswith(f"{MARKER}-") and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                self._undefine(name)
 
     def stop(self) -> None:
         for name in self.domains:
