@@ -125,6 +125,7 @@ class LibvirtVM(VM):
         super().__init__(name, mac, boot_url, workdir, **kwargs)
         self.host = host
         self.domain_name = f"{MARKER}-{name}-{os.getpid()}"
+        self.harness_ids: set[int] = set()  # domain ids of the starts made here, not by a BMC
         self._define()
 
     def domain_xml(self) -> str:
@@ -174,6 +175,7 @@ class LibvirtVM(VM):
                 dom = self._dom(conn)
                 if not dom.isActive():
                     dom.create()
+                    self.harness_ids.add(dom.ID())
             self.started_at = time.time()
 
     def reset(self) -> None:
@@ -181,9 +183,10 @@ class LibvirtVM(VM):
             with self._conn() as conn:
                 dom = self._dom(conn)
                 if dom.isActive():
-                    dom.reset()
+                    dom.reset()  # the same domain id: no power event for a watcher
                 else:
                     dom.create()
+                    self.harness_ids.add(dom.ID())
             self.started_at = time.time()
 
     def power_off(self, timeout: float = 10.0) -> None:

@@ -1,0 +1,97 @@
+"""End to end by Redfish: the balancer switches a VM between the slurm and the k8s image, powering
+it through sushy-tools' emulator (libvirt driver), which drives the VM as a domain of our libvirtd
+(qemu, TCG). The same world as tests/test_e2e_vm.py (testbed/vm_site.py VmSite, the tiny image,
+the real SLURM cluster and Kubernetes control plane), with node names of its own: cn21 fixed
+SLURM, sn21 the shared VM (Redfish), kn21 fixed Kubernetes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from provisioner import images
+from testbed.redfish_bmc import PASSWORD
+from testbed.vm_site import VmSite
+from tests.fixtures.slurm_cluster import require_slurm
+from tests.fixtures.vms import require_vm_parts, running
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+SWITCH_TIMEOUT_S = 240  # one switch: drain or cordon, a Redfish reset, a TCG boot (~12 s idle), join
+
+
+@pytest.fixture(scope="module")
+def redfish_site(tmp_path_factory, vm_image_root, kube_cluster):
+    require_vm_parts()
+    site = VmSite(require_slurm(tmp_path_factory.mktemp("redfish-site")), vm_image_root, kube=kube_cluster,
+                  fixed="cn21", shared="sn21", fixed_k8s="kn21", redfish=("sn21",))
+    with running(site):
+        yield site
+
+
+def _alive(pid: int | None) -> bool:
+    return bool(pid) and os.path.exists(f"/proc/{pid}")
+
+
+def test_balancer_switches_a_vm_by_redfish_to_k8s_and_back(redfish_site):
+    sim = redfish_site
+    sim.reset()
+    vm = sim.vm("sn21")
+    current = images.current(sim.image_root, "tiny")
+    first_qemu = vm.qemu_pid()
+
+    # Kubernetes demand: kn21 is full, two pods are Unschedulable.
+    sim.kube.add_pod("big-21", node="kn21", requests={"cpu": "1", "memory": "128Mi"})
+    for i in range(2):
+        sim.kube.add_pod(f"rf-web-{i}", namespace="rf")
+        sim.kube.wait_unschedulable(f"rf-web-{i}", "rf")
+    mark = vm.serial_mark()
+
+    def pods_on_sn21():
+        pods = [p for p in sim.kube.pods() if p["metadata"]["name"].startswith("rf-web")]
+        return all(p["spec"].get("nodeName") == "sn21" and p["status"].get("phase") == "Running" for p in pods)
+
+    reports = sim.passes_until(lambda: pods_on_sn21() and sim.state("sn21").phase == "steady",
+                               timeout=SWITCH_TIMEOUT_S, what="the pods to run on sn21, and the switch to end")
+    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
+    assert moves == [("sn21", "k8s")], json.dumps(reports, indent=1)[-3000:]
+    console = sim.console("sn21", mark)
+    assert re.search(rf"^PROVISIONER-BOOTED node=sn21 role=k8s version={current} overlay=yes", console, re.M)
+    assert sim.state("sn21").booted_role == "k8s"
+    # The reboot went by Redfish: the power event says so, and the emulator shows the override.
+    power = [e for e in sim.store.events(["sn21"]) if e.kind == "power" and e.id >= sim.first_event]
+    assert power and all(e.data.get("protocol") == "redfish" and e.data.get("method") == "redfish" for e in power), \
+        [(e.message, e.data) for e in power]
+    assert sim.redfish_bmc.system(vm.uuid)["Boot"]["BootSourceOverrideTarget"] == "Pxe"
+    # The real parts are alive: the emulator, libvirtd (ours, when we started it) and the
+    # domain's qemu, a new one (the emulator's ForceRestart is destroy + create).
+    parts = {"sushy-emulator": sim.redfish_bmc.pid, "qemu-system-x86_64": vm.qemu_pid(),
+             **{k: v for k, v in sim.libvirt.pids().items() if k == "libvirtd"}}
+    assert all(_alive(p) for p in parts.values()) and parts["qemu-system-x86_64"] != first_qemu, parts
+
+    # And back: the pods finish; SLURM demand (cn21 busy, one job Pending).
+    for i in range(2):
+        sim.kube.set_pod_phase("rf", f"rf-web-{i}", "Succeeded")
+    sim.fill_fixed()
+    job = sim.submit_pending("--job-name=wants-sn21")
+    mark = vm.serial_mark()
+    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] == "RUNNING" and sim.state("sn21").phase == "steady",
+                               timeout=SWITCH_TIMEOUT_S, what=f"job {job} to run, and the switch to end")
+    assert sim.slurm.job_state(job)[1] == "sn21"
+    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
+    assert moves == [("sn21", "slurm")], json.dumps(reports, indent=1)[-3000:]
+    console = sim.console("sn21", mark)
+    assert re.search(rf"^PROVISIONER-BOOTED node=sn21 role=slurm version={current} overlay=yes", console, re.M)
+    assert sim.state("sn21").booted_role == "slurm"
+    assert [b["role"] for b in sim.boots if b.get("ok")] == ["k8s", "slurm"]
+    assert sim.slurm.running("slurmd:sn21")
+    assert not sim.violations, sim.violations
+
+    # No BMC password anywhere: events, the passes' reports, the boot server's and emulator's logs.
+    seen = "\n".join([json.dumps(reports), *(f"{e.message} {json.dumps(e.data)}" for e in sim.store.events()),
+                      *(p.read_text(errors="replace") for p in sim.workdir.rglob("*.log"))])
+    assert PASSWORD not in seen
+    sim.slurm.scancel_all()
