@@ -95,3 +95,43 @@ def test_balancer_switches_a_vm_by_redfish_to_k8s_and_back(redfish_site):
                       *(p.read_text(errors="replace") for p in sim.workdir.rglob("*.log"))])
     assert PASSWORD not in seen
     sim.slurm.scancel_all()
+
+
+def test_a_pinned_version_boots_by_redfish_as_by_ipmi_and_kexec(redfish_site):
+    """sn21 pinned to an older version of its image: booted by Redfish it runs exactly the boot
+    plan that the IPMI path's iPXE script and the kexec path's command line are made from
+    (tests/test_boot_plan.py checks those two against the same plan)."""
+    from provisioner import config
+    from provisioner.boot.plan import BootPlanner
+    from provisioner.tokens import load_or_create_secret
+    from testbed.tinyimage import CACHE, DEFINITIONS
+    from testbed.wait import wait_for
+
+    sim = redfish_site
+    sim.reset()
+    root = sim.image_root
+    pinned = images.current(root, "tiny")
+    newer = images.build(DEFINITIONS, root, "tiny", cache=CACHE, publish=True, actor="test").version
+    assert newer != pinned
+    try:
+        sim.store.pin_image(["sn21"], "tiny", pinned, actor="test", reason="rollback")
+        site = config.load(sim.config)
+        plan = BootPlanner(site, load_or_create_secret(site.secret_file), sim.store).plan(site.nodes["sn21"])
+        assert plan.version == pinned
+        vm, n_boots, mark = sim.vm("sn21"), len(sim.boots), sim.vm("sn21").serial_mark()
+        r = sim.cli("power", "sn21", "boot", "--netboot", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)[0]["protocol"] == "redfish"
+        wait_for(lambda: len(sim.boots) > n_boots and (sim.boots[-1].get("ok") or sim.boots[-1].get("error")),
+                 sim.boot_timeout + 10, "sn21 to boot")
+        assert sim.boots[-1]["ok"] and sim.boots[-1]["version"] == pinned, sim.boots[-1]
+        console = sim.console("sn21", mark)
+        wanted = [u.replace(site.boot_url, sim.guest_boot_url) for u in (plan.kernel_url, *plan.initrd_urls)]
+        assert all(u in console for u in wanted), (wanted, console[-2000:])
+        assert {u for u in re.findall(r"(http://\S+/images/\S+?)\.\.\.", console)} <= set(wanted)
+        line = re.search(r"Command line: (.*)", console).group(1)
+        assert all(a in line.split() for a in plan.args.split() if not a.startswith("provisioner.token")), line
+        assert sim.state("sn21").booted_version == pinned
+    finally:
+        sim.store.unpin_image(["sn21"], "tiny", actor="test", reason="done")
+        images.publish(root, "tiny", pinned)
