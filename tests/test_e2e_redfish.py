@@ -16,7 +16,7 @@ from provisioner import images
 from testbed.redfish_bmc import PASSWORD
 from testbed.vm_site import VmSite
 from tests.fixtures.slurm_cluster import require_slurm
-from tests.fixtures.vms import require_vm_parts, running
+from tests.fixtures.vms import require_vm_parts, running, switch_back_to_slurm
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -73,20 +73,7 @@ def test_balancer_switches_a_vm_by_redfish_to_k8s_and_back(redfish_site):
     assert all(_alive(p) for p in parts.values()) and parts["qemu-system-x86_64"] != first_qemu, parts
 
     # And back: the pods finish; SLURM demand (cn21 busy, one job Pending).
-    for i in range(2):
-        sim.kube.set_pod_phase("rf", f"rf-web-{i}", "Succeeded")
-    sim.fill_fixed()
-    job = sim.submit_pending("--job-name=wants-sn21")
-    mark = vm.serial_mark()
-    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] == "RUNNING" and sim.state("sn21").phase == "steady",
-                               timeout=SWITCH_TIMEOUT_S, what=f"job {job} to run, and the switch to end")
-    assert sim.slurm.job_state(job)[1] == "sn21"
-    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
-    assert moves == [("sn21", "slurm")], json.dumps(reports, indent=1)[-3000:]
-    console = sim.console("sn21", mark)
-    assert re.search(rf"^PROVISIONER-BOOTED node=sn21 role=slurm version={current} overlay=yes", console, re.M)
-    assert sim.state("sn21").booted_role == "slurm"
-    assert [b["role"] for b in sim.boots if b.get("ok")] == ["k8s", "slurm"]
+    switch_back_to_slurm(sim, "sn21", [("rf", f"rf-web-{i}") for i in range(2)], current, SWITCH_TIMEOUT_S)
     assert sim.slurm.running("slurmd:sn21")
     assert not sim.violations, sim.violations
 
