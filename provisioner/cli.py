@@ -133,6 +133,10 @@ def cmd_check(ctx: Context) -> int:
 
     print(f"{site.path}: ok: {len(site.nodes)} nodes ({shared} shared), "
           f"images: {', '.join(f'{r} -> {version(i)}' for r, i in site.images.items())}")
+    insecure = [n.name for n in site.nodes.values() if n.bmc and n.bmc.insecure]
+    if insecure:
+        print(f"provisioner: warning: the Redfish BMCs of {fold(insecure)} are reached without checking their TLS "
+              f"certificate (bmc.insecure: true); give bmc.ca_file instead", file=sys.stderr)
     return EXIT_OK
 
 
@@ -708,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--role", choices=ROLES, help="render for this role instead of the desired one")
     sp.add_argument("--mac", type=MAC, help="as if asked with this MAC (default: the node's first MAC; one node only)")
 
-    from provisioner.power.ipmi import ACTIONS as POWER_ACTIONS  # light: no paramiko at start-up
+    from provisioner.power.bmc import ACTIONS as POWER_ACTIONS  # light: no paramiko at start-up
 
     sp = add("power", cmd_power, "power control through each node's BMC or SSH (one result per node); "
                                  "off, soft, reset, cycle and boot refuse nodes that run jobs or pods",

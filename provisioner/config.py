@@ -20,7 +20,7 @@ import yaml
 from provisioner import POOLS, ROLES
 from provisioner.errors import ConfigError, ConfigErrors
 from provisioner.model import (
-    DEFAULT_IMAGE_DEFINITIONS, DEFAULT_TEMPLATES, NAME_RE, POWER_METHODS, ROLE_TEMPLATE, SHARE_RULES, Bmc, Image,
+    BMC_BOOT_MODES, BMC_PROTOCOLS, DEFAULT_IMAGE_DEFINITIONS, DEFAULT_TEMPLATES, NAME_RE, POWER_METHODS, ROLE_TEMPLATE, SHARE_RULES, Bmc, Image,
     KubernetesSettings, Node, OverlaySettings, Policy, PowerSettings, RunSettings, Site, SlurmSettings, SshPower,
     SshTarget,
     normalize_mac,
@@ -29,6 +29,8 @@ from provisioner.nodeset import NodeSetError, expand
 from provisioner.tokens import secret_problem
 
 ENV_VAR = "PROVISIONER_CONFIG"
+# bmc fields beyond address, port, user and the password (see provisioner.model.Bmc)
+_REDFISH_FIELDS = {"protocol", "ca_file", "insecure", "system", "http_boot_uri", "boot_mode"}
 DEFAULT_PATH = "/etc/provisioner/site.yaml"
 
 
@@ -371,13 +373,9 @@ class _SiteLoader(Fields):
     def bmc(self, value: Any, where: str, n: int) -> list[dict | None]:
         if value is None:
             return [None] * n
-        d = self.mapping(value, where, {"address", "port", "user", "password", "password_file"})
-        addrs = self.spread(d.get("address"), n, f"{where}.address")
-        ports = self.spread(d.get("port"), n, f"{where}.port")
-        return [
-            {**d, "address": a, "port": p if p is not None else d.get("port")}
-            for a, p in zip(addrs, ports)
-        ]
+        d = self.mapping(value, where, {"address", "port", "user", "password", "password_file", *_REDFISH_FIELDS})
+        spread = {k: self.spread(d.get(k), n, f"{where}.{k}") for k in ("address", "port", "system", "http_boot_uri")}
+        return [{**d, **{k: v[i] for k, v in spread.items()}} for i in range(n)]
 
     def nodes(self, value: Any, defaults: Any, templates: Path) -> dict[str, Node]:
         node_keys = {"name", "pool", "default_role", "mac", "macs", "ip", "bmc", "power_method",
@@ -480,12 +478,14 @@ class _SiteLoader(Fields):
         address = self.string(d.get("address"), f"{where}.address")
         if not address:
             raise self.err(f"{where}.address", "is required when bmc is given")
+        protocol = self.choice(d.get("protocol"), f"{where}.protocol", BMC_PROTOCOLS, "ipmi")
+        redfish = self.redfish_fields(d, where, protocol)
         port = d.get("port")
         if isinstance(port, str) and port.isdigit():
             port = int(port)
-        port = self.integer(port, f"{where}.port", 623, 1)
+        port = self.integer(port, f"{where}.port", 443 if protocol == "redfish" else 623, 1)
         if port > 65535:
-            raise self.err(f"{where}.port", f"must be a UDP port, got {port}")
+            raise self.err(f"{where}.port", f"must be a {'TCP' if protocol == 'redfish' else 'UDP'} port, got {port}")
         password = d.get("password")
         pfile = d.get("password_file")
         if password is not None and pfile is not None:
@@ -503,7 +503,32 @@ class _SiteLoader(Fields):
             user=self.string(d.get("user"), f"{where}.user", "admin"),
             password=self.string(password, f"{where}.password", ""),
             password_file=pfile,
+            protocol=protocol,
+            **redfish,
         )
+
+    def redfish_fields(self, d: dict, where: str, protocol: str) -> dict:
+        """bmc's Redfish-only fields (TLS, the system, the HTTP boot URI), checked."""
+        if protocol != "redfish":
+            for key in _REDFISH_FIELDS - {"protocol"}:
+                if d.get(key) is not None:
+                    raise self.err(f"{where}.{key}", "is for protocol: redfish (this BMC speaks IPMI)")
+            return {}
+        ca = self.string(d.get("ca_file"), f"{where}.ca_file")
+        insecure = self.boolean(d.get("insecure"), f"{where}.insecure", False)
+        if ca and insecure:
+            raise self.err(f"{where}.insecure", "give either ca_file (verify the BMC's certificate) or insecure: "
+                                                "true (do not), not both")
+        if ca:
+            ca = str(self.resolve(ca))
+            if self.check_files and not Path(ca).is_file():
+                raise self.err(f"{where}.ca_file", f"file {ca} does not exist")
+        uri = self.string(d.get("http_boot_uri"), f"{where}.http_boot_uri")
+        if uri and not re.match(r"^https?://[^/\s]+", uri):
+            raise self.err(f"{where}.http_boot_uri", f"must be an http(s) URL, got {uri!r}")
+        return {"ca_file": ca, "insecure": insecure, "system": self.string(d.get("system"), f"{where}.system"),
+                "http_boot_uri": uri,
+                "boot_mode": self.choice(d.get("boot_mode"), f"{where}.boot_mode", BMC_BOOT_MODES, "uefi")}
 
     def policy(self, value: Any) -> Policy:
         d = self.mapping(value, "policy", {"min_nodes", "cooldown_s", "demand_persist_s", "max_in_flight",
@@ -568,13 +593,14 @@ class _SiteLoader(Fields):
         )
 
     def power(self, value: Any) -> PowerSettings:
-        d = self.mapping(value, "power", {"timeout_s", "retries", "fanout", "ssh"})
+        d = self.mapping(value, "power", {"timeout_s", "retries", "fanout", "ssh", "settle_s"})
         s = self.mapping(d.get("ssh"), "power.ssh", {"user", "port", "key_file", "known_hosts", "reboot_command",
                                                      "timeout_s"})
         return PowerSettings(
             timeout_s=self.number(d.get("timeout_s"), "power.timeout_s", 5.0, 0.1),
             retries=self.integer(d.get("retries"), "power.retries", 2),
             fanout=self.integer(d.get("fanout"), "power.fanout", 32, 1),
+            settle_s=self.number(d.get("settle_s"), "power.settle_s", 30.0, 0.1),
             ssh=SshPower(
                 user=self.string(s.get("user"), "power.ssh.user", "root"),
                 port=self.integer(s.get("port"), "power.ssh.port", 22, 1),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 POWER_METHODS = ("ipmi", "ssh", "kexec", "kexec+ipmi")
+BMC_PROTOCOLS = ("ipmi", "redfish")
+BMC_BOOT_MODES = ("uefi", "legacy")
 SHARE_RULES = ("proportional", "slurm-first", "k8s-first")
 
 # Image names, versions and overlay keys: safe in paths and URLs.
@@ -47,13 +49,24 @@ def normalize_mac(value: str) -> str | None:
 @dataclass(frozen=True)
 class Bmc:
     address: str
-    port: int = 623
+    port: int = 623  # 443 for Redfish
     user: str = "admin"
     password: str = field(default="", repr=False)  # never printed: repr=False
     password_file: str | None = None
+    protocol: str = "ipmi"  # one of BMC_PROTOCOLS
+    # Redfish only: TLS is verified against ca_file (else the system's trust store), or not at
+    # all with insecure (which `provisioner check` warns about); system is the Redfish
+    # ComputerSystem id (None: the only one the BMC lists); http_boot_uri asks for a one-time
+    # UEFI HTTP boot of that URL where the BMC offers it (else PXE); boot_mode goes with the
+    # override (pyghmi always sends one).
+    ca_file: str | None = None
+    insecure: bool = False
+    system: str | None = None
+    http_boot_uri: str | None = None
+    boot_mode: str = "uefi"
 
     def __repr__(self) -> str:  # belt and braces: no password in tracebacks or logs
-        return f"Bmc(address={self.address!r}, port={self.port}, user={self.user!r})"
+        return f"Bmc(protocol={self.protocol!r}, address={self.address!r}, port={self.port}, user={self.user!r})"
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,9 @@ class PowerSettings:
     retries: int = 2
     fanout: int = 32
     ssh: SshPower = field(default_factory=SshPower)
+    # Redfish: how long an accepted power action may take to show in the power state (a BMC may
+    # run it as a task); IPMI verifies within timeout_s.
+    settle_s: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ PACKAGES=(
   # the k8s image's container images (pause from C, busybox), the containerd they are tried in,
   # and the CNI plugins its pod network config is tried with
   gcc libc6-dev containerd runc containernetworking-plugins iptables
+  # Redfish: libvirtd runs the VMs sushy-emulator's libvirt driver powers; the venv's
+  # libvirt-python is built against libvirt-dev (pkg-config, gcc, the Python headers)
+  libvirt-daemon-system libvirt-dev pkg-config python3-dev
   # `make venv` (Debian's python3 has no ensurepip without it); pgrep for the VM/demo checks
   python3-venv procps
   # boot-storm benchmark baseline and load generator

@@ -9,6 +9,10 @@ VmSite is a SimSite whose shared nodes are VMs (testbed/vm.py):
 - a power event from the node's BMC simulator drives its VM: on -> qemu starts (network boot
   when the one-time boot device is network), reset/cycle -> QMP system_reset, off/soft -> quit.
   A VM that dies by itself is reported to its BMC as off.
+- a shared node named in `redfish=` is a libvirt domain instead (testbed/libvirt_host.py), its
+  BMC sushy-tools' emulator (testbed/redfish_bmc.py, libvirt driver): provisioner powers it by
+  Redfish, and a watcher turns what the domain does (started, restarted, stopped) into the same
+  power events the BMC simulator sends for the others;
 - the VM's own /init posts the boot callback; once the console says it was accepted
   (`PROVISIONER-CALLBACK-OK node=N role=R`), the harness starts the node's real slurmd (R=slurm)
   or starts its simulated kubelet (R=k8s), as the image's daemons would.
@@ -75,7 +79,7 @@ class VmSite(SimSite):
     def __init__(self, workdir: str | os.PathLike, image_root: str | os.PathLike, *, fixed: str = "cn01",
                  shared: str = "sn01", fixed_k8s: str = "kn01", roles: dict[str, str] | None = None,
                  policy: dict | None = None, power: dict | None = None, memory_mb: int = 256,
-                 boot_timeout: float = BOOT_TIMEOUT_S, kube=None):
+                 boot_timeout: float = BOOT_TIMEOUT_S, kube=None, redfish: tuple[str, ...] = ()):
         super().__init__(workdir, fixed=fixed, shared=shared, fixed_k8s=fixed_k8s, roles=roles, boot_delay=0,
                          policy={**VM_POLICY, **(policy or {})}, power=power, kube=kube)
         self.image_root = Path(image_root).resolve()
@@ -85,6 +89,26 @@ class VmSite(SimSite):
         self.running_role: dict[str, str | None] = {}  # what each VM's console says it booted
         self.vm_boots: list[dict] = []  # one record per VM boot (also those of reset())
         self._stopping = threading.Event()
+        self.redfish = tuple(redfish)
+        self.libvirt = None  # testbed.libvirt_host.LibvirtHost, when there are Redfish nodes
+        self.redfish_bmc = None  # testbed.redfish_bmc.RedfishBmc (libvirt driver)
+
+    def start(self) -> "VmSite":
+        if self.redfish:
+            from testbed.libvirt_host import LibvirtHost
+            from testbed.redfish_bmc import RedfishBmc
+
+            try:
+                self.libvirt = LibvirtHost(self.workdir / "libvirt").start()
+                self.redfish_bmc = RedfishBmc(self.workdir / "redfish", libvirt_uri=self.libvirt.uri).start()
+            except BaseException:
+                self.stop()
+                raise
+        super().start()
+        for name in self.redfish:
+            t = threading.Thread(target=self._watch_domain, args=(name,), name=f"domain-{name}", daemon=True)
+            t.start()
+        return self
 
     # ----------------------------------------------------------------------- set-up
 
@@ -116,6 +140,11 @@ class VmSite(SimSite):
         for entry in data["nodes"]:
             if entry["name"] in self.nodes:
                 entry.pop("ip", None)
+            if entry["name"] in self.redfish:
+                rf = self.redfish_bmc
+                entry["bmc"] = {"protocol": "redfish", "address": "127.0.0.1", "port": rf.port, "user": rf.user,
+                                "password_file": str(rf.password_file), "ca_file": str(rf.ca_file),
+                                "system": self.vm(entry["name"]).uuid, "boot_mode": "legacy"}
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(yaml.safe_dump(data, sort_keys=False))
         tmp.replace(path)  # a `provisioner` run reading it meanwhile sees the old or the new file
@@ -125,9 +154,28 @@ class VmSite(SimSite):
         vm = self.vms.get(name)
         if vm is None:
             node = self.nodes[name]
-            vm = self.vms[name] = VM(name, node.mac, f"{self.guest_boot_url}/boot.ipxe", self.workdir / "vms",
-                                     memory_mb=self.memory_mb)
+            make = self.libvirt.vm if name in self.redfish else VM
+            vm = self.vms[name] = make(name, node.mac, f"{self.guest_boot_url}/boot.ipxe", self.workdir / "vms",
+                                       memory_mb=self.memory_mb)
         return vm
+
+    def _watch_domain(self, name: str) -> None:
+        """A Redfish node's power, as its BMC simulator would report it: the domain started (on),
+        started anew (reset: the emulator's ForceRestart is destroy + create) or stopped (off).
+        The harness's own starts (reset(), boot_vms()) are not events: LibvirtVM records them."""
+        vm, last = self.vm(name), None
+        while not self._stopping.is_set():
+            with vm.lock:
+                now = vm.domain_id()
+                own = now in vm.harness_ids
+            if last is not None and now != last and not own:
+                if now == -1:
+                    self._on_power({"bmc": name, "action": "off", "boot": {}, "powered": True})
+                else:
+                    self._on_power({"bmc": name, "action": "on" if last == -1 else "reset",
+                                    "boot": {"bootdev": "network"}, "powered": True})
+            last = now
+            self._stopping.wait(0.2)
 
     def stop(self) -> None:
         """VMs first (a boot in progress then stops waiting), then everything SimSite started."""
@@ -135,6 +183,10 @@ class VmSite(SimSite):
         for vm in self.vms.values():
             vm.cleanup()
         super().stop()
+        if self.redfish_bmc:
+            self.redfish_bmc.stop()
+        if self.libvirt:
+            self.libvirt.stop()
 
     def reset(self, **kwargs) -> None:
         """SimSite's reset (same keywords: roles=, policy=, ...), then every VM running the image
@@ -211,7 +263,9 @@ class VmSite(SimSite):
                     return
                 self.running_role[node.name] = None
                 mark = vm.serial_mark()
-                if vm.is_running():
+                if event.get("powered"):
+                    pass  # its BMC (Redfish) powered it already
+                elif vm.is_running():
                     vm.reset()
                 else:
                     vm.start(netboot=event["boot"].get("bootdev") == "network")
@@ -235,7 +289,8 @@ class VmSite(SimSite):
         if vm is not None:
             with vm.lock:
                 if self._current(node, gen):
-                    vm.power_off()
+                    if not event.get("powered"):
+                        vm.power_off()
                     self.running_role[node.name] = None
         super()._power_off(node, gen, event)
 

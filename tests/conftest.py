@@ -30,6 +30,7 @@ pytest_plugins = [
     "tests.fixtures.tinyimage",
     "tests.fixtures.vms",
     "tests.fixtures.postgres",
+    "tests.fixtures.redfish",
 ]
 
 

@@ -104,3 +104,36 @@ def test_password_never_in_repr(tmp_path):
     site = config.load(write_site(tmp_path))
     assert "s3cret-bmc-pw" not in repr(site)
     assert "s3cret-bmc-pw" not in repr(site.nodes["sn01"])
+
+
+def test_bmc_protocol_redfish_and_its_fields(tmp_path):
+    ca = tmp_path / "bmc-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+
+    def edit(d):
+        d["nodes"][1]["bmc"] = {"protocol": "redfish", "address": "10.0.9.[1-4]", "ca_file": str(ca),
+                                "system": "sys-[1-4]", "boot_mode": "legacy",
+                                "http_boot_uri": "http://10.0.0.1:8080/ipxe.efi"}
+
+    site = config.load(rewrite(write_site(tmp_path), edit))
+    cn, sn = site.nodes["cn01"].bmc, site.nodes["sn03"].bmc
+    assert (cn.protocol, cn.port) == ("ipmi", 623)  # IPMI stays the default
+    assert (sn.protocol, sn.port, sn.address, sn.system, sn.ca_file, sn.insecure, sn.boot_mode) == (
+        "redfish", 443, "10.0.9.3", "sys-3", str(ca), False, "legacy")
+    assert sn.password == "s3cret-bmc-pw" and "s3cret" not in repr(sn)  # from the file, as for IPMI
+    assert site.power.settle_s == 30.0
+
+
+@pytest.mark.parametrize("bmc, field, words", [
+    ({"protocol": "redfish", "ca_file": "ca.pem", "insecure": True}, "nodes[0].bmc.insecure", "not both"),
+    ({"insecure": True}, "nodes[0].bmc.insecure", "is for protocol: redfish"),
+    ({"protocol": "snmp"}, "nodes[0].bmc.protocol", "must be one of ipmi, redfish"),
+    ({"protocol": "redfish", "ca_file": "missing.pem"}, "nodes[0].bmc.ca_file", "does not exist"),
+    ({"protocol": "redfish", "http_boot_uri": "tftp://x"}, "nodes[0].bmc.http_boot_uri", "http(s) URL"),
+])
+def test_bmc_redfish_errors_name_the_field(tmp_path, bmc, field, words):
+    (tmp_path / "ca.pem").write_text("x")
+    path = rewrite(write_site(tmp_path), lambda d: d["nodes"][0]["bmc"].update(bmc))
+    err = load_error(path)
+    assert err.field == field, str(err)
+    assert words in str(err)

@@ -32,6 +32,7 @@ from provisioner.tokens import load_or_create_secret
 from testbed.wait import wait_for
 from testbed.tinyimage import CACHE, DEFINITIONS
 from testbed.vm import VM
+from tests.fixtures.vms import switch_back_to_slurm
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -153,22 +154,9 @@ def test_balancer_switches_a_vm_to_k8s_and_back(e2e_site):
     assert not sim.slurm.running("slurmd:sn01")
 
     # And back: the pods finish; SLURM demand (cn01 busy, one job Pending).
-    for i in range(2):
-        sim.kube.set_pod_phase("ml", f"web-{i}", "Succeeded")
-    sim.fill_fixed()
-    job = sim.submit_pending("--job-name=wants-sn01")
-    mark = vm.serial_mark()
-    reports = sim.passes_until(lambda: sim.slurm.job_state(job)[0] == "RUNNING" and sim.state("sn01").phase == "steady",
-                               timeout=SWITCH_TIMEOUT_S, what=f"job {job} to run, and the switch to end")
-    assert sim.slurm.job_state(job)[1] == "sn01"
-    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
-    assert moves == [("sn01", "slurm")], json.dumps(reports, indent=1)[-3000:]
-    console = sim.console("sn01", mark)
-    assert re.search(rf"^PROVISIONER-BOOTED node=sn01 role=slurm version={current} overlay=yes", console, re.M)
+    console = switch_back_to_slurm(sim, "sn01", [("ml", f"web-{i}") for i in range(2)], current, SWITCH_TIMEOUT_S)
     assert cmdline(console)["provisioner.role"] == "slurm"
     assert "PROVISIONER-SECRETS node=sn01 yes" in console
-    assert sim.state("sn01").booted_role == "slurm"
-    assert [b["role"] for b in sim.boots if b.get("ok")] == ["k8s", "slurm"]
     assert [e.data["role"] for e in boot_events(sim, "sn01")] == ["k8s", "slurm"]
     # The job runs on the real slurmd the harness started for sn01 when the callback said slurm.
     assert sim.slurm.running("slurmd:sn01")

@@ -73,7 +73,7 @@ def test_power_does_not_reach_boot_or_store_through_other_modules():
 
 def test_the_import_parser_sees_every_form():
     """The checks above are only as good as imports(): it must see each way of importing."""
-    assert {"provisioner.model", "provisioner.errors", "provisioner.power.ipmi", "provisioner.power.ssh"} <= \
+    assert {"provisioner.model", "provisioner.errors", "provisioner.power.bmc", "provisioner.power.ssh"} <= \
         imports(PACKAGE / "power" / "dispatch.py")
     source = ("import provisioner.store\nfrom provisioner import boot\nif True:\n"
               "    def f():\n        from ..boot.plan import BootPlan\n")

@@ -10,7 +10,8 @@ import pytest
 
 from provisioner.errors import OperationError
 from provisioner.model import Bmc
-from provisioner.power import ipmi
+from provisioner.power import bmc as bmc_mod
+from provisioner.power.bmc import BmcAuthError, BmcBusy, BmcError, BmcStateError, BmcTimeout
 from tests.fixtures.bmc import BMC_PASSWORD
 from tests.support import require_binary
 
@@ -75,9 +76,9 @@ def test_pyghmi_and_ipmitool_agree_on_every_action(bmcs, ipmitool):
     # accept it and break the client); suite 3, which both clients use, works.
     assert ipmitool(port, "power", "status", check=False, extra=("-C", "17")).returncode != 0
     assert ipmitool(port, "power", "status", extra=("-C", "3")).returncode == 0
-    assert tool_power(ipmitool, port) == ipmi.power(bmc(bmcs, "bn01"), "status", timeout=TIMEOUT).power == "off"
+    assert tool_power(ipmitool, port) == bmc_mod.power(bmc(bmcs, "bn01"), "status", timeout=TIMEOUT).power == "off"
     for action, netboot, expected in SEQUENCE:
-        res = ipmi.power(bmc(bmcs, "bn01"), action, netboot=netboot, timeout=TIMEOUT, retries=RETRIES)
+        res = bmc_mod.power(bmc(bmcs, "bn01"), action, netboot=netboot, timeout=TIMEOUT, retries=RETRIES)
         assert res.power == expected, action
         assert tool_power(ipmitool, port) == expected, action
         # Our client's view of the boot override == ipmitool's == the simulator's.
@@ -93,7 +94,7 @@ def test_pyghmi_and_ipmitool_agree_on_every_action(bmcs, ipmitool):
 def test_ipmitool_actions_seen_by_pyghmi(bmcs, ipmitool):
     port, b = bmcs.port("bn02"), bmc(bmcs, "bn02")
     ipmitool(port, "power", "on")
-    assert ipmi.power(b, "status", timeout=TIMEOUT).power == "on"
+    assert bmc_mod.power(b, "status", timeout=TIMEOUT).power == "on"
     ipmitool(port, "chassis", "bootdev", "pxe")
     assert bmcs.state("bn02")["bootdev"] == "network" and not bmcs.state("bn02")["persistent"]
     assert tool_bootdev(ipmitool, port) == ("network", False)
@@ -105,13 +106,13 @@ def test_ipmitool_actions_seen_by_pyghmi(bmcs, ipmitool):
                                                 "persistent": True}
     assert tool_bootdev(ipmitool, port) == ("network", True)
     ipmitool(port, "power", "off")
-    assert ipmi.power(b, "status", timeout=TIMEOUT).power == "off"
+    assert bmc_mod.power(b, "status", timeout=TIMEOUT).power == "off"
 
 
 def test_one_time_netboot_is_used_by_the_next_boot_only(bmcs, ipmitool):
     b, port = bmc(bmcs, "bn03"), bmcs.port("bn03")
     bmcs.set_power("bn03", "on")
-    res = ipmi.power(b, "reset", netboot=True, timeout=TIMEOUT, retries=RETRIES)
+    res = bmc_mod.power(b, "reset", netboot=True, timeout=TIMEOUT, retries=RETRIES)
     assert (res.power, res.bootdev, res.persistent) == ("on", "network", False)
     st = bmcs.state("bn03")
     assert st["bootdev_sets"] == [{"bootdev": "network", "persistent": False}]
@@ -124,13 +125,13 @@ def test_one_time_netboot_is_used_by_the_next_boot_only(bmcs, ipmitool):
 def test_reset_or_cycle_while_off_is_0xd5(bmcs, ipmitool):
     b = bmc(bmcs, "bn04")
     for action in ("reset", "cycle"):
-        with pytest.raises(ipmi.BmcStateError, match=rf"{action} is not possible .*0xD5.*power it on"):
-            ipmi.power(b, action, timeout=TIMEOUT, retries=RETRIES)
+        with pytest.raises(BmcStateError, match=rf"{action} is not possible .*0xD5.*power it on"):
+            bmc_mod.power(b, action, timeout=TIMEOUT, retries=RETRIES)
     res = ipmitool(bmcs.port("bn04"), "power", "reset", check=False)
     assert res.returncode != 0 and "not supported in present state" in res.stderr
     assert bmcs.state("bn04")["boots"] == []
     # "boot" does the right thing in either state.
-    assert ipmi.power(b, "boot", netboot=True, timeout=TIMEOUT).power == "on"
+    assert bmc_mod.power(b, "boot", netboot=True, timeout=TIMEOUT).power == "on"
     assert bmcs.state("bn04")["boots"][-1]["how"] == "on", bmcs.state("bn04")
 
 
@@ -154,39 +155,39 @@ def test_each_fault_has_its_own_error_within_the_timeout(bmcs):
     bmcs.set_fault("bn06", "silent")
     bmcs.set_fault("bn07", "busy")
     cases = {
-        "bn05": ipmi.BmcAuthError,  # the BMC's password changed
-        "bn06": ipmi.BmcTimeout,
-        "bn07": ipmi.BmcBusy,
+        "bn05": BmcAuthError,  # the BMC's password changed
+        "bn06": BmcTimeout,
+        "bn07": BmcBusy,
     }
     seen = {}
     for name, cls in cases.items():
-        exc, elapsed = _timed(lambda: ipmi.power(bmc(bmcs, name), "on", timeout=TIMEOUT, retries=RETRIES, node=name))
+        exc, elapsed = _timed(lambda: bmc_mod.power(bmc(bmcs, name), "on", timeout=TIMEOUT, retries=RETRIES, node=name))
         assert type(exc) is cls, (name, exc)
         assert elapsed < BOUND, (name, elapsed)
         assert "\n" not in str(exc) and BMC_PASSWORD not in str(exc) and name in str(exc)
         seen[cls] = str(exc)
-    assert "wrong user name or password" in seen[ipmi.BmcAuthError]
-    assert f"did not answer within {TIMEOUT:g}s (2 attempts)" in seen[ipmi.BmcTimeout]
-    assert "busy (0xC0) (2 attempts)" in seen[ipmi.BmcBusy]
+    assert "wrong user name or password" in seen[BmcAuthError]
+    assert f"did not answer within {TIMEOUT:g}s (2 attempts)" in seen[BmcTimeout]
+    assert "busy (0xC0) (2 attempts)" in seen[BmcBusy]
     # Wrong credentials on our side (not a fault of the BMC): the same clear error, no retry.
-    exc, _ = _timed(lambda: ipmi.power(bmc(bmcs, "bn08", password="not-the-password"), "status",
+    exc, _ = _timed(lambda: bmc_mod.power(bmc(bmcs, "bn08", password="not-the-password"), "status",
                                        timeout=TIMEOUT, retries=RETRIES))
-    assert type(exc) is ipmi.BmcAuthError and "not-the-password" not in str(exc)
-    exc, _ = _timed(lambda: ipmi.power(bmc(bmcs, "bn08", user="nobody"), "status", timeout=TIMEOUT))
-    assert type(exc) is ipmi.BmcAuthError
+    assert type(exc) is BmcAuthError and "not-the-password" not in str(exc)
+    exc, _ = _timed(lambda: bmc_mod.power(bmc(bmcs, "bn08", user="nobody"), "status", timeout=TIMEOUT))
+    assert type(exc) is BmcAuthError
     # Nothing was switched on any faulty BMC.
     assert all(bmcs.state(n)["actions"] == [] for n in cases)
     # The fault cleared: the same BMC works again.
     bmcs.set_fault(["bn05", "bn06", "bn07"], None)
-    assert ipmi.power(bmc(bmcs, "bn06"), "on", timeout=TIMEOUT).power == "on"
+    assert bmc_mod.power(bmc(bmcs, "bn06"), "on", timeout=TIMEOUT).power == "on"
 
 
 def test_a_power_change_that_does_not_happen_is_an_error(bmcs):
     bmcs.set_fault("bn01", "stuck")
-    with pytest.raises(ipmi.IpmiError, match="accepted on but the power is still off"):
+    with pytest.raises(BmcError, match="accepted on but the power is still off"):
         # It waits for the switch for part of the attempt's budget: a longer budget keeps the
         # worker from being cut off first on a busy test machine.
-        ipmi.power(bmc(bmcs, "bn01"), "on", timeout=2 * TIMEOUT, retries=0)
+        bmc_mod.power(bmc(bmcs, "bn01"), "on", timeout=2 * TIMEOUT, retries=0)
     assert bmcs.state("bn01")["power"] == "off"
 
 
@@ -194,9 +195,9 @@ def test_nothing_listens(bmcs):
     from tests.support import free_port
     import socket
 
-    exc, elapsed = _timed(lambda: ipmi.power(Bmc("127.0.0.1", free_port(socket.SOCK_DGRAM), "admin", BMC_PASSWORD),
+    exc, elapsed = _timed(lambda: bmc_mod.power(Bmc("127.0.0.1", free_port(socket.SOCK_DGRAM), "admin", BMC_PASSWORD),
                                              "status", timeout=1.0, retries=0))
-    assert isinstance(exc, ipmi.BmcTimeout) and elapsed < 1.0 + 3.0
+    assert isinstance(exc, BmcTimeout) and elapsed < 1.0 + 3.0
 
 
 def test_busy_then_recovers_within_retries(bmcs):
@@ -214,7 +215,7 @@ def test_busy_then_recovers_within_retries(bmcs):
     clearer = threading.Thread(target=clear_after_first_busy)
     clearer.start()
     try:
-        res = ipmi.power(bmc(bmcs, "bn08"), "on", timeout=TIMEOUT, retries=3)
+        res = bmc_mod.power(bmc(bmcs, "bn08"), "on", timeout=TIMEOUT, retries=3)
     finally:
         clearer.join()
     assert res.power == "on" and res.attempts >= 2

@@ -1,12 +1,13 @@
 """One power action on one node, by the node's power method; never raises, returns a PowerResult.
 
 Methods (node.power_method, per node or per pool in the site config):
-- ipmi: everything through the BMC.
+- ipmi: everything through the BMC, in the protocol it speaks (bmc.protocol: ipmi or redfish).
 - ssh: reboot-type actions (reset, cycle, boot) run power.ssh.reboot_command on the node; with
   --netboot the BMC's one-time network boot is set first (when the node has a BMC).
 - kexec: reboot-type actions kexec the node straight into an image (the caller's boot plan).
-- kexec+ipmi: kexec, and when that fails, an IPMI one-time network boot + reset/on.
+- kexec+ipmi: kexec, and when that fails, the BMC's one-time network boot + reset/on.
 status, on, off and soft always go through the BMC: an SSH method cannot reach a node that is off.
+The result says which BMC protocol was used (protocol), and method names it for BMC actions.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Protocol
 
 from provisioner.errors import OperationError
 from provisioner.model import Node, Site
-from provisioner.power import ipmi, ssh
+from provisioner.power import bmc, ssh
 
-ACTIONS = ipmi.ACTIONS
+ACTIONS = bmc.ACTIONS
 REBOOTS = ("reset", "cycle", "boot")
 
 
-class NoBmc(ipmi.IpmiError):
+class NoBmc(bmc.BmcError):
     kind = "config"
 
 
@@ -43,12 +44,13 @@ class PowerResult:
     action: str
     ok: bool
     state: str | None = None  # "on" / "off" read back from the BMC; None when not known (SSH)
-    method: str | None = None  # what was used: ipmi, ssh, kexec, or "kexec->ipmi" (fallback)
+    method: str | None = None  # what was used: ipmi, redfish, ssh, kexec, or "kexec->ipmi" (fallback)
     netboot: bool = False  # a one-time network boot override was set (and verified)
     error: str | None = None  # one line, never a password
     error_kind: str | None = None  # auth | timeout | busy | state | ssh | config | error
     note: str | None = None
     elapsed_s: float = 0.0
+    protocol: str | None = None  # the BMC protocol used (ipmi, redfish); None when no BMC was
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,23 +61,27 @@ def act(site: Site, node: Node, action: str, *, netboot: bool = False, boot: Boo
     boot plan, or its NoBoot saying why there is none)."""
     start = time.monotonic()
     method = node.power_method if action in REBOOTS else "ipmi"
+    protocol = node.bmc.protocol if node.bmc else None
 
     def done(ok: bool, **fields) -> PowerResult:
+        if fields.get("method") == "ipmi" and protocol:  # through the BMC: name its protocol
+            fields["method"] = protocol
         return PowerResult(node=node.name, action=action, ok=ok, elapsed_s=round(time.monotonic() - start, 3),
                            **fields)
 
     try:
         if method == "ipmi":
-            return _ipmi(site, node, action, netboot, done)
+            return _through_bmc(site, node, action, netboot, done)
         if method == "ssh":
             note = None
             if netboot:
                 if node.bmc is not None:
-                    _bmc_call(site, node, ipmi.NETBOOT_ONLY)
+                    _bmc_call(site, node, bmc.NETBOOT_ONLY)
                 else:
                     netboot, note = False, "no BMC: the node boots by its own boot order"
             out = ssh.reboot(site, node)
-            return done(True, method="ssh", netboot=netboot, note=_join(note, out.note))
+            return done(True, method="ssh", netboot=netboot, note=_join(note, out.note),
+                        protocol=protocol if netboot else None)
         # kexec / kexec+ipmi
         try:
             out = ssh.kexec(site, node, _kexec_image(node, boot))
@@ -83,28 +89,31 @@ def act(site: Site, node: Node, action: str, *, netboot: bool = False, boot: Boo
         except OperationError as exc:
             if method != "kexec+ipmi":
                 raise
-            fallback = f"kexec failed ({exc}); fell back to IPMI network boot"
+            fallback = f"kexec failed ({exc}); fell back to a {protocol or 'BMC'} network boot"
         res = _bmc_call(site, node, "boot", netboot=True)
-        return done(True, method="kexec->ipmi", state=res.power, netboot=True, note=fallback)
-    except ipmi.IpmiError as exc:
-        return done(False, method=method, error=str(exc), error_kind=exc.kind)
+        return done(True, method=f"kexec->{res.protocol}", state=res.power, netboot=True,
+                    note=_join(fallback, res.note), protocol=res.protocol)
+    except bmc.BmcError as exc:
+        return done(False, method=method, error=str(exc), error_kind=exc.kind,
+                    protocol=protocol if method != "kexec" else None)
     except OperationError as exc:
         return done(False, method=method, error=str(exc), error_kind="ssh" if method != "ipmi" else "error")
     except Exception as exc:  # one node's bug must not stop the others; say what it was
         return done(False, method=method, error=f"{type(exc).__name__}: {exc}"[:300], error_kind="error")
 
 
-def _ipmi(site: Site, node: Node, action: str, netboot: bool, done) -> PowerResult:
+def _through_bmc(site: Site, node: Node, action: str, netboot: bool, done) -> PowerResult:
     res = _bmc_call(site, node, action, netboot=netboot)
     return done(True, method="ipmi", state=res.power, netboot=bool(netboot and action != "status"),
-                note=f"{res.attempts} attempts" if res.attempts > 1 else None)
+                note=_join(f"{res.attempts} attempts" if res.attempts > 1 else None, res.note),
+                protocol=res.protocol)
 
 
-def _bmc_call(site: Site, node: Node, action: str, netboot: bool = False) -> ipmi.IpmiResult:
+def _bmc_call(site: Site, node: Node, action: str, netboot: bool = False) -> bmc.BmcResult:
     if node.bmc is None:
         raise NoBmc(f"node {node.name} has no BMC (bmc.address) in the site config; add one to {action} it")
-    return ipmi.power(node.bmc, action, netboot=netboot, timeout=site.power.timeout_s,
-                      retries=site.power.retries, node=node.name)
+    return bmc.power(node.bmc, action, netboot=netboot, timeout=site.power.timeout_s, retries=site.power.retries,
+                     settle_s=site.power.settle_s, node=node.name)
 
 
 def _kexec_image(node: Node, boot: BootTarget | None) -> ssh.KexecImage:

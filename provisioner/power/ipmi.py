@@ -1,182 +1,26 @@
-"""IPMI power and boot-device control of one node's BMC, through pyghmi (IPMI 2.0 / RMCP+ over UDP).
+"""IPMI power and boot-device control of one BMC, through pyghmi (IPMI 2.0 / RMCP+ over UDP): the
+worker side of provisioner.power.bmc (which retries and words the errors), served as
+`python -m provisioner.power.ipmi` by provisioner/power/worker.py.
 
-Each call runs pyghmi in a short-lived worker process (`python -m provisioner.power.ipmi`, the
-request on stdin so the password never shows in a process list). Why not in this process: pyghmi
-keeps every session in class-level state shared by all threads, and in 1.6.19 a session that
-ended (logged out, or failed to log in) poisons the next one to the same BMC (a stale
-`initting_sessions` entry: TypeError, or a hang); a silent BMC also holds pyghmi for its own
-fixed ~5 s. A worker process starts clean, and killing it cuts each attempt's BMC conversation
-at power.timeout_s (the clock starts once the worker has loaded pyghmi).
-
-Retries: a BMC that answered 0xC0 did nothing, so retrying is safe. After a timeout we cannot
-know whether a reset got through, so a retried reset may reset twice; every attempt sets the
-one-time network boot again, so the boot that counts still network-boots. The resulting power
-state is read back and must be what the action implies (soft-off excepted: that is up to the OS).
-
-Errors are subclasses of OperationError, one per cause, so callers (and the fan-out) can tell
-them apart. The BMC password appears in none of them, nor in logs: anything pyghmi says is
-redacted before it leaves this module.
+Why a worker process for IPMI in particular: pyghmi keeps every session in class-level state
+shared by all threads, and in 1.6.19 a session that ended (logged out, or failed to log in)
+poisons the next one to the same BMC (a stale `initting_sessions` entry: TypeError, or a hang); a
+silent BMC also holds pyghmi for its own fixed ~5 s. A worker process starts clean, and killing
+it cuts each attempt's BMC conversation at power.timeout_s.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import select
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from provisioner.errors import OperationError
+from provisioner.power import worker
+from provisioner.power.bmc import EXPECTED, NETBOOT_ONLY
 
-if TYPE_CHECKING:  # the worker process stays light: no yaml, no config loader
-    from provisioner.model import Bmc
-
-log = logging.getLogger(__name__)
-
-ACTIONS = ("status", "on", "off", "soft", "reset", "cycle", "boot")
-NETBOOT_ONLY = "netboot"  # set the one-time network boot override, no power change
 # IPMI Chassis Control (netfn 0, cmd 2) directives
 _CONTROL = {"off": 0, "on": 1, "cycle": 2, "reset": 3, "soft": 5}
 _NETWORK = 0x04  # boot flags data 2: "force PXE" device selector (1 << 2)
 _BUSY, _BAD_STATE = 0xC0, 0xD5
-_BUSY_BACKOFF_S = 0.5
-_EXPECTED = {"on": "on", "off": "off", "reset": "on", "cycle": "on", "boot": "on"}  # power state after
-_STARTUP_S = 30.0  # for the worker to start and load pyghmi (not the BMC's time)
-_READY = b"ready\n"
-
-
-class IpmiError(OperationError):
-    kind = "error"
-
-
-class BmcAuthError(IpmiError):
-    """The BMC refused the user name or password."""
-    kind = "auth"
-
-
-class BmcTimeout(IpmiError):
-    """The BMC did not answer (wrong address, down, or network)."""
-    kind = "timeout"
-
-
-class BmcBusy(IpmiError):
-    """The BMC answered 0xC0 (node busy) on every attempt."""
-    kind = "busy"
-
-
-class BmcStateError(IpmiError):
-    """The BMC answered 0xD5: not possible in the present power state (e.g. reset while off)."""
-    kind = "state"
-
-
-@dataclass(frozen=True)
-class IpmiResult:
-    power: str  # "on" | "off", read back from the BMC after the action
-    bootdev: str | None = None  # the boot override read back after setting it (netboot)
-    persistent: bool | None = None
-    attempts: int = 1
-
-
-def power(bmc: Bmc, action: str, *, netboot: bool = False, timeout: float = 5.0, retries: int = 2,
-          node: str | None = None) -> IpmiResult:
-    """Do `action` (see ACTIONS) and read the power state back.
-
-    netboot: first set a ONE-TIME boot override to network (verified by reading it back), so a
-    node that later reboots by itself goes back to its normal boot order. "boot" = on when off,
-    reset when on; "netboot" only sets the override. Each attempt gets `timeout` seconds; not answering and busy are retried up to
-    `retries` times (the whole sequence, boot override included), wrong credentials and 0xD5 not.
-    """
-    if action == NETBOOT_ONLY:
-        netboot = True
-    elif action not in ACTIONS:
-        raise ValueError(f"unknown power action {action!r}")
-    who = f"BMC {bmc.address}:{bmc.port}" + (f" (node {node})" if node else "")
-    request = {"address": bmc.address, "port": bmc.port, "user": bmc.user, "password": bmc.password,
-               "action": action, "netboot": bool(netboot), "timeout": timeout}
-    attempts = retries + 1
-    last: dict[str, Any] = {}
-    for attempt in range(1, attempts + 1):
-        last = _run_worker(request, timeout)
-        if last.get("ok"):
-            return IpmiResult(last["power"], last.get("bootdev"), last.get("persistent"), attempt)
-        if last["kind"] not in ("timeout", "busy"):
-            break
-        if attempt < attempts:
-            log.info("%s: %s (attempt %d of %d); retrying", who, last["kind"], attempt, attempts)
-            if last["kind"] == "busy":
-                time.sleep(_BUSY_BACKOFF_S * attempt)
-    raise _error(last, who, bmc, action, timeout, attempt, attempts)
-
-
-def _error(res: dict, who: str, bmc: Bmc, action: str, timeout: float, attempt: int, attempts: int) -> IpmiError:
-    kind, step = res["kind"], res.get("step", action)
-    tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
-    if kind == "auth":
-        return BmcAuthError(f"{who} refused the login of user {bmc.user!r} (wrong user name or password); "
-                            f"fix bmc.user / bmc.password_file in the site config")
-    if kind == "timeout":
-        return BmcTimeout(f"{who} did not answer within {timeout:g}s ({tries}); check the BMC address, "
-                          f"port and network, or raise power.timeout_s")
-    if kind == "busy":
-        return BmcBusy(f"{who} is busy (0xC0) ({tries}); retry later")
-    if kind == "state":
-        hint = "power it on instead" if step in ("reset", "cycle") else "check the node's power state"
-        return BmcStateError(f"{who}: {step} is not possible in the present power state (0xD5); {hint}")
-    code = res.get("code")
-    detail = _redact(res.get("detail") or "unknown error", bmc.password)
-    return IpmiError(f"{who}: {step} failed{f' (0x{code:02X})' if code else ''}: {detail}; check the BMC")
-
-
-def _run_worker(request: dict, timeout: float) -> dict:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "provisioner.power.ipmi"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, start_new_session=True,
-    )
-    # The clock for the BMC starts once the worker has loaded pyghmi: on a loaded host, Python's
-    # start-up must not eat the BMC's time (and cause a needless, maybe doubled, retry).
-    if not _wait_ready(proc, _STARTUP_S):
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    else:
-        try:
-            out, err = proc.communicate(json.dumps(request).encode() + b"\n", timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # The BMC is silent (or too slow): end the worker, by its pid, and say so.
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return {"ok": False, "kind": "timeout"}
-    try:
-        return json.loads(out.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        lines = err.decode("utf-8", "replace").strip().splitlines()
-        tail = _redact(lines[-1] if lines else f"exit status {proc.returncode}", request["password"])
-        return {"ok": False, "kind": "error", "detail": f"IPMI worker failed: {tail[:200]}"}
-
-
-def _wait_ready(proc: subprocess.Popen, limit: float) -> bool:
-    """Read the worker's b"ready\\n" straight from the pipe (no buffering ahead of communicate())."""
-    fd, got, deadline = proc.stdout.fileno(), b"", time.monotonic() + limit
-    while not got.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return False
-        chunk = os.read(fd, 1)
-        if not chunk:
-            return False
-        got += chunk
-    return got == _READY
-
-
-def _redact(text: str, password: str | None) -> str:
-    text = " ".join(str(text).split())
-    if password:
-        text = text.replace(password, "***")
-    return text
 
 
 # ---------------------------------------------------------------------- worker (own process)
@@ -247,7 +91,7 @@ def _do(request: dict) -> dict:
             if step:
                 _raw(cmd, step, 0, 2, (_CONTROL[step],))
         result["power"] = _power_state(cmd)
-        expected = _EXPECTED.get(action)
+        expected = EXPECTED.get(action)
         # Verify: some BMCs take a moment to switch. Poll within this attempt's budget (the parent
         # kills the worker at its timeout anyway); soft-off is the OS's business and not waited for.
         deadline = started + 0.6 * float(request.get("timeout", 5.0))
@@ -262,7 +106,7 @@ def _do(request: dict) -> dict:
     except pyghmi_exc.IpmiException as exc:
         text = str(exc)
         kind = "timeout" if ("timeout" in text.lower() or "no longer connected" in text) else "error"
-        return {"ok": False, "kind": kind, "step": action, "detail": _redact(text, request["password"])}
+        return {"ok": False, "kind": kind, "step": action, "detail": worker.redact(text, request["password"])}
     finally:
         try:
             cmd.ipmi_session.logout()
@@ -270,21 +114,9 @@ def _do(request: dict) -> dict:
             pass
 
 
-def _worker_main() -> None:
+def _preload() -> None:
     from pyghmi.ipmi import command  # noqa: F401  (loaded before the caller's clock starts)
-
-    sys.stdout.buffer.write(_READY)
-    sys.stdout.flush()
-    request = json.loads(sys.stdin.readline())
-    try:
-        res = _do(request)
-    except Exception as exc:  # never let a traceback (with locals) out: one redacted line
-        res = {"ok": False, "kind": "error", "step": request.get("action"),
-               "detail": _redact(f"{type(exc).__name__}: {exc}", request.get("password"))}
-    sys.stdout.write(json.dumps(res) + "\n")
-    sys.stdout.flush()
-    os._exit(0)  # pyghmi's IO thread would otherwise linger
 
 
 if __name__ == "__main__":
-    _worker_main()
+    worker.serve(_do, _preload)
