@@ -32,7 +32,7 @@ from provisioner.states import (BOOTING, CANCELLABLE, FAILED, JOINING, K8S, REBO
                                 SWITCHING)
 from provisioner.store import NodeState, Store
 from provisioner.switch import machine
-from provisioner.switch.locks import LockLost, PassLocked, pass_lock  # noqa: F401  (home: switch/locks.py)
+from provisioner.switch.locks import LockLost, PassLocked, check_held, pass_lock  # noqa: F401  (home: switch/locks.py)
 from provisioner.switch.machine import CRASH_ENV, Go  # noqa: F401
 
 ACTOR = "balancer"
@@ -447,7 +447,7 @@ class Reconciler:
         next pass tries again (a failed power action too), within the ask's life (slurmctld's
         ResumeTimeout, after which its ResumeFailProgram answers it)."""
         open_asks = {a.id: a for a in world.asks}
-        booted: dict[str, str | None] = {}  # node -> None (powered) or why not
+        booted: dict[str, tuple[str, str]] = {}  # node -> (powered | not-needed | failed, what happened)
         for move in decision.boots:
             booted[move.node] = self._power_for_slurm(move.node, "boot", move.reason, report)
         for ans in decision.answers:
@@ -470,10 +470,12 @@ class Reconciler:
         outcome, message = ans.outcome, ans.message
         if outcome == "granted" and ask.kind == pol.RESUME:
             if ans.node in booted:
-                if booted[ans.node] is not None:
-                    report.notes.append(f"{ans.node}: {ask.source}'s ask stays open: {booted[ans.node]}; "
-                                        "tried again next pass")
+                how, what = booted[ans.node]
+                if how == "failed":
+                    report.notes.append(f"{ans.node}: {ask.source}'s ask stays open: {what}; tried again next pass")
                     return
+                if how == "not-needed":
+                    outcome, message = "done", what
             else:
                 st = self.store.get(ans.node)
                 if not (st.phase in (BOOTING, JOINING) or (st.phase == STEADY and st.desired_role == SLURM)):
@@ -493,27 +495,28 @@ class Reconciler:
             report.steps.append(Step(ans.node, f"ask-{outcome}", f"{ask.source} {ask.kind}: {message}",
                                      ok=outcome != "refused"))
 
-    def _power_for_slurm(self, name: str, action: str, reason: str, report: PassReport) -> str | None:
+    def _power_for_slurm(self, name: str, action: str, reason: str, report: PassReport) -> tuple[str, str]:
         """Power a node that stays in SLURM: on (SLURM gave it a job) or off (SLURM suspended it).
-        Re-checked right before: never while jobs run there. None when it was powered, else why not."""
+        Re-checked right before: never while jobs run there. Returns ("powered" | "not-needed" |
+        "failed", what happened)."""
         try:
             s = self.slurm.nodes([name])[name]
             expects_boot = s.powered_down or "powering_up" in s.flags  # SLURM waits for it to boot
             if s.runs_jobs or (action == "off" and not s.powered_down) or (action == "boot" and not expects_boot):
                 why = f"not powering {action}: SLURM shows it {describe_slurm(s)}"
                 report.notes.append(f"{name}: {why}")
-                return why
-            machine.check_held()
+                return "not-needed", why
+            check_held()
             result = self.power(self.site, [self.site.nodes[name]], action, netboot=action == "boot",
                                 store=self.store, actor=self.actor, roles={name: SLURM})[0]
         except LockLost:
             raise
         except Exception as exc:  # noqa: BLE001 - this node only
             report.steps.append(Step(name, f"power-{action}", f"{reason}: {exc}", ok=False))
-            return str(exc)
+            return "failed", str(exc)
         report.steps.append(Step(name, f"power-{action}", f"{reason}: " + ("ok" if result.ok else result.error),
                                  ok=result.ok))
-        return None if result.ok else f"power {action} failed: {result.error}"
+        return ("powered", "powered on") if result.ok else ("failed", f"power {action} failed: {result.error}")
 
     def _sync_slurm_view(self, hold: dict[str, str | None], world: World, report: PassReport) -> None:
         """Keep SLURM's view of the shared nodes in Kubernetes: powered down, and free for SLURM

@@ -157,7 +157,7 @@ def on_rebooting(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
         # The action is known to have failed: clear its intent, or the next pass would wait
         # for a boot that was never started instead of trying the power action again.
         return Go("power-failed", f"power failed ({result.error}); attempt {attempts} of {rec.policy.max_retries + 1}",
-                  {"attempts": attempts, "power_at": None}, ok=False, seen=seen)
+                  {"attempts": attempts, "power_at": None}, ok=False, seen=seen, brief=f"failed: {result.error}")
     return Go("power", f"power {result.method} boot with one-time network boot",
               {"phase_since": powered_at, "k8s_boot_id": k.boot_id if k is not None else None}, seen=seen)
 

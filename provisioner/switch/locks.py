@@ -43,6 +43,16 @@ def check_held() -> None:
 
 
 @contextmanager
+def holding(check: Callable[[], None]):
+    """Within the block, check_held() runs `check` (which raises LockLost when the lock is gone)."""
+    token = _HELD.set(check)
+    try:
+        yield
+    finally:
+        _HELD.reset(token)
+
+
+@contextmanager
 def pass_lock(site: Site, wait_s: float = 0.0):
     """One pass at a time per site (cron may start a pass while the last one still runs).
 
@@ -69,11 +79,8 @@ def pass_lock(site: Site, wait_s: float = 0.0):
                     raise LockLost(f"the balance lock's connection to {lease.where} was lost: another host may "
                                    "run a pass now; this one stops before its next write")
 
-            token = _HELD.set(check)
-            try:
+            with holding(check):
                 yield
-            finally:
-                _HELD.reset(token)
         return
     path = Path(str(site.store) + ".balance.lock")
     path.parent.mkdir(parents=True, exist_ok=True)

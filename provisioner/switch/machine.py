@@ -53,6 +53,7 @@ class Go:
     direction: str | None = None  # from steady or failed (no target_role yet): the switch's target
     actor: str | None = None  # who takes it (default: the pass's actor)
     data: dict[str, Any] = field(default_factory=dict)  # more for the event's data
+    brief: str | None = None  # the pass report's words, when shorter than the log's
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def fire(rec: Reconciler, st: NodeState, go: Go, report: PassReport) -> bool:
     if t.event == "power-failed":
         action = "power"
     if action is not None:
-        report.steps.append(_step(st.name, action, go.message, ok=go.ok and t.target != FAILED))
+        report.steps.append(_step(st.name, action, go.brief or go.message, ok=go.ok and t.target != FAILED))
     if t.kind == "rollback":
         _release(rec, st, report)
     elif t.target == FAILED and to == SLURM and rec.site.slurm.power_saving:
