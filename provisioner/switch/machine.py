@@ -30,15 +30,20 @@ if TYPE_CHECKING:
 
 # Test-only fault injection: PROVISIONER_CRASH_AT=<point> makes the pass SIGKILL itself there,
 # to prove that a pass killed at any step leaves a state the next pass can finish or roll back.
-# The points: after-cordon, after-down, before-power, after-power (in the handlers), and
-# before-<event> / after-<event> around every write of the machine (before-booted,
-# before-joined, after-rollback, ...).
+# The points: after-drain, after-cordon, after-down, before-power, after-power, after-join-steps
+# (in the handlers), and before-write-<event> / after-write-<event> around every write of the
+# machine (before-write-booted, before-write-joined, after-write-rollback, ...).
 CRASH_ENV = "PROVISIONER_CRASH_AT"
 
 
 def crash_point(name: str) -> None:
     if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        die()
+
+
+def die() -> None:
+    """kill -9 of this process (the fast tests replace it with an exception no handler catches)."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -133,14 +138,14 @@ def fire(rec: Reconciler, st: NodeState, go: Go, report: PassReport) -> bool:
     if st.phase == STEADY:
         message = {}  # slurmctld's give-up of a node it powered for itself: no switch to name
     check_held()
-    crash_point(f"before-{t.event}")
+    crash_point(f"before-write-{t.event}")
     ok = rec.store.update(st.name, actor=go.actor or rec.actor, kind=t.kind, message=message.get(t.kind, go.message),
                           expect={"phase": st.phase, "attempts": st.attempts, "power_at": st.power_at},
                           data=data, **fields)
     if not ok:  # another pass (or an admin's cancel) moved the node meanwhile: its write stands
         report.notes.append(f"{st.name}: {st.phase} changed under this pass; left to the next one")
         return False
-    crash_point(f"after-{t.event}")
+    crash_point(f"after-write-{t.event}")
     action = {"phase": t.target, "switched": "done", "failed": FAILED, "power-intent": None,
               "switch": "requested"}.get(t.kind, t.kind)
     if t.event == "power-failed":
