@@ -72,8 +72,7 @@ class Box:
 
     image: str | None  # the image it runs (None: rebooting)
     boot: int = 0  # how many times it booted
-    jobs: int = 0
-    pods: int = 0
+    jobs: int = 0  # (its pods are the Kubernetes fake's: an eviction removes them there)
     pending: str | None = None  # the image of a boot in progress
     powered_at: float = 0.0  # when provisioner last powered it (and it started to boot)
     callback_lost: bool = False
@@ -81,6 +80,16 @@ class Box:
     registered: bool = True
     called_back: bool = True
     powered_intents: set = field(default_factory=set)
+
+
+HAPPENINGS: list[tuple[str, dict]] = []  # (method, its arguments' strategies): what may happen between passes
+
+
+def happening(**arguments):
+    def register(method):
+        HAPPENINGS.append((method.__name__, arguments))
+        return method
+    return register
 
 
 class SwitchMachine(RuleBasedStateMachine):
@@ -106,6 +115,7 @@ class SwitchMachine(RuleBasedStateMachine):
             self.slurm.set(n, state="down", reason="k8s_connect", reason_is_ours=True,
                            flags=frozenset({"not_responding"}))
         self.bmc = "ok"  # ok | timeout | lie
+        self.pods = 0  # pods made so far (their names)
         self.violations: list[str] = []
         self.answered: dict[int, int] = {}
         self.crashes = Crashes()
@@ -123,8 +133,9 @@ class SwitchMachine(RuleBasedStateMachine):
         for node in nodes:
             name = node.name
             box = self.boxes[name]
-            if box.jobs or box.pods:
-                self.violations.append(f"{name} powered ({action}) with {box.jobs} job(s), {box.pods} pod(s)")
+            pods = self.kube.state[name].pods
+            if box.jobs or pods:
+                self.violations.append(f"{name} powered ({action}) with {box.jobs} job(s), {len(pods)} pod(s)")
             intent = self.store.get(name).power_at
             if self.bmc != "timeout":  # a power action that failed is not one
                 if (intent, action) in box.powered_intents:
@@ -184,10 +195,9 @@ class SwitchMachine(RuleBasedStateMachine):
     def start(self):
         pass
 
-    @rule(seconds=st.sampled_from([0, 1, 5, 15, TIMEOUT + 1]),
-          crash=st.one_of(st.none(), st.none(), st.integers(1, MAX_CRASH_POINTS)), only=st.booleans())
     def balance_pass(self, seconds, crash, only):
-        """Time goes by (the passes of cron or `provisioner run`), then a pass, maybe killed."""
+        """Time goes by (the passes of cron or `provisioner run`), then a pass, maybe killed at its
+        crash-th crash point."""
         self.now += seconds
         self.crashes.left = crash
         rec = Reconciler(self.site, self.store, slurm=self.slurm, kube=self.kube, power=self.power,
@@ -201,29 +211,29 @@ class SwitchMachine(RuleBasedStateMachine):
         finally:
             self.crashes.left = None
 
-    @rule(name=PLAYED, lost=st.booleans(), never=st.booleans())
+    @happening(name=PLAYED, lost=st.booleans(), never=st.booleans())
     def boot_completes(self, name, lost, never):
         self._booted(name, lost, never)
 
-    @rule(name=PLAYED)
+    @happening(name=PLAYED)
     def callback(self, name):  # also a late one, or a second one (duplicated)
         if not self.boxes[name].callback_lost or self.boxes[name].called_back:
             self._callback(name)
 
-    @rule(name=PLAYED)
+    @happening(name=PLAYED)
     def daemon_registers(self, name):  # before or after the callback
         if not self.boxes[name].never_registers:
             self._register(name)
 
-    @rule(skew=st.sampled_from([0.0, -HOST_CLOCK_SKEW_S, HOST_CLOCK_SKEW_S, -1.0]))
+    @happening(skew=st.sampled_from([0.0, -HOST_CLOCK_SKEW_S, HOST_CLOCK_SKEW_S, -1.0]))
     def clock_skew(self, skew):
         self.skew = skew
 
-    @rule(mode=st.sampled_from(["ok", "ok", "timeout", "lie"]))
-    def bmc(self, mode):
+    @happening(mode=st.sampled_from(["ok", "ok", "timeout", "lie"]))
+    def bmc_answers(self, mode):
         self.bmc = mode
 
-    @rule(op=st.sampled_from([("slurm", "drain"), ("slurm", "resume"), ("kube", "cordon"), ("kube", "uncordon"),
+    @happening(op=st.sampled_from([("slurm", "drain"), ("slurm", "resume"), ("kube", "cordon"), ("kube", "uncordon"),
                               ("kube", "label"), ("slurm", "nodes")]), on=st.booleans())
     def refuse(self, op, on):
         fake = self.slurm if op[0] == "slurm" else self.kube
@@ -232,7 +242,7 @@ class SwitchMachine(RuleBasedStateMachine):
         else:
             fake.refuse.pop(op[1], None)
 
-    @rule(name=PLAYED, hold=st.booleans())
+    @happening(name=PLAYED, hold=st.booleans())
     def someone_else_drains(self, name, hold):
         """An admin's own drain (a bad DIMM), set or lifted: never provisioner's to lift."""
         s = self.slurm.state[name]
@@ -241,7 +251,7 @@ class SwitchMachine(RuleBasedStateMachine):
         elif not hold and s.drain and not s.reason_is_ours:
             self.slurm.set(name, flags=s.flags - {"drain"}, reason=None)
 
-    @rule(name=PLAYED, hold=st.booleans())
+    @happening(name=PLAYED, hold=st.booleans())
     def someone_else_cordons(self, name, hold):
         k = self.kube.state[name]
         if hold and not k.unschedulable:
@@ -249,35 +259,32 @@ class SwitchMachine(RuleBasedStateMachine):
         elif not hold and k.unschedulable and not k.cordoned_by_us:
             self.kube.set(name, unschedulable=False)
 
-    @rule(name=PLAYED)
+    @happening(name=PLAYED)
     def job_starts(self, name):
         s, box = self.slurm.state[name], self.boxes[name]
         if box.image == SLURM and box.registered and s.available:
             box.jobs += 1
             self.slurm.set(name, state="allocated", alloc_cpus=box.jobs)
 
-    @rule(name=PLAYED)
+    @happening(name=PLAYED)
     def job_ends(self, name):
         box = self.boxes[name]
         if box.jobs:
             box.jobs -= 1
             self.slurm.set(name, state="allocated" if box.jobs else "idle", alloc_cpus=box.jobs)
 
-    @rule(name=PLAYED, by_node_name=st.booleans())
+    @happening(name=PLAYED, by_node_name=st.booleans())
     def pod_starts(self, name, by_node_name):
         k, box = self.kube.state[name], self.boxes[name]
         if box.image == K8S and box.registered and k.ready and (by_node_name or not k.unschedulable):
-            box.pods += 1
-            self.kube.set(name, pods=tuple(kube_node(name, pods=tuple(f"p{i}" for i in range(box.pods))).pods))
+            self.pods += 1
+            self.kube.set(name, pods=k.pods + kube_node(name, pods=(f"pod-{self.pods}",)).pods)
 
-    @rule(name=PLAYED)
+    @happening(name=PLAYED)
     def pod_ends(self, name):
-        box = self.boxes[name]
-        if box.pods:
-            box.pods -= 1
-            self.kube.set(name, pods=self.kube.state[name].pods[1:])
+        self.kube.set(name, pods=self.kube.state[name].pods[1:])
 
-    @rule(name=PLAYED, role=st.sampled_from([SLURM, K8S]))
+    @happening(name=PLAYED, role=st.sampled_from([SLURM, K8S]))
     def admin_role(self, name, role):
         rec = Reconciler(self.site, self.store, slurm=self.slurm, kube=self.kube, power=self.power,
                          clock=lambda: self.now)
@@ -287,15 +294,26 @@ class SwitchMachine(RuleBasedStateMachine):
             if "run role again" not in str(exc):
                 self.violations.append(f"role raised {exc}")
 
-    @rule(name=PLAYED)
+    @happening(name=PLAYED)
     def admin_cancel(self, name):
         rec = Reconciler(self.site, self.store, slurm=self.slurm, kube=self.kube, power=self.power,
                          clock=lambda: self.now)
         rec.cancel([name], actor="admin:prop", reason="property test")
 
-    @rule(name=PLAYED, kind=st.sampled_from(["resume", "resume-fail"]))
+    @happening(name=PLAYED, kind=st.sampled_from(["resume", "resume-fail"]))
     def slurmctld_asks(self, name, kind):
         self.store.add_asks([name], kind, source="slurmctld", reason="property test", actor="slurmctld")
+
+    # -- the one rule: what happens in the world, time goes by, a pass ---------------------
+
+    @rule(happenings=st.lists(st.deferred(lambda: st.one_of(*(
+              st.tuples(st.just(name), st.fixed_dictionaries(kw)) for name, kw in HAPPENINGS))), max_size=4),
+          seconds=st.sampled_from([0, 1, 5, 15, TIMEOUT + 1]),
+          crash=st.one_of(st.none(), st.none(), st.integers(1, MAX_CRASH_POINTS)), only=st.booleans())
+    def happenings_then_a_pass(self, happenings, seconds, crash, only):
+        for name, kw in happenings:
+            getattr(self, name)(**kw)
+        self.balance_pass(seconds, crash, only)
 
     # -- invariants ----------------------------------------------------------------------
 
@@ -323,7 +341,7 @@ class SwitchMachine(RuleBasedStateMachine):
         self.slurm.refuse.clear()
         self.kube.refuse.clear()
         for name, box in self.boxes.items():
-            box.jobs = box.pods = 0
+            box.jobs = 0
             self.slurm.set(name, state="idle" if self.slurm.state[name].state == "allocated" else
                            self.slurm.state[name].state, alloc_cpus=0)
             self.kube.set(name, pods=())
@@ -364,10 +382,10 @@ def test_the_switch_always_ends(tmp_path, seed):
             finally:
                 super().teardown()
 
-    runs = 100
+    runs = 50
     shm = Path("/dev/shm")  # the store's fsyncs are most of the time on a disk
     _TMP[:] = [Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path]
-    Checked.TestCase.settings = settings(max_examples=runs, stateful_step_count=50, deadline=None, derandomize=True,
+    Checked.TestCase.settings = settings(max_examples=runs, stateful_step_count=40, deadline=None, derandomize=True,
                                          suppress_health_check=list(HealthCheck), database=None)
     try:
         Checked.TestCase().runTest()
