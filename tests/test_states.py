@@ -386,3 +386,15 @@ def test_a_refused_resume_holds_the_node_in_slurm_and_powers_it_down(site, tmp_p
     assert store.get(name).desired_role == K8S and store.open_asks() == []
     assert any(s.action == "ask-refused" for s in report.steps)
     store.close()
+
+
+def test_the_documented_table_is_the_table():
+    """docs/switching.md holds the table as `python -m provisioner.states` prints it."""
+    import re
+    from pathlib import Path
+
+    from provisioner.states import table_text
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "switching.md").read_text()
+    found = re.search(r"<!-- table: .*?-->\n(.*)<!-- end of table -->", doc, re.S)
+    assert found and found.group(1) == table_text(), "regenerate the table: python -m provisioner.states"
