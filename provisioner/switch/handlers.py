@@ -210,9 +210,11 @@ def _joined_slurm(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wa
         report.steps.append(Step(name, "resumed", "slurmd registered; resumed in SLURM"))
     if not s.available:
         # Right after a resume slurmctld pings the node (NOT_RESPONDING for a moment):
-        # done only once SLURM would give it a job, on this pass or the next.
-        return Wait(f"SLURM does not show it available ({s.state}"
-                    f"{'+' + '+'.join(sorted(s.flags)) if s.flags else ''})")
+        # done once SLURM would give it a job, on this pass or the next. Never rebooted for
+        # that: its slurmd is this boot's, and SLURM may give it a job any moment now.
+        return Wait(f"SLURM does not show it available yet ({s.state}"
+                    f"{'+' + '+'.join(sorted(s.flags)) if s.flags else ''}); its slurmd is registered",
+                    on_timeout="joined")
     if rec.kube.node(name):
         rec.kube.label(name, SLURM)
     crash_point("after-join-steps")

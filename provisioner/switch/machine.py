@@ -67,6 +67,7 @@ class Wait:
 
     why: str
     note: str | None = None  # for the pass report now
+    on_timeout: str | None = None  # the event its timeout takes instead of the phase's (a declared one)
 
 
 def step(rec: Reconciler, st: NodeState, report: PassReport) -> bool:
@@ -88,18 +89,17 @@ def step(rec: Reconciler, st: NodeState, report: PassReport) -> bool:
             != seen.phase
     if out.note:
         report.notes.append(f"{st.name}: {out.note}")
-    return _on_timeout(rec, st, out.why, report)
+    return _on_timeout(rec, st, out.why, report, out.on_timeout)
 
 
-def _on_timeout(rec: Reconciler, st: NodeState, why: str, report: PassReport) -> bool:
+def _on_timeout(rec: Reconciler, st: NodeState, why: str, report: PassReport, event: str | None = None) -> bool:
     """The phase waited (or failed) past policy.phase_timeout_s: the way out states.TIMEOUTS
     declares. True when the phase changed."""
     now = rec.clock()
     age = now - (st.phase_since or now)
     if age <= rec.policy.phase_timeout_s:
         return False
-    forced = rec.forced(st)
-    event = TIMEOUTS[st.phase][1 if forced else 0]
+    event = event or TIMEOUTS[st.phase][1 if rec.forced(st) else 0]
     if event is None:
         report.notes.append(f"{st.name}: still {st.phase} after {int(age)} s ({why}; started by {st.switch_actor}; "
                             f"`provisioner role {st.name} --cancel` ends it)")
