@@ -27,9 +27,8 @@ from provisioner.clusters.slurm import describe as describe_slurm
 from provisioner.errors import OperationError, UsageError
 from provisioner.model import Site
 from provisioner.nodeset import fold
-from provisioner.powering import power_nodes, record_power  # noqa: F401  (their home: provisioner/powering.py)
-from provisioner.states import (BOOTING, CANCELLABLE, FAILED, JOINING, K8S, REBOOTING, REQUESTED, SLURM, STEADY,
-                                SWITCHING)
+from provisioner.powering import power_nodes  # noqa: F401  (its home: provisioner/powering.py)
+from provisioner.states import BOOTING, CANCELLABLE, FAILED, JOINING, K8S, REBOOTING, SLURM, STEADY, SWITCHING
 from provisioner.store import NodeState, Store
 from provisioner.switch import machine
 from provisioner.switch.locks import LockLost, PassLocked, check_held, pass_lock  # noqa: F401  (home: switch/locks.py)

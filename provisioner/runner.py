@@ -33,7 +33,6 @@ once: restart the loop after changing it.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import socket
