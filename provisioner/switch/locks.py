@@ -19,7 +19,7 @@ from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
-from provisioner.errors import UsageError
+from provisioner.errors import OperationError, UsageError
 from provisioner.model import Site
 
 
@@ -27,8 +27,9 @@ class PassLocked(Exception):
     """Another pass holds the lock."""
 
 
-class LockLost(Exception):
-    """The pass no longer holds its lock: it must stop before its next write."""
+class LockLost(OperationError):
+    """The pass no longer holds its lock: it must stop before its next write. Every handler of
+    errors in a pass lets it through (the CLI prints it and exits 1)."""
 
 
 # The check of the lock the running pass holds (None: no lock held, as in the unit tests).
