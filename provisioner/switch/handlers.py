@@ -100,7 +100,9 @@ def on_cordoning(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
         res = rec.kube.evict_pods(name)
         if not res.free:
             blocked = "; ".join(f"{p} ({why})" for p, why in res.blocked) or ", ".join(res.remaining)
-            return Wait(f"pods could not be evicted: {blocked}", note=f"waiting for pods to leave: {blocked}")
+            age = rec.clock() - (st.phase_since or rec.clock())
+            return Wait(f"pods could not be evicted in {int(age)} s: {blocked}",
+                        note=f"waiting for pods to leave: {blocked}")
     if rec.site.slurm.power_saving:
         # SLURM must expect the node: our hold lifted, and "powering up" (when slurmctld asked
         # for it, it is already), so its slurmd's registration counts within ResumeTimeout.

@@ -111,7 +111,7 @@ def _on_timeout(rec: Reconciler, st: NodeState, why: str, report: PassReport, ev
         return fire(rec, st, Go("retry", f"{why} within {rec.policy.phase_timeout_s} s; rebooting again "
                                          f"(attempt {attempts + 1} of {rec.policy.max_retries + 1})",
                                 {"attempts": attempts}, ok=False), report)
-    return fire(rec, st, Go(event, f"{why} ({int(age)} s in {st.phase})"), report)
+    return fire(rec, st, Go(event, why if f"{int(age)} s" in why else f"{why} ({int(age)} s in {st.phase})"), report)
 
 
 def fire(rec: Reconciler, st: NodeState, go: Go, report: PassReport) -> bool:
