@@ -249,6 +249,10 @@ def _reconciler(ctx: Context):
 
 
 def cmd_role(ctx: Context) -> int:
+    if ctx.args.cancel:
+        return _cancel_role(ctx)
+    if ctx.args.role is None:
+        raise UsageError("role: name the role (slurm or k8s), or give --cancel to end a switch")
     change = _reconciler(ctx).change_role(ctx.nodes(ctx.args.nodeset), ctx.args.role, actor=default_actor(),
                                           reason=ctx.args.reason, now=ctx.args.now)
     if change.requested:
@@ -263,6 +267,20 @@ def cmd_role(ctx: Context) -> int:
     if change.report is not None:
         _print_report(change.report)
     return EXIT_OK if change.ok else EXIT_FAILED
+
+
+def _cancel_role(ctx: Context) -> int:
+    """Exit 0 when no named node is left switching because of a refusal, else 1."""
+    res = _reconciler(ctx).cancel(ctx.nodes(ctx.args.nodeset), actor=default_actor(), reason=ctx.args.reason)
+    if res.cancelled:
+        print(f"{fold(res.cancelled)}: switch cancelled, back in the role it had, unpinned ({res.reason})")
+    if res.idle:
+        print(f"{fold(res.idle)}: not switching: nothing to cancel")
+    for name, why in res.refused.items():
+        print(f"{name}: {why}")
+    for note in res.notes:
+        print(note)
+    return EXIT_OK if res.ok else EXIT_FAILED
 
 
 def _print_report(report, stamp: str = "") -> None:
@@ -370,7 +388,7 @@ BOOTING_ACTIONS = ("on", "reset", "cycle", "boot")
 
 
 def cmd_power(ctx: Context) -> int:
-    from provisioner.reconcile import power_nodes
+    from provisioner.powering import power_nodes
 
     from provisioner import workload
 
@@ -685,10 +703,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("role", cmd_role, "force shared nodes to a role and pin them there",
              "provisioner role 'sn[01-04]' k8s --reason 'GPU course this week'")
     add_nodeset(sp)
-    sp.add_argument("role", choices=ROLES, help="the role to switch to")
+    sp.add_argument("role", choices=ROLES, nargs="?", help="the role to switch to (none with --cancel)")
     add_reason(sp, "role set by admin")
     sp.add_argument("--now", action="store_true",
                     help="carry the switch out now, as far as it can go without waiting (else: next balance pass)")
+    sp.add_argument("--cancel", action="store_true",
+                    help="end the nodes' switches that have not powered the node yet (lifting only provisioner's "
+                         "own drains and cordons); exit 1 if one is past its power action")
 
     sp = add("balance", cmd_balance, "one balancing pass: move shared nodes where work is pending (run by cron)",
              "provisioner balance --dry-run")

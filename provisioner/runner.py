@@ -32,23 +32,21 @@ once: restart the loop after changing it.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import signal
 import sys
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from provisioner.errors import UsageError
 from provisioner.model import Site
 from provisioner.report import report_lines
 from provisioner.states import SWITCHING
 from provisioner.store import Store, iso, open_store
+from provisioner.switch.locks import LockLost, PassLocked, pass_lock
+from provisioner.switch.locks import AlreadyRunning, daemon_running, run_lock  # noqa: F401  (used by the CLI and slurm_programs)
 
 COALESCE_S = 0.2  # a pass waits this long after the first event, for the rest of its burst
 MIN_GAP_S = 1.0  # event-driven passes start at least this long after the last one ended
@@ -60,14 +58,6 @@ SHOW = 3  # nodes or pods named per kind of event in a pass's line
 # What starts a pass no event asked for: the timer, a switch in progress, the pass after one that
 # took steps, another try after a failed or skipped pass.
 START, TIMER, SWITCH, FOLLOW_UP, RETRY = "start", "timer", "switch in progress", "follow-up", "retry"
-
-
-class AlreadyRunning(UsageError):
-    """Another `provisioner run` holds this site's lock."""
-
-
-def lock_path(site: Site) -> Path:
-    return Path(str(site.store) + ".run.lock")
 
 
 def wake_path(site: Site) -> Path:
@@ -84,51 +74,6 @@ def notify(site: Site) -> bool:
         return True
     except OSError:
         return False
-
-
-@contextmanager
-def run_lock(site: Site):
-    """Held while the loop runs: a flock (released by the kernel if the loop dies) on a file
-    that names the holder's pid. Raises AlreadyRunning when another loop holds it."""
-    path = lock_path(site)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        for attempt in range(5):  # daemon_running() holds a shared lock for an instant
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == 4:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    raise AlreadyRunning(f"`provisioner run` is already running for {site.path} (pid {holder}, "
-                                         f"lock {path}): one per site; stop that one first") from None
-                time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
-
-
-def daemon_running(site: Site) -> bool:
-    """A `provisioner run` loop holds this site's lock: it will pick up new asks by itself."""
-    try:
-        fd = os.open(lock_path(site), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # also releases the shared lock just taken
-    return False
 
 
 class Wakeups:
@@ -268,13 +213,15 @@ class Loop:
     def _pass(self, why: str) -> tuple[float, str]:
         """One pass and its log. Returns when the next pass is due without an event (seconds
         from now) and why it will run then."""
-        from provisioner.reconcile import PassLocked, pass_lock
 
         s = self.settings
         stamp = iso(time.time())[:19] + " "
         try:
             with pass_lock(self.site, wait_s=LOCK_WAIT_S):
                 report = self._run_pass()
+        except LockLost as exc:  # stopped before its next write: another host's pass may run now
+            self.log(f"pass ({why}): stopped: {exc}; trying again in {s.busy_interval_s:g} s", stamp)
+            return s.busy_interval_s, RETRY
         except PassLocked as exc:
             self.log(f"pass ({why}): skipped: {exc}; trying again in {s.busy_interval_s:g} s", stamp)
             return s.busy_interval_s, RETRY

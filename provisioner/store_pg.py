@@ -342,7 +342,7 @@ def balance_lock(url: str, password_file: Any, site_name: str, wait_s: float = 0
     """pg_try_advisory_lock on the site's key, on a connection of its own held until the end of
     the block (closing it releases the lock; so does the death of this process). Tries every
     0.1 s for wait_s; raises LockBusy with the holder's pid (as PostgreSQL sees the client) when
-    the lock stays taken. Yields the key."""
+    the lock stays taken. Yields a BalanceLease: its alive() tells whether the lock is still held."""
     key = site_lock_key(site_name)
     conn = connect(url, password_file)
     try:
@@ -360,9 +360,31 @@ def balance_lock(url: str, password_file: Any, site_name: str, wait_s: float = 0
                     if holder else ""
                 raise LockBusy(f"advisory lock {key} on {redact(url)}{who}")
             time.sleep(0.1)
-        yield key
+        yield BalanceLease(key, conn, redact(url))
     finally:
         conn.close()
+
+
+class BalanceLease:
+    """The advisory lock a pass holds, on its own connection. PostgreSQL ends a session lock
+    with the session: once the connection is gone (a restart, a cut, a terminated backend) the
+    lock may be another host's, and a connection made again would not hold it."""
+
+    def __init__(self, key: int, conn: Any, where: str):  # a psycopg connection (autocommit)
+        self.key, self.conn, self.where = key, conn, where
+        self.backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+    def alive(self) -> bool:
+        if self.conn.closed or self.conn.broken:
+            return False
+        try:
+            row = self.conn.execute(
+                "SELECT pg_backend_pid(), count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid = pg_backend_pid() AND classid = %s::bigint::oid AND objid = %s::bigint::oid",
+                ((self.key >> 32) & 0xFFFFFFFF, self.key & 0xFFFFFFFF)).fetchone()
+        except Exception:  # noqa: BLE001 - any failure to ask means the lock cannot be trusted
+            return False
+        return row[0] == self.backend and row[1] > 0
 
 
 # --------------------------------------------------------------------------- store copy

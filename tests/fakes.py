@@ -16,35 +16,52 @@ from provisioner.power.dispatch import PowerResult
 OURS = "provisioner: switching"
 
 
-class FakeSlurm:
+class Refusals:
+    """`refuse[op] = message`: the fake raises OperationError(message) on that call, as a real
+    adapter does when its cluster refuses (a webhook, RBAC, slurmctld down)."""
+
+    refuse: dict[str, str]
+
+    def _check(self, op: str) -> None:
+        if op in self.refuse:
+            raise OperationError(self.refuse[op])
+
+
+class FakeSlurm(Refusals):
     def __init__(self, **nodes: SlurmNode):
         self.state: dict[str, SlurmNode] = dict(nodes)
         self.calls: list[tuple] = []
+        self.refuse = {}
         self.resume_leaves_not_responding = False  # slurmctld pings a resumed node first
 
     def set(self, name: str, **changes) -> None:
         self.state[name] = replace(self.state[name], **changes)
 
     def observe(self) -> SlurmSnapshot:
+        self._check("observe")
         return SlurmSnapshot(dict(self.state), ())
 
     def nodes(self, names=None) -> dict[str, SlurmNode]:
+        self._check("nodes")
         names = [names] if isinstance(names, str) else names
         return {n: self.state[n] for n in (names if names is not None else self.state)}
 
     def drain(self, nodes, reason: str) -> dict[str, SlurmNode]:
+        self._check("drain")
         self.calls.append(("drain", tuple(nodes), reason))
         for n in nodes:
             self.set(n, flags=self.state[n].flags | {"drain"}, reason=f"provisioner: {reason}", reason_is_ours=True)
         return self.nodes(nodes)
 
     def down(self, nodes, reason: str = PAPER_REASON) -> dict[str, SlurmNode]:
+        self._check("down")
         self.calls.append(("down", tuple(nodes)))
         for n in nodes:
             self.set(n, state="down", flags=self.state[n].flags - {"drain"}, reason=reason, reason_is_ours=True)
         return self.nodes(nodes)
 
     def resume(self, nodes) -> dict[str, SlurmNode]:
+        self._check("resume")
         self.calls.append(("resume", tuple(nodes)))
         for n in nodes:
             flags = frozenset({"not_responding"}) if self.resume_leaves_not_responding else frozenset()
@@ -53,12 +70,14 @@ class FakeSlurm:
         return self.nodes(nodes)
 
     def power_down(self, nodes) -> dict[str, SlurmNode]:
+        self._check("power_down")
         self.calls.append(("power_down", tuple(nodes)))
         for n in nodes:
             self.set(n, flags=(self.state[n].flags - {"powering_up"}) | {"powered_down"})
         return self.nodes(nodes)
 
     def power_up(self, nodes) -> dict[str, SlurmNode]:
+        self._check("power_up")
         self.calls.append(("power_up", tuple(nodes)))
         for n in nodes:
             if "powered_down" in self.state[n].flags:
@@ -66,25 +85,29 @@ class FakeSlurm:
         return self.nodes(nodes)
 
 
-class FakeKube:
+class FakeKube(Refusals):
     def __init__(self, **nodes: KubeNode):
         self.state: dict[str, KubeNode] = dict(nodes)
         self.calls: list[tuple] = []
+        self.refuse = {}
         self.evictable = True  # False: a PodDisruptionBudget refuses every eviction
 
     def set(self, name: str, **changes) -> None:
         self.state[name] = replace(self.state[name], **changes)
 
     def pending_pods(self) -> list:
+        self._check("pending_pods")
         return []
 
     def nodes(self, names=None) -> dict[str, KubeNode]:
         return {n: k for n, k in self.state.items() if names is None or n in set(names)}
 
     def node(self, name: str) -> KubeNode | None:
+        self._check("node")
         return self.state.get(name)
 
     def cordon(self, name: str) -> bool:
+        self._check("cordon")
         self.calls.append(("cordon", name))
         k = self.state[name]
         if k.unschedulable:
@@ -93,6 +116,7 @@ class FakeKube:
         return True
 
     def uncordon(self, name: str) -> None:
+        self._check("uncordon")
         self.calls.append(("uncordon", name))
         k = self.state[name]
         if k.unschedulable and not k.cordoned_by_us:
@@ -100,10 +124,12 @@ class FakeKube:
         self.set(name, unschedulable=False, cordoned_by_us=False)
 
     def label(self, name: str, role: str) -> None:
+        self._check("label")
         self.calls.append(("label", name, role))
         self.set(name, role=role)
 
     def evict_pods(self, name: str) -> EvictionResult:
+        self._check("evict")
         self.calls.append(("evict", name))
         pods = tuple(p.key for p in self.state[name].pods)
         if not self.evictable:

@@ -134,3 +134,27 @@ def test_the_lock_connection_asks_the_server_for_keepalives(tmp_path, pg_url):
         settings = {k: c.execute(f"SHOW {k}").fetchone()[0]
                     for k in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")}
     assert settings == {"tcp_keepalives_idle": "15", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "6"}
+
+
+def test_a_pass_whose_lock_connection_was_lost_stops_before_its_next_write(tmp_path, pg_url):
+    """The lock's connection ends (here: its backend terminated, as a database restart or a cut
+    would): PostgreSQL has released the lock, and the pass's next check raises LockLost instead
+    of writing alongside the other host's pass, which takes the lock now."""
+    from provisioner.store_pg import connect
+    from provisioner.switch.locks import LockLost, check_held
+
+    a, b = host(tmp_path, "host-a", pg_url), host(tmp_path, "host-b", pg_url)
+    site_a, site_b = config.load(a), config.load(b)
+    url, pw = pg_url
+    with pass_lock(site_a):
+        check_held()  # held: no error
+        admin = connect(url, pw)
+        try:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                          "AND pid <> pg_backend_pid()")
+        finally:
+            admin.close()
+        with pytest.raises(LockLost, match="was lost"):
+            check_held()
+        with pass_lock(site_b, wait_s=10):  # the other host's pass gets the lock
+            pass

@@ -13,7 +13,8 @@ import pytest
 from provisioner import config
 from provisioner.reconcile import PassReport, Reconciler
 from provisioner.states import (BOOTING, CORDONING, DRAINING, FAILED, JOINING, K8S, PHASES, REBOOTING, REQUESTED,
-                                SLURM, STEADY, TRANSITIONS, IllegalTransition, other, transition)
+                                SLURM, STEADY, SWITCHING, TIMEOUTS, TRANSITIONS, IllegalTransition, lookup, other,
+                                transition)
 from provisioner.store import Store
 from tests.fakes import OURS, FakeKube, FakePower, FakeSlurm, kube_node, slurm_node
 from testbed.site import write_site
@@ -38,6 +39,8 @@ class Case:
     evictable: bool = True
     resume_pings: bool = False  # slurmctld pings a resumed node first (not responding for a moment)
     check: Callable | None = None  # check(state_after, report, slurm, kube, power)
+    slurm_refuses: dict = field(default_factory=dict)  # FakeSlurm.refuse
+    kube_refuses: dict = field(default_factory=dict)  # FakeKube.refuse
 
 
 def forced(**more) -> dict:
@@ -59,6 +62,23 @@ CASES = [
     Case("requested-to-slurm-someone-elses-cordon-stays-theirs", REQUESTED, SLURM, CORDONING, "cordoning",
          kube={"unschedulable": True},
          check=lambda st, r, s, k, p: "someone else" in r.steps[-1].message and not k.state["sn01"].cordoned_by_us),
+    Case("requested-to-k8s-someone-elses-drain-balancer-rolls-back", REQUESTED, K8S, STEADY, "rollback",
+         slurm={"flags": frozenset({"drain"}), "reason": "bad DIMM", "reason_is_ours": False},
+         check=lambda st, r, s, k, p: not calls(s, "drain") and not calls(s, "resume")),
+    Case("requested-to-k8s-someone-elses-drain-admin-waits", REQUESTED, K8S, REQUESTED, None, age=5, state=forced(),
+         slurm={"flags": frozenset({"drain"}), "reason": "bad DIMM", "reason_is_ours": False}),
+    Case("requested-to-k8s-someone-elses-drain-admin-fails-past-the-timeout", REQUESTED, K8S, FAILED, "failed",
+         age=LATE, state=forced(), slurm={"flags": frozenset({"drain"}), "reason": "bad DIMM", "reason_is_ours": False},
+         check=lambda st, r, s, k, p: "bad DIMM" in st.failed_reason and not calls(s, "resume")),
+    Case("requested-to-slurm-cordon-refused-waits", REQUESTED, SLURM, REQUESTED, "requested", age=5,
+         kube_refuses={"cordon": "admission webhook denied the request"},
+         check=lambda st, r, s, k, p: not r.steps[-1].ok and "webhook" in r.steps[-1].message),
+    Case("requested-to-slurm-cordon-refused-past-the-timeout-rolls-back", REQUESTED, SLURM, STEADY, "rollback",
+         age=LATE, kube_refuses={"cordon": "admission webhook denied the request"},
+         check=lambda st, r, s, k, p: st.desired_role == K8S and st.target_role is None),
+    Case("requested-to-slurm-cordon-refused-admin-fails-past-the-timeout", REQUESTED, SLURM, FAILED, "failed",
+         age=LATE, state=forced(), kube_refuses={"cordon": "forbidden: RBAC"},
+         check=lambda st, r, s, k, p: "RBAC" in st.failed_reason),
     # draining
     Case("draining-drained-goes-down-and-reboots", DRAINING, K8S, REBOOTING, "rebooting",
          slurm={"flags": frozenset({"drain"}), "reason": OURS, "reason_is_ours": True},
@@ -119,9 +139,31 @@ CASES = [
          check=lambda st, r, s, k, p: not p.calls and st.phase_since == NOW - 10),
     Case("rebooting-to-slurm-powers", REBOOTING, SLURM, BOOTING, "booting",
          kube={"unschedulable": True, "cordoned_by_us": True}, check=lambda st, r, s, k, p: len(p.calls) == 1),
+    Case("rebooting-to-slurm-power-fails-counts-an-attempt", REBOOTING, SLURM, REBOOTING, "power", power_ok=False,
+         kube={"unschedulable": True, "cordoned_by_us": True}, check=lambda st, r, s, k, p: st.attempts == 1),
     Case("rebooting-to-slurm-power-fails-past-max-retries", REBOOTING, SLURM, FAILED, "failed", power_ok=False,
          state={"attempts": 1}, kube={"unschedulable": True, "cordoned_by_us": True}),
+    Case("rebooting-cannot-even-ask-slurm-past-the-timeout-fails", REBOOTING, K8S, FAILED, "failed", age=LATE,
+         slurm_refuses={"nodes": "Unable to contact slurm controller"},
+         check=lambda st, r, s, k, p: not p.calls and "slurm controller" in st.failed_reason),
+    # After a retry (the boot callback lost), the node this switch powered already runs the
+    # target side's work: it has joined; neither a reboot nor the loop back to cordoning.
+    Case("rebooting-to-slurm-after-a-retry-the-node-runs-its-job-it-serves", REBOOTING, SLURM, JOINING, "joining",
+         age=5, state={"attempts": 1, "power_at": NOW - 100},
+         slurm={"state": "allocated", "alloc_cpus": 2, "slurmd_start_time": NOW - 90},
+         check=lambda st, r, s, k, p: not p.calls and st.desired_role == SLURM and st.phase_since == NOW - 100),
+    Case("rebooting-to-k8s-after-a-retry-pods-on-the-new-node-it-serves", REBOOTING, K8S, JOINING, "joining",
+         age=5, state={"attempts": 1, "power_at": NOW - 100, "k8s_boot_id": "old-boot"},
+         slurm={"state": "down", "reason": "k8s_connect", "reason_is_ours": True},
+         kube={"boot_id": "new-boot", "pods": ("web-0",)},
+         check=lambda st, r, s, k, p: not p.calls and st.desired_role == K8S),
+    Case("rebooting-to-k8s-pods-on-the-old-boot-are-refused", REBOOTING, K8S, DRAINING, "reboot-refused",
+         age=5, state={"attempts": 1, "power_at": NOW - 100, "k8s_boot_id": "old-boot"},
+         slurm={"state": "down", "reason": "k8s_connect", "reason_is_ours": True},
+         kube={"boot_id": "old-boot", "pods": ("web-0",)}, check=lambda st, r, s, k, p: not p.calls),
     # booting
+    Case("booting-to-slurm-callback-lost-slurmd-registered", BOOTING, SLURM, JOINING, "joining", age=10,
+         slurm={"state": "down", "reason": "k8s_connect", "reason_is_ours": True, "slurmd_start_time": NOW - 5}),
     Case("booting-to-slurm-callback", BOOTING, SLURM, JOINING, "joining", age=10,
          state={"booted_role": SLURM, "booted_at": NOW - 1}),
     Case("booting-to-slurm-wrong-image-called-back-reboots-again", BOOTING, SLURM, REBOOTING, "retry", age=LATE,
@@ -166,6 +208,10 @@ CASES = [
                 "reason_is_ours": True}),
     Case("joining-slurm-resumed-but-not-yet-responding-waits", JOINING, SLURM, JOINING, "resumed", age=5,
          resume_pings=True, slurm={"state": "down", "reason": "k8s_connect", "reason_is_ours": True, "slurmd_start_time": NOW - 2}),
+    Case("joining-slurm-registered-not-yet-available-past-the-timeout-joins-never-reboots", JOINING, SLURM, STEADY,
+         "done", age=LATE, resume_pings=True,
+         slurm={"state": "down", "reason": "k8s_connect", "reason_is_ours": True, "slurmd_start_time": NOW - 2},
+         check=lambda st, r, s, k, p: not p.calls and "its slurmd is registered" in r.steps[-1].message),
     Case("joining-slurm-held-by-someone-else-fails", JOINING, SLURM, FAILED, "failed", age=5,
          slurm={"state": "down", "reason": "admin: bad fan", "reason_is_ours": False, "slurmd_start_time": NOW - 2},
          check=lambda st, r, s, k, p: "someone else holds it" in st.failed_reason and not calls(s, "resume")),
@@ -179,9 +225,8 @@ def site(tmp_path_factory):
     return config.load(path)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_transition(case: Case, site, tmp_path):
-    store = Store(str(tmp_path / "state.db"))
+def run_case(case: Case, site, tmp_path):
+    store = Store(str(tmp_path / f"{case.id}.db"))
     store.seed((n.name, n.default_role) for n in site.nodes.values())
     desired = other(case.to) if case.phase in (REQUESTED, DRAINING, CORDONING) else case.to
     store.update("sn01", actor="test", kind="test", message="arranged", phase=case.phase, target_role=case.to,
@@ -189,31 +234,63 @@ def test_transition(case: Case, site, tmp_path):
     slurm = FakeSlurm(sn01=slurm_node("sn01", **case.slurm))
     kube = FakeKube(**({} if case.kube is None else {"sn01": kube_node("sn01", **case.kube)}))
     kube.evictable = case.evictable
+    slurm.refuse, kube.refuse = dict(case.slurm_refuses), dict(case.kube_refuses)
     slurm.resume_leaves_not_responding = case.resume_pings
     power = FakePower(ok=case.power_ok)
     rec = Reconciler(site, store, slurm=slurm, kube=kube, power=power, clock=lambda: NOW)
     report = PassReport(dry_run=False)
-
     rec._step(store.get("sn01"), report)
+    events = [(e.data["from"], e.data["event"], e.data["target"]) for e in store.events(["sn01"])
+              if e.data and "event" in e.data]
+    return store, report, slurm, kube, power, events
 
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_transition(case: Case, site, tmp_path):
+    store, report, slurm, kube, power, events = run_case(case, site, tmp_path)
     after = store.get("sn01")
     assert after.phase == case.then, (report.steps, report.notes)
     assert (report.steps[-1].action if report.steps else None) == case.step, report.steps
     if case.check:
         assert case.check(after, report, slurm, kube, power), (after, report.steps, report.notes)
-    if after.phase != case.phase:  # every phase change is a declared one, and an event says why
+    for source, event, direction in events:  # every write is a declared event, logged under its kind
+        t = lookup(source, event, direction)
+        assert any(e.kind == t.kind for e in store.events(["sn01"]))
+    if after.phase != case.phase:
         transition(case.phase, after.phase, case.to)
         assert store.events(["sn01"], limit=1)[-1].kind != "test"
     store.close()
 
 
-def test_every_declared_transition_has_a_row():
-    covered = {(c.phase, c.then, c.to) for c in CASES if c.then != c.phase}
-    covered |= {(STEADY, REQUESTED, r) for r in (SLURM, K8S)} | {(FAILED, REQUESTED, r) for r in (SLURM, K8S)}
-    covered |= {(STEADY, FAILED, SLURM)}  # slurmctld gave up: test_a_node_slurm_gave_up_on_is_failed
-    declared = {(t.source, t.target, d) for t in TRANSITIONS for d in t.directions}
+def test_every_declared_transition_has_a_row(site, tmp_path):
+    """Every (phase, event, direction) of the table is taken by a row above, or by a named test."""
+    covered = set()
+    for case in CASES:
+        store, *_, events = run_case(case, site, tmp_path)
+        covered |= set(events)
+        store.close()
+    covered |= {(STEADY, "start", r) for r in (SLURM, K8S)} | {(FAILED, "start", r) for r in (SLURM, K8S)}
+    # slurmctld gave up: test_a_node_slurm_gave_up_on_is_failed, test_resume_fail_ends_a_switch_in_any_phase
+    covered |= {(p, "given-up", SLURM) for p in (STEADY, REQUESTED, CORDONING, REBOOTING, BOOTING, JOINING)}
+    # an admin's cancel: test_cancel_*
+    covered |= {(p, "cancel", r) for p in (REQUESTED, REBOOTING) for r in (SLURM, K8S)}
+    covered |= {(DRAINING, "cancel", K8S), (CORDONING, "cancel", SLURM)}
+    declared = {(t.source, t.event, d) for t in TRANSITIONS for d in t.directions}
     assert declared - covered == set()
     assert len(CASES) >= 20
+
+
+def test_every_switching_phase_has_a_way_out():
+    """A timeout for every phase but the final ones, and each declared event of it exists."""
+    assert set(TIMEOUTS) == set(SWITCHING)
+    for phase, events in TIMEOUTS.items():
+        for event in events:
+            if event == "retry":
+                assert all(lookup(phase, e, r) for e in ("retry", "fail") for r in (SLURM, K8S))
+            elif event is not None:
+                for r in (SLURM, K8S):
+                    if (phase, r) not in ((DRAINING, SLURM), (CORDONING, K8S)):
+                        lookup(phase, event, r)
 
 
 def test_a_switch_starts_from_steady_or_failed_only(site, tmp_path):
@@ -313,3 +390,15 @@ def test_a_refused_resume_holds_the_node_in_slurm_and_powers_it_down(site, tmp_p
     assert store.get(name).desired_role == K8S and store.open_asks() == []
     assert any(s.action == "ask-refused" for s in report.steps)
     store.close()
+
+
+def test_the_documented_table_is_the_table():
+    """docs/switching.md holds the table as `python -m provisioner.states` prints it."""
+    import re
+    from pathlib import Path
+
+    from provisioner.states import table_text
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "switching.md").read_text()
+    found = re.search(r"<!-- table: .*?-->\n(.*)<!-- end of table -->", doc, re.S)
+    assert found and found.group(1) == table_text(), "regenerate the table: python -m provisioner.states"

@@ -1,7 +1,7 @@
 """What the reconciler needs from each cluster and from power control, as Protocols.
 
 The real adapters (clusters.slurm.SlurmAdapter, clusters.kubernetes.KubernetesAdapter,
-reconcile.power_nodes) implement them; so do the small in-process fakes of the fast state-machine
+powering.power_nodes) implement them; so do the small in-process fakes of the fast state-machine
 tests (tests/fakes.py). Observations are the adapters' plain frozen dataclasses."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class KubeClient(Protocol):
 
 
 class PowerFn(Protocol):
-    """reconcile.power_nodes: one result per node, never raises for a node's failure."""
+    """powering.power_nodes: one result per node, never raises for a node's failure."""
 
     def __call__(self, site: "Site", nodes: Sequence["Node"], action: str, *, netboot: bool = False,
                  **kwargs: Any) -> list["PowerResult"]: ...

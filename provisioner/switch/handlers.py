@@ -1,0 +1,255 @@
+"""The phase handlers of a switch: one function per switching phase, `on_<phase>(rec, st, report)`.
+Each checks the next step's preconditions against both clusters, takes the step's actions in the
+clusters, and returns what happened: `Go(event, ...)` (an event of provisioner/states.py; the
+machine writes the phase) or `Wait(why)`. None of them writes a phase itself.
+
+  to k8s:   requested -> draining (SLURM drain, our reason) -> [drained: down k8s_connect,
+            desired role := k8s] -> rebooting -> booting (wait for the boot callback)
+            -> joining (kubelet Ready with a bootID other than before the reboot: label
+            sched=k8s, uncordon if ours) -> steady
+  to slurm: requested -> cordoning (k8s cordon, evict if an admin forced it, wait for no pods)
+            -> [desired role := slurm] -> rebooting -> booting -> joining (a slurmd started since
+            the reboot has registered: resume, label sched=slurm; steady once SLURM shows it
+            available) -> steady
+
+booting and joining share one clock: their phase_since is the moment of the power action, so
+"the node must be back within phase_timeout_s of its reboot", and a callback or a slurmd
+registration older than that reboot never counts. The power action is written ahead
+(power_at, the power-intent event): a pass that dies between the action and its record does not
+power the node twice.
+
+Safety rules kept here:
+- right before any power action, both clusters are asked again whether the node runs a job or
+  a pod; if it does, no power action, and the node goes back to the step before (unless the
+  work is the target side's, on a node this switch already powered: it serves, on to joining);
+- drains and cordons that provisioner did not set are never lifted (the adapters refuse too);
+- a balancer move that cannot get its node free within policy.phase_timeout_s is rolled back;
+  an admin-forced one waits for running jobs to end however long they take, and fails visibly
+  when pods cannot be evicted within the timeout (a PodDisruptionBudget);
+- a node that does not come back after a reboot is rebooted again, at most policy.max_retries
+  times, then marked `failed` with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from provisioner.states import BOOTING, CORDONING, DRAINING, JOINING, K8S, REBOOTING, REQUESTED, SLURM, other
+from provisioner.store import NodeState
+from provisioner.switch.machine import Go, Wait, crash_point, fire, stamp
+
+if TYPE_CHECKING:
+    from provisioner.reconcile import PassReport, Reconciler
+
+# slurmd reports its start time from the node's clock, which a freshly booted diskless node may
+# not have synced yet: a slurmd that started up to this long before the reboot still counts as
+# this boot's. One that ran before the previous switch is older (a cron pass is a minute apart).
+CLOCK_SLACK_S = 60
+
+# The boot server stamps a callback with its host's clock, the balancer the power action with
+# its own: the hosts must agree within this (NTP or chrony keeps them within milliseconds). A
+# callback up to this long before the power action counts as this boot's.
+HOST_CLOCK_SKEW_S = 5
+
+
+def on_requested(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
+    name = st.name
+    if st.target_role == K8S:
+        s = rec.slurm.nodes([name])[name]
+        if s.held_by_other:
+            why = f"held in SLURM by someone else ({s.reason}): hands off"
+            return Wait(why) if rec.forced(st) else Go("rollback", why)
+        rec.slurm.drain([name], f"switching to k8s: {st.switch_reason or ''}".strip())
+        crash_point("after-drain")
+        return Go("drain", f"draining in SLURM ({st.switch_reason})")
+    cordon_ours = rec.kube.cordon(name) if rec.kube.node(name) else True
+    crash_point("after-cordon")
+    note = "" if cordon_ours else " (already cordoned by someone else: that cordon stays theirs)"
+    return Go("cordon", f"cordoned in Kubernetes{note}")
+
+
+def on_draining(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
+    name = st.name
+    s = rec.slurm.nodes([name])[name]
+    if s.held_by_other:
+        return Go("rollback", f"someone else changed the node in SLURM ({s.reason}): hands off")
+    if not (s.drain or s.down):
+        return Go("rollback", "the drain was lifted by someone else")
+    if s.busy:
+        return Wait("jobs still running")
+    if rec.site.slurm.power_saving:
+        # Powered down for SLURM, still drained (ours) until it is settled in Kubernetes.
+        rec.slurm.power_down([name])
+        done = "drained and powered down in SLURM"
+    else:
+        rec.slurm.down([name])
+        done = "drained and down in SLURM (k8s_connect)"
+    crash_point("after-down")
+    k = rec.kube.node(name)
+    return Go("drained", f"{done}; will boot the k8s image",
+              {"desired_role": K8S, "power_at": None, "k8s_boot_id": k.boot_id if k is not None else None})
+
+
+def on_cordoning(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
+    name = st.name
+    k = rec.kube.node(name)
+    if k is not None and k.busy:
+        if not rec.forced(st):
+            return Go("rollback", f"pods appeared on the node ({', '.join(p.key for p in k.pods)})")
+        res = rec.kube.evict_pods(name)
+        if not res.free:
+            blocked = "; ".join(f"{p} ({why})" for p, why in res.blocked) or ", ".join(res.remaining)
+            age = rec.clock() - (st.phase_since or rec.clock())
+            return Wait(f"pods could not be evicted in {int(age)} s: {blocked}",
+                        note=f"waiting for pods to leave: {blocked}")
+    if rec.site.slurm.power_saving:
+        # SLURM must expect the node: our hold lifted, and "powering up" (when slurmctld asked
+        # for it, it is already), so its slurmd's registration counts within ResumeTimeout.
+        s = rec.slurm.nodes([name])[name]
+        if (s.drain or s.down) and s.reason_is_ours:
+            rec.slurm.resume([name])
+        rec.slurm.power_up([name])
+    return Go("emptied", "no pods left; will boot the slurm image",
+              {"desired_role": SLURM, "power_at": None, "k8s_boot_id": k.boot_id if k is not None else None})
+
+
+def on_rebooting(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
+    name, to = st.name, st.target_role
+    if st.power_at is not None and st.power_at >= (st.phase_since or 0):
+        # A power action was on its way when the pass that sent it stopped, before recording
+        # it. Powering the node again would interrupt its boot (or its new kubelet's first
+        # pods): wait for this boot instead; if it never comes, BOOTING's timeout retries.
+        return Go("power", f"a power action was sent at {stamp(st.power_at)} by a pass that stopped before "
+                           "recording it; waiting for that boot", {"phase_since": st.power_at})
+    # Re-check both clusters right before the power action: a job or a pod that arrived
+    # since the last look (an admin resume, a pod bound by nodeName) stops the reboot.
+    s = rec.slurm.nodes([name])[name]
+    k = rec.kube.node(name)
+    holders = []
+    if s.runs_jobs:
+        holders.append(f"SLURM shows jobs on it ({s.state})")
+    if k is not None and k.busy:
+        holders.append(f"Kubernetes shows pods on it ({', '.join(p.key for p in k.pods)})")
+    if holders:
+        proof = serving(st, s, k, st.power_at)
+        if proof:
+            # After a retry: the node this switch powered already runs the target's work (its
+            # boot callback was lost). Rebooting it would kill that work; going back a step
+            # would loop (rebooting, cordoning, rebooting, ...). It has joined.
+            return Go("serving", f"{proof}, and runs work there: {'; '.join(holders)}",
+                      {"phase_since": st.power_at})
+        return Go("refused", "; ".join(holders), {"desired_role": other(to)})
+    crash_point("before-power")
+    # Taken before the action: a fast node may call back before this pass records BOOTING.
+    # Written before it too: a pass that dies between the action and its record must not
+    # make the next one power the node again (see the top of this function).
+    powered_at = rec.clock()
+    if not fire(rec, st, Go("power-intent", f"powering {name} to boot the {to} image", {"power_at": powered_at}),
+                report):
+        return Wait("the power intent could not be written")
+    seen = replace(st, power_at=powered_at)
+    result = rec.power(rec.site, [rec.site.nodes[name]], "boot", netboot=True, store=rec.store, actor=rec.actor,
+                       roles={name: to})[0]
+    crash_point("after-power")
+    if not result.ok:
+        attempts = st.attempts + 1
+        if attempts > rec.policy.max_retries:
+            return Go("fail", f"power action failed {attempts} times: {result.error}", seen=seen)
+        # The action is known to have failed: clear its intent, or the next pass would wait
+        # for a boot that was never started instead of trying the power action again.
+        return Go("power-failed", f"power failed ({result.error}); attempt {attempts} of {rec.policy.max_retries + 1}",
+                  {"attempts": attempts, "power_at": None}, ok=False, seen=seen, brief=f"failed: {result.error}")
+    return Go("power", f"power {result.method} boot with one-time network boot",
+              {"phase_since": powered_at, "k8s_boot_id": k.boot_id if k is not None else None}, seen=seen)
+
+
+def serving(st: NodeState, s, k, powered_at: float | None) -> str | None:
+    """Proof that the node serves the switch's target role since the power action at
+    `powered_at` (None: no power action in this switch, no proof): a slurmd started since then
+    that SLURM hears from, or a Ready kubelet with another bootID than before the reboot."""
+    if powered_at is None:
+        return None
+    if st.target_role == SLURM:
+        if s.responding and s.slurmd_start_time is not None and s.slurmd_start_time >= int(powered_at) - CLOCK_SLACK_S:
+            return "a slurmd started since the power action is registered"
+        return None
+    if k is not None and k.ready and st.k8s_boot_id and k.boot_id != st.k8s_boot_id:
+        return "its kubelet is Ready with a new bootID"
+    return None
+
+
+def on_booting(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
+    to = st.target_role
+    if st.booted_role == to and st.booted_at and st.booted_at >= (st.phase_since or 0) - HOST_CLOCK_SKEW_S:
+        return Go("booted", f"booted the {to} image (version {st.booted_version})", {"phase_since": st.phase_since})
+    s = rec.slurm.nodes([st.name])[st.name] if to == SLURM else None
+    k = rec.kube.node(st.name) if to == K8S else None
+    proof = serving(st, s, k, st.phase_since)
+    if proof:
+        return Go("booted", f"{proof}; its boot callback did not come", {"phase_since": st.phase_since})
+    return Wait(f"no boot callback from the {to} image")
+
+
+def on_joining(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
+    return _joined_slurm(rec, st, report) if st.target_role == SLURM else _joined_k8s(rec, st, report)
+
+
+def _joined_slurm(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
+    from provisioner.reconcile import Step
+
+    name = st.name
+    s = rec.slurm.nodes([name])[name]
+    # SLURM notices a slurmd that went away only after SlurmdTimeout (300 s by default):
+    # until then the old one still "responds". Only a slurmd started since the reboot
+    # proves that the new image joined.
+    if not serving(st, s, None, st.phase_since):
+        return Wait("slurmd has not registered")
+    if s.held_by_other:
+        return Go("fail", f"joined SLURM but someone else holds it ({s.reason})")
+    if s.drain or s.down:
+        s = rec.slurm.resume([name])[name]
+        report.steps.append(Step(name, "resumed", "slurmd registered; resumed in SLURM"))
+    if not s.available:
+        # Right after a resume slurmctld pings the node (NOT_RESPONDING for a moment):
+        # done once SLURM would give it a job, on this pass or the next. Never rebooted for
+        # that: its slurmd is this boot's, and SLURM may give it a job any moment now.
+        return Wait(f"SLURM does not show it available yet ({s.state}"
+                    f"{'+' + '+'.join(sorted(s.flags)) if s.flags else ''}); its slurmd is registered",
+                    on_timeout="joined")
+    if rec.kube.node(name):
+        rec.kube.label(name, SLURM)
+    crash_point("after-join-steps")
+    return Go("joined", "available in SLURM, labelled sched=slurm")
+
+
+def _joined_k8s(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
+    name = st.name
+    k = rec.kube.node(name)
+    if k is None or not k.ready:
+        return Wait("kubelet is not Ready")
+    if st.k8s_boot_id and k.boot_id == st.k8s_boot_id:
+        # Ready, but from the boot before the reboot: the control plane notices a silent
+        # kubelet only after its grace period (40 s by default).
+        return Wait(f"the Node still shows the boot from before the reboot (bootID {st.k8s_boot_id[:8]}...); "
+                    "its kubelet has not re-registered")
+    rec.kube.label(name, K8S)
+    note = "labelled sched=k8s"
+    if k.cordoned_by_us:
+        rec.kube.uncordon(name)
+        note += ", uncordoned"
+    elif k.cordoned_by_other:
+        note += "; left cordoned: that cordon is someone else's"
+    crash_point("after-join-steps")
+    return Go("joined", f"Ready in Kubernetes, {note}")
+
+
+# The handler of each switching phase (states.SWITCHING).
+HANDLERS = {
+    REQUESTED: on_requested,
+    DRAINING: on_draining,
+    CORDONING: on_cordoning,
+    REBOOTING: on_rebooting,
+    BOOTING: on_booting,
+    JOINING: on_joining,
+}
