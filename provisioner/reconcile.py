@@ -42,6 +42,10 @@ ROLE_NOW_WAIT_S = 60.0  # `role --now` waits this long for a running balance pas
 # --------------------------------------------------------------------------- report
 
 
+# How often an admin's request is decided again after losing a compare-and-set to a racing writer.
+REQUEST_TRIES = 5
+
+
 @dataclass
 class Step:
     node: str
@@ -314,22 +318,35 @@ class Reconciler:
         return change
 
     def request(self, names: list[str], role: str, *, actor: str, reason: str) -> list[Step]:
-        """An admin forces nodes to a role (pinned). Starts the switch where one is needed."""
+        """An admin forces nodes to a role (pinned). Starts the switch where one is needed.
+
+        Each node's answer is decided on what the store holds when the write is made: a write
+        that loses its compare-and-set (another admin, a pass) is decided again on the new row,
+        so two racing commands get the answers they would have got one after the other."""
         steps = []
         for name in names:
-            st = self.store.get(name)
-            if st.phase in SWITCHING and st.target_role != role:
-                raise OperationError(f"{name} is switching to {st.target_role} (phase {st.phase}); wait for it to "
-                                     f"finish (`provisioner nodes {name}`), then run role again")
-            if (st.phase == STEADY and st.desired_role == role) or (st.phase in SWITCHING and st.target_role == role):
-                if not st.pinned:
-                    self.store.update(name, actor=actor, kind="pin", message=f"pinned to {role}: {reason}",
-                                      pinned=1, pin_reason=reason)
-                steps.append(Step(name, "pin", f"already {role}" + ("" if st.phase == STEADY else " (switching)")))
-                continue
-            report = PassReport(dry_run=False)
-            self._start(name, role, reason, actor=actor, forced=True, report=report)
-            steps.extend(report.steps)
+            for _ in range(REQUEST_TRIES):
+                st = self.store.get(name)
+                if st.phase in SWITCHING and st.target_role != role:
+                    raise OperationError(f"{name} is switching to {st.target_role} (phase {st.phase}); wait for it "
+                                         f"to finish (`provisioner nodes {name}`), or end it with `provisioner role "
+                                         f"{name} --cancel`, then run role again")
+                if (st.phase == STEADY and st.desired_role == role) or (st.phase in SWITCHING and st.target_role == role):
+                    if not st.pinned and not self.store.update(
+                            name, actor=actor, kind="pin", message=f"pinned to {role}: {reason}",
+                            expect={"phase": st.phase, "desired_role": st.desired_role,
+                                    "target_role": st.target_role, "pinned": st.pinned},
+                            pinned=1, pin_reason=reason):
+                        continue  # the node moved meanwhile: decide again
+                    steps.append(Step(name, "pin", f"already {role}" + ("" if st.phase == STEADY else " (switching)")))
+                    break
+                report = PassReport(dry_run=False)
+                if self._start(name, role, reason, actor=actor, forced=True, report=report):
+                    steps.extend(report.steps)
+                    break
+            else:
+                raise OperationError(f"{name} kept changing while this command ran (another admin or a pass); "
+                                     f"look at `provisioner nodes {name}`, then run role again")
         return steps
 
     def _start(self, name: str, role: str, reason: str, *, actor: str, forced: bool, report: PassReport) -> bool:

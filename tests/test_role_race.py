@@ -70,7 +70,8 @@ def race(path, db: str, *commands: tuple[str, ...]) -> list[subprocess.Completed
 @pytest.fixture
 def shared_site(tmp_path):
     path = write_site(tmp_path / "site")
-    assert cli(path, "nodes", "sn01").returncode == 0  # the store exists, the nodes seeded
+    assert cli(path, "init").returncode == 0  # the store and the secret exist
+    assert cli(path, "nodes", "sn01").returncode == 0
     return path, str(tmp_path / "site" / "state.db")
 
 
@@ -82,7 +83,6 @@ def pin(path) -> tuple:
     return row["target_role"], row["pinned"], row["pin_reason"]
 
 
-@awaits_fix("the second command's compare-and-set loses, it prints nothing and exits 0")
 def test_two_admins_ask_the_same_switch(shared_site):
     path, db = shared_site
     first, second = race(path, db, ("role", "sn01", "k8s", "--reason", "admin A"),
@@ -93,8 +93,6 @@ def test_two_admins_ask_the_same_switch(shared_site):
     assert pin(path) == ("k8s", True, "admin A")
 
 
-@awaits_fix("'already slurm, pinned' writes the pin without a compare-and-set: admin B is told the "
-            "node is pinned to slurm (exit 0) while it switches to k8s showing B's pin reason")
 def test_two_admins_ask_opposite_roles_the_switch_first(shared_site):
     path, db = shared_site
     to_k8s, stay = race(path, db, ("role", "sn01", "k8s", "--reason", "admin A wants k8s"),
