@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,6 +92,11 @@ def cmd_check(ctx: Context) -> int:
 
     print(f"{site.path}: ok: {len(site.nodes)} nodes ({shared} shared), "
           f"images: {', '.join(f'{r} -> {version(i)}' for r, i in site.images.items())}")
+    from provisioner.policy import lending_lines
+
+    homes = Counter(n.home_side for n in site.nodes.values() if n.shared)
+    for line in lending_lines(site.policy, homes, site.run.interval_s):
+        print(f"  lending: {line}")
     return EXIT_OK
 
 
