@@ -46,14 +46,15 @@ from provisioner import policy as pol
 from provisioner.model import Policy
 from provisioner.simulate.pods import Pod
 from provisioner.simulate.swf import Job
-from provisioner.states import BOOTING, K8S, SLURM, STEADY
+from provisioner.states import BOOTING, CORDONING, DRAINING, K8S, SLURM, STEADY
 
 POLICIES = ("static", "paper", "provisioner", "bound")
 BACKFILL_DEPTH = 500
 OTHER = {SLURM: K8S, K8S: SLURM}
 
 # Event kinds, in the order they are handled at the same instant.
-_JOB_END, _POD_END, _SWITCH_DONE, _JOB_SUBMIT, _POD_ARRIVE, _PASS = range(6)
+_JOB_END, _POD_END, _SWITCH_DONE, _GRACE_END, _JOB_SUBMIT, _POD_ARRIVE, _PASS = range(7)
+RECLAIMING = (DRAINING, CORDONING)  # a reclaimed node whose work still runs (SLURM drains, Kubernetes cordons)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -121,10 +122,14 @@ class Settings:
 
 class Node:
     __slots__ = ("name", "pool", "role", "phase", "last_switch_at", "last_switch_end", "free_cpu", "free_mem",
-                 "free_gpus", "job", "pods", "index", "shared_view")
+                 "free_gpus", "job", "pods", "index", "shared_view", "home", "target", "pod_ids", "reclaim_id")
 
     def __init__(self, name: str, pool: str, role: str, cl: Cluster, index: int):
         self.name, self.pool, self.role, self.phase, self.index = name, pool, role, STEADY, index
+        self.home = role  # the static split: where the node starts
+        self.target: str | None = None  # while reclaimed: the side it goes to once its work is gone
+        self.pod_ids: set[int] = set()
+        self.reclaim_id = 0
         self.last_switch_at: float | None = None
         self.last_switch_end: float | None = None
         self.free_cpu, self.free_mem, self.free_gpus = cl.cpus * 1000, cl.memory_gb << 30, cl.gpus
@@ -151,6 +156,13 @@ class Result:
     unfinished: dict[str, int]
     end: float
     decide_calls: int = 0
+    # Reclaims: busy nodes taken home, and the work they cost: jobs requeued (their node-hours
+    # run before), pods evicted (their hours run before; they start again from the beginning).
+    reclaims: dict[str, int] = field(default_factory=lambda: {SLURM: 0, K8S: 0})  # by the side that took it home
+    requeued: int = 0
+    evicted: int = 0
+    lost_job_node_h: float = 0.0
+    lost_pod_h: float = 0.0
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -165,7 +177,8 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 def wait_stats(waits: list[float]) -> dict:
     s = sorted(waits)
     return {"count": len(s), "mean_s": (sum(s) / len(s)) if s else None,
-            "median_s": _percentile(s, 0.5), "p95_s": _percentile(s, 0.95)}
+            "median_s": _percentile(s, 0.5), "p95_s": _percentile(s, 0.95), "p99_s": _percentile(s, 0.99),
+            "max_s": s[-1] if s else None}
 
 
 # --------------------------------------------------------------------------- the simulation
@@ -180,6 +193,7 @@ class Simulation:
         self.rng = random.Random(settings.seed)
         self.jobs = {j.id: j for j in jobs}
         self.pods = pods
+        self.pod_by_id = {p.id: p for p in pods}
         self.nodes: list[Node] = []
         i = 0
         for pool, count, role in ((SLURM, cluster.slurm_nodes, SLURM), (K8S, cluster.k8s_nodes, K8S)):
@@ -208,9 +222,19 @@ class Simulation:
         self.k8s_full_scan = True
         self.k8s_scan_from = 0
         self.pod_node: dict[int, int] = {}
-        # metrics
-        self.job_waits: list[float] = []
-        self.pod_waits: list[float] = []
+        # metrics: waits by job / pod id (a requeued job's or evicted pod's wait is taken at its
+        # last start, less the time it ran before)
+        self.job_wait: dict[int, float] = {}
+        self.pod_wait: dict[int, float] = {}
+        self.job_ran: dict[int, float] = {}
+        self.pod_ran: dict[int, float] = {}
+        self.started: dict[int, float] = {}  # job id -> its start
+        self.pod_started: dict[int, float] = {}
+        self.job_gen: dict[int, int] = {}  # a requeued job's or evicted pod's old end event is stale
+        self.pod_gen: dict[int, int] = {}
+        self.reclaims = {SLURM: 0, K8S: 0}
+        self.requeued = self.evicted = 0
+        self.lost_job_node_s = self.lost_pod_s = 0.0
         self.job_work = 0.0  # node-seconds
         self.pod_work = 0.0  # millicore-seconds
         self.side_time = {SLURM: 0.0, K8S: 0.0}  # steady node-seconds per side
@@ -269,35 +293,35 @@ class Simulation:
         return Result(
             policy=self.kind,
             knobs={},
-            job_waits=self.job_waits, pod_waits=self.pod_waits,
+            job_waits=list(self.job_wait.values()), pod_waits=list(self.pod_wait.values()),
             util={SLURM: self.job_work / job_work_time if job_work_time else 0.0,
                   K8S: self.pod_work / pod_time if pod_time else 0.0,
                   "all": (self.job_work + self.pod_work / (self.cl.cpus * 1000)) / total},
             switches=dict(self.switches), switch_hours={s: v / 3600 for s, v in self.switch_s.items()},
             flaps=dict(self.flaps), samples=self.samples,
             unfinished={SLURM: len(self.queue), K8S: len(self.pending)}, end=self.now,
-            decide_calls=self.decide_calls,
+            decide_calls=self.decide_calls, reclaims=dict(self.reclaims), requeued=self.requeued,
+            evicted=self.evicted, lost_job_node_h=self.lost_job_node_s / 3600, lost_pod_h=self.lost_pod_s / 3600,
         )
 
     def handle(self, kind: int, data) -> None:
         if kind == _JOB_END:
-            _, nodes = self.running.pop(data)
-            for i in nodes:
-                self.nodes[i].job = None
-                if self.nodes[i].role == SLURM and self.nodes[i].phase == STEADY:
-                    bisect.insort(self.free_slurm, i)
-            self.slurm_full_scan = True
+            job_id, gen = data
+            if self.job_gen.get(job_id, 0) == gen:
+                self.end_job(job_id)
         elif kind == _POD_END:
-            node = self.nodes[self.pod_node.pop(data.id)]
-            node.pods -= 1
-            node.free_cpu += data.cpu_m
-            node.free_mem += data.memory
-            node.free_gpus += data.gpus
-            self.k8s_full_scan = True
-            if self.kind == "bound" and node.pool == "shared" and not node.busy:
-                self.slurm_full_scan = True
+            pod, gen = data
+            if self.pod_gen.get(pod.id, 0) == gen:
+                node = self.end_pod(pod)
+                if self.kind == "bound" and node.pool == "shared" and not node.busy:
+                    self.slurm_full_scan = True
         elif kind == _SWITCH_DONE:
             self.finish_switch(self.nodes[data])
+        elif kind == _GRACE_END:
+            index, reclaim_id = data
+            node = self.nodes[index]
+            if node.phase in RECLAIMING and node.reclaim_id == reclaim_id:
+                self.grace_over(node)
         elif kind == _JOB_SUBMIT:
             self.arrivals_left -= 1
             self.queue.append(self.jobs[data])
@@ -306,6 +330,85 @@ class Simulation:
             self.arrivals_left -= 1
             self.pending.append(data)
             self.ensure_pass()
+
+    def end_job(self, job_id: int) -> list[Node]:
+        """The job's nodes are free (it ended, or was requeued): back to SLURM's free list, or,
+        when reclaimed and now idle, on their way home."""
+        _, nodes = self.running.pop(job_id)
+        freed = []
+        for i in nodes:
+            node = self.nodes[i]
+            node.job = None
+            freed.append(node)
+            if node.role == SLURM and node.phase == STEADY:
+                bisect.insort(self.free_slurm, i)
+            elif node.phase in RECLAIMING:
+                self.reclaimed_idle(node)
+        self.slurm_full_scan = True
+        return freed
+
+    def end_pod(self, pod: Pod) -> Node:
+        node = self.nodes[self.pod_node.pop(pod.id)]
+        node.pods -= 1
+        node.pod_ids.discard(pod.id)
+        node.free_cpu += pod.cpu_m
+        node.free_mem += pod.memory
+        node.free_gpus += pod.gpus
+        self.k8s_full_scan = True
+        if node.phase in RECLAIMING and not node.busy:
+            self.reclaimed_idle(node)
+        return node
+
+    # -- reclaim: a busy node goes home (drained / cordoned, the grace, then requeue / evict) --
+
+    def reclaim(self, node: Node, to: str, grace: float) -> None:
+        self.account(self.now)
+        self.count[node.role] -= 1
+        self.switching += 1
+        node.phase = DRAINING if node.role == SLURM else CORDONING
+        node.target = to
+        node.reclaim_id += 1
+        self.reclaims[to] += 1
+        if node.role == K8S:
+            self.k8s_full_scan = True
+        self.push(self.now + grace, _GRACE_END, (node.index, node.reclaim_id))
+
+    def reclaimed_idle(self, node: Node) -> None:
+        """Its work is gone: the switch home starts (set_role keeps the counts it already took)."""
+        to, node.target = node.target, None
+        self.set_role(node, to, self.st.switch[to].sample(self.rng))
+        self.slurm_full_scan = self.k8s_full_scan = True
+
+    def grace_over(self, node: Node) -> None:
+        """The grace is over: requeue its job (SLURM's JobRequeue default: batch jobs can be), or
+        evict its pods (no PodDisruptionBudgets here). The work restarts from the beginning."""
+        if node.job is not None:
+            job_id = node.job
+            ran = self.now - self.started[job_id]
+            job = self.jobs[job_id]
+            self.lost_job_node_s += ran * job.nodes
+            self.job_ran[job_id] = self.job_ran.get(job_id, 0.0) + ran
+            self.job_wait.pop(job_id, None)
+            self.job_gen[job_id] = self.job_gen.get(job_id, 0) + 1
+            self.job_work -= job.nodes * job.runtime
+            self.requeued += 1
+            self.end_job(job_id)
+            k = bisect.bisect_right(self.queue, (job.submit, job.id), key=lambda j: (j.submit, j.id))
+            self.queue.insert(k, job)
+            self.slurm_scan_from = 0
+        for pod_id in sorted(node.pod_ids):
+            pod = self.pod_by_id[pod_id]
+            ran = self.now - self.pod_started[pod_id]
+            self.lost_pod_s += ran
+            self.pod_ran[pod_id] = self.pod_ran.get(pod_id, 0.0) + ran
+            self.pod_wait.pop(pod_id, None)
+            self.pod_gen[pod_id] = self.pod_gen.get(pod_id, 0) + 1
+            self.pod_work -= pod.cpu_m * pod.duration
+            self.evicted += 1
+            self.end_pod(pod)
+            k = bisect.bisect_right(self.pending, (pod.arrival, pod.id), key=lambda p: (p.arrival, p.id))
+            self.pending.insert(k, pod)
+            self.k8s_scan_from = 0
 
     def ensure_pass(self) -> None:
         if self.kind in ("paper", "provisioner") and not self.pass_pending:
@@ -330,7 +433,8 @@ class Simulation:
         """Start a switch of an idle node (duration 0: done at once, for the bound)."""
         frm = node.role
         self.account(self.now)
-        if node.phase == STEADY:
+        was_steady = node.phase == STEADY
+        if was_steady:
             self.count[frm] -= 1
             if frm == SLURM:
                 self.free_slurm.remove(node.index)
@@ -346,7 +450,8 @@ class Simulation:
             self.finish_switch(node)
             return
         node.phase = BOOTING
-        self.switching += 1
+        if was_steady:  # a reclaimed node was counted as switching when its reclaim began
+            self.switching += 1
         self.push(self.now + duration, _SWITCH_DONE, node.index)
 
     def finish_switch(self, node: Node) -> None:
@@ -402,9 +507,10 @@ class Simulation:
         for i in take:
             self.nodes[i].job = job.id
         self.running[job.id] = (self.now + job.estimate, take)
-        self.job_waits.append(self.now - job.submit)
+        self.job_wait[job.id] = self.now - job.submit - self.job_ran.get(job.id, 0.0)
+        self.started[job.id] = self.now
         self.job_work += job.nodes * job.runtime
-        self.push(self.now + job.runtime, _JOB_END, job.id)
+        self.push(self.now + job.runtime, _JOB_END, (job.id, self.job_gen.get(job.id, 0)))
 
     def schedule_slurm(self, extra_nodes: list[Node] | None = None) -> None:
         extra_nodes = extra_nodes if extra_nodes is not None else []
@@ -427,7 +533,10 @@ class Simulation:
             head = queue[0]
             capacity = self.count[SLURM] + len(extra_nodes)
             if head.nodes > capacity:
-                self.shadow, self.extra = -math.inf, 0  # gathering nodes for the head: no backfill
+                # More nodes than SLURM has (the rest lent, drained): slurmctld plans no start for
+                # the head, so it reserves nothing and backfills every job that fits now (seen on
+                # slurmctld 22.05: 1-node jobs start behind a 4-node job whose 4th node is drained).
+                self.shadow, self.extra = math.inf, 0
             else:
                 ends = sorted((end, len(nodes)) for end, nodes in self.running.values())
                 avail, self.shadow = free, math.inf
@@ -483,10 +592,12 @@ class Simulation:
                     node.free_mem -= pod.memory
                     node.free_gpus -= pod.gpus
                     node.pods += 1
+                    node.pod_ids.add(pod.id)
                     self.pod_node[pod.id] = node.index
-                    self.pod_waits.append(self.now - pod.arrival)
+                    self.pod_wait[pod.id] = self.now - pod.arrival - self.pod_ran.get(pod.id, 0.0)
+                    self.pod_started[pod.id] = self.now
                     self.pod_work += pod.cpu_m * pod.duration
-                    self.push(self.now + pod.duration, _POD_END, pod)
+                    self.push(self.now + pod.duration, _POD_END, (pod, self.pod_gen.get(pod.id, 0)))
                     placed.add(k)
                     if node.free_cpu + pod.cpu_m == max_free:
                         max_free = max((n.free_cpu for n in nodes), default=0)
@@ -502,8 +613,11 @@ class Simulation:
         if not (self.queue or self.pending):
             self.demand_since = {SLURM: None, K8S: None}
         moves = self.paper_moves() if self.kind == "paper" else self.provisioner_moves()
-        for node, to in moves:
-            self.set_role(node, to, self.st.switch[to].sample(self.rng))
+        for node, to, grace in moves:
+            if node.busy:
+                self.reclaim(node, to, grace)
+            else:
+                self.set_role(node, to, self.st.switch[to].sample(self.rng))
         if moves:
             self.slurm_full_scan = self.k8s_full_scan = True
         # Stuck: work pending that nothing will ever serve (nothing runs, switches or arrives).
@@ -522,10 +636,10 @@ class Simulation:
             if not want[to]:
                 continue
             idle = [n for n in self.shared if n.role == frm and n.phase == STEADY and not n.busy]
-            moves += [(n, to) for n in idle[:want[to]]]
+            moves += [(n, to, 0.0) for n in idle[:want[to]]]
         return moves
 
-    def provisioner_moves(self) -> list[tuple[Node, str]]:
+    def provisioner_moves(self) -> list[tuple[Node, str, float]]:
         p = self.st.policy
         # decide() moves a node to a side only when that side has pending work (seen for
         # demand_persist_s), a switch slot is free, and an idle steady shared node on the other side
@@ -537,8 +651,8 @@ class Simulation:
                 since = self.demand_since[to]
                 if not items or (p.demand_persist_s > 0 and (since is None or self.now - since < p.demand_persist_s)):
                     continue
-                if any(n.role != to and n.phase == STEADY and not n.busy and
-                       (n.last_switch_at is None or self.now - n.last_switch_at >= p.cooldown_s) for n in self.shared):
+                if any(n.role != to and n.phase == STEADY and (n.home == to or not n.busy and
+                       (n.last_switch_at is None or self.now - n.last_switch_at >= p.cooldown_s)) for n in self.shared):
                     movable = True
                     break
         if not movable:
@@ -557,16 +671,18 @@ class Simulation:
             elif self.demand_since[side] is None:
                 self.demand_since[side] = self.now
         by_name = {n.name: n for n in self.shared}
-        return [(by_name[m.node], m.to_role) for m in decision.moves]
+        return [(by_name[m.node], m.to_role, m.grace_s) for m in decision.moves]
 
     def snapshot(self) -> pol.Snapshot:
         cl = self.cl
         shared = []
         for n in self.shared:
+            busy_k8s = n.busy and n.role == K8S
             shared.append(pol.SharedNode(
-                name=n.name, role=n.role, phase=n.phase, busy=n.busy, available=n.phase == STEADY,
+                name=n.name, role=n.target or n.role, phase=n.phase, busy=n.busy, available=n.phase == STEADY,
                 last_switch_at=n.last_switch_at, cpus=cl.cpus, memory=cl.memory_gb << 30, gpus=cl.gpus,
-                k8s_labels=self.labels))
+                k8s_labels=self.labels, home=n.home, room_cpu_m=n.free_cpu if busy_k8s else 0,
+                room_memory=n.free_mem if busy_k8s else 0, room_gpus=n.free_gpus if busy_k8s else 0))
         # Pending work in queue order, up to what could fill every shared node: more cannot
         # change a decision (only the wording of its reasons).
         enough = 2 * len(self.shared) + 1

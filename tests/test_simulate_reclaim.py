@@ -1,0 +1,57 @@
+"""The simulator's lending and reclaim, on tiny traces worked out by hand: a node's home takes it
+back after the grace (pods evicted and restarted, jobs requeued), work that ends within the grace
+costs nothing, and SLURM backfills around a head job wider than what it has."""
+
+from __future__ import annotations
+
+import pytest
+
+from provisioner.model import Policy
+from provisioner.simulate.engine import Cluster, simulate
+from provisioner.states import K8S, SLURM
+from tests.test_simulate import ONE_SHARED_IN_K8S, ONE_SHARED_IN_SLURM, job, pod, settings
+
+
+def eager(slurm_grace=0, k8s_grace=0) -> Policy:
+    return Policy(min_nodes={SLURM: 0, K8S: 0}, cooldown_s=0, demand_persist_s=0,
+                  reclaim_grace_s={SLURM: slurm_grace, K8S: k8s_grace})
+
+
+def test_slurm_takes_its_node_back_after_the_grace_and_the_pod_starts_again():
+    # sn1's home is SLURM. The pod (0, 1000 s) borrows it: pass 60, switched 90. The job at 200:
+    # pass 240 reclaims it (cordoned), the grace ends at 340: the pod is evicted after 250 s,
+    # the switch ends at 370 and the job starts (waited 170 s); it ends at 470, the pass at 480
+    # lends the node again, switched at 510: the pod waited 510 - 250 s it had run = 260 s.
+    r = simulate("provisioner", ONE_SHARED_IN_SLURM, [job(1, 200, 100)], [pod(1, 0, 1000)],
+                 settings(eager(k8s_grace=100)))
+    assert r.job_waits == [170] and r.pod_waits == [260]
+    assert (r.reclaims, r.evicted, r.requeued) == ({SLURM: 1, K8S: 0}, 1, 0)
+    assert r.lost_pod_h == pytest.approx(250 / 3600) and r.lost_job_node_h == 0
+    assert r.unfinished == {SLURM: 0, K8S: 0}
+
+
+def test_kubernetes_takes_its_node_back_and_the_job_is_requeued():
+    # sn1's home is Kubernetes. The job (0, 1000 s) borrows it from 90; the pod at 200 reclaims
+    # it at 240 (drained), the grace ends at 290: requeued after 200 s; the pod starts at 320
+    # (waited 120 s), ends at 420; the pass at 420 lends the node again: the job restarts at 450.
+    r = simulate("provisioner", ONE_SHARED_IN_K8S, [job(1, 0, 1000)], [pod(1, 200, 100)],
+                 settings(eager(slurm_grace=50)))
+    assert r.pod_waits == [120] and r.job_waits == [250]
+    assert (r.reclaims, r.requeued, r.evicted) == ({SLURM: 0, K8S: 1}, 1, 0)
+    assert r.lost_job_node_h == pytest.approx(200 / 3600)
+
+
+def test_work_that_ends_within_the_grace_loses_nothing():
+    # The job ends at 90 + 200 = 290, inside the grace (240 + 100): no requeue; switched at 320.
+    r = simulate("provisioner", ONE_SHARED_IN_K8S, [job(1, 0, 200)], [pod(1, 200, 100)],
+                 settings(eager(slurm_grace=100)))
+    assert r.requeued == 0 and r.lost_job_node_h == 0
+    assert r.pod_waits == [120] and r.job_waits == [90]
+
+
+def test_slurm_backfills_around_a_head_job_wider_than_what_it_has():
+    # 3 SLURM nodes; the 4-node head job cannot start (its 4th node is in Kubernetes): slurmctld
+    # reserves nothing for it and starts the 1-node jobs behind it at once.
+    cl = Cluster(slurm_nodes=3, k8s_nodes=0, shared_nodes=1, static_k8s=1, cpus=4, memory_gb=16)
+    r = simulate("static", cl, [job(1, 0, 100, nodes=4), job(2, 1, 50), job(3, 2, 50)], [], settings())
+    assert sorted(r.job_waits) == [0, 0] and r.unfinished[SLURM] == 1
