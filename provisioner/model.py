@@ -115,8 +115,9 @@ class Policy:
     max_retries: int = 2
     # Lending and reclaim: the grace a side's work gets on a node its home reclaims (pods: then
     # evicted; jobs: then requeued when they can be), and how many of a side's home nodes may be
-    # lent to the other side at once (None: no limit; Kueue's lendingLimit).
-    reclaim_grace_s: dict[str, int] = field(default_factory=lambda: {"slurm": 300, "k8s": 300})
+    # lent to the other side at once (None: no limit; Kueue's lendingLimit). Jobs get longer: they
+    # run for hours and a requeue loses all of it (docs/lending.md has the simulated trade-off).
+    reclaim_grace_s: dict[str, int] = field(default_factory=lambda: {"slurm": 1800, "k8s": 300})
     lending_limit: dict[str, int | None] = field(default_factory=lambda: {"slurm": None, "k8s": None})
 
 

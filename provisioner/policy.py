@@ -100,6 +100,11 @@ class SharedNode:
     room_memory: int = 0
     room_gpus: int = 0
     movable: bool = True  # its work can be moved: pods evictable / jobs requeueable, as far as known
+    # What a reclaim would cost now: the node-seconds its work has run (a requeued job loses all
+    # of its nodes' time, a wide job's too; an evicted pod its own), and when that work ends by
+    # its time limit (None: unknown). Reclaims take the cheapest nodes first.
+    work_cost: float = 0.0
+    work_ends_at: float | None = None
     # The last reclaim's eviction a PodDisruptionBudget refused: when, and its message.
     evict_refused_at: float | None = None
     evict_refused: str | None = None
@@ -468,7 +473,15 @@ def decide(snap: Snapshot) -> Decision:
     held: dict[tuple[str, str], list[str]] = {}
     reclaim_held: dict[str, str] = {}
     asked_names = {n.name for _, n in asked}
-    order = sorted(snap.nodes, key=lambda n: (n.busy, n.home != OTHER.get(n.role), not n.movable,
+    def cost(n: SharedNode) -> tuple:
+        """Busy nodes to reclaim: work that ends within the grace first (nothing lost), then
+        movable work, the least work lost first."""
+        if not n.busy:
+            return (0, 0.0)
+        ends = n.work_ends_at is not None and n.work_ends_at <= snap.now + p.reclaim_grace_s.get(n.role, 0)
+        return (0 if ends else 1 if n.movable else 2, 0.0 if ends else n.work_cost)
+
+    order = sorted(snap.nodes, key=lambda n: (n.busy, n.home != OTHER.get(n.role), cost(n),
                                               n.name not in released, n.last_switch_at or 0.0, n.name))
     for n in order:
         to = OTHER.get(n.role)

@@ -16,7 +16,7 @@ def test_home_defaults_to_the_static_split_and_can_be_set(tmp_path):
     path = rewrite(write_site(tmp_path / "b"), lambda d: d["nodes"][1].__setitem__("home", "k8s"))
     site = config.load(path)
     assert site.nodes["sn01"].home == "k8s" and site.nodes["sn01"].default_role == "slurm"
-    assert site.policy.reclaim_grace_s == {"slurm": 300, "k8s": 300}
+    assert site.policy.reclaim_grace_s == {"slurm": 1800, "k8s": 300}
     assert site.policy.lending_limit == {"slurm": None, "k8s": None}
 
 

@@ -34,8 +34,8 @@ def test_a_busy_lent_node_is_reclaimed_with_the_borrowers_grace_then_its_pods_ev
 def test_a_busy_node_lent_to_slurm_is_reclaimed_and_its_jobs_requeued():
     d = decide(snap([node("sn1", "slurm", home="k8s", busy=True)], pods=pods(1)))
     (m,) = d.moves
-    assert (m.to_role, m.reclaim, m.work, m.grace_s) == ("k8s", True, REQUEUE, 300)
-    assert "drained now, 300 s grace, then its jobs are requeued" in m.reason
+    assert (m.to_role, m.reclaim, m.work, m.grace_s) == ("k8s", True, REQUEUE, 1800)
+    assert "drained now, 1800 s grace, then its jobs are requeued" in m.reason
 
 
 def test_reclaim_waits_for_the_demand_to_persist():

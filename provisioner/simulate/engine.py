@@ -678,11 +678,18 @@ class Simulation:
         shared = []
         for n in self.shared:
             busy_k8s = n.busy and n.role == K8S
+            cost, ends = 0.0, None
+            if n.job is not None:
+                est_end, job_nodes = self.running[n.job]
+                cost, ends = (self.now - self.started[n.job]) * len(job_nodes), est_end
+            elif n.pod_ids:
+                cost = sum(self.now - self.pod_started[i] for i in n.pod_ids) / len(n.pod_ids)
             shared.append(pol.SharedNode(
                 name=n.name, role=n.target or n.role, phase=n.phase, busy=n.busy, available=n.phase == STEADY,
                 last_switch_at=n.last_switch_at, cpus=cl.cpus, memory=cl.memory_gb << 30, gpus=cl.gpus,
                 k8s_labels=self.labels, home=n.home, room_cpu_m=n.free_cpu if busy_k8s else 0,
-                room_memory=n.free_mem if busy_k8s else 0, room_gpus=n.free_gpus if busy_k8s else 0))
+                room_memory=n.free_mem if busy_k8s else 0, room_gpus=n.free_gpus if busy_k8s else 0,
+                work_cost=cost, work_ends_at=ends))
         # Pending work in queue order, up to what could fill every shared node: more cannot
         # change a decision (only the wording of its reasons).
         enough = 2 * len(self.shared) + 1
@@ -740,10 +747,19 @@ def with_knob(policy: Policy, key: str, value: str) -> Policy:
         if value not in SHARE_RULES:
             raise ValueError(f"share_rule: one of {', '.join(SHARE_RULES)}")
         return replace(policy, share_rule=value)
+    if key.split(".")[0] in ("reclaim_grace_s", "lending_limit") and key.count(".") == 1:
+        knob, side = key.split(".")
+        if side not in (SLURM, K8S):
+            raise ValueError(f"{key}: the sides are {SLURM} and {K8S}")
+        n = None if knob == "lending_limit" and value in ("", "none") else int(value)
+        if n is not None and n < 0:
+            raise ValueError(f"{key}: must be at least 0")
+        return replace(policy, **{knob: {**getattr(policy, knob), side: n}})
     if key in ("cooldown_s", "demand_persist_s", "max_in_flight"):
         n = int(value)
         if n < (1 if key == "max_in_flight" else 0):
             raise ValueError(f"{key}: must be at least {1 if key == 'max_in_flight' else 0}")
         return replace(policy, **{key: n})
     raise ValueError(f"unknown policy knob {key!r}; known: cooldown_s, demand_persist_s, max_in_flight, "
-                     "share_rule, min_nodes.slurm, min_nodes.k8s")
+                     "share_rule, min_nodes.slurm, min_nodes.k8s, reclaim_grace_s.slurm, reclaim_grace_s.k8s, "
+                     "lending_limit.slurm, lending_limit.k8s")
