@@ -76,3 +76,16 @@ def test_on_a_bursty_wide_trace_lending_stays_within_the_bound_of_the_static_spl
         s, p = engine.wait_stats(getattr(static, waits)), engine.wait_stats(getattr(prov, waits))
         assert p["mean_s"] <= s["mean_s"], side
         assert p["p99_s"] <= s["p99_s"] + bound and p["max_s"] <= s["max_s"] + bound, side
+
+
+def test_the_command_runs_the_synthetic_workload(capsys):
+    from provisioner.cli import main
+
+    assert main(["simulate", "--synthetic", "1", "--slurm-nodes", "8", "--k8s-nodes", "2", "--shared-nodes", "4",
+                 "--node-cpus", "8", "--policies", "static,provisioner", "--no-plots",
+                 "--set", "reclaim_grace_s.slurm=600", "--set", "lending_limit.k8s=1"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic (1 days, seed 1)" in out and "reclaim bound: slurm" in out
+    assert "lending_limit={'slurm': None, 'k8s': 1}" in out and "lost job node-h" in out
+    assert main(["simulate", "--no-plots"]) == 2
+    assert "give --slurm-trace FILE.swf or --synthetic DAYS" in capsys.readouterr().err
