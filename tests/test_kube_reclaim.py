@@ -35,8 +35,14 @@ def test_a_deployments_pod_is_evicted_unless_a_pdb_with_max_unavailable_0_refuse
     assert node.room == (node.cpu_m - 1000, node.memory - GI, 0)
     (pod,) = node.pods
 
+    # A pod that is not yet Running and Ready is not protected (the Eviction API lets it go):
+    # wait until its kubelet runs it and the budget counts it healthy.
+    wait_for(lambda: any(c["type"] == "Ready" and c["status"] == "True"
+                         for c in (kube.pod(pod.name) or {}).get("status", {}).get("conditions") or []),
+             30, "the pod Running and Ready")
     kube.add_pdb("web", match_labels={"app": "web"}, max_unavailable=0)
-    kube.wait_pdb("web", allowed=0)
+    wait_for(lambda: (kube.wait_pdb("web", allowed=0).get("status") or {}).get("currentHealthy") == 1, 30,
+             "the budget counting the pod healthy")
     assert kube_adapter.cordon("sn01") is True
     refused = kube_adapter.evict_pods("sn01")
     assert refused.evicted == () and refused.remaining == (pod.key,) and not refused.free
