@@ -19,19 +19,31 @@ Models:
   running jobs' estimates; later jobs start early when they fit now and either end before that
   time or leave the reserved nodes alone). At most BACKFILL_DEPTH queued jobs are tried per
   scheduling round (SLURM's bf_max_job_test). When the first job needs more nodes than SLURM has
-  now, nothing is backfilled until it runs (its nodes are being gathered).
+  now (the rest lent to Kubernetes, drained), it gets no reservation and every job behind it that
+  fits starts (slurmctld 22.05 does so: tests/test_slurm_wide_job.py).
 - Kubernetes: FIFO first-fit: pending pods in arrival order, each on the first node (fixed nodes
   first, then shared ones) with enough free CPU, memory and GPUs; a pod that fits nowhere waits
   and does not block the ones behind it.
-- A switch: the node leaves its side at once when a policy moves it (the policy only moves idle
-  nodes), serves nobody for its switch time, then serves the other side.
+- Homes: a shared node's home is where it starts (the static split). provisioner's decide() gets
+  each node's home, the room left on busy Kubernetes nodes, and what reclaiming it would cost.
+- A switch: an idle node leaves its side at once, serves nobody for its switch time, then
+  serves the other side. A busy node its home reclaims (decide()'s Move.reclaim) takes no new
+  work at once (drained / cordoned); when its work ends, or at the end of the grace, it switches;
+  at the end of the grace its job is requeued (all of the job's nodes are freed, the job goes
+  back to the queue in submit order and later runs again from the start) or its pods are evicted
+  (back to the pending queue in arrival order, run again from the start). The time they had run
+  is the work lost; a requeued job's or evicted pod's wait is taken at its last start, less the
+  time it ran before.
 
-Left out: node failures and retries; the drain of a busy node (policies here only move idle
-nodes, as provisioner does); job priorities other than arrival order, fair share, partitions,
-QOS, preemption and time limits killing jobs (a job runs for its trace run time); topology; pod
+Left out: node failures and retries; job priorities other than arrival order, fair share,
+partitions, QOS, SLURM's own preemption and time limits killing jobs (a job runs for its trace run
+time); SLURM's requeue delay (a requeued job may start again only about 2 minutes later, when
+its old credential has expired); jobs that cannot be requeued (every batch job can, SLURM's
+JobRequeue default) and PodDisruptionBudgets (every pod can be evicted); topology; pod
 priorities, affinities, DaemonSets and the scheduler's scoring (spread, balanced allocation);
-SLURM's own power saving asks; the time slurmctld and the Kubernetes scheduler take to react
-(both place work the moment it can run).
+SLURM power saving (with it a wide job takes a lent node at once and waits for it, instead of
+being backfilled around: tests/test_slurm_wide_job.py shows both) and its asks; the time
+slurmctld and the Kubernetes scheduler take to react (both place work the moment it can run).
 """
 
 from __future__ import annotations
