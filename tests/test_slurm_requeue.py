@@ -6,24 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from provisioner import config
-from provisioner.clusters.slurm import SlurmAdapter
 from provisioner.errors import OperationError
-from testbed.site import write_site
 from testbed.wait import wait_for
+# The adapter tests' fixtures: the session's cluster reset, and an adapter pointed at it.
+from tests.test_slurm_adapter import cluster, slurm, slurm_site  # noqa: F401
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cluster(slurm_cluster):
-    slurm_cluster.reset_nodes()
-    yield slurm_cluster
-
-
-@pytest.fixture
-def slurm(cluster, tmp_path) -> SlurmAdapter:
-    return SlurmAdapter(config.load(write_site(tmp_path / "site", slurm=cluster.site_section())).slurm)
 
 
 def test_a_requeueable_job_is_requeued_and_runs_again_elsewhere(cluster, slurm):

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.slurm_cluster import SlurmCluster
 from testbed.wait import wait_for
-from tests.support import require_binary
+from tests.fixtures.slurm_cluster import private_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -24,24 +23,18 @@ NODES = ["w1", "w2", "w3", "w4"]
 
 
 @pytest.fixture
-def four(tmp_path):
-    for name in SlurmCluster.BINARIES:
-        require_binary(name)
-    work = Path(tempfile.mkdtemp(prefix="provisioner-slurm-wide-"))
-    (work / "noop").write_text("#!/bin/sh\nexit 0\n")
-    (work / "noop").chmod(0o755)
-    conf = "\n".join([
-        "SchedulerParameters=batch_sched_delay=0,bf_interval=1",  # a backfill cycle every second
-        f"ResumeProgram={work}/noop", f"SuspendProgram={work}/noop", "ResumeTimeout=300",
-        "SuspendTime=3600", "SuspendTimeout=2", "SuspendExcNodes=w[1-3]", "ResumeRate=0", "SuspendRate=0",
-    ])
-    cluster = SlurmCluster(work, nodes=NODES, extra_conf=conf)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        subprocess.run(["rm", "-rf", str(work)], check=False)
+def four():
+    with tempfile.TemporaryDirectory(prefix="provisioner-slurm-noop-") as tmp:
+        noop = Path(tmp) / "noop"
+        noop.write_text("#!/bin/sh\nexit 0\n")
+        noop.chmod(0o755)
+        conf = "\n".join([
+            "SchedulerParameters=batch_sched_delay=0,bf_interval=1",  # a backfill cycle every second
+            f"ResumeProgram={noop}", f"SuspendProgram={noop}", "ResumeTimeout=300", "SuspendTime=3600",
+            "SuspendTimeout=2", "SuspendExcNodes=w[1-3]", "ResumeRate=0", "SuspendRate=0",
+        ])
+        with private_cluster("provisioner-slurm-wide-", nodes=NODES, extra_conf=conf) as cluster:
+            yield cluster
 
 
 def small_jobs(cluster) -> list[str]:

@@ -395,32 +395,32 @@ class Simulation:
         """The grace is over: requeue its job (SLURM's JobRequeue default: batch jobs can be), or
         evict its pods (no PodDisruptionBudgets here). The work restarts from the beginning."""
         if node.job is not None:
-            job_id = node.job
-            ran = self.now - self.started[job_id]
-            job = self.jobs[job_id]
-            self.lost_job_node_s += ran * job.nodes
-            self.job_ran[job_id] = self.job_ran.get(job_id, 0.0) + ran
-            self.job_wait.pop(job_id, None)
-            self.job_gen[job_id] = self.job_gen.get(job_id, 0) + 1
+            job = self.jobs[node.job]
+            self.lost_job_node_s += self.undo_start(job.id, self.started, self.job_ran, self.job_wait, self.job_gen) \
+                * job.nodes
             self.job_work -= job.nodes * job.runtime
             self.requeued += 1
-            self.end_job(job_id)
-            k = bisect.bisect_right(self.queue, (job.submit, job.id), key=lambda j: (j.submit, j.id))
-            self.queue.insert(k, job)
+            self.end_job(job.id)
+            self.queue.insert(bisect.bisect_right(self.queue, (job.submit, job.id), key=lambda j: (j.submit, j.id)), job)
             self.slurm_scan_from = 0
         for pod_id in sorted(node.pod_ids):
             pod = self.pod_by_id[pod_id]
-            ran = self.now - self.pod_started[pod_id]
-            self.lost_pod_s += ran
-            self.pod_ran[pod_id] = self.pod_ran.get(pod_id, 0.0) + ran
-            self.pod_wait.pop(pod_id, None)
-            self.pod_gen[pod_id] = self.pod_gen.get(pod_id, 0) + 1
+            self.lost_pod_s += self.undo_start(pod_id, self.pod_started, self.pod_ran, self.pod_wait, self.pod_gen)
             self.pod_work -= pod.cpu_m * pod.duration
             self.evicted += 1
             self.end_pod(pod)
-            k = bisect.bisect_right(self.pending, (pod.arrival, pod.id), key=lambda p: (p.arrival, p.id))
-            self.pending.insert(k, pod)
+            self.pending.insert(bisect.bisect_right(self.pending, (pod.arrival, pod.id),
+                                                    key=lambda p: (p.arrival, p.id)), pod)
             self.k8s_scan_from = 0
+
+    def undo_start(self, item: int, started: dict, ran: dict, waits: dict, gens: dict) -> float:
+        """A job or pod stops before its end (requeued, evicted): the time it ran is lost, its
+        wait is taken again at its next start, its pending end event goes stale. Returns the time."""
+        lost = self.now - started[item]
+        ran[item] = ran.get(item, 0.0) + lost
+        waits.pop(item, None)
+        gens[item] = gens.get(item, 0) + 1
+        return lost
 
     def ensure_pass(self) -> None:
         if self.kind in ("paper", "provisioner") and not self.pass_pending:
