@@ -58,7 +58,7 @@ from provisioner import policy as pol
 from provisioner.model import Policy
 from provisioner.simulate.pods import Pod
 from provisioner.simulate.swf import Job
-from provisioner.states import BOOTING, CORDONING, DRAINING, K8S, SLURM, STEADY
+from provisioner.states import BOOTING, CORDONING, DRAINING, FAILED, K8S, SLURM, STEADY
 
 POLICIES = ("static", "paper", "provisioner", "bound")
 BACKFILL_DEPTH = 500
@@ -663,7 +663,10 @@ class Simulation:
                 since = self.demand_since[to]
                 if not items or (p.demand_persist_s > 0 and (since is None or self.now - since < p.demand_persist_s)):
                     continue
-                if any(n.role != to and n.phase == STEADY and (n.home == to or not n.busy and
+                # SLURM keeps the idle nodes its own queue would fill (decide()'s reservation):
+                # with no spare one, only its nodes going home may move to Kubernetes.
+                keeps = to == K8S and self.slurm_spare() <= 0
+                if any(n.role != to and n.phase == STEADY and (n.home == to or not n.busy and not keeps and
                        (n.last_switch_at is None or self.now - n.last_switch_at >= p.cooldown_s)) for n in self.shared):
                     movable = True
                     break
@@ -684,6 +687,18 @@ class Simulation:
                 self.demand_since[side] = self.now
         by_name = {n.name: n for n in self.shared}
         return [(by_name[m.node], m.to_role, m.grace_s) for m in decision.moves]
+
+    def slurm_spare(self) -> int:
+        """decide()'s spare SLURM nodes: idle or incoming shared ones beyond what the queue would
+        fill (the queue counted as far as the snapshot carries it)."""
+        cover = sum(1 for n in self.shared if (n.target or n.role) == SLURM and
+                    (n.phase not in (STEADY, FAILED) or not n.busy))
+        enough, want = 2 * len(self.shared) + 1, 0
+        for j in self.queue:
+            want += j.nodes
+            if want >= enough:
+                break
+        return cover - want
 
     def snapshot(self) -> pol.Snapshot:
         cl = self.cl
