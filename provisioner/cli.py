@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,6 +138,11 @@ def cmd_check(ctx: Context) -> int:
     if insecure:
         print(f"provisioner: warning: the Redfish BMCs of {fold(insecure)} are reached without checking their TLS "
               f"certificate (bmc.insecure: true); give bmc.ca_file instead", file=sys.stderr)
+    from provisioner.policy import lending_lines
+
+    homes = Counter(n.home_side for n in site.nodes.values() if n.shared)
+    for line in lending_lines(site.policy, homes, site.run.interval_s):
+        print(f"  lending: {line}")
     return EXIT_OK
 
 

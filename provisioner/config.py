@@ -184,6 +184,8 @@ class _SiteLoader(Fields):
         templates = head["templates"] if head else Path(DEFAULT_TEMPLATES)
         images = self.collect(self.images, top.get("images"), image_root, templates)
         nodes = self.collect(self.nodes, top.get("nodes"), top.get("defaults"), templates)
+        if sections["policy"] is not None and nodes is not None:
+            sections["policy"] = self.collect(self.lending, sections["policy"], nodes)
         if self.errors:
             raise ConfigErrors(self.errors)
         site = Site(path=self.path.resolve(), images=images, nodes=nodes, **head, **sections)
@@ -379,7 +381,7 @@ class _SiteLoader(Fields):
 
     def nodes(self, value: Any, defaults: Any, templates: Path) -> dict[str, Node]:
         node_keys = {"name", "pool", "default_role", "mac", "macs", "ip", "bmc", "power_method",
-                     "ssh_host", "ssh_port", "template"}
+                     "ssh_host", "ssh_port", "template", "home"}
         dflt = self.mapping(defaults, "defaults", node_keys - {"name", "mac", "macs", "ip", "ssh_host"})
         if not isinstance(value, list) or not value:
             raise self.err("nodes", "must be a non-empty list of node entries")
@@ -408,6 +410,10 @@ class _SiteLoader(Fields):
         default_role = self.choice(merged.get("default_role"), f"{where}.default_role", ROLES, role_default)
         if pool in ROLES and default_role != pool:
             raise self.err(f"{where}.default_role", f"a node in pool {pool} can only have role {pool}")
+        # Lending: the side a shared node belongs to (default: its default_role, the static split).
+        home = self.choice(merged.get("home"), f"{where}.home", ROLES, default_role)
+        if pool in ROLES and home != pool:
+            raise self.err(f"{where}.home", f"a node in pool {pool} belongs to {pool}")
         if "mac" in entry and "macs" in entry:
             raise self.err(f"{where}.mac", "give either mac or macs, not both")
         if "mac" in entry:
@@ -470,6 +476,7 @@ class _SiteLoader(Fields):
                 ssh_host=self.string(ssh_hosts[i], f"{where}.ssh_host") or ip,
                 ssh_port=self.integer(merged.get("ssh_port"), f"{where}.ssh_port", 22, 1),
                 template=template,
+                home=home,
             )
 
     def make_bmc(self, d: dict | None, where: str) -> Bmc | None:
@@ -532,9 +539,16 @@ class _SiteLoader(Fields):
 
     def policy(self, value: Any) -> Policy:
         d = self.mapping(value, "policy", {"min_nodes", "cooldown_s", "demand_persist_s", "max_in_flight",
-                                           "share_rule", "phase_timeout_s", "max_retries"})
+                                           "share_rule", "phase_timeout_s", "max_retries", "reclaim_grace_s",
+                                           "lending_limit"})
         mins = self.mapping(d.get("min_nodes"), "policy.min_nodes", set(ROLES))
+        grace = self.mapping(d.get("reclaim_grace_s"), "policy.reclaim_grace_s", set(ROLES))
+        limits = self.mapping(d.get("lending_limit"), "policy.lending_limit", set(ROLES))
         return Policy(
+            reclaim_grace_s={r: self.integer(grace.get(r), f"policy.reclaim_grace_s.{r}", Policy().reclaim_grace_s[r])
+                             for r in ROLES},
+            lending_limit={r: (None if limits.get(r) is None else self.integer(limits[r], f"policy.lending_limit.{r}", 0))
+                           for r in ROLES},
             min_nodes={r: self.integer(mins.get(r), f"policy.min_nodes.{r}", 0) for r in ROLES},
             cooldown_s=self.integer(d.get("cooldown_s"), "policy.cooldown_s", 600),
             demand_persist_s=self.integer(d.get("demand_persist_s"), "policy.demand_persist_s", 120),
@@ -543,6 +557,15 @@ class _SiteLoader(Fields):
             phase_timeout_s=self.integer(d.get("phase_timeout_s"), "policy.phase_timeout_s", 900, 1),
             max_retries=self.integer(d.get("max_retries"), "policy.max_retries", 2),
         )
+
+    def lending(self, policy: Policy, nodes: dict[str, Node]) -> Policy:
+        """A side cannot lend more shared nodes than it has (its home nodes)."""
+        for side, limit in policy.lending_limit.items():
+            pool = sum(1 for n in nodes.values() if n.shared and n.home_side == side)
+            if limit is not None and limit > pool:
+                raise self.err(f"policy.lending_limit.{side}", f"{limit} is more than the {pool} shared node(s) whose "
+                               f"home is {side}; give at most {pool}, or leave it out for no limit")
+        return policy
 
     def ssh_target(self, value: Any, where: str) -> SshTarget | None:
         if value is None:

@@ -81,10 +81,17 @@ class Node:
     ssh_host: str | None = None
     ssh_port: int = 22
     template: str | None = None  # overrides the role's template for this node
+    # The side a shared node belongs to when both want it (lent to the other side while its home
+    # has no work for it, reclaimed when its home has). None: its default_role (the static split).
+    home: str | None = None
 
     @property
     def shared(self) -> bool:
         return self.pool == "shared"
+
+    @property
+    def home_side(self) -> str:
+        return self.home or self.default_role
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,12 @@ class Policy:
     share_rule: str = "proportional"  # one of SHARE_RULES
     phase_timeout_s: int = 900
     max_retries: int = 2
+    # Lending and reclaim: the grace a side's work gets on a node its home reclaims (pods: then
+    # evicted; jobs: then requeued when they can be), and how many of a side's home nodes may be
+    # lent to the other side at once (None: no limit; Kueue's lendingLimit). Jobs get longer: they
+    # run for hours and a requeue loses all of it (docs/lending.md has the simulated trade-off).
+    reclaim_grace_s: dict[str, int] = field(default_factory=lambda: {"slurm": 1800, "k8s": 300})
+    lending_limit: dict[str, int | None] = field(default_factory=lambda: {"slurm": None, "k8s": None})
 
 
 @dataclass(frozen=True)

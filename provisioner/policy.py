@@ -16,6 +16,21 @@ The paper's loop, plus what it lacks:
 - when both sides want nodes, the free switch slots are shared by a stated rule
   (`proportional` to the nodes each side wants, or `slurm-first` / `k8s-first`).
 
+Lending and reclaim (Kueue's cohorts, for whole nodes moved between two clusters):
+- every shared node has a `home` side (default: the static split). A side borrows the other's
+  idle home nodes, but only those the lender's own waiting work does not need (a side keeps the
+  idle nodes its pending work would fill: nodes gathered for a wide head job stay, as EASY
+  backfill's reservation keeps them) and at most `policy.lending_limit[lender]` at once;
+- when a side's demand persists and its home nodes are lent to the other side, they come home:
+  an idle one moves at once (no cooldown: the home side's claim wins); a busy one is a *reclaim*
+  (Move.reclaim): drained or cordoned at once, its work gets `policy.reclaim_grace_s[lender]`,
+  then pods are evicted through the Eviction API (PodDisruptionBudgets honoured) and jobs that
+  can be requeued are requeued (the others run to their end). A node whose eviction a
+  PodDisruptionBudget refused stays where it is for cooldown_s (Decision.held says why);
+- idle nodes are preferred (borrowing an idle node costs no work), then reclaims;
+- room on busy Kubernetes-side nodes (SharedNode.room_*) covers pending pods that fit there, so
+  no node moves for a pod the scheduler can still place where it is.
+
 Asks: a scheduler may name the node it wants (slurmctld's ResumeProgram: "resume sn03") or
 let one go (SuspendProgram: "suspend sn03"). The same rules answer them, except that an ask
 needs no persistence (the scheduler has decided) and goes before polled demand:
@@ -28,6 +43,7 @@ needs no persistence (the scheduler has decided) and goes before polled demand:
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -78,6 +94,20 @@ class SharedNode:
     partitions: tuple[str, ...] = ()
     k8s_labels: tuple[tuple[str, str], ...] = ()  # the labels it carries as a k8s node (sched=k8s included)
     held_by: str | None = None  # why it is unavailable, for the notes
+    home: str | None = None  # the side it belongs to (None: no home; it is never reclaimed)
+    # Room left on it as a busy Kubernetes node (allocatable minus the requests of its pods).
+    room_cpu_m: int = 0
+    room_memory: int = 0
+    room_gpus: int = 0
+    movable: bool = True  # its work can be moved: pods evictable / jobs requeueable, as far as known
+    # What a reclaim would cost now: the node-seconds its work has run (a requeued job loses all
+    # of its nodes' time, a wide job's too; an evicted pod its own), and when that work ends by
+    # its time limit (None: unknown). Reclaims take the cheapest nodes first.
+    work_cost: float = 0.0
+    work_ends_at: float | None = None
+    # The last reclaim's eviction a PodDisruptionBudget refused: when, and its message.
+    evict_refused_at: float | None = None
+    evict_refused: str | None = None
 
 
 RESUME, SUSPEND = "resume", "suspend"  # the kinds of ask the policy answers
@@ -114,11 +144,23 @@ class Snapshot:
     asks: tuple[Ask, ...] = ()
 
 
+EVICT, REQUEUE = "evict", "requeue"  # what a reclaim does with the work left after the grace
+
+
 @dataclass(frozen=True)
 class Move:
     node: str
     to_role: str
     reason: str
+    # A reclaim: the node is busy on the other side and goes home. The reconciler drains (SLURM)
+    # or cordons (Kubernetes) it at once, and at `deadline` (now + grace_s) evicts its pods
+    # (work=EVICT, through the Eviction API) or requeues its requeueable jobs (work=REQUEUE; the
+    # others run to their end), then switches it as any move.
+    reclaim: bool = False
+    from_role: str = ""
+    grace_s: float = 0.0
+    deadline: float | None = None
+    work: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,6 +174,10 @@ class Decision:
     # For SLURM power saving: each steady Kubernetes-side node -> None (SLURM may ask for it:
     # powered down and free) or why SLURM should not (held: drained with that reason).
     slurm_hold: dict[str, str | None] = field(default_factory=dict)
+    # Home nodes a reclaim wanted but could not take now: node -> why (a PodDisruptionBudget's
+    # refusal, non-requeueable work, pinned): for `nodes`, the dry run and a metric.
+    held: dict[str, str] = field(default_factory=dict)
+    lent: dict[str, int] = field(default_factory=dict)  # side -> its home nodes on (or going to) the other side
 
 
 # --------------------------------------------------------------------------- demand
@@ -222,35 +268,103 @@ def _describe(side: str, d: _Demand) -> str:
 # --------------------------------------------------------------------------- the decision
 
 
+def fit_in_room(pods: Iterable[PendingPod], nodes: Iterable[SharedNode]) -> tuple[list[PendingPod], int]:
+    """Pending pods that do not fit in the room left on busy Kubernetes-side shared nodes, and how
+    many do. Each pod tries the node with the most CPU room (worst fit, the scheduler's
+    LeastAllocated spirit); a pod that does not fit there counts as demand, so the answer errs
+    towards moving a node, never towards starving a pod."""
+    rooms = [[-n.room_cpu_m, i, n.room_memory, n.room_gpus, n] for i, n in enumerate(nodes)
+             if n.role == K8S and n.phase == STEADY and n.available and n.busy and n.room_cpu_m > 0]
+    pods = list(pods)
+    if not rooms:
+        return pods, 0
+    heapq.heapify(rooms)
+    left: list[PendingPod] = []
+    for k, pod in enumerate(pods):
+        if not rooms:
+            left.extend(pods[k:])
+            break
+        top = rooms[0]
+        node = top[4]
+        if (pod.cpu_m <= -top[0] and pod.gpus <= top[3] and (not node.memory or pod.memory <= top[2])
+                and node_serves_pod(node, pod)):
+            top[0] += pod.cpu_m
+            top[2] -= pod.memory
+            top[3] -= pod.gpus
+            if top[0] < 0:
+                heapq.heapreplace(rooms, top)
+            else:
+                heapq.heappop(rooms)
+        else:
+            left.append(pod)
+    return left, len(pods) - len(left)
+
+
 def _demands(snap: Snapshot) -> dict[str, _Demand]:
     shapes: dict[tuple, SharedNode] = {}
     for n in snap.nodes:
         shapes.setdefault(_shape(n), n)
+    pods, _ = fit_in_room(snap.pods, snap.nodes)
     return {
         SLURM: slurm_demand(snap.jobs, shapes, snap.slurm_reasons),
-        K8S: k8s_demand(snap.pods, shapes),
+        K8S: k8s_demand(pods, shapes),
     }
 
 
 def demand(snap: Snapshot) -> dict[str, int]:
-    """Nodes each side's servable pending work would fill (before subtracting what is covered).
-    The reconciler records when this became non-zero, for the persistence rule."""
+    """Nodes each side's servable pending work would fill (pods that fit in the room of busy
+    Kubernetes nodes left out; before subtracting idle and incoming nodes). The reconciler
+    records when this became non-zero, for the persistence rule."""
     return {side: d.nodes_wanted for side, d in _demands(snap).items()}
 
 
 def _why_not(n: SharedNode, to: str, snap: Snapshot) -> str | None:
-    """Why this node may not move to `to` now (None: it may). The rules every move obeys."""
+    """Why this node may not move to `to` now (None: it may). The rules every move obeys; a node
+    going home may be busy (a reclaim) and ignores the cooldown (its home's claim wins)."""
+    home = n.home == to
     if n.phase != STEADY:
         return "failed" if n.phase == FAILED else f"switching ({n.phase})"
     if n.pinned:
         return f"pinned to {n.role} by an admin"
-    if n.busy:
+    if n.busy and not home:
         return f"busy in {n.role}"
     if not n.available and n.role == K8S and n.held_by and "someone else" in n.held_by:
         return n.held_by
-    if n.last_switch_at is not None and snap.now - n.last_switch_at < snap.policy.cooldown_s:
+    if home and n.busy:
+        if not n.available:
+            return n.held_by or f"not available in {n.role}"
+        if n.evict_refused_at is not None and snap.now - n.evict_refused_at < snap.policy.cooldown_s:
+            return (f"reclaim held: a PodDisruptionBudget refused the eviction ({n.evict_refused}); "
+                    f"tried again cooldown_s={snap.policy.cooldown_s} s after")
+        return None
+    if not home and n.last_switch_at is not None and snap.now - n.last_switch_at < snap.policy.cooldown_s:
         return f"switched less than cooldown_s={snap.policy.cooldown_s} s ago"
     return None
+
+
+def reclaim_bound(policy: Policy, home: str, pass_interval_s: float, switch_s: float) -> float:
+    """How long a side may wait for one of its lent home nodes once its work is pending: the
+    persistence, one pass, the borrower's grace and the switch home (a PodDisruptionBudget that
+    refuses holds the node longer; Decision.held says so). A switch slot is assumed free."""
+    return policy.demand_persist_s + pass_interval_s + policy.reclaim_grace_s.get(OTHER[home], 0) + switch_s
+
+
+def lending_lines(policy: Policy, homes: dict[str, int], pass_interval_s: float) -> list[str]:
+    """What `provisioner check` prints about lending: per side, its home nodes, what it lends,
+    and the reclaim bound for the site's knobs."""
+    longer = {SLURM: "a PodDisruptionBudget that refuses the eviction holds it longer (shown as held)",
+              K8S: "a job that cannot be requeued holds it until the job ends"}
+    lines = []
+    for side in (SLURM, K8S):
+        limit = policy.lending_limit.get(side)
+        lends = "any idle one it has no work for" if limit is None else f"at most {limit} at once"
+        lines.append(
+            f"{side}: {homes.get(side, 0)} home shared node(s), lends {lends}; a lent one is back within "
+            f"{reclaim_bound(policy, side, pass_interval_s, 0):g} s + its switch (demand_persist_s="
+            f"{policy.demand_persist_s} + a pass {pass_interval_s:g} s + {OTHER[side]}'s reclaim_grace_s="
+            f"{policy.reclaim_grace_s.get(OTHER[side], 0)}; a switch phase times out after phase_timeout_s="
+            f"{policy.phase_timeout_s}); {longer[side]}")
+    return lines
 
 
 def decide(snap: Snapshot) -> Decision:
@@ -268,6 +382,28 @@ def decide(snap: Snapshot) -> Decision:
     for n in snap.nodes:
         if n.phase == STEADY and n.available and not n.busy:
             covered[n.role] += 1
+    # Lending: each side's home nodes on (or switching to) the other side, and its limit.
+    lent = Counter(n.home for n in snap.nodes if n.home in OTHER and n.role != n.home and n.phase != FAILED)
+    room = {side: math.inf if p.lending_limit.get(side) is None else p.lending_limit[side] - lent[side]
+            for side in (SLURM, K8S)}
+    # A side keeps the idle nodes its own pending work would fill (the head job's gathered
+    # nodes among them): only the rest may be lent.
+    spare = {side: covered[side] - demand[side].nodes_wanted for side in (SLURM, K8S)}
+
+    def lendable(n: SharedNode) -> str | None:
+        """Why an idle node may not be lent to the other side now (None: it may)."""
+        if spare[n.role] <= 0:
+            return f"{n.role}'s own pending work needs it"
+        if n.home == n.role and room[n.role] <= 0:
+            return f"{n.role} lends at most lending_limit={p.lending_limit[n.role]} home node(s)"
+        return None
+
+    def take(n: SharedNode) -> None:
+        """Account for a node leaving its side in this decision."""
+        if not n.busy:
+            spare[n.role] -= 1
+        if n.home == n.role:
+            room[n.role] -= 1
 
     # Asks first: they name their node, need no persistence, and go before polled demand.
     asked: list[tuple[Ask, SharedNode]] = []  # resume asks that may move their node to slurm
@@ -298,14 +434,15 @@ def decide(snap: Snapshot) -> Decision:
             else:
                 answers.append(Answer(ask.id, n.name, "granted", f"already switching to slurm ({n.phase})"))
         else:
-            why = _why_not(n, SLURM, snap)
+            why = _why_not(n, SLURM, snap) or (None if n.home == SLURM else lendable(n))
             if why:
                 answers.append(Answer(ask.id, n.name, "refused", why))
             else:
                 asked.append((ask, n))
+                take(n)
 
     # A node SLURM asks for no longer covers Kubernetes' demand: it is about to leave.
-    covered[K8S] -= sum(1 for _, n in asked if n.available)
+    covered[K8S] -= sum(1 for _, n in asked if n.available and not n.busy)
     wanted = {side: max(0, demand[side].nodes_wanted - covered[side]) for side in (SLURM, K8S)}
     for side in (SLURM, K8S):
         if demand[side].items and not wanted[side]:
@@ -329,24 +466,44 @@ def decide(snap: Snapshot) -> Decision:
     if slots <= 0 and (any(wanted.values()) or asked):
         notes.append(f"{len(switching)} switch(es) in flight, max_in_flight is {p.max_in_flight}")
 
-    # Candidates on each side that could go to the other (polled demand).
+    # Candidates on each side that could go to the other (polled demand), in the order they
+    # are taken: idle nodes going home, idle nodes lent (what SLURM released first), then busy
+    # home nodes reclaimed (those whose work can move first).
     candidates: dict[str, list[SharedNode]] = {SLURM: [], K8S: []}
     held: dict[tuple[str, str], list[str]] = {}
+    reclaim_held: dict[str, str] = {}
     asked_names = {n.name for _, n in asked}
-    # Nodes SLURM released go first to Kubernetes: SLURM has let them go already.
-    order = sorted(snap.nodes, key=lambda n: (n.name not in released, n.last_switch_at or 0.0, n.name))
+    def cost(n: SharedNode) -> tuple:
+        """Busy nodes to reclaim: work that ends within the grace first (nothing lost), then
+        movable work, the least work lost first."""
+        if not n.busy:
+            return (0, 0.0)
+        ends = n.work_ends_at is not None and n.work_ends_at <= snap.now + p.reclaim_grace_s.get(n.role, 0)
+        return (0 if ends else 1 if n.movable else 2, 0.0 if ends else n.work_cost)
+
+    order = sorted(snap.nodes, key=lambda n: (n.busy, n.home != OTHER.get(n.role), cost(n),
+                                              n.name not in released, n.last_switch_at or 0.0, n.name))
     for n in order:
         to = OTHER.get(n.role)
         if to is None or not wanted.get(to) or n.name in asked_names:
             continue
+        going_home = n.home == to
         why_not = _why_not(n, to, snap)
         if why_not is None and not n.available and n.name not in released:
             why_not = n.held_by or f"not available in {n.role}"
         if why_not is None and _shape(n) not in demand[to].shapes:
             why_not = f"cannot serve the pending {to} work"
+        if why_not is None and not going_home and n.name not in released:
+            why_not = lendable(n)
+        if why_not is None and not going_home and n.name in released and n.home == n.role and room[n.role] <= 0:
+            why_not = lendable(n)
         if why_not:
             held.setdefault((to, why_not), []).append(n.name)
+            if going_home:
+                reclaim_held[n.name] = why_not
             continue
+        if not going_home:
+            take(n)
         candidates[n.role].append(n)
     for (to, why_not), names in held.items():  # one line per reason, not one per node
         notes.append(f"{fold(names)}: not moved to {to}: {why_not}")
@@ -382,17 +539,20 @@ def decide(snap: Snapshot) -> Decision:
             left_on_frm -= 1
             granted += 1
             if ask is not None:
-                moves.append(Move(n.name, to, f"{ask.source} asks for it ({ask.reason}); {n.name} idle in {frm}"))
-                answers.append(Answer(ask.id, n.name, "granted", f"switching to {to}"))
+                why = f"{ask.source} asks for it ({ask.reason})"
+                answers.append(Answer(ask.id, n.name, "granted", f"switching to {to}" +
+                                      (f" after the {frm} grace" if n.busy else "")))
             else:
                 why = _describe(to, demand[to])
                 if n.name in released:
                     why += f"; SLURM released {n.name} ({released[n.name].reason})"
-                moves.append(Move(n.name, to, f"{why}; {n.name} idle in {frm}"))
+            moves.append(_move(n, to, why, snap))
 
     moved = {m.node for m in moves}
-    slurm_hold = {n.name: _why_not(n, SLURM, snap) for n in snap.nodes
-                  if n.role == K8S and n.phase == STEADY and n.name not in moved and n.name not in asked_names}
+    slurm_hold = {}
+    for n in snap.nodes:
+        if n.role == K8S and n.phase == STEADY and n.name not in moved and n.name not in asked_names:
+            slurm_hold[n.name] = _why_not(n, SLURM, snap) or (None if n.home == SLURM else lendable(n))
     power_off = []
     for name, ask in released.items():
         if name in moved:
@@ -400,8 +560,25 @@ def decide(snap: Snapshot) -> Decision:
         else:
             power_off.append(Move(name, SLURM, f"released by {ask.source} ({ask.reason}); nothing else wants it"))
             answers.append(Answer(ask.id, name, "done", "powered off: Kubernetes has no work for it now"))
+    for m in moves:
+        if m.node in by_name and by_name[m.node].home in OTHER:
+            lent[by_name[m.node].home] += 1 if m.to_role != by_name[m.node].home else -1
     return Decision(tuple(moves), {s: demand[s].nodes_wanted for s in demand}, tuple(notes), tuple(answers),
-                    tuple(boots), tuple(power_off), slurm_hold)
+                    tuple(boots), tuple(power_off), slurm_hold, reclaim_held, dict(lent))
+
+
+def _move(n: SharedNode, to: str, why: str, snap: Snapshot) -> Move:
+    frm = n.role
+    home = f"; its home is {to}" if n.home == to else ""
+    if not n.busy:
+        return Move(n.name, to, f"{why}; {n.name} idle in {frm}{home}")
+    grace = float(snap.policy.reclaim_grace_s.get(frm, 0))
+    work = EVICT if frm == K8S else REQUEUE
+    then = ("its pods are evicted (PodDisruptionBudgets honoured)" if work == EVICT else
+            "its jobs are requeued (those that cannot be run to their end)")
+    return Move(n.name, to, f"{why}; reclaiming {n.name}, busy in {frm}{home}: "
+                f"{'cordoned' if frm == K8S else 'drained'} now, {grace:g} s grace, then {then}",
+                reclaim=True, from_role=frm, grace_s=grace, deadline=snap.now + grace, work=work)
 
 
 def _share(slots: int, want: dict[str, int], rule: str) -> dict[str, int]:

@@ -105,7 +105,9 @@ def test_max_in_flight():
 
 
 def test_both_sides_share_slots_proportionally():
-    nodes = [node(f"k{i}", "k8s") for i in range(6)] + [node(f"s{i}", "slurm") for i in range(6)]
+    # Each side's home nodes are lent to the other, and both sides want them back.
+    nodes = [node(f"k{i}", "k8s", home="slurm") for i in range(6)] + \
+        [node(f"s{i}", "slurm", home="k8s") for i in range(6)]
     policy = replace(POLICY, max_in_flight=4)
     # slurm wants 9 nodes (9 jobs), k8s wants 3 (3 pods of a whole node): 4 slots -> 3 and 1
     d = decide(snap(nodes, jobs=jobs(9 + 6), pods=pods(3 + 6), policy=policy))

@@ -51,7 +51,9 @@ def test_asks_beyond_the_in_flight_cap_wait_open():
 
 
 def test_both_sides_at_once_share_the_slots_by_the_rule():
-    nodes = [node("sn1", "k8s"), node("sn2", "k8s"), node("sn3", "slurm"), node("sn4", "slurm")]
+    # SLURM asks for its home nodes lent to Kubernetes; Kubernetes then wants SLURM's spare ones.
+    nodes = [node("sn1", "k8s", home="slurm"), node("sn2", "k8s", home="slurm"), node("sn3", "slurm"),
+             node("sn4", "slurm")]
     d = decide(snap(nodes, pods=pods(2), asks=(resume(1, "sn1"), resume(2, "sn2"))))
     assert sorted(moved(d)) == [("sn1", "slurm"), ("sn3", "k8s")]  # 2 slots, one each (proportional)
     slurm_first = decide(snap(nodes, pods=pods(2), asks=(resume(1, "sn1"), resume(2, "sn2")),

@@ -103,12 +103,16 @@ def test_without_cooldown_the_node_flaps_back():
     assert r.switches == {SLURM: 1, K8S: 1} and r.flaps == {SLURM: 1, K8S: 0}
 
 
-def test_the_cooldown_prevents_the_flap():
+def test_the_cooldown_keeps_a_node_home_after_it_came_back():
+    # The node's home is SLURM: job B takes it back at the 120 pass although it switched at 60
+    # (the home side's claim ignores the cooldown). A pod at 150 may not borrow it again before
+    # 120 + 600 = 720 (switched at 730); without the cooldown, after job B (ends 230): at 240.
+    pods = FLAP_PODS + [pod(2, 150, 20)]
     cool = Policy(min_nodes={SLURM: 0, K8S: 0}, cooldown_s=600, demand_persist_s=0)
-    r = simulate("provisioner", FLAPPY, FLAP_JOBS, FLAP_PODS, settings(cool, switch=10))
-    # The node switched at 60 may not move before 660; job B starts at 300 on the fixed node.
-    assert sorted(r.job_waits) == [0, 200] and r.pod_waits == [70]
-    assert r.switches == {SLURM: 0, K8S: 1} and r.flaps == {SLURM: 0, K8S: 0}
+    r = simulate("provisioner", FLAPPY, FLAP_JOBS, pods, settings(cool, switch=10))
+    assert sorted(r.job_waits) == [0, 30] and r.pod_waits == [70, 580]
+    r = simulate("provisioner", FLAPPY, FLAP_JOBS, pods, settings(switch=10))
+    assert sorted(r.job_waits) == [0, 30] and r.pod_waits == [70, 100]
 
 
 def test_a_flap_outside_the_window_is_not_one():
@@ -281,5 +285,7 @@ def test_knobs_from_a_site_and_a_pod_trace(tmp_path, capsys):
                  "--pod-trace", str(pods_csv)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["provisioner_knobs"] == {"cooldown_s": 60, "demand_persist_s": 120, "max_in_flight": 2,
-                                         "share_rule": "proportional", "min_nodes": {"slurm": 1, "k8s": 0}}
+                                         "share_rule": "proportional", "min_nodes": {"slurm": 1, "k8s": 0},
+                                         "reclaim_grace_s": {"slurm": 1800, "k8s": 300},
+                                         "lending_limit": {"slurm": None, "k8s": None}}
     assert data["pods"]["pods"] == 30 and data["rows"][0]["pods"]["count"] == 30

@@ -4,10 +4,7 @@ tests/fixtures/slurm_cluster.py): cn[01-02] are the fixed SLURM nodes, sn[01-04]
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +13,8 @@ from provisioner import config
 from provisioner.errors import OperationError
 from provisioner.model import Site, SlurmSettings
 from testbed.site import write_site
-from testbed.slurm_cluster import SlurmCluster
 from testbed.wait import wait_for
+from tests.fixtures.slurm_cluster import private_cluster
 from tests.support import require_binary
 
 pytestmark = pytest.mark.integration
@@ -206,17 +203,8 @@ def test_resume_of_nodes_in_service_does_nothing(slurm):
 def small_cluster():
     """A second, private cluster (one node) that a test may break: stop its slurmctld, run its
     clients as another user. Also shows two clusters run side by side on free ports."""
-    for name in SlurmCluster.BINARIES:
-        require_binary(name)
-    # under /tmp (not pytest's 0700 folder): a client running as `nobody` must reach it
-    work = Path(tempfile.mkdtemp(prefix="provisioner-slurm-"))
-    cluster = SlurmCluster(work, nodes=["x1"], message_timeout=2)  # clients give up after ~1 s
-    try:
-        cluster.start()
+    with private_cluster("provisioner-slurm-", nodes=["x1"], message_timeout=2) as cluster:  # clients give up after ~1 s
         yield cluster
-    finally:
-        cluster.stop()
-        subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 def test_slurmctld_stopped_observe_fails_clearly_and_nothing_is_attempted(small_cluster):

@@ -122,6 +122,14 @@ class KubeNode:
     pods: tuple[PodOnNode, ...]
     ready_reason: str = ""  # the Ready condition's reason (KubeletReady, KubeletNotReady, ...)
     boot_id: str = ""  # status.nodeInfo.bootID: the kubelet reports a new one after every boot
+    # What every unfinished pod bound to it requests (DaemonSet pods too: they take room as well).
+    requested: tuple[int, int, int] = (0, 0, 0)  # millicores, bytes, GPUs
+
+    @property
+    def room(self) -> tuple[int, int, int]:
+        """Room left for another pod: allocatable minus requested (millicores, bytes, GPUs)."""
+        return (max(0, self.cpu_m - self.requested[0]), max(0, self.memory - self.requested[1]),
+                max(0, self.gpus - self.requested[2]))
 
     @property
     def busy(self) -> bool:
@@ -373,8 +381,13 @@ class KubernetesAdapter:
             pods = self._list("listing pods", self.core.list_pod_for_all_namespaces,
                               field_selector=f"spec.nodeName!=,{running}")
         by_node: dict[str, list[PodOnNode]] = {}
+        requested: dict[str, list[int]] = {}
         for pod in pods:
             on = (pod.get("spec") or {}).get("nodeName")
+            if on and (wanted is None or on in wanted) and (pod.get("status") or {}).get("phase") not in _FINISHED:
+                total = requested.setdefault(on, [0, 0, 0])
+                for i, v in enumerate(pod_requests(pod.get("spec") or {})):
+                    total[i] += v
             if on and (wanted is None or on in wanted) and holds_node(pod):
                 by_node.setdefault(on, []).append(PodOnNode(
                     pod["metadata"]["namespace"], pod["metadata"]["name"],
@@ -384,14 +397,14 @@ class KubernetesAdapter:
         for node in node_list:
             name = node["metadata"]["name"]
             if wanted is None or name in wanted:
-                out[name] = self._kube_node(node, by_node.get(name, []))
+                out[name] = self._kube_node(node, by_node.get(name, []), tuple(requested.get(name, (0, 0, 0))))
         return out
 
     def node(self, name: str) -> KubeNode | None:
         """One node, or None when Kubernetes has no Node object of that name."""
         return self.nodes([name]).get(name)
 
-    def _kube_node(self, node: dict, pods: list[PodOnNode]) -> KubeNode:
+    def _kube_node(self, node: dict, pods: list[PodOnNode], requested: tuple[int, int, int] = (0, 0, 0)) -> KubeNode:
         meta, spec, status = node["metadata"], node.get("spec") or {}, node.get("status") or {}
         labels = meta.get("labels") or {}
         ready = _condition(node, "Ready")
@@ -411,6 +424,7 @@ class KubernetesAdapter:
             pods=tuple(sorted(pods, key=lambda p: p.key)),
             ready_reason=(ready.get("reason") or "") if ready else "",
             boot_id=(status.get("nodeInfo") or {}).get("bootID") or "",
+            requested=requested,
         )
 
     # -- watch -----------------------------------------------------------------------

@@ -42,6 +42,8 @@ SQUEUE_PENDING = ("squeue", "-h", "-r", "-t", "PENDING", "-o", SQUEUE_FORMAT)
 # Jobs that hold nodes now (a suspended job still lives in the node's memory): id|nodes.
 SQUEUE_RUNNING = ("squeue", "-h", "-r", "-t", "RUNNING,COMPLETING,SUSPENDED", "-o", "%i|%N")
 
+HOLDING_STATES = "RUNNING,CONFIGURING,COMPLETING,SUSPENDED"  # a job in these holds its nodes
+
 VERIFY_TIMEOUT_S = 5.0  # scontrol update is synchronous; this only covers a busy slurmctld
 
 # sinfo's one-character state suffixes -> the flag names scontrol prints.
@@ -156,6 +158,42 @@ class PendingJob:
     @property
     def cpus_per_node(self) -> int:
         return max(1, math.ceil(self.num_cpus / max(1, self.num_nodes)))
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A job that holds a node (`scontrol show job -o`)."""
+
+    job_id: str
+    state: str  # RUNNING, CONFIGURING, COMPLETING, SUSPENDED
+    nodes: tuple[str, ...]
+    requeue: bool  # Requeue=1: slurm.conf's JobRequeue (default 1) unless sbatch --no-requeue
+    batch: bool  # BatchFlag=1: only batch jobs can be requeued (not srun/salloc)
+    end_time: float | None = None  # when it reaches its time limit (None: no limit)
+
+    @property
+    def requeueable(self) -> bool:
+        return self.requeue and self.batch
+
+    @property
+    def why_not_requeueable(self) -> str | None:
+        if not self.batch:
+            return "an interactive job (srun/salloc) cannot be requeued"
+        if not self.requeue:
+            return "submitted with --no-requeue (or JobRequeue=0)"
+        return None
+
+
+@dataclass(frozen=True)
+class RequeueResult:
+    node: str
+    requeued: tuple[str, ...]  # job ids SLURM accepted to requeue in this call
+    kept: tuple[tuple[str, str], ...]  # (job id, why): cannot be requeued; runs to its end or time limit
+    remaining: tuple[str, ...]  # jobs still holding the node after this call (kept, or still ending)
+
+    @property
+    def free(self) -> bool:
+        return not self.remaining
 
 
 @dataclass(frozen=True)
@@ -286,6 +324,25 @@ def parse_pending(text: str) -> list[PendingJob]:
             gpus_per_node=_gpus(tres.strip()),
             req_nodes=tuple(expand(req)) if req and req != "(null)" else (),
             name=name,
+        ))
+    return jobs
+
+
+def parse_jobs(text: str) -> list[RunningJob]:
+    """`scontrol show job -o` output -> jobs (every state; the caller filters)."""
+    jobs = []
+    for line in text.splitlines():
+        if not line.startswith("JobId="):
+            continue
+        f = node_fields(line)
+        nodes = f.get("NodeList", "").strip()
+        jobs.append(RunningJob(
+            job_id=f["JobId"].strip(),
+            state=f.get("JobState", "").strip(),
+            nodes=tuple(expand(nodes)) if nodes and nodes != "(null)" else (),
+            requeue=f.get("Requeue", "0").strip() == "1",
+            batch=f.get("BatchFlag", "0").strip() == "1",
+            end_time=_epoch(f.get("EndTime", "").strip()),
         ))
     return jobs
 
@@ -482,6 +539,36 @@ class SlurmAdapter:
         if out_of_service:
             self._update(list(out_of_service), "state=resume")
         return self._verify(current, lambda n: not (n.drain or n.down), "back in service")
+
+    # -- reclaim: requeue the jobs on a node its home side takes back ----------------------
+
+    def jobs_on(self, node: str) -> list[RunningJob]:
+        """The jobs holding the node (running, configuring, completing, suspended)."""
+        ids = self._run(["squeue", "-h", "-w", node, "-t", HOLDING_STATES, "-o", "%A"],
+                        f"list the jobs on {node}").split()
+        if not ids:
+            return []
+        out = self._run(["scontrol", "show", "job", "-o", ",".join(ids)], f"read the jobs on {node}")
+        return [j for j in parse_jobs(out) if node in j.nodes and j.state in HOLDING_STATES.split(",")]
+
+    def requeue_jobs_on(self, node: str) -> RequeueResult:
+        """Requeue (`scontrol requeue`) every job on the node that can be requeued; the others are
+        reported in `kept` and run to their end. The node must be drained by provisioner first
+        (else a requeued job could start on it again). A requeued job goes back to the queue with
+        its priority and starts elsewhere; its work since it started is lost."""
+        current = self.nodes(node)[node]
+        if not ((current.drain or current.down) and current.reason_is_ours):
+            raise OperationError(f"node {node} is not drained by provisioner: drain it before requeueing its jobs")
+        jobs = [j for j in self.jobs_on(node) if j.state != "COMPLETING"]
+        todo = [j.job_id for j in jobs if j.requeueable]
+        kept = tuple((j.job_id, j.why_not_requeueable) for j in jobs if not j.requeueable)
+        if todo:
+            result = self.runner.run(["scontrol", "requeue", ",".join(todo)], float(self.settings.timeout_s))
+            if result.returncode != 0:
+                raise OperationError(f"SLURM refused `scontrol requeue {','.join(todo)}`: {_first_line(result)}; "
+                                     f"see slurmctld's log {self.runner.where()}")
+        remaining = tuple(j.job_id for j in self.jobs_on(node))
+        return RequeueResult(node, tuple(todo), kept, remaining)
 
     # -- power saving (slurm.power_saving: shared nodes in Kubernetes are "powered down") ----
 

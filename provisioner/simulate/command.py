@@ -13,6 +13,7 @@ import time
 
 from provisioner.errors import UsageError
 from provisioner.model import Policy
+from provisioner.policy import reclaim_bound
 from provisioner.simulate import engine, pods as podsmod, report, swf
 from provisioner.states import K8S, SLURM
 
@@ -21,8 +22,11 @@ DEFAULT_POD_LOAD = 0.6
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("workload")
-    g.add_argument("--slurm-trace", required=True, metavar="FILE.swf",
+    g.add_argument("--slurm-trace", metavar="FILE.swf",
                    help="SLURM jobs in the Parallel Workloads Archive's SWF")
+    g.add_argument("--synthetic", type=float, metavar="DAYS",
+                   help="instead of traces: DAYS of the synthetic workload with both sides bursty (out of phase) "
+                        "and wide jobs (provisioner/simulate/synthetic.py; --seed applies)")
     g.add_argument("--procs-per-node", type=int, metavar="N",
                    help="SWF processors per node (default: the header's MaxProcs / MaxNodes, else 1)")
     g.add_argument("--skip-bad-lines", action="store_true",
@@ -154,12 +158,25 @@ def run(args) -> int:
     cluster = engine.Cluster(args.slurm_nodes, args.k8s_nodes, args.shared_nodes, args.static_k8s,
                              args.node_cpus, args.node_memory_gb, args.node_gpus)
     started = time.monotonic()
-    trace = swf.load(args.slurm_trace, args.procs_per_node, args.skip_bad_lines)
+    if (args.slurm_trace is None) == (args.synthetic is None):
+        raise UsageError("give --slurm-trace FILE.swf or --synthetic DAYS (one of them)")
+    if args.synthetic is not None:
+        if args.synthetic <= 0:
+            raise UsageError("--synthetic DAYS must be positive")
+        from provisioner.simulate import synthetic
+        sjobs, spods = synthetic.workload(cluster, args.synthetic * 86400, args.seed)
+        trace = swf.Trace(sjobs, path=f"synthetic ({args.synthetic:g} days, seed {args.seed})")
+        args.slurm_trace = trace.path
+    else:
+        trace = swf.load(args.slurm_trace, args.procs_per_node, args.skip_bad_lines)
     if not trace.jobs:
         raise UsageError(f"{args.slurm_trace}: no job to replay (empty trace, or every job cancelled)")
     span = max(j.submit for j in trace.jobs) or 1.0
     static_k8s_cores = (cluster.k8s_nodes + cluster.start_k8s) * cluster.cpus
-    if args.pod_trace:
+    if args.synthetic is not None and not args.pod_trace:
+        pods = spods
+        pod_source = f"synthetic: bursty, out of phase with the jobs, seed {args.seed}"
+    elif args.pod_trace:
         pods = podsmod.load_csv(args.pod_trace)
         pod_source = args.pod_trace
     else:
@@ -195,7 +212,13 @@ def run(args) -> int:
         "pass_interval_s": settings.pass_interval_s, "flap_window_s": settings.flap_window_s,
         "provisioner_knobs": {"cooldown_s": policy.cooldown_s, "demand_persist_s": policy.demand_persist_s,
                               "max_in_flight": policy.max_in_flight, "share_rule": policy.share_rule,
-                              "min_nodes": dict(policy.min_nodes)},
+                              "min_nodes": dict(policy.min_nodes), "reclaim_grace_s": dict(policy.reclaim_grace_s),
+                              "lending_limit": dict(policy.lending_limit)},
+        # How much later than the static split a side may see its lent node back (persistence,
+        # a pass, the borrower's grace, the longest switch home).
+        "reclaim_bound_s": {side: reclaim_bound(policy, side, settings.pass_interval_s,
+                                                max(settings.switch[side].a, settings.switch[side].b))
+                            for side in (SLURM, K8S)},
         "seconds": round(elapsed, 2),
         "plots": [str(f) for f in files],
     }
@@ -216,6 +239,9 @@ def run(args) -> int:
           f"max_in_flight={k['max_in_flight']} share_rule={k['share_rule']} min_nodes={k['min_nodes']}; "
           f"passes every {settings.pass_interval_s:g} s; switch to slurm {info['switch_time'][SLURM]}, "
           f"to k8s {info['switch_time'][K8S]}; flap: moved back within {settings.flap_window_s:g} s")
+    b = info["reclaim_bound_s"]
+    print(f"lending: reclaim_grace_s={k['reclaim_grace_s']} lending_limit={k['lending_limit']}; reclaim bound: "
+          f"slurm {report.human(b[SLURM])}, k8s {report.human(b[K8S])}")
     print()
     print(report.format_table(rows))
     print()

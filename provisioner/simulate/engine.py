@@ -19,19 +19,31 @@ Models:
   running jobs' estimates; later jobs start early when they fit now and either end before that
   time or leave the reserved nodes alone). At most BACKFILL_DEPTH queued jobs are tried per
   scheduling round (SLURM's bf_max_job_test). When the first job needs more nodes than SLURM has
-  now, nothing is backfilled until it runs (its nodes are being gathered).
+  now (the rest lent to Kubernetes, drained), it gets no reservation and every job behind it that
+  fits starts (slurmctld 22.05 does so: tests/test_slurm_wide_job.py).
 - Kubernetes: FIFO first-fit: pending pods in arrival order, each on the first node (fixed nodes
   first, then shared ones) with enough free CPU, memory and GPUs; a pod that fits nowhere waits
   and does not block the ones behind it.
-- A switch: the node leaves its side at once when a policy moves it (the policy only moves idle
-  nodes), serves nobody for its switch time, then serves the other side.
+- Homes: a shared node's home is where it starts (the static split). provisioner's decide() gets
+  each node's home, the room left on busy Kubernetes nodes, and what reclaiming it would cost.
+- A switch: an idle node leaves its side at once, serves nobody for its switch time, then
+  serves the other side. A busy node its home reclaims (decide()'s Move.reclaim) takes no new
+  work at once (drained / cordoned); when its work ends, or at the end of the grace, it switches;
+  at the end of the grace its job is requeued (all of the job's nodes are freed, the job goes
+  back to the queue in submit order and later runs again from the start) or its pods are evicted
+  (back to the pending queue in arrival order, run again from the start). The time they had run
+  is the work lost; a requeued job's or evicted pod's wait is taken at its last start, less the
+  time it ran before.
 
-Left out: node failures and retries; the drain of a busy node (policies here only move idle
-nodes, as provisioner does); job priorities other than arrival order, fair share, partitions,
-QOS, preemption and time limits killing jobs (a job runs for its trace run time); topology; pod
+Left out: node failures and retries; job priorities other than arrival order, fair share,
+partitions, QOS, SLURM's own preemption and time limits killing jobs (a job runs for its trace run
+time); SLURM's requeue delay (a requeued job may start again only about 2 minutes later, when
+its old credential has expired); jobs that cannot be requeued (every batch job can, SLURM's
+JobRequeue default) and PodDisruptionBudgets (every pod can be evicted); topology; pod
 priorities, affinities, DaemonSets and the scheduler's scoring (spread, balanced allocation);
-SLURM's own power saving asks; the time slurmctld and the Kubernetes scheduler take to react
-(both place work the moment it can run).
+SLURM power saving (with it a wide job takes a lent node at once and waits for it, instead of
+being backfilled around: tests/test_slurm_wide_job.py shows both) and its asks; the time
+slurmctld and the Kubernetes scheduler take to react (both place work the moment it can run).
 """
 
 from __future__ import annotations
@@ -46,14 +58,15 @@ from provisioner import policy as pol
 from provisioner.model import Policy
 from provisioner.simulate.pods import Pod
 from provisioner.simulate.swf import Job
-from provisioner.states import BOOTING, K8S, SLURM, STEADY
+from provisioner.states import BOOTING, CORDONING, DRAINING, FAILED, K8S, SLURM, STEADY
 
 POLICIES = ("static", "paper", "provisioner", "bound")
 BACKFILL_DEPTH = 500
 OTHER = {SLURM: K8S, K8S: SLURM}
 
 # Event kinds, in the order they are handled at the same instant.
-_JOB_END, _POD_END, _SWITCH_DONE, _JOB_SUBMIT, _POD_ARRIVE, _PASS = range(6)
+_JOB_END, _POD_END, _SWITCH_DONE, _GRACE_END, _JOB_SUBMIT, _POD_ARRIVE, _PASS = range(7)
+RECLAIMING = (DRAINING, CORDONING)  # a reclaimed node whose work still runs (SLURM drains, Kubernetes cordons)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -121,10 +134,14 @@ class Settings:
 
 class Node:
     __slots__ = ("name", "pool", "role", "phase", "last_switch_at", "last_switch_end", "free_cpu", "free_mem",
-                 "free_gpus", "job", "pods", "index", "shared_view")
+                 "free_gpus", "job", "pods", "index", "shared_view", "home", "target", "pod_ids", "reclaim_id")
 
     def __init__(self, name: str, pool: str, role: str, cl: Cluster, index: int):
         self.name, self.pool, self.role, self.phase, self.index = name, pool, role, STEADY, index
+        self.home = role  # the static split: where the node starts
+        self.target: str | None = None  # while reclaimed: the side it goes to once its work is gone
+        self.pod_ids: set[int] = set()
+        self.reclaim_id = 0
         self.last_switch_at: float | None = None
         self.last_switch_end: float | None = None
         self.free_cpu, self.free_mem, self.free_gpus = cl.cpus * 1000, cl.memory_gb << 30, cl.gpus
@@ -151,6 +168,13 @@ class Result:
     unfinished: dict[str, int]
     end: float
     decide_calls: int = 0
+    # Reclaims: busy nodes taken home, and the work they cost: jobs requeued (their node-hours
+    # run before), pods evicted (their hours run before; they start again from the beginning).
+    reclaims: dict[str, int] = field(default_factory=lambda: {SLURM: 0, K8S: 0})  # by the side that took it home
+    requeued: int = 0
+    evicted: int = 0
+    lost_job_node_h: float = 0.0
+    lost_pod_h: float = 0.0
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -165,7 +189,8 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 def wait_stats(waits: list[float]) -> dict:
     s = sorted(waits)
     return {"count": len(s), "mean_s": (sum(s) / len(s)) if s else None,
-            "median_s": _percentile(s, 0.5), "p95_s": _percentile(s, 0.95)}
+            "median_s": _percentile(s, 0.5), "p95_s": _percentile(s, 0.95), "p99_s": _percentile(s, 0.99),
+            "max_s": s[-1] if s else None}
 
 
 # --------------------------------------------------------------------------- the simulation
@@ -180,6 +205,7 @@ class Simulation:
         self.rng = random.Random(settings.seed)
         self.jobs = {j.id: j for j in jobs}
         self.pods = pods
+        self.pod_by_id = {p.id: p for p in pods}
         self.nodes: list[Node] = []
         i = 0
         for pool, count, role in ((SLURM, cluster.slurm_nodes, SLURM), (K8S, cluster.k8s_nodes, K8S)):
@@ -208,9 +234,19 @@ class Simulation:
         self.k8s_full_scan = True
         self.k8s_scan_from = 0
         self.pod_node: dict[int, int] = {}
-        # metrics
-        self.job_waits: list[float] = []
-        self.pod_waits: list[float] = []
+        # metrics: waits by job / pod id (a requeued job's or evicted pod's wait is taken at its
+        # last start, less the time it ran before)
+        self.job_wait: dict[int, float] = {}
+        self.pod_wait: dict[int, float] = {}
+        self.job_ran: dict[int, float] = {}
+        self.pod_ran: dict[int, float] = {}
+        self.started: dict[int, float] = {}  # job id -> its start
+        self.pod_started: dict[int, float] = {}
+        self.job_gen: dict[int, int] = {}  # a requeued job's or evicted pod's old end event is stale
+        self.pod_gen: dict[int, int] = {}
+        self.reclaims = {SLURM: 0, K8S: 0}
+        self.requeued = self.evicted = 0
+        self.lost_job_node_s = self.lost_pod_s = 0.0
         self.job_work = 0.0  # node-seconds
         self.pod_work = 0.0  # millicore-seconds
         self.side_time = {SLURM: 0.0, K8S: 0.0}  # steady node-seconds per side
@@ -269,35 +305,35 @@ class Simulation:
         return Result(
             policy=self.kind,
             knobs={},
-            job_waits=self.job_waits, pod_waits=self.pod_waits,
+            job_waits=list(self.job_wait.values()), pod_waits=list(self.pod_wait.values()),
             util={SLURM: self.job_work / job_work_time if job_work_time else 0.0,
                   K8S: self.pod_work / pod_time if pod_time else 0.0,
                   "all": (self.job_work + self.pod_work / (self.cl.cpus * 1000)) / total},
             switches=dict(self.switches), switch_hours={s: v / 3600 for s, v in self.switch_s.items()},
             flaps=dict(self.flaps), samples=self.samples,
             unfinished={SLURM: len(self.queue), K8S: len(self.pending)}, end=self.now,
-            decide_calls=self.decide_calls,
+            decide_calls=self.decide_calls, reclaims=dict(self.reclaims), requeued=self.requeued,
+            evicted=self.evicted, lost_job_node_h=self.lost_job_node_s / 3600, lost_pod_h=self.lost_pod_s / 3600,
         )
 
     def handle(self, kind: int, data) -> None:
         if kind == _JOB_END:
-            _, nodes = self.running.pop(data)
-            for i in nodes:
-                self.nodes[i].job = None
-                if self.nodes[i].role == SLURM and self.nodes[i].phase == STEADY:
-                    bisect.insort(self.free_slurm, i)
-            self.slurm_full_scan = True
+            job_id, gen = data
+            if self.job_gen.get(job_id, 0) == gen:
+                self.end_job(job_id)
         elif kind == _POD_END:
-            node = self.nodes[self.pod_node.pop(data.id)]
-            node.pods -= 1
-            node.free_cpu += data.cpu_m
-            node.free_mem += data.memory
-            node.free_gpus += data.gpus
-            self.k8s_full_scan = True
-            if self.kind == "bound" and node.pool == "shared" and not node.busy:
-                self.slurm_full_scan = True
+            pod, gen = data
+            if self.pod_gen.get(pod.id, 0) == gen:
+                node = self.end_pod(pod)
+                if self.kind == "bound" and node.pool == "shared" and not node.busy:
+                    self.slurm_full_scan = True
         elif kind == _SWITCH_DONE:
             self.finish_switch(self.nodes[data])
+        elif kind == _GRACE_END:
+            index, reclaim_id = data
+            node = self.nodes[index]
+            if node.phase in RECLAIMING and node.reclaim_id == reclaim_id:
+                self.grace_over(node)
         elif kind == _JOB_SUBMIT:
             self.arrivals_left -= 1
             self.queue.append(self.jobs[data])
@@ -306,6 +342,85 @@ class Simulation:
             self.arrivals_left -= 1
             self.pending.append(data)
             self.ensure_pass()
+
+    def end_job(self, job_id: int) -> list[Node]:
+        """The job's nodes are free (it ended, or was requeued): back to SLURM's free list, or,
+        when reclaimed and now idle, on their way home."""
+        _, nodes = self.running.pop(job_id)
+        freed = []
+        for i in nodes:
+            node = self.nodes[i]
+            node.job = None
+            freed.append(node)
+            if node.role == SLURM and node.phase == STEADY:
+                bisect.insort(self.free_slurm, i)
+            elif node.phase in RECLAIMING:
+                self.reclaimed_idle(node)
+        self.slurm_full_scan = True
+        return freed
+
+    def end_pod(self, pod: Pod) -> Node:
+        node = self.nodes[self.pod_node.pop(pod.id)]
+        node.pods -= 1
+        node.pod_ids.discard(pod.id)
+        node.free_cpu += pod.cpu_m
+        node.free_mem += pod.memory
+        node.free_gpus += pod.gpus
+        self.k8s_full_scan = True
+        if node.phase in RECLAIMING and not node.busy:
+            self.reclaimed_idle(node)
+        return node
+
+    # -- reclaim: a busy node goes home (drained / cordoned, the grace, then requeue / evict) --
+
+    def reclaim(self, node: Node, to: str, grace: float) -> None:
+        self.account(self.now)
+        self.count[node.role] -= 1
+        self.switching += 1
+        node.phase = DRAINING if node.role == SLURM else CORDONING
+        node.target = to
+        node.reclaim_id += 1
+        self.reclaims[to] += 1
+        if node.role == K8S:
+            self.k8s_full_scan = True
+        self.push(self.now + grace, _GRACE_END, (node.index, node.reclaim_id))
+
+    def reclaimed_idle(self, node: Node) -> None:
+        """Its work is gone: the switch home starts (set_role keeps the counts it already took)."""
+        to, node.target = node.target, None
+        self.set_role(node, to, self.st.switch[to].sample(self.rng))
+        self.slurm_full_scan = self.k8s_full_scan = True
+
+    def grace_over(self, node: Node) -> None:
+        """The grace is over: requeue its job (SLURM's JobRequeue default: batch jobs can be), or
+        evict its pods (no PodDisruptionBudgets here). The work restarts from the beginning."""
+        if node.job is not None:
+            job = self.jobs[node.job]
+            self.lost_job_node_s += self.undo_start(job.id, self.started, self.job_ran, self.job_wait, self.job_gen) \
+                * job.nodes
+            self.job_work -= job.nodes * job.runtime
+            self.requeued += 1
+            self.end_job(job.id)
+            self.queue.insert(bisect.bisect_right(self.queue, (job.submit, job.id), key=lambda j: (j.submit, j.id)), job)
+            self.slurm_scan_from = 0
+        for pod_id in sorted(node.pod_ids):
+            pod = self.pod_by_id[pod_id]
+            self.lost_pod_s += self.undo_start(pod_id, self.pod_started, self.pod_ran, self.pod_wait, self.pod_gen)
+            self.pod_work -= pod.cpu_m * pod.duration
+            self.evicted += 1
+            self.end_pod(pod)
+            self.pending.insert(bisect.bisect_right(self.pending, (pod.arrival, pod.id),
+                                                    key=lambda p: (p.arrival, p.id)), pod)
+            self.k8s_scan_from = 0
+
+    def undo_start(self, item: int, started: dict, ran: dict, waits: dict, gens: dict) -> float:
+        """A job or pod stops before its end (requeued, evicted): the time it ran is lost, its
+        wait is taken again at its next start, its pending end event goes stale. Returns the time."""
+        lost = self.now - started[item]
+        ran[item] = ran.get(item, 0.0) + lost
+        waits.pop(item, None)
+        gens[item] = gens.get(item, 0) + 1
+        return lost
 
     def ensure_pass(self) -> None:
         if self.kind in ("paper", "provisioner") and not self.pass_pending:
@@ -330,7 +445,8 @@ class Simulation:
         """Start a switch of an idle node (duration 0: done at once, for the bound)."""
         frm = node.role
         self.account(self.now)
-        if node.phase == STEADY:
+        was_steady = node.phase == STEADY
+        if was_steady:
             self.count[frm] -= 1
             if frm == SLURM:
                 self.free_slurm.remove(node.index)
@@ -346,7 +462,8 @@ class Simulation:
             self.finish_switch(node)
             return
         node.phase = BOOTING
-        self.switching += 1
+        if was_steady:  # a reclaimed node was counted as switching when its reclaim began
+            self.switching += 1
         self.push(self.now + duration, _SWITCH_DONE, node.index)
 
     def finish_switch(self, node: Node) -> None:
@@ -402,9 +519,10 @@ class Simulation:
         for i in take:
             self.nodes[i].job = job.id
         self.running[job.id] = (self.now + job.estimate, take)
-        self.job_waits.append(self.now - job.submit)
+        self.job_wait[job.id] = self.now - job.submit - self.job_ran.get(job.id, 0.0)
+        self.started[job.id] = self.now
         self.job_work += job.nodes * job.runtime
-        self.push(self.now + job.runtime, _JOB_END, job.id)
+        self.push(self.now + job.runtime, _JOB_END, (job.id, self.job_gen.get(job.id, 0)))
 
     def schedule_slurm(self, extra_nodes: list[Node] | None = None) -> None:
         extra_nodes = extra_nodes if extra_nodes is not None else []
@@ -427,7 +545,10 @@ class Simulation:
             head = queue[0]
             capacity = self.count[SLURM] + len(extra_nodes)
             if head.nodes > capacity:
-                self.shadow, self.extra = -math.inf, 0  # gathering nodes for the head: no backfill
+                # More nodes than SLURM has (the rest lent, drained): slurmctld plans no start for
+                # the head, so it reserves nothing and backfills every job that fits now (seen on
+                # slurmctld 22.05: 1-node jobs start behind a 4-node job whose 4th node is drained).
+                self.shadow, self.extra = math.inf, 0
             else:
                 ends = sorted((end, len(nodes)) for end, nodes in self.running.values())
                 avail, self.shadow = free, math.inf
@@ -483,10 +604,12 @@ class Simulation:
                     node.free_mem -= pod.memory
                     node.free_gpus -= pod.gpus
                     node.pods += 1
+                    node.pod_ids.add(pod.id)
                     self.pod_node[pod.id] = node.index
-                    self.pod_waits.append(self.now - pod.arrival)
+                    self.pod_wait[pod.id] = self.now - pod.arrival - self.pod_ran.get(pod.id, 0.0)
+                    self.pod_started[pod.id] = self.now
                     self.pod_work += pod.cpu_m * pod.duration
-                    self.push(self.now + pod.duration, _POD_END, pod)
+                    self.push(self.now + pod.duration, _POD_END, (pod, self.pod_gen.get(pod.id, 0)))
                     placed.add(k)
                     if node.free_cpu + pod.cpu_m == max_free:
                         max_free = max((n.free_cpu for n in nodes), default=0)
@@ -502,8 +625,11 @@ class Simulation:
         if not (self.queue or self.pending):
             self.demand_since = {SLURM: None, K8S: None}
         moves = self.paper_moves() if self.kind == "paper" else self.provisioner_moves()
-        for node, to in moves:
-            self.set_role(node, to, self.st.switch[to].sample(self.rng))
+        for node, to, grace in moves:
+            if node.busy:
+                self.reclaim(node, to, grace)
+            else:
+                self.set_role(node, to, self.st.switch[to].sample(self.rng))
         if moves:
             self.slurm_full_scan = self.k8s_full_scan = True
         # Stuck: work pending that nothing will ever serve (nothing runs, switches or arrives).
@@ -522,10 +648,10 @@ class Simulation:
             if not want[to]:
                 continue
             idle = [n for n in self.shared if n.role == frm and n.phase == STEADY and not n.busy]
-            moves += [(n, to) for n in idle[:want[to]]]
+            moves += [(n, to, 0.0) for n in idle[:want[to]]]
         return moves
 
-    def provisioner_moves(self) -> list[tuple[Node, str]]:
+    def provisioner_moves(self) -> list[tuple[Node, str, float]]:
         p = self.st.policy
         # decide() moves a node to a side only when that side has pending work (seen for
         # demand_persist_s), a switch slot is free, and an idle steady shared node on the other side
@@ -537,8 +663,11 @@ class Simulation:
                 since = self.demand_since[to]
                 if not items or (p.demand_persist_s > 0 and (since is None or self.now - since < p.demand_persist_s)):
                     continue
-                if any(n.role != to and n.phase == STEADY and not n.busy and
-                       (n.last_switch_at is None or self.now - n.last_switch_at >= p.cooldown_s) for n in self.shared):
+                # SLURM keeps the idle nodes its own queue would fill (decide()'s reservation):
+                # with no spare one, only its nodes going home may move to Kubernetes.
+                keeps = to == K8S and self.slurm_spare() <= 0
+                if any(n.role != to and n.phase == STEADY and (n.home == to or not n.busy and not keeps and
+                       (n.last_switch_at is None or self.now - n.last_switch_at >= p.cooldown_s)) for n in self.shared):
                     movable = True
                     break
         if not movable:
@@ -557,16 +686,37 @@ class Simulation:
             elif self.demand_since[side] is None:
                 self.demand_since[side] = self.now
         by_name = {n.name: n for n in self.shared}
-        return [(by_name[m.node], m.to_role) for m in decision.moves]
+        return [(by_name[m.node], m.to_role, m.grace_s) for m in decision.moves]
+
+    def slurm_spare(self) -> int:
+        """decide()'s spare SLURM nodes: idle or incoming shared ones beyond what the queue would
+        fill (the queue counted as far as the snapshot carries it)."""
+        cover = sum(1 for n in self.shared if (n.target or n.role) == SLURM and
+                    (n.phase not in (STEADY, FAILED) or not n.busy))
+        enough, want = 2 * len(self.shared) + 1, 0
+        for j in self.queue:
+            want += j.nodes
+            if want >= enough:
+                break
+        return cover - want
 
     def snapshot(self) -> pol.Snapshot:
         cl = self.cl
         shared = []
         for n in self.shared:
+            busy_k8s = n.busy and n.role == K8S
+            cost, ends = 0.0, None
+            if n.job is not None:
+                est_end, job_nodes = self.running[n.job]
+                cost, ends = (self.now - self.started[n.job]) * len(job_nodes), est_end
+            elif n.pod_ids:
+                cost = sum(self.now - self.pod_started[i] for i in n.pod_ids) / len(n.pod_ids)
             shared.append(pol.SharedNode(
-                name=n.name, role=n.role, phase=n.phase, busy=n.busy, available=n.phase == STEADY,
+                name=n.name, role=n.target or n.role, phase=n.phase, busy=n.busy, available=n.phase == STEADY,
                 last_switch_at=n.last_switch_at, cpus=cl.cpus, memory=cl.memory_gb << 30, gpus=cl.gpus,
-                k8s_labels=self.labels))
+                k8s_labels=self.labels, home=n.home, room_cpu_m=n.free_cpu if busy_k8s else 0,
+                room_memory=n.free_mem if busy_k8s else 0, room_gpus=n.free_gpus if busy_k8s else 0,
+                work_cost=cost, work_ends_at=ends))
         # Pending work in queue order, up to what could fill every shared node: more cannot
         # change a decision (only the wording of its reasons).
         enough = 2 * len(self.shared) + 1
@@ -624,10 +774,19 @@ def with_knob(policy: Policy, key: str, value: str) -> Policy:
         if value not in SHARE_RULES:
             raise ValueError(f"share_rule: one of {', '.join(SHARE_RULES)}")
         return replace(policy, share_rule=value)
+    if key.split(".")[0] in ("reclaim_grace_s", "lending_limit") and key.count(".") == 1:
+        knob, side = key.split(".")
+        if side not in (SLURM, K8S):
+            raise ValueError(f"{key}: the sides are {SLURM} and {K8S}")
+        n = None if knob == "lending_limit" and value in ("", "none") else int(value)
+        if n is not None and n < 0:
+            raise ValueError(f"{key}: must be at least 0")
+        return replace(policy, **{knob: {**getattr(policy, knob), side: n}})
     if key in ("cooldown_s", "demand_persist_s", "max_in_flight"):
         n = int(value)
         if n < (1 if key == "max_in_flight" else 0):
             raise ValueError(f"{key}: must be at least {1 if key == 'max_in_flight' else 0}")
         return replace(policy, **{key: n})
     raise ValueError(f"unknown policy knob {key!r}; known: cooldown_s, demand_persist_s, max_in_flight, "
-                     "share_rule, min_nodes.slurm, min_nodes.k8s")
+                     "share_rule, min_nodes.slurm, min_nodes.k8s, reclaim_grace_s.slurm, reclaim_grace_s.k8s, "
+                     "lending_limit.slurm, lending_limit.k8s")

@@ -30,6 +30,9 @@ def row(label: str, r: Result) -> dict:
         "never_started": r.unfinished,
         "end_s": round(r.end, 1),
         "decide_calls": r.decide_calls,
+        "reclaims": r.reclaims,  # busy nodes taken home, by the side that took them
+        "lost_work": {"jobs_requeued": r.requeued, "job_node_hours": round(r.lost_job_node_h, 3),
+                      "pods_evicted": r.evicted, "pod_hours": round(r.lost_pod_h, 3)},
     }
 
 
@@ -45,8 +48,9 @@ def human(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-HEADERS = ["policy", "job wait mean", "median", "p95", "pod wait mean", "median", "p95",
-           "util slurm", "util k8s", "switches s/k", "switch node-h", "flaps s/k"]
+HEADERS = ["policy", "job wait mean", "p95", "p99", "longest", "pod wait mean", "p95", "p99", "longest",
+           "util slurm", "util k8s", "switches s/k", "switch node-h", "flaps s/k", "reclaims s/k",
+           "lost job node-h", "lost pod-h"]
 
 
 def table_rows(rows: list[dict]) -> list[list[str]]:
@@ -54,12 +58,14 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     for r in rows:
         j, p = r["jobs"], r["pods"]
         out.append([
-            r["policy"], human(j["mean_s"]), human(j["median_s"]), human(j["p95_s"]),
-            human(p["mean_s"]), human(p["median_s"]), human(p["p95_s"]),
+            r["policy"], human(j["mean_s"]), human(j["p95_s"]), human(j["p99_s"]), human(j["max_s"]),
+            human(p["mean_s"]), human(p["p95_s"]), human(p["p99_s"]), human(p["max_s"]),
             f"{j['utilisation']:.1%}", f"{p['utilisation']:.1%}",
             f"{r['switches'][SLURM]}/{r['switches'][K8S]}",
             f"{sum(r['switch_node_hours'].values()):.1f}",
             f"{r['flaps'][SLURM]}/{r['flaps'][K8S]}",
+            f"{r['reclaims'][SLURM]}/{r['reclaims'][K8S]}",
+            f"{r['lost_work']['job_node_hours']:.1f}", f"{r['lost_work']['pod_hours']:.1f}",
         ])
     return out
 
