@@ -16,7 +16,7 @@ from typing import Any
 
 from provisioner.clusters.kubernetes import Toleration, pod_requests
 
-CLASS_NAME = "provisioner.io/node-switch"  # spec.provisioningClassName provisioner serves
+CLASS_NAME = "node-switch.provisioner.io"  # spec.provisioningClassName provisioner serves
 # The nodes booked for a request carry this label, value = the request's label value (`Request.label`);
 # the same key and value are given in status.provisioningClassDetails, which Kueue's
 # ProvisioningRequestConfig (podSetUpdates.nodeSelector) turns into the pods' node selector.
