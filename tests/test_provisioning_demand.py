@@ -1,0 +1,73 @@
+"""A ProvisioningRequest and its PodTemplates, read as one all-or-nothing request (pure)."""
+
+import pytest
+
+from provisioner.provisioning import gang_asks
+from provisioner.clusters.provisioning_requests import Seen
+from provisioner.provisioning_demand import CLASS_NAME, BadRequest, is_ours, label_value, parse
+
+
+def pr(*pod_sets, status=None, name="train-1"):
+    return {"metadata": {"name": name, "namespace": "ml", "uid": "0123-4567-89ab-cdef-0000"},
+            "spec": {"provisioningClassName": CLASS_NAME,
+                     "podSets": [{"podTemplateRef": {"name": t}, "count": c} for t, c in pod_sets]},
+            "status": status or {}}
+
+
+def tpl(cpu="2", memory="1Gi", gpus=None, selector=None, tolerations=None):
+    req = {"cpu": cpu, "memory": memory}
+    if gpus:
+        req["nvidia.com/gpu"] = gpus
+    return {"template": {"spec": {"containers": [{"name": "c", "resources": {"requests": req}}],
+                                  "nodeSelector": selector or {}, "tolerations": tolerations or []}}}
+
+
+def test_pod_sets_become_what_each_pod_needs_times_how_many():
+    r = parse(pr(("a", 2), ("b", 1)), {"a": tpl(selector={"zone": "x"}, tolerations=[{"key": "gpu",
+                                                                                       "operator": "Exists"}]),
+                                       "b": tpl(cpu="500m", memory="128Mi", gpus="1")})
+    a, b = r.pod_sets
+    assert (a.count, a.cpu_m, a.memory, a.gpus, a.node_selector) == (2, 2000, 1 << 30, 0, (("zone", "x"),))
+    assert a.tolerations[0].key == "gpu" and a.tolerations[0].operator == "Exists"
+    assert (b.count, b.cpu_m, b.memory, b.gpus) == (1, 500, 128 << 20, 1)
+    assert r.key == "ml/train-1" and r.label == "ml.train-1" and not r.finished
+
+
+def test_what_provisioner_recorded_before_is_read_back():
+    status = {"conditions": [{"type": "Provisioned", "status": "True", "lastTransitionTime": "2026-12-03T10:00:00Z"}],
+              "provisioningClassDetails": {"provisioner.io/nodes": "sn01,sn02"}}
+    r = parse(pr(("a", 2), status=status), {"a": tpl()})
+    assert r.booked == ("sn01", "sn02") and r.provisioned_at.year == 2026
+    (g,) = gang_asks([Seen("ml", "train-1", r, None, r.conditions)], booking_s=60)
+    assert g.id == "ml/train-1" and g.booked == ("sn01", "sn02") and g.provisioned_at and g.booking_s == 60
+    assert g.pod_sets[0][1] == 2 and g.pod_sets[0][0].cpu_m == 2000
+
+
+@pytest.mark.parametrize("templates, reason, words", [
+    ({}, "PodTemplateNotFound", "PodTemplate ml/a does not exist"),
+    ({"a": tpl(cpu="two")}, "InvalidQuantity", "PodTemplate ml/a: a resource quantity does not parse"),
+    ({"a": tpl(memory="1Gx")}, "InvalidQuantity", "does not parse"),
+])
+def test_bad_input_says_what_is_wrong(templates, reason, words):
+    with pytest.raises(BadRequest) as exc:
+        parse(pr(("a", 1)), templates)
+    assert exc.value.reason == reason and words in str(exc.value)
+
+
+def test_a_count_that_is_not_a_positive_integer_or_no_pod_set_is_bad():
+    with pytest.raises(BadRequest, match="count 0"):
+        parse(pr(("a", 0)), {"a": tpl()})
+    with pytest.raises(BadRequest, match="no pod sets"):
+        parse(pr(), {})
+
+
+def test_only_our_class_and_label_values_fit_in_63_characters():
+    assert is_ours(pr(("a", 1))) and not is_ours({"spec": {"provisioningClassName": "check-capacity.autoscaling.x-k8s.io"}})
+    long = label_value("namespace-" * 4, "request-" * 6, "0123-4567-89ab-cdef-0000")
+    assert len(long) <= 63 and long.endswith(".0123456789ab")
+
+
+def test_finished_requests_are_not_asks():
+    status = {"conditions": [{"type": "Failed", "status": "True"}]}
+    r = parse(pr(("a", 1), status=status), {"a": tpl()})
+    assert r.finished and gang_asks([Seen("ml", "train-1", r, None, r.conditions)], 600) == ()
