@@ -71,3 +71,54 @@ def test_finished_requests_are_not_asks():
     status = {"conditions": [{"type": "Failed", "status": "True"}]}
     r = parse(pr(("a", 1), status=status), {"a": tpl()})
     assert r.finished and gang_asks([Seen("ml", "train-1", r, None, r.conditions)], 600) == ()
+
+
+class FakeApi:
+    """ProvisioningRequests' I/O, in memory: what the provider writes, for the fast test."""
+
+    def __init__(self, labelled=None):
+        self.status, self.labels, self._labelled = [], [], dict(labelled or {})
+
+    def set_status(self, seen, conditions, nodes=None, label=None):
+        self.status.append((seen.key, [(c["type"], c["status"], c["reason"]) for c in conditions], nodes, label))
+        return True
+
+    def label_nodes(self, names, value):
+        self.labels.append((tuple(names), value))
+
+    def labelled(self):
+        return self._labelled
+
+
+class FakeStore:
+    def __init__(self):
+        self.events = []
+
+    def add_event(self, node, actor, kind, message, data=None):
+        self.events.append((kind, message))
+
+
+def test_the_provider_writes_the_conditions_labels_and_events_of_each_answer():
+    from provisioner.policy import GangAnswer
+    from provisioner.provisioning import Provider
+
+    ok = parse(pr(("a", 2)), {"a": tpl()})
+    bad = BadRequest("PodTemplateNotFound", "PodTemplate ml/b does not exist")
+    seen = [Seen("ml", "train-1", ok, None, {}), Seen("ml", "bad", None, bad, {})]
+    api, store = FakeApi(labelled={"sn09": "ml.old"}), FakeStore()
+    notes: list[str] = []
+    answers = [GangAnswer("ml/train-1", "provisioned", ("sn01", "sn02"), "sn[01-02] in Kubernetes, booked for it")]
+    errors = Provider(api, store, "test").serve(seen, answers, notes, dry_run=False)
+    assert errors == []
+    assert ("ml/train-1", [("Accepted", "True", "Accepted")], None, None) in api.status
+    assert ("ml/bad", [("Failed", "True", "PodTemplateNotFound")], None, None) in api.status
+    assert ("ml/train-1", [("Provisioned", "True", "Provisioned")], ("sn01", "sn02"), "ml.train-1") in api.status
+    assert api.labels == [(("sn01", "sn02"), "ml.train-1"), (("sn09",), None)]  # a stale booking goes
+    assert [k for k, _ in store.events] == ["provreq-accepted", "provreq-failed", "provreq-provisioned",
+                                            "provreq-released"]
+    assert "ProvisioningRequest ml/train-1: provisioned: sn[01-02] in Kubernetes, booked for it" in notes
+
+    # A dry run only says what it would do.
+    api2, store2, notes2 = FakeApi(), FakeStore(), []
+    Provider(api2, store2, "test").serve(seen, answers, notes2, dry_run=True)
+    assert api2.status == [] and api2.labels == [] and store2.events == [] and len(notes2) == 2
