@@ -111,12 +111,19 @@ class ProvisioningRequests:
         return {n["metadata"]["name"]: n["metadata"]["labels"][NODE_LABEL] for n in nodes}
 
     def watch(self, on_request: Callable[[str], None], stop: threading.Event, timeout_s: int = 60) -> None:
-        """on_request("namespace/name") for each request of our class created or changed, until
-        `stop`; blocks, never raises (the Kubernetes adapter's watch loop)."""
+        """on_request("namespace/name") for each request of our class created or whose spec
+        changed, until `stop`; blocks, never raises (the Kubernetes adapter's watch loop). Status
+        changes (provisioner's own writes) do not count: they would wake a pass per write."""
+        generations: dict[str, object] = {}
 
         def report(pr: dict) -> None:
-            if is_ours(pr):
-                on_request(f"{pr['metadata']['namespace']}/{pr['metadata']['name']}")
+            if not is_ours(pr):
+                return
+            key = f"{pr['metadata']['namespace']}/{pr['metadata']['name']}"
+            gen = (pr["metadata"].get("uid"), pr["metadata"].get("generation"))
+            if generations.get(key) != gen:
+                generations[key] = gen
+                on_request(key)
 
         self.kube.watch_objects("watching ProvisioningRequests", self.custom.list_cluster_custom_object, report, stop,
                                 timeout_s, group=GROUP, version=VERSION, plural=PLURAL)
