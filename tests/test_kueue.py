@@ -25,7 +25,7 @@ ON = {"provisioning_requests": True}
 
 
 @pytest.fixture
-def cleanup(kube):
+def cleanup(kube, provreq_crds):
     """Requests, templates and Jobs of a test go when it ends (the cluster's reset keeps them)."""
     yield
     api = kube.api
