@@ -18,15 +18,14 @@ from __future__ import annotations
 import base64
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import yaml
 
 from testbed.kube_api import ApiError
-from testbed.kube_control_plane import BinariesMissing
-from testbed.process import ROOT, Daemon, free_port, http_probe
+from testbed.kube_control_plane import BinariesMissing, component_dir
+from testbed.process import Daemon, free_port, http_probe
 
 CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 HOOKS = "/apis/admissionregistration.k8s.io/v1/"
@@ -36,10 +35,7 @@ PREFIX = "kueue-test-"
 
 def build_dir() -> Path:
     """tools/build.sh's folder for the pinned Kueue (bin/kueue, share/crds, share/webhook)."""
-    out = subprocess.run([str(ROOT / "tools" / "build.sh"), "kueue", "--print-dir"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise BinariesMissing(out.stderr.strip())
-    folder = Path(out.stdout.strip())
+    folder = component_dir("kueue").parent
     if not os.access(folder / "bin" / "kueue", os.X_OK) or not (folder / "share" / "crds").is_dir():
         raise BinariesMissing(f"Kueue is not built ({folder}); run `make kube-bins` (tools/build.sh kueue: a "
                               "one-time build from the Go module proxy)")
