@@ -88,9 +88,19 @@ class Kueue:
             "clientConnection": {"qps": 50, "burst": 100},
         }))
         kubeconfig = plane.kubeconfig("admin", f / "kubeconfig")
-        self.daemon = Daemon([str(self.build / "bin" / "kueue"), f"--config={f / 'config.yaml'}",
-                              f"--kubeconfig={kubeconfig}", f"--visibility-server-port={visibility}",
-                              "--feature-gates=VisibilityOnDemand=false", "--zap-log-level=info"],
+        # Without its own certificate management, Kueue reads its metrics server's certificate from
+        # the fixed path /etc/kueue/metrics/certs: it gets one in a private mount namespace, where
+        # this folder's etc/ stands for /etc; the host's /etc is never written.
+        metrics_certs = f / "etc" / "kueue" / "metrics" / "certs"
+        metrics_certs.mkdir(parents=True, exist_ok=True)
+        for name in ("tls.crt", "tls.key"):
+            (metrics_certs / name).write_bytes((certs / name).read_bytes())
+        (metrics_certs / "tls.key").chmod(0o600)
+        cmd = [str(self.build / "bin" / "kueue"), f"--config={f / 'config.yaml'}", f"--kubeconfig={kubeconfig}",
+               f"--visibility-server-port={visibility}", "--feature-gates=VisibilityOnDemand=false",
+               "--zap-log-level=info"]
+        self.daemon = Daemon(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                              'mount --bind "$0" /etc && exec "$@"', str(f / "etc"), *cmd],
                              health, f / "kueue.log", env={"PATH": "/usr/bin:/bin", "KUBECONFIG": str(kubeconfig)},
                              name="kueue").start(http_probe(f"http://127.0.0.1:{health}/readyz"), timeout)
         self.register_webhooks(hook_port, plane.ca.cert)

@@ -80,6 +80,7 @@ class FakeApi:
         self.status, self.labels, self._labelled = [], [], dict(labelled or {})
 
     def set_status(self, seen, conditions, nodes=None, label=None):
+        seen.conditions.update({c["type"]: c for c in conditions})
         self.status.append((seen.key, [(c["type"], c["status"], c["reason"]) for c in conditions], nodes, label))
         return True
 

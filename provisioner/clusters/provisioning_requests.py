@@ -74,8 +74,9 @@ class ProvisioningRequests:
 
     def set_status(self, seen: Seen, conditions: Iterable[dict], nodes: Iterable[str] | None = None,
                    label: str | None = None) -> bool:
-        """Set these conditions (the others stay), and the booked nodes and their label in
-        provisioningClassDetails. False: the request is gone (deleted meanwhile)."""
+        """Set these conditions (the others stay: the whole list is written, a merge patch
+        replaces lists), and the booked nodes and their label in provisioningClassDetails.
+        False: the request is gone (deleted meanwhile)."""
         merged = dict(seen.conditions)
         for c in conditions:
             old = merged.get(c["type"])
@@ -92,6 +93,7 @@ class ProvisioningRequests:
                            _content_type="application/merge-patch+json")
         except ApiException:
             return False
+        seen.conditions.update(merged)  # the next write of this pass merges with this one
         return True
 
     def label_nodes(self, names: Iterable[str], value: str | None) -> None:
