@@ -86,6 +86,11 @@ class FakeApi:
 
     def label_nodes(self, names, value):
         self.labels.append((tuple(names), value))
+        for n in names:
+            if value is None:
+                self._labelled.pop(n, None)
+            else:
+                self._labelled[n] = value
 
     def labelled(self):
         return self._labelled
@@ -123,3 +128,26 @@ def test_the_provider_writes_the_conditions_labels_and_events_of_each_answer():
     api2, store2, notes2 = FakeApi(), FakeStore(), []
     Provider(api2, store2, "test").serve(seen, answers, notes2, dry_run=True)
     assert api2.status == [] and api2.labels == [] and store2.events == [] and len(notes2) == 2
+
+
+def test_an_expired_booking_frees_its_nodes_and_a_waiting_request_is_told_once():
+    from provisioner.policy import GangAnswer
+    from provisioner.provisioning import Provider
+
+    status = {"conditions": [{"type": "Provisioned", "status": "True", "lastTransitionTime": "2026-12-03T10:00:00Z"}],
+              "provisioningClassDetails": {"provisioner.io/nodes": "sn01"}}
+    old = parse(pr(("a", 1), status=status), {"a": tpl()})
+    new = parse(pr(("a", 2), name="pair"), {"a": tpl()})
+    seen = [Seen("ml", "train-1", old, None, dict(old.conditions)), Seen("ml", "pair", new, None, {})]
+    api, store = FakeApi(labelled={"sn01": "ml.train-1"}), FakeStore()
+    waiting = GangAnswer("ml/pair", "waiting", (), "all or nothing: 1 of 2 pod(s) (1000m CPU) have no node now")
+    Provider(api, store, "test").serve(seen, [GangAnswer("ml/train-1", "expired", (), "booked for 600 s"), waiting],
+                                       [], dry_run=False)
+    assert ("ml/train-1", [("BookingExpired", "True", "BookingExpired")], None, None) in api.status
+    assert (("sn01",), None) in api.labels
+    assert ("ml/pair", [("Provisioned", "False", "Waiting")], (), "ml.pair") in api.status
+    # The same answer again changes nothing and records nothing.
+    api.status.clear()
+    events = len(store.events)
+    Provider(api, store, "test").serve(seen[1:], [waiting], [], dry_run=False)
+    assert api.status == [] and len(store.events) == events
