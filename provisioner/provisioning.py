@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from provisioner import policy as pol
 from provisioner.clusters.provisioning_requests import ProvisioningRequests, Seen, accepted, now_utc
+from provisioner.errors import OperationError
 from provisioner.provisioning_demand import (
     ACCEPTED, BOOKING_EXPIRED, FAILED, NODE_LABEL, PROVISIONED, Request, condition)
 
@@ -61,13 +62,24 @@ class Provider:
         self.api = api
         self.store = store
         self.actor = actor
+        self.read_error: str | None = None
+
+    def read(self) -> tuple[Seen, ...]:
+        """The requests of our class; none when they cannot be read (the error is the pass's,
+        reported by serve(): the rest of the pass, SLURM's asks and pod demand, goes on)."""
+        try:
+            self.read_error = None
+            return tuple(self.api.requests())
+        except OperationError as exc:
+            self.read_error = f"ProvisioningRequests not served in this pass: {exc}"
+            return ()
 
     def serve(self, seen: Iterable[Seen], answers: Iterable[pol.GangAnswer], notes: list[str],
               dry_run: bool) -> list[str]:
         """Apply the answers; returns errors (one request's failure never stops the others)."""
         seen = list(seen)
         by_key = {s.key: s for s in seen}
-        errors: list[str] = []
+        errors: list[str] = [self.read_error] if self.read_error else []
         for s in seen:
             try:
                 if s.bad is not None:
@@ -89,7 +101,7 @@ class Provider:
                 self._answer(s, s.request, a)
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"ProvisioningRequest {a.ask}: {exc}")
-        if not dry_run:
+        if not dry_run and not self.read_error:
             try:
                 self._unlabel_stale(seen)
             except Exception as exc:  # noqa: BLE001

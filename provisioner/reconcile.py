@@ -351,7 +351,7 @@ class Reconciler:
             pending_pods=pods,
             states=self.store.nodes(self.shared),
             asks=tuple(self.store.open_asks()),
-            requests=tuple(self.provider.api.requests()) if self.provider is not None else (),
+            requests=self.provider.read() if self.provider is not None else (),
         )
 
     def _refresh_states(self, world: World) -> World:

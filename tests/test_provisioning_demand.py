@@ -151,3 +151,20 @@ def test_an_expired_booking_frees_its_nodes_and_a_waiting_request_is_told_once()
     events = len(store.events)
     Provider(api, store, "test").serve(seen[1:], [waiting], [], dry_run=False)
     assert api.status == [] and len(store.events) == events
+
+
+def test_requests_that_cannot_be_read_are_the_passes_error_and_nothing_is_unlabelled():
+    from provisioner.errors import OperationError
+    from provisioner.provisioning import Provider
+
+    class Down(FakeApi):
+        def requests(self):
+            raise OperationError("Kubernetes API x refused listing ProvisioningRequests (HTTP 404: not found)")
+
+    api = Down(labelled={"sn01": "ml.a"})
+    p = Provider(api, FakeStore(), "test")
+    assert p.read() == ()
+    errors = p.serve((), [], [], dry_run=False)
+    assert errors == ["ProvisioningRequests not served in this pass: Kubernetes API x refused listing "
+                      "ProvisioningRequests (HTTP 404: not found)"]
+    assert api.labels == []  # a booking is not dropped because the requests could not be read
