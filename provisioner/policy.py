@@ -113,7 +113,7 @@ class GangAsk:
     booked: tuple[str, ...] = ()  # nodes booked for it in an earlier pass
     provisioned_at: float | None = None  # when it was answered "provisioned" (the booking's start)
     booking_s: float = 600.0  # how long provisioned nodes stay booked for it
-    source: str = "kubernetes"
+    source: str = ""  # who asks, in words (default: the id)
 
 
 @dataclass(frozen=True)
@@ -380,8 +380,8 @@ def _serve_gangs(snap: Snapshot, slots: int, on_side: Counter) -> tuple[list[Mov
         slots -= len(started)
         on_side[SLURM] -= len(started)
         for n in started:
-            moves.append(Move(n.name, K8S, f"{g.source} asks for {len(nodes)} node(s) at once for {g.id}; "
-                              f"{n.name} idle in slurm"))
+            moves.append(Move(n.name, K8S, f"{g.source or g.id} asks for {len(nodes)} node(s) at once (all or "
+                              f"nothing); {n.name} idle in slurm"))
         if all(by_name[x].role == K8S and by_name[x].phase == STEADY for x in nodes):
             answers.append(GangAnswer(g.id, "provisioned", tuple(nodes), f"{fold(nodes)} in Kubernetes, booked for it"))
         else:

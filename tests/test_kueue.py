@@ -89,7 +89,7 @@ def test_a_kueue_job_of_two_whole_node_pods_gets_two_shared_nodes_at_once(kueue,
     reports = sim.passes_until(running, timeout=150, what="the Job's two pods to run on the switched nodes")
     moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
     assert moves == [("sn01", "k8s"), ("sn02", "k8s")]
-    assert f"asks for 2 node(s) at once for {NS}/{name}" in next(r["moves"][0]["reason"] for r in reports if r["moves"])
+    assert f"ProvisioningRequest {NS}/{name} asks for 2 node(s) at once (all or nothing)" in next(r["moves"][0]["reason"] for r in reports if r["moves"])
     pods = running()
     assert sorted(p["spec"]["nodeName"] for p in pods) == ["sn01", "sn02"]
     label = booked_label(sim, name)

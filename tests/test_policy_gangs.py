@@ -21,7 +21,7 @@ def test_a_gang_of_two_whole_nodes_moves_two_idle_slurm_nodes_at_once_without_pe
     assert moved(d) == [("sn1", "k8s"), ("sn2", "k8s")]
     a = answer(d)
     assert (a.outcome, a.nodes) == ("switching", ("sn1", "sn2"))
-    assert "asks for 2 node(s) at once for ml/train" in d.moves[0].reason
+    assert "ml/train asks for 2 node(s) at once (all or nothing); sn1 idle in slurm" == d.moves[0].reason
 
 
 def test_all_or_nothing_one_movable_node_moves_nothing_and_says_why():
