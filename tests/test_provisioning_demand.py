@@ -62,7 +62,8 @@ def test_a_count_that_is_not_a_positive_integer_or_no_pod_set_is_bad():
 
 
 def test_only_our_class_and_label_values_fit_in_63_characters():
-    assert is_ours(pr(("a", 1))) and not is_ours({"spec": {"provisioningClassName": "check-capacity.autoscaling.x-k8s.io"}})
+    assert is_ours(pr(("a", 1)))
+    assert not is_ours({"spec": {"provisioningClassName": "check-capacity.autoscaling.x-k8s.io"}})
     long = label_value("namespace-" * 4, "request-" * 6, "0123-4567-89ab-cdef-0000")
     assert len(long) <= 63 and long.endswith(".0123456789ab")
 
