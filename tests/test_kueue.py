@@ -154,3 +154,17 @@ def test_a_request_deleted_while_its_nodes_switch_strands_nothing(balance_site, 
     # carries a booking for the request that is gone.
     assert {n: sim.state(n).desired_role for n in ("sn01", "sn02")} == {"sn01": "k8s", "sn02": "k8s"}
     assert booked_label(sim, "gone") == {}
+
+
+def test_the_booking_expires_and_the_nodes_are_free_again(balance_site, kubectl, cleanup):
+    sim = balance_site(kubernetes={**ON, "booking_s": 2})
+    request(kubectl, "brief", 1)
+    sim.passes_until(lambda: cond(sim.kube.api.get(f"{PRS}/brief"), "Provisioned").get("status") == "True",
+                     timeout=90, what="the request to be Provisioned")
+    assert booked_label(sim, "brief") == {"sn01": f"{NS}.brief"}
+    # Nothing used the node within booking_s: the booking ends, the label goes.
+    sim.passes_until(lambda: cond(sim.kube.api.get(f"{PRS}/brief"), "BookingExpired").get("status") == "True",
+                     timeout=30, what="the booking to expire")
+    sim.balance()
+    assert booked_label(sim, "brief") == {}
+    assert [e.kind for e in sim.events(kinds=["provreq-expired"])] == ["provreq-expired"]
