@@ -24,12 +24,14 @@ venv: $(VENV)/.installed
 system-deps:
 	./scripts/install-system-deps.sh
 
-# The real Kubernetes components (tools/k8s, tools/etcd: pinned Go modules), built once into
-# ~/.cache/provisioner and reused: a cold build takes about 8 min on 2 cores (measured 7m38s with
-# the Debian packages and the venv, on an empty machine); later runs only check the binaries.
+# The real Kubernetes components (tools/k8s, tools/etcd, tools/kueue: pinned Go modules), built
+# once into ~/.cache/provisioner and reused: a cold build of k8s takes about 8 min on 2 cores
+# (measured 7m38s with the Debian packages and the venv, on an empty machine), Kueue's manager
+# about as long again; later runs only check the binaries.
 kube-bins:
 	tools/build.sh etcd >/dev/null
 	tools/build.sh k8s >/dev/null
+	tools/build.sh kueue >/dev/null
 
 # The whole thing on one machine (scripts/demo.py): a real SLURM cluster, a real Kubernetes control
 # plane, BMC simulators, the boot server and two qemu VMs that network-boot from it; the balancer

@@ -10,7 +10,9 @@ requested", or the first `phase` event of a shared node; Store.events() `ts`).
     (slurmctld runs our ResumeProgram); `provisioner run` as a subprocess; fixed nodes full; one
     sbatch. Also timed: sbatch -> ResumeProgram's ask recorded, sbatch -> the job RUNNING.
 (b) Kubernetes, event-driven: a normal world, `provisioner run`, the fixed k8s node full, one pod
-    the scheduler cannot place.
+    the scheduler cannot place; and, with kubernetes.provisioning_requests on, one
+    ProvisioningRequest of provisioner's class for a whole node (created as Kueue creates them;
+    the CRD from the Kueue build, testbed/kueue.py).
 (c) cron, the same two demands with no daemon: one `provisioner balance` (the CLI, as cron runs
     it) started once the demand is visible; measured: the pass's start -> its first action. The
     cron wait is not waited for: reaction = U(0, 60 s) + that measured time, a model.
@@ -29,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from testbed.kube_cluster import KubeCluster
+from testbed.kueue import Kueue
 from testbed.power_saving import settle, start_site
 from testbed.simnodes import ROOT, SimSite, provisioner_cmd
 from testbed.wait import wait_for
@@ -165,14 +168,49 @@ def _pod_demand(site: SimSite, r: int) -> tuple[float, str]:
     return t0, f"web-{r}"
 
 
+PRS = "/apis/autoscaling.x-k8s.io/v1/namespaces/default/provisioningrequests"
+
+
+def _provreq_demand(site: SimSite, r: int) -> float:
+    """A PodTemplate and a ProvisioningRequest for one whole node; returns when it was created."""
+    from provisioner.provisioning_demand import CLASS_NAME
+
+    api = site.kube.api
+    api.create("/api/v1/namespaces/default/podtemplates", {
+        "metadata": {"name": f"gang-{r}"}, "template": {"spec": {"containers": [
+            {"name": "c", "image": "busybox", "resources": {"requests": {"cpu": "1"}}}]}}})
+    t0 = time.time()
+    api.create(PRS, {"apiVersion": "autoscaling.x-k8s.io/v1", "kind": "ProvisioningRequest",
+                     "metadata": {"name": f"gang-{r}"},
+                     "spec": {"provisioningClassName": CLASS_NAME,
+                              "podSets": [{"podTemplateRef": {"name": f"gang-{r}"}, "count": 1}]}})
+    return t0
+
+
 def _normal_world(work: Path, kube: KubeCluster, rounds: int, log) -> dict:
     site = SimSite(work, shared="sn[01-02]", kube=kube)
     all_slurm = {"sn01": "slurm", "sn02": "slurm"}
     all_k8s = {"sn01": "k8s", "sn02": "k8s"}
-    kube_ev, cron_kube, cron_slurm = [], [], []
+    kube_ev, cron_kube, cron_slurm, provreq_ev = [], [], [], []
     site.start()
     try:
+        Kueue(kube, work / "kueue").apply_crds(120)  # the ProvisioningRequest CRD; Kueue itself is not needed
         for r in range(rounds):
+            # (b) ProvisioningRequest, event-driven
+            site.reset(roles=all_slurm, kubernetes={"provisioning_requests": True})
+            _with_run(site.config, interval_s=3600, busy_interval_s=1)
+            daemon = Daemon(site, work / f"run-provreq-{r}.log")
+            try:
+                t0 = _provreq_demand(site, r)
+                ts, node, what = _wait_first(site, t0)
+            finally:
+                daemon.stop()
+                site.kube.api.delete(f"{PRS}/gang-{r}")
+            row = {"round": r, "node": node, "first_action": what, "to_first_action_s": round(ts - t0, 3)}
+            provreq_ev.append(row)
+            log(f"  ProvisioningRequest event-driven round {r}: {row}")
+            site.wait_idle()
+
             # (b) Kubernetes, event-driven
             site.reset(roles=all_slurm)
             _with_run(site.config, interval_s=3600, busy_interval_s=1)
@@ -204,6 +242,8 @@ def _normal_world(work: Path, kube: KubeCluster, rounds: int, log) -> dict:
         site.stop()
     return {
         "kubernetes_event_driven": {"rounds": kube_ev, "to_first_action_s": _pcts([x["to_first_action_s"] for x in kube_ev])},
+        "provreq_event_driven": {"rounds": provreq_ev,
+                                 "to_first_action_s": _pcts([x["to_first_action_s"] for x in provreq_ev])},
         "cron_kubernetes": _cron_summary(cron_kube),
         "cron_slurm": _cron_summary(cron_slurm),
     }
@@ -265,6 +305,7 @@ def summary(result: dict) -> str:
         return f"| {name} | {p['n']} | {p['p50']:.2f} | {p['p95']:.2f} | {p['max']:.2f} | {note} |"
 
     s, k = result["slurm_event_driven"], result["kubernetes_event_driven"]
+    pr = (result.get("provreq_event_driven") or {}).get("to_first_action_s") or {}
     cs, ck = result["cron_slurm"], result["cron_kubernetes"]
     lines = [
         "| case | n | p50 s | p95 s | max s | what |",
@@ -275,6 +316,7 @@ def summary(result: dict) -> str:
             "measured, part of the above"),
         row("  (sbatch -> job RUNNING on the switched node)", s["to_running_s"], "measured"),
         row("Kubernetes, event-driven: pod created -> first switch action", k["to_first_action_s"], "measured"),
+        row("Kubernetes, event-driven: ProvisioningRequest created -> first switch action", pr, "measured"),
         row("SLURM, cron every 60 s: job pending -> first switch action", cs["modelled_reaction_s"],
             "**modelled**: U(0,60 s) + measured pass time"),
         row("  (cron pass start -> its first action)", cs["pass_to_first_action_s"], "measured"),
@@ -284,7 +326,8 @@ def summary(result: dict) -> str:
     ]
     goal = result["goal_p95_s"]
     verdict = []
-    for name, p in (("SLURM", s["to_first_action_s"]), ("Kubernetes", k["to_first_action_s"])):
+    for name, p in (("SLURM", s["to_first_action_s"]), ("Kubernetes", k["to_first_action_s"]),
+                    ("ProvisioningRequest", pr)):
         if p.get("n"):
             verdict.append(f"- event-driven {name} p95 <= {goal:g} s: {p['p95']:.2f} s: "
                            + ("**met**" if p["p95"] <= goal else "**MISSED**"))

@@ -605,7 +605,7 @@ class _SiteLoader(Fields):
 
     def kubernetes(self, value: Any) -> KubernetesSettings:
         d = self.mapping(value, "kubernetes", {"kubeconfig", "in_cluster", "context", "label_key", "timeout_s",
-                                               "delete_node"})
+                                               "delete_node", "provisioning_requests", "booking_s"})
         return KubernetesSettings(
             kubeconfig=self.opt_path(d.get("kubeconfig"), "kubernetes.kubeconfig"),
             in_cluster=self.boolean(d.get("in_cluster"), "kubernetes.in_cluster", False),
@@ -613,6 +613,10 @@ class _SiteLoader(Fields):
             label_key=self.string(d.get("label_key"), "kubernetes.label_key", "sched"),
             timeout_s=self.integer(d.get("timeout_s"), "kubernetes.timeout_s", 10, 1),
             delete_node=self.boolean(d.get("delete_node"), "kubernetes.delete_node", False),
+            # Serve ProvisioningRequests of provisioner's class (Kueue's all-or-nothing asks, docs/kueue.md).
+            provisioning_requests=self.boolean(d.get("provisioning_requests"), "kubernetes.provisioning_requests",
+                                               False),
+            booking_s=self.integer(d.get("booking_s"), "kubernetes.booking_s", 600, 1),
         )
 
     def power(self, value: Any) -> PowerSettings:

@@ -164,6 +164,8 @@ class KubernetesSettings:
     label_key: str = "sched"
     timeout_s: int = 10
     delete_node: bool = False
+    provisioning_requests: bool = False  # serve ProvisioningRequests of provisioner's class
+    booking_s: int = 600  # provisioned nodes stay booked for a request this long (then BookingExpired)
 
 
 @dataclass(frozen=True)

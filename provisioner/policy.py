@@ -39,6 +39,12 @@ needs no persistence (the scheduler has decided) and goes before polled demand:
   are full (it stays open; slurmctld's ResumeTimeout bounds the wait);
 - suspend: the node goes to Kubernetes when Kubernetes has work for it, else it is powered off
   (what SLURM expects of a suspended node); answered "done" either way.
+
+Gang asks: Kubernetes asks for N nodes of a shape at once (a ProvisioningRequest, e.g. Kueue's).
+All or nothing: nodes move for it only when every node it needs can come now (idle on the
+Kubernetes side, or idle in SLURM and free to move); the nodes it books are kept from SLURM
+until the booking ends; a gang larger than the shared pool, or one no shared node can serve,
+fails with the reason.
 """
 
 from __future__ import annotations
@@ -131,6 +137,24 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class GangAsk:
+    id: str  # e.g. "namespace/name" of the ProvisioningRequest
+    pod_sets: tuple[tuple[PendingPod, int], ...]  # (what one pod needs, how many pods)
+    booked: tuple[str, ...] = ()  # nodes booked for it in an earlier pass
+    provisioned_at: float | None = None  # when it was answered "provisioned" (the booking's start)
+    booking_s: float = 600.0  # how long provisioned nodes stay booked for it
+    source: str = ""  # who asks, in words (default: the id)
+
+
+@dataclass(frozen=True)
+class GangAnswer:
+    ask: str
+    outcome: str  # provisioned | switching | waiting | failed | expired
+    nodes: tuple[str, ...]  # the nodes booked for it (provisioned, switching)
+    message: str
+
+
+@dataclass(frozen=True)
 class Snapshot:
     now: float
     policy: Policy
@@ -142,6 +166,7 @@ class Snapshot:
     demand_since: dict[str, float | None] = field(default_factory=dict)
     slurm_reasons: tuple[str, ...] = ("Resources", "Priority")
     asks: tuple[Ask, ...] = ()
+    gangs: tuple[GangAsk, ...] = ()
 
 
 EVICT, REQUEUE = "evict", "requeue"  # what a reclaim does with the work left after the grace
@@ -178,6 +203,7 @@ class Decision:
     # refusal, non-requeueable work, pinned): for `nodes`, the dry run and a metric.
     held: dict[str, str] = field(default_factory=dict)
     lent: dict[str, int] = field(default_factory=dict)  # side -> its home nodes on (or going to) the other side
+    gangs: tuple[GangAnswer, ...] = ()  # one per gang ask
 
 
 # --------------------------------------------------------------------------- demand
@@ -367,6 +393,118 @@ def lending_lines(policy: Policy, homes: dict[str, int], pass_interval_s: float)
     return lines
 
 
+def pods_per_node(node: SharedNode, pod: PendingPod) -> int:
+    """How many such pods the node holds (0: it cannot run one)."""
+    if not node_serves_pod(node, pod):
+        return 0
+    fits = [node.cpus * 1000 // pod.cpu_m if pod.cpu_m else None,
+            node.memory // pod.memory if pod.memory and node.memory else None,
+            node.gpus // pod.gpus if pod.gpus else None]
+    return min((f for f in fits if f is not None), default=1 << 30)
+
+
+def _place(gang: GangAsk, pool: list[SharedNode]) -> tuple[list[str], str | None]:
+    """Nodes of `pool` (in order of preference) that hold every pod of the gang, or what is
+    missing. Pods pack: a node holds as many pods of a pod set as its size allows."""
+    taken: list[str] = []
+    for pod, count in gang.pod_sets:
+        left = count
+        for n in pool:
+            if left <= 0:
+                break
+            if n.name in taken:
+                continue
+            per = pods_per_node(n, pod)
+            if per:
+                taken.append(n.name)
+                left -= per
+        if left > 0:
+            return taken, f"{left} of {count} pod(s) ({_pod_shape(pod)}) have no node"
+    return taken, None
+
+
+def _pod_shape(pod: PendingPod) -> str:
+    parts = [f"{pod.cpu_m}m CPU"]
+    if pod.memory:
+        parts.append(f"{pod.memory >> 20} MiB")
+    if pod.gpus:
+        parts.append(f"{pod.gpus} GPU")
+    if pod.node_selector:
+        parts.append("selector " + ",".join(f"{k}={v}" for k, v in pod.node_selector))
+    return ", ".join(parts)
+
+
+def _serve_gangs(snap: Snapshot, slots: int, on_side: Counter) -> tuple[list[Move], list[GangAnswer], dict[str, str]]:
+    """Gang asks, oldest first: all or nothing. Returns the moves, one answer per gang, and the
+    nodes booked (node -> gang id), which nothing else may take."""
+    moves: list[Move] = []
+    answers: list[GangAnswer] = []
+    booked: dict[str, str] = {}
+    by_name = {n.name: n for n in snap.nodes}
+    for g in snap.gangs:
+        if g.provisioned_at is not None and snap.now - g.provisioned_at >= g.booking_s:
+            answers.append(GangAnswer(g.id, "expired", (), f"booked for {int(g.booking_s)} s since it was "
+                                      "provisioned: the nodes are free for other work"))
+            continue
+        # Never servable: larger than the shared pool (every shared node that is not failed).
+        pool = [n for n in snap.nodes if n.phase != FAILED]
+        _, never = _place(g, pool)
+        if never:
+            total = sum(c for _, c in g.pod_sets)
+            answers.append(GangAnswer(g.id, "failed", (), f"can never be served: {never} among the "
+                                      f"{len(pool)} shared node(s) (the gang needs {total} pod(s) at once)"))
+            continue
+        mine = set(g.booked)
+        ready, incoming, movable, why_not = [], [], [], Counter()
+        for n in snap.nodes:
+            if booked.get(n.name):
+                why_not[f"booked for {booked[n.name]}"] += 1
+            elif n.role == K8S and n.phase == STEADY and (n.name in mine or (n.available and not n.busy)):
+                ready.append(n)
+            elif n.role == K8S and n.phase not in (STEADY, FAILED) and n.name in mine:
+                incoming.append(n)
+            elif n.role == SLURM:
+                why = _why_not(n, K8S, snap)
+                if why is None and not n.available:
+                    why = n.held_by or "not available in slurm"
+                if why:
+                    why_not[why] += 1
+                else:
+                    movable.append(n)
+            else:
+                why_not["busy in k8s" if n.busy else n.held_by or f"{n.phase} in {n.role}"] += 1
+        first = lambda n: (n.name not in mine, n.name)  # noqa: E731 - booked nodes first, then by name
+        pool = sorted(ready + incoming, key=first) + sorted(movable, key=first)
+        nodes, missing = _place(g, pool)
+        to_move = [by_name[x] for x in nodes if by_name[x].role == SLURM]
+        if not missing and on_side[SLURM] - len(to_move) < snap.policy.min_nodes.get(SLURM, 0):
+            missing = f"moving {len(to_move)} node(s) would leave SLURM below its minimum of " \
+                      f"{snap.policy.min_nodes.get(SLURM, 0)} shared node(s)"
+        if missing:
+            held = "; ".join(f"{c} {why}" for why, c in why_not.most_common(3))
+            answers.append(GangAnswer(g.id, "waiting", tuple(n.name for n in incoming),
+                                      f"all or nothing: {missing} now" + (f" (others: {held})" if held else "")
+                                      + "; nothing is switched for it"))
+            for n in incoming:  # already on their way: still its own
+                booked[n.name] = g.id
+            continue
+        for x in nodes:
+            booked[x] = g.id
+        started = to_move[:max(0, slots)]
+        slots -= len(started)
+        on_side[SLURM] -= len(started)
+        for n in started:
+            moves.append(Move(n.name, K8S, f"{g.source or g.id} asks for {len(nodes)} node(s) at once (all or "
+                              f"nothing); {n.name} idle in slurm"))
+        if all(by_name[x].role == K8S and by_name[x].phase == STEADY for x in nodes):
+            answers.append(GangAnswer(g.id, "provisioned", tuple(nodes), f"{fold(nodes)} in Kubernetes, booked for it"))
+        else:
+            wait = f"; {len(to_move) - len(started)} wait for a switch slot" if len(started) < len(to_move) else ""
+            answers.append(GangAnswer(g.id, "switching", tuple(nodes),
+                                      f"{fold(nodes)} booked for it, {len(to_move)} switching from slurm{wait}"))
+    return moves, answers, booked
+
+
 def decide(snap: Snapshot) -> Decision:
     p = snap.policy
     notes: list[str] = []
@@ -405,7 +543,12 @@ def decide(snap: Snapshot) -> Decision:
         if n.home == n.role:
             room[n.role] -= 1
 
-    # Asks first: they name their node, need no persistence, and go before polled demand.
+    # Gang asks first (all or nothing; the nodes they book are nobody else's), then the asks that
+    # name their node: neither needs persistence, and both go before polled demand.
+    gang_moves, gang_answers, booked = _serve_gangs(snap, p.max_in_flight - len(switching), on_side)
+    for n in snap.nodes:
+        if n.name in booked and n.role == K8S and n.phase == STEADY and n.available and not n.busy:
+            covered[K8S] -= 1  # booked for a gang: it does not cover other pods
     asked: list[tuple[Ask, SharedNode]] = []  # resume asks that may move their node to slurm
     released: dict[str, Ask] = {}  # suspend asks: slurm lets these go
     seen: set[tuple[str, str]] = set()
@@ -434,7 +577,8 @@ def decide(snap: Snapshot) -> Decision:
             else:
                 answers.append(Answer(ask.id, n.name, "granted", f"already switching to slurm ({n.phase})"))
         else:
-            why = _why_not(n, SLURM, snap) or (None if n.home == SLURM else lendable(n))
+            why = (f"booked for {booked[n.name]} (all or nothing)" if n.name in booked
+                   else _why_not(n, SLURM, snap) or (None if n.home == SLURM else lendable(n)))
             if why:
                 answers.append(Answer(ask.id, n.name, "refused", why))
             else:
@@ -462,7 +606,7 @@ def decide(snap: Snapshot) -> Decision:
                          f"waiting for {p.demand_persist_s} s before moving a node")
             wanted[side] = 0
 
-    slots = max(0, p.max_in_flight - len(switching))
+    slots = max(0, p.max_in_flight - len(switching) - len(gang_moves))
     if slots <= 0 and (any(wanted.values()) or asked):
         notes.append(f"{len(switching)} switch(es) in flight, max_in_flight is {p.max_in_flight}")
 
@@ -488,7 +632,7 @@ def decide(snap: Snapshot) -> Decision:
         if to is None or not wanted.get(to) or n.name in asked_names:
             continue
         going_home = n.home == to
-        why_not = _why_not(n, to, snap)
+        why_not = f"booked for {booked[n.name]}" if n.name in booked else _why_not(n, to, snap)
         if why_not is None and not n.available and n.name not in released:
             why_not = n.held_by or f"not available in {n.role}"
         if why_not is None and _shape(n) not in demand[to].shapes:
@@ -516,7 +660,7 @@ def decide(snap: Snapshot) -> Decision:
             notes.append(f"{to}: wants {wanted[to]} node(s) but no shared node on the {OTHER[to]} side is free to move")
     grant = _share(slots, want, p.share_rule)
 
-    moves: list[Move] = []
+    moves: list[Move] = list(gang_moves)
     for to in (SLURM, K8S):
         frm = OTHER[to]
         left_on_frm = on_side[frm]
@@ -553,6 +697,9 @@ def decide(snap: Snapshot) -> Decision:
     for n in snap.nodes:
         if n.role == K8S and n.phase == STEADY and n.name not in moved and n.name not in asked_names:
             slurm_hold[n.name] = _why_not(n, SLURM, snap) or (None if n.home == SLURM else lendable(n))
+    for name, gang in booked.items():
+        if name in slurm_hold:
+            slurm_hold[name] = f"booked for {gang}"
     power_off = []
     for name, ask in released.items():
         if name in moved:
@@ -564,7 +711,7 @@ def decide(snap: Snapshot) -> Decision:
         if m.node in by_name and by_name[m.node].home in OTHER:
             lent[by_name[m.node].home] += 1 if m.to_role != by_name[m.node].home else -1
     return Decision(tuple(moves), {s: demand[s].nodes_wanted for s in demand}, tuple(notes), tuple(answers),
-                    tuple(boots), tuple(power_off), slurm_hold, reclaim_held, dict(lent))
+                    tuple(boots), tuple(power_off), slurm_hold, reclaim_held, dict(lent), tuple(gang_answers))
 
 
 def _move(n: SharedNode, to: str, why: str, snap: Snapshot) -> Move:

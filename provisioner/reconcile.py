@@ -127,6 +127,7 @@ class World:
     pending_pods: tuple
     states: dict[str, NodeState]
     asks: tuple = ()  # store.Ask: open asks of schedulers (slurmctld's Resume/Suspend/ResumeFailProgram)
+    requests: tuple = ()  # clusters.provisioning_requests.Seen: ProvisioningRequests of provisioner's class
 
 
 class Reconciler:
@@ -161,6 +162,18 @@ class Reconciler:
 
             self._kube = KubernetesAdapter(self.site.kubernetes)
         return self._kube
+
+    @property
+    def provider(self):
+        """The ProvisioningRequest provider (kubernetes.provisioning_requests), or None."""
+        if not self.site.kubernetes.provisioning_requests:
+            return None
+        if getattr(self, "_provider", None) is None:
+            from provisioner.clusters.provisioning_requests import ProvisioningRequests
+            from provisioner.provisioning import Provider
+
+            self._provider = Provider(ProvisioningRequests(self.kube), self.store, self.actor)
+        return self._provider
 
     # -- the pass ------------------------------------------------------------------------
 
@@ -202,6 +215,8 @@ class Reconciler:
             report.demand = dict(decision.demand)
             report.notes.extend(decision.notes)
             report.moves.extend(decision.moves)
+            if self.provider is not None:
+                report.errors.extend(self.provider.serve(world.requests, decision.gangs, report.notes, dry_run))
             if not dry_run:
                 for move in decision.moves:
                     try:
@@ -234,11 +249,12 @@ class Reconciler:
             pending_pods=pods,
             states=self.store.nodes(self.shared),
             asks=tuple(self.store.open_asks()),
+            requests=self.provider.read() if self.provider is not None else (),
         )
 
     def _refresh_states(self, world: World) -> World:
         return World(world.slurm_nodes, world.pending_jobs, world.kube_nodes, world.pending_pods,
-                     self.store.nodes(self.shared), tuple(self.store.open_asks()))
+                     self.store.nodes(self.shared), tuple(self.store.open_asks()), world.requests)
 
     # -- the snapshot for the policy -------------------------------------------------
 
@@ -263,8 +279,10 @@ class Reconciler:
         # Demand persistence: first-seen times live in the store, so they survive between passes.
         amounts = pol.demand(snap)
         since = self.store.set_demand(amounts, now) if record_demand else self.store.demand_since()
+        from provisioner.provisioning import gang_asks
+
         return pol.Snapshot(now=now, policy=self.policy, nodes=nodes, jobs=jobs, pods=pods, demand_since=since,
-                            asks=asks)
+                            asks=asks, gangs=gang_asks(world.requests, self.site.kubernetes.booking_s))
 
     def _shared_node(self, name: str, world: World) -> pol.SharedNode:
         st = world.states[name]

@@ -116,6 +116,9 @@ def describe(wakeups: list[tuple[str, str, str]], otherwise: str = TIMER) -> str
     pods = [detail for kind, _, detail in wakeups if kind == "pod"]
     if pods:
         parts.append(f"unschedulable pod{'s' if len(pods) > 1 else ''} {some(pods)}")
+    requests = [detail for kind, _, detail in wakeups if kind == "provreq"]
+    if requests:
+        parts.append(f"ProvisioningRequest{'s' if len(requests) > 1 else ''} {some(requests)}")
     return "; ".join(parts) or otherwise
 
 
@@ -141,7 +144,11 @@ class Loop:
                  f"while a node switches, and at once on asks" + (" and unschedulable pods" if s.watch_kubernetes
                                                                   else " (run.watch_kubernetes is off)"))
         if s.watch_kubernetes:
-            threading.Thread(target=self._watch, name="watch-unschedulable", daemon=True).start()
+            threading.Thread(target=self._watch, args=(lambda k: k.watch_unschedulable(self._on_pod, self.stop),),
+                             name="watch-unschedulable", daemon=True).start()
+        if self.site.kubernetes.provisioning_requests:
+            threading.Thread(target=self._watch, args=(self._watch_requests,), name="watch-provisioning-requests",
+                             daemon=True).start()
         self._listen()
         seen = self._poll_asks(None)
         self.wakeups.add(START)
@@ -267,7 +274,13 @@ class Loop:
     def _on_pod(self, key: str) -> None:
         self.wakeups.add("pod", "", key)
 
-    def _watch(self) -> None:
+    def _watch_requests(self, kube) -> None:
+        from provisioner.clusters.provisioning_requests import ProvisioningRequests
+
+        ProvisioningRequests(kube).watch(lambda key: self.wakeups.add("provreq", "", key), self.stop)
+
+    def _watch(self, watch) -> None:
+        """Runs watch(KubernetesAdapter) until stopped, with a new connection after a failure."""
         from provisioner.clusters.kubernetes import KubernetesAdapter
 
         warned = False
@@ -282,7 +295,7 @@ class Loop:
                 self.stop.wait(WATCH_RETRY_S)
                 continue
             try:
-                kube.watch_unschedulable(self._on_pod, self.stop)
+                watch(kube)
             except Exception as exc:  # noqa: BLE001 - it does not raise; if it ever did, start it again
                 self.log(f"watch: stopped ({exc.__class__.__name__}: {exc}); starting it again")
                 self.stop.wait(1.0)

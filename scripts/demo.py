@@ -10,6 +10,10 @@ as cron would run it, but every few seconds instead of every minute) moves a sha
 work is pending on the other side; its BMC resets the VM, which boots the other image; when its
 callback says slurm, the node's slurmd starts (its kubelet goes Ready when it says k8s).
 
+Kueue's controller manager runs next to the control plane (testbed/kueue.py) with the queues of
+examples/kubernetes/kueue-provisioning.yaml: `gang N` queues a Job of N whole-node pods, Kueue
+asks provisioner for N nodes at once (a ProvisioningRequest), all or nothing (docs/kueue.md).
+
     make demo                                  interactive: poke it, Ctrl-C to stop
     make demo DEMO_ARGS='--duration 180'       submits work itself, exits 0 when both moves
                                                happened (or 1 when they did not in time)
@@ -42,6 +46,7 @@ from testbed.simnodes import provisioner_cmd  # noqa: E402
 from testbed.tinyimage import CACHE, DEFINITIONS  # noqa: E402
 from testbed.vm import QEMU, accelerator, qemu_binary  # noqa: E402
 from testbed.kube_control_plane import BinariesMissing, kubectl_path  # noqa: E402
+from testbed.kueue import Kueue  # noqa: E402
 
 # The demo's policy: demand must last a few seconds before a node moves (no flapping on a blip),
 # no cooldown (so the same node can be seen going both ways within a minute).
@@ -77,6 +82,7 @@ class Demo:
         self.placed: dict[str, str] = {}  # job id or ns/pod -> where it runs
         self.moves: list[tuple[str, str]] = []
         self.jobs = 0
+        self.kueue: Kueue | None = None
 
     # ----------------------------------------------------------------------- set-up
 
@@ -94,9 +100,41 @@ class Demo:
         self.log("demo", f"booting the VMs (qemu, {accelerator().upper()}): sn01 as a SLURM node, sn02 as a "
                          "Kubernetes node; about 15 s")
         self.sim.start()
+        self.start_kueue()
         for b in self.sim.vm_boots:
             self.log(b["node"], f"VM booted the {b['role']} image {b['version']} (console: {b['line']})")
         self.sim.vm_boots.clear()
+
+    def start_kueue(self) -> None:
+        try:
+            self.kueue = Kueue(self.sim.kube, self.workdir / "kueue")
+        except BinariesMissing as exc:
+            self.log("demo", f"no Kueue ({exc}); `gang N` is off")
+            return
+        try:
+            self.kueue.start()
+        except RuntimeError as exc:  # the demo's own story goes on without it
+            self.kueue = None
+            self.log("demo", f"Kueue did not start ({str(exc)[:300]}); `gang N` is off")
+            return
+        example = ROOT / "examples" / "kubernetes" / "kueue-provisioning.yaml"
+        subprocess.run([str(kubectl_path()), "--kubeconfig", str(self.sim.kube.kubeconfig), "apply", "-f",
+                        str(example)], check=True, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(self.workdir)})
+        self.sim.write_config(POLICY, kubernetes={"provisioning_requests": True})
+        self.log("demo", f"Kueue's controller manager runs (pid {self.kueue.pid}) with the queues of {example.name}")
+
+    def add_gang(self, n: int) -> None:
+        if self.kueue is None:
+            raise RuntimeError("Kueue is not running (not built: `make kube-bins`)")
+        self.jobs += 1
+        name = f"gang-{self.jobs}"
+        self.sim.kube.api.create("/apis/batch/v1/namespaces/default/jobs", {
+            "metadata": {"name": name, "labels": {"kueue.x-k8s.io/queue-name": "shared"}},
+            "spec": {"parallelism": n, "completions": n, "suspend": True, "template": {"spec": {
+                "restartPolicy": "Never", "containers": [{"name": "work", "image": "busybox", "resources": {
+                    "requests": {"cpu": "1", "memory": "128Mi"}}}]}}}})
+        self.log("you", f"Job {name} of {n} whole-node pod(s) queued in Kueue: it asks for {n} node(s) at once")
 
     def poke_help(self) -> str:
         sim = self.sim
@@ -115,7 +153,8 @@ class Demo:
             f"  {kubectl} get nodes -L sched        # Kubernetes' view",
             "  provisioner history sn01                # the audit log",
             f"  tail -f {sim.workdir}/vms/sn01.serial.log   # sn01's console",
-            "Or type here: `pods N` (N one-CPU pods), `jobs N` (N jobs), `finish` (end all work), `quit`.",
+            "Or type here: `pods N` (N one-CPU pods), `jobs N` (N jobs), `gang N` (a Kueue Job of N whole-node",
+            "pods: N nodes at once or none), `finish` (end all work), `quit`.",
             "Every node has 1 CPU: `jobs 3` fills cn01 and sn01 and leaves one job waiting, so the balancer",
             "moves sn02 to SLURM; then `finish` and `pods 3` make Kubernetes want a node back.",
             "Ctrl-C stops everything.",
@@ -242,12 +281,14 @@ class Demo:
                 self.add_pods(int(words[1]) if len(words) > 1 else 1, prefix="pod")
             elif words[0] == "jobs":
                 self.add_jobs(int(words[1]) if len(words) > 1 else 1, who="you")
+            elif words[0] == "gang":
+                self.add_gang(int(words[1]) if len(words) > 1 else 2)
             elif words[0] == "finish":
                 self.finish_work(who="you")
             elif words[0] in ("quit", "exit"):
                 self.stop.set()
             else:
-                print("commands: pods N | jobs N | finish | quit", flush=True)
+                print("commands: pods N | jobs N | gang N | finish | quit", flush=True)
         except (ValueError, ProvisionerError, RuntimeError) as exc:
             print(f"demo: {exc}", flush=True)
 
@@ -352,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         # A second Ctrl-C must not cut the clean-up short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if demo.kueue is not None:
+            demo.kueue.stop()
         if demo.sim is not None:
             log("demo", "stopping the VMs, the boot server, the BMC simulators, the API server and SLURM")
             demo.sim.stop()

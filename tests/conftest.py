@@ -27,6 +27,7 @@ pytest_plugins = [
     "tests.fixtures.bmc",
     "tests.fixtures.slurm_cluster",
     "tests.fixtures.balance",
+    "tests.fixtures.kueue",
     "tests.fixtures.tinyimage",
     "tests.fixtures.vms",
     "tests.fixtures.postgres",

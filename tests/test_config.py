@@ -83,6 +83,7 @@ def test_bad_macs_are_rejected(bad):
     (lambda d: d.__setitem__("slurm", {"mode": "ssh"}), "slurm.controller", "required when slurm.mode is ssh"),
     (lambda d: d["site"].__setitem__("boot_url", "ftp://x"), "site.boot_url", "http"),
     (lambda d: d["nodes"][1].__setitem__("pool", "k8s"), "nodes[1].default_role", "only have role k8s"),
+    (lambda d: d.setdefault("kubernetes", {}).__setitem__("booking_s", 0), "kubernetes.booking_s", "must be >= 1"),
 ])
 def test_config_errors_name_the_field(tmp_path, edit, field, words):
     path = rewrite(write_site(tmp_path), edit)

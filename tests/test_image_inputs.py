@@ -134,7 +134,7 @@ def test_a_built_binary_is_identified_by_its_build_folder(tmp_path):
     d = load_definition(defs, "img")
     with pytest.raises(ConfigError) as err:
         binaries.resolve(d, env=env)
-    assert err.value.field == "binaries[1].build" and "no component 'nosuch' (known: etcd, k8s)" in err.value.message
+    assert err.value.field == "binaries[1].build" and "no component 'nosuch' (known: etcd, k8s, kueue)" in err.value.message
     (defs / "img" / "image.yaml").write_text(
         HEAD + "binaries:\n  - {build: k8s, command: kubelet, path: /usr/bin/kubelet}\n")
     r = binaries.resolve(load_definition(defs, "img"), env=env)[0]

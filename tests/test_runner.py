@@ -78,6 +78,7 @@ def test_what_woke_a_pass_in_words():
         "start; ask from slurmctld: sn01 resume, sn02 resume; unschedulable pod ml/web-0"
     pods = [("pod", "", f"ml/web-{i}") for i in range(5)]
     assert runner.describe(pods) == "unschedulable pods ml/web-0, ml/web-1, ml/web-2 (+2 more)"
+    assert runner.describe([("provreq", "", "ml/train-1")]) == "ProvisioningRequest ml/train-1"
 
 
 # --------------------------------------------------------------------------- the loop, without clusters

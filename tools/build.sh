@@ -6,7 +6,7 @@
 # Prints that folder on stdout; what it does and its progress go to stderr. A second run only
 # checks that the binaries are there.
 #
-# Usage: tools/build.sh NAME [--print-dir]       NAME: k8s | etcd
+# Usage: tools/build.sh NAME [--print-dir]       NAME: k8s | etcd | kueue
 #        PROVISIONER_CACHE=DIR overrides ~/.cache/provisioner.
 set -euo pipefail
 name=${1:?usage: tools/build.sh NAME [--print-dir]}
@@ -14,7 +14,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 dir=$here/$name
 [ -f "$dir/build.conf" ] || { echo "tools/build.sh: no component '$name' (no tools/$name/build.conf)" >&2; exit 2; }
 # build.conf sets: MODULE (whose version names the build), CMDS (package paths), STATIC (commands
-# built with CGO_ENABLED=0), EST (how long a cold build takes), and may define ldflags().
+# built with CGO_ENABLED=0), EST (how long a cold build takes), and may define ldflags() and
+# files() (copies data files the component ships, e.g. CRDs, from Go's module cache into the
+# folder it is given: they land in .../share/ next to bin/).
 STATIC=(); ldflags() { :; }
 # shellcheck source=/dev/null
 . "$dir/build.conf"
@@ -41,7 +43,9 @@ if [ "${2:-}" = --print-dir ]; then echo "$out"; exit 0; fi
 
 bins=(); for p in "${CMDS[@]}"; do bins+=("${p##*/}"); done
 [ "$name" = etcd ] && bins=(etcd)   # etcd's main package is its module root (.../server/v3)
+has_files=0; [ "$(type -t files)" = function ] && has_files=1
 have=1; for b in "${bins[@]}"; do [ -x "$out/bin/$b" ] || have=0; done
+[ $has_files = 1 ] && [ ! -d "$out/share" ] && have=0
 if [ $have = 1 ]; then echo "$out"; exit 0; fi
 
 log=$out.log
@@ -73,6 +77,11 @@ done | tee -a "$log" |
 for b in "${bins[@]}"; do [ -x "$tmp/$b" ] || fail "no $b was produced (see the end of the log)"; done
 echo "  [3/3] checking the binaries..." >&2
 check "$tmp" "$V" >>"$log" 2>&1 || fail "the built binaries do not report version $V"
+if [ $has_files = 1 ]; then
+    mkdir -p "$tmp.share" && trap 'rm -rf "$tmp" "$tmp.share"' EXIT
+    files "$tmp.share" >>"$log" 2>&1 || fail "copying the files it ships from Go's module cache"
+    mkdir -p "$out" && rm -rf "$out/share" && mv "$tmp.share" "$out/share"
+fi
 mkdir -p "$out" && rm -rf "$out/bin" && mv "$tmp" "$out/bin" && trap - EXIT
 echo "Built $name $V in $((SECONDS - start)) s: $out/bin" >&2
 # Builds for other pins stay (an older checkout may still use them); say what they hold.

@@ -266,6 +266,19 @@ class KubernetesAdapter:
 
     # -- calls and their errors ---------------------------------------------------
 
+    @property
+    def api_client(self) -> client.ApiClient:
+        """The connection, for adapters of other APIs on the same server (they call through call())."""
+        return self._api_client
+
+    def call(self, what: str, fn, *args, expect: tuple[int, ...] = (), **kwargs):
+        """_call, for those adapters: one error style for every API call."""
+        return self._call(what, fn, *args, expect=expect, **kwargs)
+
+    def list_items(self, what: str, fn, **kwargs) -> list[dict]:
+        """_list (plain dicts, paged), for those adapters."""
+        return self._list(what, fn, **kwargs)
+
     def _call(self, what: str, fn, *args, expect: tuple[int, ...] = (), **kwargs):
         """Call the API. Statuses in `expect` re-raise the ApiException for the caller to handle;
         everything else becomes one OperationError that says what to check."""
@@ -446,10 +459,20 @@ class KubernetesAdapter:
           WATCH_BACKOFF_S, doubling up to WATCH_BACKOFF_MAX_S, from the last resourceVersion;
           one warning per outage (a single dropped connection that reconnects at once is none).
         """
-        what = "watching pods with no node"
-        selector = "spec.nodeName="
+        def report(pod: dict) -> None:
+            if is_unschedulable(pod):
+                on_pod(_pod_key(pod))
+
+        self.watch_objects("watching pods with no node", self.core.list_pod_for_all_namespaces, report, stop,
+                           timeout_s, field_selector="spec.nodeName=")
+
+    def watch_objects(self, what: str, list_fn, on_object: Callable[[dict], None], stop: threading.Event,
+                      timeout_s: int = 60, **list_kwargs) -> None:
+        """The list-then-watch loop of watch_unschedulable for any list call (`list_fn`, with
+        `list_kwargs`): on_object(obj) for each object listed, ADDED or MODIFIED, until `stop`
+        is set. Blocks; never raises (retries, backoff and outage warnings as described there)."""
         # Events as the API sends them (plain dicts, as _list reads them): no model classes, whose
-        # validation would fail the watch on every retry over one pod it did not expect.
+        # validation would fail the watch on every retry over one object it did not expect.
         w = kube_watch.Watch(return_type="object")
         done = threading.Event()
 
@@ -460,12 +483,11 @@ class KubernetesAdapter:
 
         threading.Thread(target=interrupt, name="watch-stop", daemon=True).start()
 
-        def report(pod: dict) -> None:
-            if is_unschedulable(pod):
-                try:
-                    on_pod(_pod_key(pod))
-                except Exception:  # noqa: BLE001 - the caller's bug must not end the watch
-                    log.exception("watch: the handler of pod %s failed", _pod_key(pod))
+        def report(obj: dict) -> None:
+            try:
+                on_object(obj)
+            except Exception:  # noqa: BLE001 - the caller's bug must not end the watch
+                log.exception("watch: the handler of %s failed", _pod_key(obj) if obj.get("metadata") else obj)
 
         version: str | None = None  # None: list first
         failures = 0
@@ -474,32 +496,30 @@ class KubernetesAdapter:
             while not stop.is_set():
                 try:
                     if version is None:
-                        pods, version = self._list_versioned("listing pods with no node (to watch them)",
-                                                             self.core.list_pod_for_all_namespaces,
-                                                             field_selector=selector)
-                        for pod in pods:
-                            report(pod)
+                        items, version = self._list_versioned(f"{what} (listing first)", list_fn, **list_kwargs)
+                        for obj in items:
+                            report(obj)
                         if version is None:  # not a Kubernetes API server's list
-                            raise OperationError(f"Kubernetes API {self.host}: {what}: the pod list has no "
+                            raise OperationError(f"Kubernetes API {self.host}: {what}: the list has no "
                                                  "resourceVersion")
                     else:
                         started = time.monotonic()
-                        for event in w.stream(self.core.list_pod_for_all_namespaces, field_selector=selector,
-                                              resource_version=version, timeout_seconds=int(timeout_s),
+                        for event in w.stream(list_fn, resource_version=version, timeout_seconds=int(timeout_s),
                                               allow_watch_bookmarks=True,
-                                              _request_timeout=(self._timeout, int(timeout_s) + WATCH_READ_SLACK_S)):
+                                              _request_timeout=(self._timeout, int(timeout_s) + WATCH_READ_SLACK_S),
+                                              **list_kwargs):
                             if stop.is_set():
                                 break
                             version = w.resource_version or version
                             if failures:
-                                failures, outage_since = self._watch_back(outage_since), None
+                                failures, outage_since = self._watch_back(what, outage_since), None
                             if isinstance(event, dict) and event.get("type") in ("ADDED", "MODIFIED"):
                                 report(event.get("raw_object") or {})
                         version = w.resource_version or version
                         if time.monotonic() - started < 0.5:  # a proxy that ends watches at once: no busy loop
                             stop.wait(1.0)
                     if failures:  # a list, or a watch the server ended as asked
-                        failures, outage_since = self._watch_back(outage_since), None
+                        failures, outage_since = self._watch_back(what, outage_since), None
                 except ApiException as exc:
                     if stop.is_set():
                         break
@@ -536,9 +556,9 @@ class KubernetesAdapter:
         stop.wait(min(WATCH_BACKOFF_MAX_S, WATCH_BACKOFF_S * 2 ** (failures - 1)))
         return failures, outage_since
 
-    def _watch_back(self, outage_since: float | None) -> int:
+    def _watch_back(self, what: str, outage_since: float | None) -> int:
         if outage_since is not None:
-            log.info("Kubernetes API %s answers again: watching pods with no node (outage %.0f s)", self.host,
+            log.info("Kubernetes API %s answers again: %s (outage %.0f s)", self.host, what,
                      time.monotonic() - outage_since)
         return 0
 
