@@ -165,8 +165,8 @@ def test_dry_run_changes_nothing(balance_site):
     text = sim.cli("balance", "--dry-run")
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
-    # Each line carries the pass's time: cron appends every pass to one log.
-    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d ", line) for line in lines), lines
+    # Each line carries the pass's time, in UTC with its offset: cron appends every pass to one log.
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 ", line) for line in lines), lines
     assert lines[0].endswith(" dry run: nothing changed")
     assert any(line.endswith(" move sn01 -> slurm: 1 job Pending (Resources) in partition batch; sn01 idle in k8s")
                for line in lines)
