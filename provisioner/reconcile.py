@@ -408,7 +408,7 @@ class Reconciler:
         return result
 
     def _after_power(self, st: NodeState) -> str:
-        when = time.strftime("%H:%M:%S", time.localtime(st.power_at)) if st.power_at else "?"
+        when = machine.stamp(st.power_at) if st.power_at else "?"
         limit = self.policy.phase_timeout_s
         back = "k8s" if st.target_role == SLURM else "slurm"
         return (f"powered at {when} to boot the {st.target_role} image ({st.phase}): not cancelled; it joins "

@@ -193,4 +193,7 @@ def _step(node: str, action: str, message: str, ok: bool = True):
 
 
 def stamp(ts: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(ts))
+    """A time in an event or a message: UTC with its offset, one reading on every host."""
+    from provisioner.store import iso
+
+    return iso(ts)
