@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
