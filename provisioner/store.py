@@ -319,11 +319,15 @@ class Store:
             raise OperationError(f"store {self.where} is busy ({exc}); try again") from None
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
             conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:  # a failed COMMIT may have rolled back already
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and \
+                    getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise OperationError(f"store {self.where}: its disk is full, nothing was written; "
+                                     f"free space on that filesystem and run the command again") from None
+            raise
 
     def _migrate(self) -> None:
         conn = self._conn()

@@ -201,7 +201,6 @@ def run_cli(path, *args) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=60)
 
 
-@awaits_fix("a COMMIT on a full disk ends the command with sqlite3's own error")
 def test_the_stores_disk_fills_mid_switch(tmp_path, small_disk):
     """sn01 is switching (requested) when the store's disk fills. The next write (an admin's
     `role` on sn02) fails with one clear line that names the store and the full disk, exit 1;
