@@ -137,8 +137,6 @@ def test_a_node_that_never_calls_back_fails_visibly_and_serves_nothing_twice(bal
     assert running(sim, jobs)
 
 
-@awaits_fix("a node moved out of the shared pool mid-switch is skipped by every later pass: it stays "
-            "in its switching phase, cordoned, with no warning")
 def test_a_node_removed_from_the_shared_pool_mid_switch(balance_site):
     """An admin edits site.yaml while sn01 switches: sn01 is now a SLURM-only node. The passes
     finish the switch or roll it back (either way the node ends steady, serving one side), and
