@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.errors import OperationError, UsageError
-from provisioner.states import ROLES
+from provisioner.states import BOOTING, REBOOTING, ROLES
 
 # Each entry migrates from version i to i+1. Append, never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -441,16 +441,25 @@ class Store:
         transaction (False, nothing recorded: it was spent already or is not the current one)."""
         now = time.time()
         with self.transaction() as c:
-            row = c.execute("SELECT desired_role, booted_role FROM nodes WHERE name = ?", (name,)).fetchone()
+            row = c.execute("SELECT desired_role, booted_role, phase, phase_since, power_at FROM nodes WHERE name = ?",
+                            (name,)).fetchone()
             if row is None:
                 raise OperationError(f"node {name} is not in the store")
             if spend is not None and c.execute(
                     "UPDATE boots SET spent_at = ? WHERE node = ? AND nonce = ? AND spent_at IS NULL",
                     (now, name, spend)).rowcount != 1:
                 return False
+            # `now` is the boot server's clock, power_at the balancer's. Which came first is decided
+            # by the store's order, not by the two clocks: a callback recorded once the power intent
+            # is written (rebooting with power_at, or booting) answers that power action, so it is
+            # stamped no earlier than it, however far behind this host's clock is.
+            booted_at = now
+            if row["power_at"] is not None and (row["phase"] == BOOTING or (
+                    row["phase"] == REBOOTING and row["power_at"] >= (row["phase_since"] or 0))):
+                booted_at = max(now, row["power_at"])
             c.execute(
                 "UPDATE nodes SET booted_role = ?, booted_version = ?, booted_at = ?, updated_at = ? WHERE name = ?",
-                (role, version, now, now, name),
+                (role, version, booted_at, now, name),
             )
             note = "" if role == row["desired_role"] else f" (desired role is {row['desired_role']})"
             self._event(c, now, name, actor, "booted", f"booted {role} image version {version or '?'}{note}",

@@ -25,7 +25,7 @@ from testbed.boot_server import clock_offset_env
 from testbed.simnodes import provisioner_cmd
 from testbed.site import write_site
 from tests.fixtures.balance import k8s_wants_a_node, running, settled, slurm_wants_a_node, web_bound
-from tests.support import ROOT, awaits_fix, missing
+from tests.support import ROOT, missing
 
 pytestmark = pytest.mark.integration
 
@@ -95,9 +95,6 @@ def test_slurmctld_restarts_mid_switch(balance_site):
 # --------------------------------------------------------------------------- clocks
 
 
-@awaits_fix("the callback the boot server records with its clock 2 min behind is taken for one from before "
-            "the power action: sn01 joined Kubernetes and runs the pods, the store keeps it `draining`, and "
-            "every pass tries to reboot it again (refused: pods on it): stranded")
 def test_a_boot_server_two_minutes_behind_still_sees_its_nodes_through(balance_site):
     """The boot server's host clock is 2 minutes behind the balancer's (libfaketime under
     `provisioner serve`): the callbacks it records carry its time. The switch still converges:
