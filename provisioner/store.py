@@ -441,25 +441,16 @@ class Store:
         transaction (False, nothing recorded: it was spent already or is not the current one)."""
         now = time.time()
         with self.transaction() as c:
-            row = c.execute("SELECT desired_role, booted_role, phase, phase_since, power_at FROM nodes WHERE name = ?",
-                            (name,)).fetchone()
+            row = c.execute("SELECT desired_role, booted_role FROM nodes WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise OperationError(f"node {name} is not in the store")
             if spend is not None and c.execute(
                     "UPDATE boots SET spent_at = ? WHERE node = ? AND nonce = ? AND spent_at IS NULL",
                     (now, name, spend)).rowcount != 1:
                 return False
-            # `now` is the boot server's clock, power_at the balancer's. Which came first is decided
-            # by the store's order, not by the two clocks: a callback recorded once the power intent
-            # is written (rebooting with power_at, or booting) answers that power action, so it is
-            # stamped no earlier than it, however far behind this host's clock is.
-            booted_at = now
-            if row["power_at"] is not None and (row["phase"] == BOOTING or (
-                    row["phase"] == REBOOTING and row["power_at"] >= (row["phase_since"] or 0))):
-                booted_at = max(now, row["power_at"])
             c.execute(
                 "UPDATE nodes SET booted_role = ?, booted_version = ?, booted_at = ?, updated_at = ? WHERE name = ?",
-                (role, version, booted_at, now, name),
+                (role, version, _since_power(c, name, now), now, name),
             )
             note = "" if role == row["desired_role"] else f" (desired role is {row['desired_role']})"
             self._event(c, now, name, actor, "booted", f"booted {role} image version {version or '?'}{note}",
@@ -506,7 +497,7 @@ class Store:
             c.execute("INSERT INTO boots (node) VALUES (?) ON CONFLICT (node) DO NOTHING", (name,))
             where = "nonce IS NULL" if expect is None else "nonce = ?"
             cur = c.execute(f"UPDATE boots SET nonce = ?, issued_at = ?, spent_at = NULL WHERE node = ? AND {where}",
-                            (nonce, now, name) + (() if expect is None else (expect,)))
+                            (nonce, _since_power(c, name, now), name) + (() if expect is None else (expect,)))
             return cur.rowcount == 1
 
     def serve_boot_secrets(self, name: str, nonce: str, window: float, now: float) -> bool:
@@ -705,6 +696,21 @@ def _node(row: sqlite3.Row) -> NodeState:
     d = dict(row)
     d["pinned"] = bool(d["pinned"])
     return NodeState(**d)
+
+
+def _since_power(c: Any, name: str, now: float) -> float:
+    """The time to stamp on a boot's record (its token, its callback) written in transaction c.
+
+    `now` is this host's clock (the boot server's), a switch's power_at the balancer's. Which came
+    first is decided by the store's order, not by the two clocks: written once the power intent
+    is (rebooting with power_at, or booting), the record is of the boot that power action started,
+    so it is stamped no earlier than it, however far behind this host's clock is."""
+    row = c.execute("SELECT phase, phase_since, power_at FROM nodes WHERE name = ?", (name,)).fetchone()
+    if row is None or row["power_at"] is None:
+        return now
+    if row["phase"] == BOOTING or (row["phase"] == REBOOTING and row["power_at"] >= (row["phase_since"] or 0)):
+        return max(now, row["power_at"])
+    return now
 
 
 def split_sql(script: str) -> list[str]:

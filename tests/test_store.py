@@ -319,9 +319,10 @@ def test_a_forked_child_does_not_end_its_parents_connection(backend):
     assert [e.actor for e in s.events(kinds=["note"])] == ["child", "child", "parent"]
 
 
-def test_a_callback_after_the_power_intent_is_stamped_no_earlier_than_the_power_action(backend):
+def test_a_boot_after_the_power_intent_is_stamped_no_earlier_than_the_power_action(backend):
     """The boot server's clock may be behind the balancer's: the store's order, not the two
-    clocks, says that a callback recorded after the power intent answers that power action."""
+    clocks, says that a token issued and a callback recorded after the power intent are of the
+    boot that power action started."""
     import time
 
     s = backend.open()
@@ -329,7 +330,9 @@ def test_a_callback_after_the_power_intent_is_stamped_no_earlier_than_the_power_
     ahead = time.time() + 120  # the balancer's clock, 2 min ahead of this "boot server"
     s.update("n1", actor="t", kind="t", message="t", phase="rebooting", target_role="k8s", phase_since=ahead - 1,
              power_at=ahead)
-    assert s.record_booted("n1", "k8s", "1", actor="t", source=None)
+    assert s.issue_boot("n1", "a" * 32, time.time(), None)  # the script of this boot: its token
+    assert s.boot_row("n1")["issued_at"] == ahead
+    assert s.record_booted("n1", "k8s", "1", actor="t", source=None, spend="a" * 32)
     assert s.get("n1").booted_at == ahead
     assert s.record_booted("n2", "slurm", "1", actor="t", source=None)  # no switch: its own time
     assert s.get("n2").booted_at < ahead - 60

@@ -49,7 +49,7 @@ CLOCK_SLACK_S = 60
 
 # The boot server stamps a callback with its host's clock, the balancer the power action with
 # its own. One recorded after the power intent is stamped no earlier than it by the store
-# (Store.record_booted: the store's order decides, whatever the clocks say); one recorded before
+# (store._since_power: the store's order decides, whatever the clocks say); one recorded before
 # counts as this boot's when at most this much older than the power action.
 HOST_CLOCK_SKEW_S = 5
 
