@@ -130,6 +130,12 @@ class World:
     requests: tuple = ()  # clusters.provisioning_requests.Seen: ProvisioningRequests of provisioner's class
 
 
+def powered(st: NodeState) -> bool:
+    """The switch has powered its node (or sent the power action): too late to cancel or roll back."""
+    return st.phase not in CANCELLABLE or (st.phase == REBOOTING and st.power_at is not None
+                                           and st.power_at >= (st.phase_since or 0))
+
+
 class Reconciler:
     def __init__(self, site: Site, store: Store, slurm: SlurmClient | None = None, kube: KubeClient | None = None,
                  power: PowerFn | None = None, clock: Callable[[], float] = time.time, actor: str = ACTOR):
@@ -192,10 +198,13 @@ class Reconciler:
         nodes = self.shared if only is None else [n for n in self.shared if n in set(only)]
         if not dry_run and only is None:
             self._given_up(world, report)
+        left = self._left_pool(report) if only is None else []
         if not dry_run:
             for name in nodes:
                 if world.states[name].phase in SWITCHING:
                     self._advance(name, report)
+            for st in left:
+                self._leave_pool(st, report)
             if only is not None or not balance:
                 return report
             if report.steps:
@@ -393,9 +402,7 @@ class Reconciler:
             if st is None or st.phase not in SWITCHING:
                 result.idle.append(name)
                 continue
-            powered = st.phase not in CANCELLABLE or (st.phase == REBOOTING and st.power_at is not None
-                                                      and st.power_at >= (st.phase_since or 0))
-            if powered:
+            if powered(st):
                 result.refused[name] = self._after_power(st)
                 continue
             go = Go("cancel", f"by {actor}: {reason}", {"pinned": 0, "pin_reason": None}, actor=actor)
@@ -431,6 +438,32 @@ class Reconciler:
             raise
         except Exception as exc:  # noqa: BLE001 - a store hiccup in this node's write: the next pass retries
             report.errors.append(f"{name}: {exc.__class__.__name__}: {exc}")
+
+    def _left_pool(self, report: PassReport) -> list[NodeState]:
+        """Nodes an admin took out of the shared pool (site.yaml) while they were switching: the
+        passes still see their switches through, or they would stay cordoned or drained forever."""
+        fixed = [n for n in self.site.nodes if n not in self.shared]
+        left = [st for st in self.store.nodes(fixed).values() if st.phase in SWITCHING]
+        for st in left:
+            pool = self.site.nodes[st.name].pool
+            what = "finishing it" if st.target_role == pool else "rolling it back, or finishing it if already powered"
+            report.notes.append(f"WARNING: {st.name} left the shared pool (now pool {pool}) while switching to "
+                                f"{st.target_role} ({st.phase}): {what}")
+        return left
+
+    def _leave_pool(self, st: NodeState, report: PassReport) -> None:
+        """A switch toward a role the node's new pool forbids is rolled back while it has not
+        powered the node; past its power action (or toward the allowed role) it is finished."""
+        if st.target_role != self.site.nodes[st.name].pool and not powered(st):
+            event = "cancel" if st.phase == REBOOTING else "rollback"
+            try:
+                machine.fire(self, st, Go(event, f"{st.name} left the shared pool"), report)
+            except LockLost:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one node's error never ends the pass
+                report.errors.append(f"{st.name}: {exc.__class__.__name__}: {exc}")
+            return
+        self._advance(st.name, report)
 
     def _step(self, st: NodeState, report: PassReport) -> bool:
         """One step from st.phase, by the machine. True when the phase changed."""

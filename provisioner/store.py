@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.errors import OperationError, UsageError
-from provisioner.states import ROLES
+from provisioner.states import BOOTING, REBOOTING, ROLES
 
 # Each entry migrates from version i to i+1. Append, never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -319,11 +319,15 @@ class Store:
             raise OperationError(f"store {self.where} is busy ({exc}); try again") from None
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
             conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:  # a failed COMMIT may have rolled back already
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and \
+                    getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise OperationError(f"store {self.where}: its disk is full, nothing was written; "
+                                     f"free space on that filesystem and run the command again") from None
+            raise
 
     def _migrate(self) -> None:
         conn = self._conn()
@@ -446,7 +450,7 @@ class Store:
                 return False
             c.execute(
                 "UPDATE nodes SET booted_role = ?, booted_version = ?, booted_at = ?, updated_at = ? WHERE name = ?",
-                (role, version, now, now, name),
+                (role, version, _since_power(c, name, now), now, name),
             )
             note = "" if role == row["desired_role"] else f" (desired role is {row['desired_role']})"
             self._event(c, now, name, actor, "booted", f"booted {role} image version {version or '?'}{note}",
@@ -493,7 +497,7 @@ class Store:
             c.execute("INSERT INTO boots (node) VALUES (?) ON CONFLICT (node) DO NOTHING", (name,))
             where = "nonce IS NULL" if expect is None else "nonce = ?"
             cur = c.execute(f"UPDATE boots SET nonce = ?, issued_at = ?, spent_at = NULL WHERE node = ? AND {where}",
-                            (nonce, now, name) + (() if expect is None else (expect,)))
+                            (nonce, _since_power(c, name, now), name) + (() if expect is None else (expect,)))
             return cur.rowcount == 1
 
     def serve_boot_secrets(self, name: str, nonce: str, window: float, now: float) -> bool:
@@ -692,6 +696,21 @@ def _node(row: sqlite3.Row) -> NodeState:
     d = dict(row)
     d["pinned"] = bool(d["pinned"])
     return NodeState(**d)
+
+
+def _since_power(c: Any, name: str, now: float) -> float:
+    """The time to stamp on a boot's record (its token, its callback) written in transaction c.
+
+    `now` is this host's clock (the boot server's), a switch's power_at the balancer's. Which came
+    first is decided by the store's order, not by the two clocks: written once the power intent
+    is (rebooting with power_at, or booting), the record is of the boot that power action started,
+    so it is stamped no earlier than it, however far behind this host's clock is."""
+    row = c.execute("SELECT phase, phase_since, power_at FROM nodes WHERE name = ?", (name,)).fetchone()
+    if row is None or row["power_at"] is None:
+        return now
+    if row["phase"] == BOOTING or (row["phase"] == REBOOTING and row["power_at"] >= (row["phase_since"] or 0)):
+        return max(now, row["power_at"])
+    return now
 
 
 def split_sql(script: str) -> list[str]:

@@ -25,7 +25,7 @@ from testbed.boot_server import clock_offset_env
 from testbed.simnodes import provisioner_cmd
 from testbed.site import write_site
 from tests.fixtures.balance import k8s_wants_a_node, running, settled, slurm_wants_a_node, web_bound
-from tests.support import ROOT, awaits_fix, missing
+from tests.support import ROOT, missing
 
 pytestmark = pytest.mark.integration
 
@@ -95,9 +95,6 @@ def test_slurmctld_restarts_mid_switch(balance_site):
 # --------------------------------------------------------------------------- clocks
 
 
-@awaits_fix("the callback the boot server records with its clock 2 min behind is taken for one from before "
-            "the power action: sn01 joined Kubernetes and runs the pods, the store keeps it `draining`, and "
-            "every pass tries to reboot it again (refused: pods on it): stranded")
 def test_a_boot_server_two_minutes_behind_still_sees_its_nodes_through(balance_site):
     """The boot server's host clock is 2 minutes behind the balancer's (libfaketime under
     `provisioner serve`): the callbacks it records carry its time. The switch still converges:
@@ -137,8 +134,6 @@ def test_a_node_that_never_calls_back_fails_visibly_and_serves_nothing_twice(bal
     assert running(sim, jobs)
 
 
-@awaits_fix("a node moved out of the shared pool mid-switch is skipped by every later pass: it stays "
-            "in its switching phase, cordoned, with no warning")
 def test_a_node_removed_from_the_shared_pool_mid_switch(balance_site):
     """An admin edits site.yaml while sn01 switches: sn01 is now a SLURM-only node. The passes
     finish the switch or roll it back (either way the node ends steady, serving one side), and
@@ -201,7 +196,6 @@ def run_cli(path, *args) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=60)
 
 
-@awaits_fix("a COMMIT on a full disk ends the command with sqlite3's own error")
 def test_the_stores_disk_fills_mid_switch(tmp_path, small_disk):
     """sn01 is switching (requested) when the store's disk fills. The next write (an admin's
     `role` on sn02) fails with one clear line that names the store and the full disk, exit 1;

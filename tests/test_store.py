@@ -319,6 +319,25 @@ def test_a_forked_child_does_not_end_its_parents_connection(backend):
     assert [e.actor for e in s.events(kinds=["note"])] == ["child", "child", "parent"]
 
 
+def test_a_boot_after_the_power_intent_is_stamped_no_earlier_than_the_power_action(backend):
+    """The boot server's clock may be behind the balancer's: the store's order, not the two
+    clocks, says that a token issued and a callback recorded after the power intent are of the
+    boot that power action started."""
+    import time
+
+    s = backend.open()
+    s.seed([("n1", "slurm"), ("n2", "slurm")])
+    ahead = time.time() + 120  # the balancer's clock, 2 min ahead of this "boot server"
+    s.update("n1", actor="t", kind="t", message="t", phase="rebooting", target_role="k8s", phase_since=ahead - 1,
+             power_at=ahead)
+    assert s.issue_boot("n1", "a" * 32, time.time(), None)  # the script of this boot: its token
+    assert s.boot_row("n1")["issued_at"] == ahead
+    assert s.record_booted("n1", "k8s", "1", actor="t", source=None, spend="a" * 32)
+    assert s.get("n1").booted_at == ahead
+    assert s.record_booted("n2", "slurm", "1", actor="t", source=None)  # no switch: its own time
+    assert s.get("n2").booted_at < ahead - 60
+
+
 def test_boots_compare_and_set(backend):
     """The boots rows (provisioner/boot/boots.py): a token is issued over the one expected, spent
     once with its callback, and the secrets served once per window."""

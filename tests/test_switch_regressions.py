@@ -286,3 +286,27 @@ def test_the_power_intent_compare_and_set_includes_power_at(world):
     report = PassReport(dry_run=False)
     rec._step(seen, report)
     assert rec.power.calls == [] and store.get("sn01").power_at == NOW
+
+
+# --------------------------------------------------------------------------- a node leaves the shared pool
+
+
+@pytest.mark.parametrize("pool, outcome", [(K8S, STEADY), (SLURM, BOOTING)])
+def test_a_node_that_left_the_shared_pool_mid_switch_is_rolled_back_or_finished(world, pool, outcome):
+    """site.yaml now puts sn01, cordoned on its way to SLURM, in pool k8s: rolled back before power,
+    our cordon lifted; in pool slurm: the switch goes on (powered, booting). Either way the pass warns."""
+    import dataclasses
+
+    site, store, slurm, kube, rec, clock = world
+    kube.state["sn01"] = kube_node("sn01", role=K8S, cordoned_by_us=True)
+    arrange(store, "sn01", phase=CORDONING, target_role=SLURM, desired_role=K8S, phase_since=NOW - 5,
+            switch_actor="balancer")
+    nodes = {**site.nodes, "sn01": dataclasses.replace(site.nodes["sn01"], pool=pool, default_role=pool)}
+    moved = Reconciler(dataclasses.replace(site, nodes=nodes), store, slurm=slurm, kube=kube, power=FakePower(),
+                       clock=clock)
+    report = moved.run_pass(balance=False)
+    st = store.get("sn01")
+    assert st.phase == outcome and any("sn01 left the shared pool" in n for n in report.notes), \
+        (st, report)
+    if pool == K8S:
+        assert not kube.state["sn01"].cordoned_by_us and st.target_role is None

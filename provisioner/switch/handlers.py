@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 CLOCK_SLACK_S = 60
 
 # The boot server stamps a callback with its host's clock, the balancer the power action with
-# its own: the hosts must agree within this (NTP or chrony keeps them within milliseconds). A
-# callback up to this long before the power action counts as this boot's.
+# its own. One recorded after the power intent is stamped no earlier than it by the store
+# (store._since_power: the store's order decides, whatever the clocks say); one recorded before
+# counts as this boot's when at most this much older than the power action.
 HOST_CLOCK_SKEW_S = 5
 
 
