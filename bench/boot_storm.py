@@ -48,7 +48,7 @@ TITLE = "boot storm: N nodes fetch their iPXE scripts; provisioner serve vs ngin
 HERE = Path(__file__).resolve().parent
 GRANIAN_THREADS = 2  # blocking threads per worker; 2 did best of 1, 2, 4 here
 LUA = HERE / "boot_storm.lua"
-TARGETS = {"rps": 2000, "p99_ms": 50.0, "ratio": 0.5}  # from issue 2
+TARGETS = {"rps": 2000, "p99_ms": 50.0, "ratio": 0.5}  # the boot endpoint's goals for a rack booting at once
 SAMPLE = 20
 
 NGINX_CONF = """\
@@ -300,7 +300,7 @@ def run(args) -> dict:
                             "pid": boot.proc.pid},
             "nginx": {"label": f"nginx, {nproc} workers, static files", "port": port_n, "pid": web.proc.pid},
         }
-        # The deployment the README recommends (issue 16): nginx (provisioner nginx-config) serving
+        # The deployment the README recommends: nginx (provisioner nginx-config) serving
         # the files `provisioner prerender --watch` keeps current, provisioner serve behind it.
         t0 = time.monotonic()
         dep = BootNginx(path, free_port(), tmp / "deployment", workers=workers, nginx_workers=nproc)
@@ -399,7 +399,7 @@ def run(args) -> dict:
         # ratio of throughputs each server would reach with the CPUs to itself.
         t["cpu_us_per_request"] = statistics.median(r["server_cpu_us_per_request"] for r in t["runs"])
         t["x_nginx_cpu"] = nginx_cpu / t["cpu_us_per_request"]
-    # The goals are the recommended deployment's (issue 16); provisioner serve alone is a row.
+    # The goals are the recommended deployment's; provisioner serve alone is a row.
     p = result["targets"]["deployment"]
     result["ratio"] = p["x_nginx"]
     result["ratio_serve_alone"] = result["targets"]["provisioner"]["x_nginx"]

@@ -1,6 +1,6 @@
 """Image storm: N nodes at once pull the kernel, the initrds and the root image their script names,
 from `provisioner serve` alone, from nginx (sendfile) and from the recommended deployment (nginx in
-front of provisioner serve, /images/ served by nginx), in the same run (issue 16).
+front of provisioner serve, /images/ served by nginx), in the same run.
 
 Each node is a client thread with one keep-alive connection: GET the kernel and each initrd
 whole, then the root image in Range requests of --image-range-mib (as a node's root-image fetcher
@@ -36,7 +36,7 @@ from testbed.process import free_port
 from testbed.site import write_site
 
 TITLE = "image storm: N nodes pull kernel, initrds and root image at once; provisioner serve vs nginx"
-GOAL = 0.9  # the recommended deployment, x nginx (issue 16)
+GOAL = 0.9  # the recommended deployment, as a fraction of nginx alone
 
 
 def add_arguments(group) -> None:

@@ -1,6 +1,6 @@
 """`provisioner simulate` at the issue's size: a 10,000-job SWF trace and as many synthetic pods,
 all four policies (static split, the paper's rule, provisioner's decide(), the bound), timed each.
-Goal (issue 15): <= 60 s for the four on this machine. The side-by-side baseline in the same run is
+Goal: <= 60 s for the four on this machine. The side-by-side baseline in the same run is
 the static split (no balancing at all: the schedulers alone).
 
 With --sim-trace FILE.swf the benchmark replays that trace (e.g. lublin_256.swf); without it, it

@@ -1,4 +1,4 @@
-"""The PostgreSQL store against SQLite, in the same run (issue 14): the boot storm on one and on
+"""The PostgreSQL store against SQLite, in the same run: the boot storm on one and on
 two boot servers, and one balance pass's reads and decide with 10,000 nodes in the store.
 
 - Boot storm: the same 10,000-node site (shared nodes) served by `provisioner serve` with

@@ -1,6 +1,6 @@
 """Boot scripts rendered ahead, for nginx to serve as files (`provisioner prerender`).
 
-The boot-storm deployment (issue 16, what xCAT does): nginx answers `GET /ipxe?mac=MAC` from a
+The boot-storm deployment (what xCAT does, so a whole rack booting at once costs the app almost nothing): nginx answers `GET /ipxe?mac=MAC` from a
 folder holding one file per MAC (`aa:bb:cc:dd:ee:ff.ipxe`), serves /images/ itself (sendfile),
 and passes everything else to `provisioner serve` behind it (nginx_config() writes that site).
 
