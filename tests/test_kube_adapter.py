@@ -32,6 +32,12 @@ def patches(kube, node: str) -> list[dict]:
     return [r for r in kube.writes() if r["resource"] == "nodes" and r["name"] == node and r["verb"] == "patch"]
 
 
+def accepted_patches(kube, node: str) -> list[dict]:
+    """Patches the server applied. A 409 is not a write: the real control plane's node controller
+    taints a cordoned node on its own, so our read-modify-write can lose that race and retry."""
+    return [r for r in patches(kube, node) if r["code"] < 400]
+
+
 # --------------------------------------------------------------------------- observe
 
 
@@ -201,7 +207,7 @@ def test_uncordon_lifts_our_own_cordon(kube, kube_adapter):
     shared_pool(kube)
     assert kube_adapter.cordon("sn01") is True
     assert kube_adapter.cordon("sn01") is True  # idempotent: already ours, no second write
-    assert len(patches(kube, "sn01")) == 1
+    assert len(accepted_patches(kube, "sn01")) == 1
     assert kube.node("sn01")["metadata"]["annotations"][CORDON_ANNOTATION] == "true"
 
     kube_adapter.uncordon("sn01")
@@ -210,7 +216,7 @@ def test_uncordon_lifts_our_own_cordon(kube, kube_adapter):
     assert not raw["spec"].get("unschedulable")
     assert CORDON_ANNOTATION not in (raw["metadata"].get("annotations") or {})
     kube_adapter.uncordon("sn01")  # nothing to do
-    assert len(patches(kube, "sn01")) == 2
+    assert len(accepted_patches(kube, "sn01")) == 2
 
 
 def test_a_cordon_set_by_someone_else_is_never_lifted_nor_claimed(kube, kube_adapter):
