@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from contextlib import contextmanager
 
 import pytest
@@ -85,6 +84,10 @@ def outage_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
 
 
+def failed_attempts(caplog) -> int:
+    return sum(r.name == LOGGER and r.getMessage().startswith("watch attempt failed") for r in caplog.records)
+
+
 def test_an_unschedulable_pod_is_reported_a_scheduled_one_is_not(kube, kube_adapter):
     kube.add_node("kn01", cpu="2", memory="4Gi")
     # Until the new node is schedulable (its not-ready taint lifted) a pod is Unschedulable for a
@@ -122,16 +125,19 @@ def test_the_watch_survives_its_server_timeout_and_goes_on_from_its_resource_ver
 
 
 def test_an_unreachable_api_server_is_one_warning_and_no_exception(kube, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
     settings = KubernetesSettings(kubeconfig=str(kube.unreachable_kubeconfig(tmp_path / "kubeconfig")), timeout_s=2)
     with KubernetesAdapter(settings) as adapter, watching(adapter) as seen:
         wait_for(lambda: outage_lines(caplog), 30, "the outage warning")
-        time.sleep(4)  # several more attempts (backoff 0.5, 1, 2, ... s), none of them logged
+        after = failed_attempts(caplog)
+        wait_for(lambda: failed_attempts(caplog) >= after + 3, 60, "three more failed attempts")
     assert seen.keys == []
     (line,) = outage_lines(caplog)
     assert "connection refused" in line and "retrying" in line
 
 
 def test_the_watch_comes_back_after_an_outage_and_reports_what_happened_meanwhile(kube, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
     gate = TcpGate(int(kube.server.rsplit(":", 1)[1])).start()
     path = kube.plane.kubeconfig(PROVISIONER_USER, tmp_path / "kubeconfig-gated",
                                  server=f"https://127.0.0.1:{gate.port}")
@@ -147,7 +153,8 @@ def test_the_watch_comes_back_after_an_outage_and_reports_what_happened_meanwhil
                 wait_for(lambda: outage_lines(caplog), 30, "the outage warning")
                 kube.add_pod("meanwhile")
                 kube.wait_unschedulable("meanwhile")
-                time.sleep(2)  # more failed attempts
+                after = failed_attempts(caplog)
+                wait_for(lambda: failed_attempts(caplog) >= after + 2, 60, "two more failed attempts")
                 assert "default/meanwhile" not in seen
 
                 gate.up()

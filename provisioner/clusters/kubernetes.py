@@ -549,6 +549,7 @@ class KubernetesAdapter:
         """One more failed call: warn once per outage (from the second failure in a row: a
         connection that drops and reconnects at once is not an outage), then back off."""
         failures += 1
+        log.debug("watch attempt failed (%d in a row): %s", failures, error)
         if failures == 2:
             outage_since = time.monotonic()
             log.warning("%s; retrying every %g s at most, reporting nothing until it answers again",
