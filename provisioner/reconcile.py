@@ -205,6 +205,8 @@ class Reconciler:
                     self._advance(name, report)
             for st in left:
                 self._leave_pool(st, report)
+            if only is None:
+                self._lift_stale_holds(world, report)
             if only is not None or not balance:
                 return report
             if report.steps:
@@ -242,6 +244,28 @@ class Reconciler:
                 if self.site.slurm.power_saving:
                     self._sync_slurm_view(decision.slurm_hold, world, report)
         return report
+
+    def _lift_stale_holds(self, world: World, report: PassReport) -> None:
+        """A steady node serves its role, so a drain or cordon of ours on that side belongs to a
+        switch that ended without lifting it (its pass was killed between the rollback's write and
+        the release): lift it. Someone else's hold is never touched."""
+        for name in self.shared:
+            st = world.states[name]
+            if st.phase != STEADY:
+                continue
+            if st.desired_role == SLURM:
+                s = world.slurm_nodes[name]
+                stale = (s.drain or s.down) and s.reason_is_ours
+            else:
+                k = world.kube_nodes.get(name)
+                stale = k is not None and k.cordoned_by_us
+            if not stale:
+                continue
+            now = self.store.get(name)  # an admin's `role` may have started a switch since observe
+            if now.phase == STEADY and now.desired_role == st.desired_role and machine.lift_own_hold(
+                    self, name, st.desired_role, report, "a hold left by an ended switch stays"):
+                report.steps.append(Step(name, "hold-lifted", f"steady in {st.desired_role}: lifted the "
+                                         "drain or cordon an ended switch had left"))
 
     def observe(self) -> World:
         snap = self.slurm.observe()

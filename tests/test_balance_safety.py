@@ -196,6 +196,73 @@ def test_kill_9_at_each_step_then_passes_finish_the_switch(balance_site, to, poi
     assert all(sim.serving(n) == {sim.state(n).desired_role} for n in sim.shared)
 
 
+@pytest.mark.parametrize("to,point", [
+    ("slurm", "after-write-booted"), ("slurm", "after-join-steps"), ("slurm", "before-write-joined"),
+    ("k8s", "after-write-booted"), ("k8s", "after-join-steps"),
+])
+def test_kill_9_after_the_power_action_then_passes_finish_the_switch(balance_site, to, point):
+    """The crash points of booting and joining: the node has been powered and is coming up in its
+    new role when the pass dies. The passes after it finish the switch without powering it again."""
+    if to == "slurm":
+        sim = balance_site(roles=ALL_K8S)
+        jobs, pending = slurm_wants_a_node(sim)
+
+        def goal():
+            return sim.slurm.job_state(pending)[0] == "RUNNING"
+    else:
+        sim = balance_site()
+        jobs = k8s_wants_a_node(sim)
+
+        def goal():
+            return all(p["spec"].get("nodeName") for p in sim.kube.pods() if p["metadata"]["name"].startswith("web"))
+
+    # A pass goes on through booting and joining when the node calls back in time; when it
+    # does not, a later pass reaches the point: CLI passes with the crash point until one dies.
+    killed: list[int] = []
+
+    def one_pass_reaches_the_point():
+        proc, _ = sim.balance(env={CRASH_ENV: point})
+        if proc.returncode == -9:
+            killed.append(proc.returncode)
+        else:
+            assert proc.returncode == 0, proc.stderr
+        return killed or sim.state("sn01").phase == "steady"
+
+    wait_for(one_pass_reaches_the_point, 90, f"a pass to die at {point}")
+    assert killed, f"the switch ended without reaching {point}: {sim.states()}"
+
+    sim.passes_until(lambda: goal() and settled(sim), timeout=60, what=f"the switch to finish after kill -9 {point}",
+                     cli=False)
+    assert sim.serving("sn01") == {to} and sim.state("sn01").desired_role == to
+    assert sim.booted_once("sn01"), sim.bmc_actions("sn01")
+    assert running(sim, jobs)
+
+
+@pytest.mark.parametrize("point", [None, "after-write-cancel"])
+def test_an_admin_cancels_a_drain_that_waits_for_a_job_and_a_kill_9_strands_nothing(balance_site, point):
+    """An admin's switch to k8s drains sn01 and waits for its job; the admin cancels it. The
+    drain provisioner set is lifted and the job never stopped, also when the cancelling command
+    is killed right after its write (the passes after it lift the drain it left)."""
+    sim = balance_site()
+    job = sim.slurm.sbatch(nodelist="sn01")
+    sim.slurm.wait_job_running(job)
+    assert sim.cli("role", "sn01", "k8s", "--reason", "maintenance", "--now").returncode == 0
+    sim.pass_in_process()
+    assert sim.state("sn01").phase == "draining" and sim.slurm.job_state(job)[0] == "RUNNING"
+
+    proc = sim.cli("role", "sn01", "--cancel", "--reason", "wrong node", env={CRASH_ENV: point} if point else None)
+    assert proc.returncode == (-9 if point else 0), proc.stderr
+    st = sim.state("sn01")
+    assert (st.phase, st.desired_role, st.pinned) == ("steady", "slurm", False), st
+
+    sim.passes_until(lambda: "DRAIN" not in sim.slurm.node_state("sn01"), timeout=60,
+                     what="the drain provisioner set to be lifted", cli=False)
+    assert sim.slurm.job_state(job)[0] == "RUNNING" and sim.bmc_actions("sn01") == []
+    # slurmctld may mark the node NOT_RESPONDING for a ping or two on a loaded host: a condition
+    wait_for(lambda: settled(sim), 60, "every shared node steady and serving its side")
+    sim.slurm.run("scancel", job)
+
+
 # --------------------------------------------------------------------------- one pass at a time
 
 

@@ -367,6 +367,17 @@ class SwitchMachine(RuleBasedStateMachine):
         assert self.store.open_asks() == [], self.store.open_asks()
         for s in self.store.nodes(NODES).values():
             assert s.phase in (STEADY, FAILED) and (s.phase == STEADY or s.failed_reason)
+        # Nothing stranded: a steady node carries no drain or cordon of ours on the side it serves
+        # (a pass killed between a rollback's write and the release leaves one for the next pass).
+        self.balance_pass(0, None, False)
+        for name, s in self.store.nodes(NODES).items():
+            if s.phase != STEADY:
+                continue
+            if s.desired_role == SLURM:
+                n = self.slurm.state[name]
+                assert not (("drain" in n.flags or n.state == "down") and n.reason_is_ours), (name, n)
+            else:
+                assert not self.kube.state[name].cordoned_by_us, name
 
 
 _TMP: list = []  # the folder of this test's sites

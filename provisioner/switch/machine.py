@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from provisioner.errors import OperationError
-from provisioner.states import FAILED, STEADY, SLURM, TIMEOUTS, lookup
+from provisioner.states import FAILED, K8S, SLURM, STEADY, TIMEOUTS, lookup, other
 from provisioner.store import NodeState
 from provisioner.switch.locks import LockLost, check_held
 
@@ -159,21 +159,27 @@ def fire(rec: Reconciler, st: NodeState, go: Go, report: PassReport) -> bool:
 
 
 def _release(rec: Reconciler, st: NodeState, report: PassReport) -> None:
-    """After a rollback or a cancel: lift the holds the switch set (ours only; someone else's
-    drain or cordon stays theirs)."""
-    name = st.name
+    """After a rollback or a cancel: lift the holds the switch set on the side the node stays in."""
+    lift_own_hold(rec, st.name, other(st.target_role), report, "the switch ended but its hold stays")
+
+
+def lift_own_hold(rec: Reconciler, name: str, side: str, report: PassReport, what: str) -> bool:
+    """Lift provisioner's own drain (SLURM) or cordon (Kubernetes) of `name` on `side`; someone
+    else's drain or cordon stays theirs. True when a hold was lifted."""
     try:
-        if st.target_role == SLURM:
+        if side == K8S:
             k = rec.kube.node(name)
             if k is not None and k.cordoned_by_us:
                 rec.kube.uncordon(name)
+                return True
         else:
             s = rec.slurm.nodes([name])[name]
             if (s.drain or s.down) and s.reason_is_ours:
                 rec.slurm.resume([name])
+                return True
     except OperationError as exc:
-        report.notes.append(f"{name}: the switch ended but its hold stays: {exc}; the next switch or an admin "
-                            "lifts it")
+        report.notes.append(f"{name}: {what}: {exc}; the next pass or an admin lifts it")
+    return False
 
 
 def _slurm_down(rec: Reconciler, name: str, reason: str, report: PassReport) -> None:
