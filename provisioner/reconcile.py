@@ -32,6 +32,7 @@ from provisioner.states import BOOTING, CANCELLABLE, FAILED, JOINING, K8S, REBOO
 from provisioner.store import NodeState, Store
 from provisioner.switch import machine
 from provisioner.switch.locks import LockLost, PassLocked, check_held, pass_lock  # noqa: F401  (home: switch/locks.py)
+from provisioner.switch.handlers import set_by_a_switch
 from provisioner.switch.machine import CRASH_ENV, Go  # noqa: F401
 
 ACTOR = "balancer"
@@ -246,16 +247,17 @@ class Reconciler:
         return report
 
     def _lift_stale_holds(self, world: World, report: PassReport) -> None:
-        """A steady node serves its role, so a drain or cordon of ours on that side belongs to a
+        """A steady node serves its role, so a switch's drain or cordon on that side belongs to a
         switch that ended without lifting it (its pass was killed between the rollback's write and
-        the release): lift it. Someone else's hold is never touched."""
+        the release): lift it. Our other drains, and anyone else's, are never touched."""
         for name in self.shared:
             st = world.states[name]
             if st.phase != STEADY:
                 continue
             if st.desired_role == SLURM:
                 s = world.slurm_nodes[name]
-                stale = (s.drain or s.down) and s.reason_is_ours
+                stale = (s.drain or s.down) and s.reason_is_ours and set_by_a_switch(s.reason,
+                                                                                    self.site.slurm.reason_prefix)
             else:
                 k = world.kube_nodes.get(name)
                 stale = k is not None and k.cordoned_by_us

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+from provisioner.reconcile import CRASH_ENV
 from provisioner.states import FAILED, STEADY
 from testbed.power_saving import RESUME_TIMEOUT, SUSPEND_TIME, settle, start_site
 from testbed.simnodes import SimSite
@@ -139,3 +139,39 @@ def test_the_programs_run_with_slurmctlds_empty_environment(ps_site, tmp_path):
     assert "ps[01-02]: resume asked by slurmctld" in proc.stdout and "cn01: not shared" in proc.stderr
     assert all(any("JobId=4242" in e.message for e in asks(site, n)) for n in ("ps01", "ps02"))
     print(f"resume program returned in {took:.2f} s")  # measured in the benchmark, not asserted
+    # The asks are real: their switches run now; they end here, not in the next test.
+    passes_until(site, lambda: not site.store.open_asks() and all(site.state(n).phase in (STEADY, FAILED)
+                                                                   for n in ("ps01", "ps02")),
+                 90, "the asks answered and their switches ended")
+
+
+def test_the_pass_slurmctlds_program_started_is_killed_after_the_power_action(ps_site):
+    """kill -9 of the detached pass the ResumeProgram started, right after its power action and
+    before it recorded it: the passes after it see the node boot, grant the ask once, the job
+    runs, and the node was powered exactly once."""
+    site = ps_site
+    site.reset()
+    settle(site)
+    assert site.store.open_asks() == [] and all(site.state(n).desired_role == "k8s" for n in ("ps01", "ps02"))
+    wrapper = site.workdir / "bin" / "provisioner-slurm-resume"
+    original = wrapper.read_text()
+    # The wrapper's environment is all the detached pass gets (slurmctld passes none).
+    wrapper.write_text(original.replace("export PATH\n", f"export PATH\n{CRASH_ENV}=after-power; export {CRASH_ENV}\n"))
+    try:
+        before = {n: len(site.bmc_actions(n)) for n in ("ps01", "ps02")}
+        answered = {n: len(asks(site, n, "resume")) for n in before}
+        fixed_jobs = site.fill_fixed()
+        job = site.slurm.sbatch(wrap="echo ran on $SLURMD_NODENAME; sleep 1")
+        node = wait_for(lambda: next((n for n in before if len(site.bmc_actions(n)) > before[n]), None), 60,
+                        "the detached pass to power a node (and die)")
+    finally:
+        wrapper.write_text(original)
+    assert site.state(node).phase == "rebooting", site.states()  # killed before it recorded the power action
+    passes_until(site, lambda: site.slurm.job_state(job)[0] in ("RUNNING", "COMPLETED")
+                 and site.state(node).phase == STEADY, 90, f"{node} to join slurm and the job to run")
+    assert site.state(node).desired_role == "slurm"
+    assert site.bmc_actions(node)[before[node]:] == ["on"], site.bmc_actions(node)
+    granted = [e for e in asks(site, node, "resume")[answered[node]:] if e.kind == "ask-granted"]
+    assert len(granted) == 1, asks(site, node)
+    for j in fixed_jobs:
+        site.slurm.run("scancel", j)

@@ -310,3 +310,30 @@ def test_a_node_that_left_the_shared_pool_mid_switch_is_rolled_back_or_finished(
         (st, report)
     if pool == K8S:
         assert not kube.state["sn01"].cordoned_by_us and st.target_role is None
+
+
+# --------------------------------------------------------------------------- a hold left behind
+
+
+@pytest.mark.parametrize("reason,lifted", [
+    ("provisioner: switching to k8s: demand", True),  # a rollback's pass died before lifting its drain
+    ("k8s_connect", True),
+    ("provisioner: resume refused: pinned to k8s", False),  # our drain with a purpose of its own
+    ("hardware: bad DIMM", False),  # someone else's
+])
+def test_a_steady_node_keeps_no_drain_an_ended_switch_left(world, reason, lifted):
+    site, store, slurm, kube, rec, clock = world
+    slurm.set("sn01", flags=frozenset({"drain"}), reason=reason, reason_is_ours=reason.startswith("provisioner:")
+              or reason == "k8s_connect")
+    report = rec.run_pass(balance=False)
+    assert (("resume", ("sn01",)) in slurm.calls) == lifted, slurm.calls
+    assert [s.node for s in report.steps if s.action == "hold-lifted"] == (["sn01"] if lifted else [])
+
+
+def test_a_steady_k8s_node_keeps_no_cordon_an_ended_switch_left(world):
+    site, store, slurm, kube, rec, clock = world
+    arrange(store, "sn02", desired_role=K8S)
+    kube.state["sn02"] = kube_node("sn02", role=K8S)
+    kube.set("sn02", unschedulable=True, cordoned_by_us=True)
+    rec.run_pass(balance=False)
+    assert ("uncordon", "sn02") in kube.calls and not kube.state["sn02"].unschedulable

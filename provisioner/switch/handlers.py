@@ -35,9 +35,19 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from provisioner.clusters.slurm import PAPER_REASON
 from provisioner.states import BOOTING, CORDONING, DRAINING, JOINING, K8S, REBOOTING, REQUESTED, SLURM, other
 from provisioner.store import NodeState
 from provisioner.switch.machine import Go, Wait, crash_point, fire, stamp
+
+DRAIN_REASON = "switching to k8s"  # how a switch's own drain reads in SLURM, after our prefix
+
+
+def set_by_a_switch(reason: str | None, prefix: str) -> bool:
+    """A SLURM reason of ours that a switch sets: its drain, or the paper's down once drained.
+    Our other drains (a refused resume, a node in Kubernetes under power saving) are not."""
+    r = (reason or "").strip()
+    return r == PAPER_REASON or r.removeprefix(prefix).strip().startswith(DRAIN_REASON)
 
 if TYPE_CHECKING:
     from provisioner.reconcile import PassReport, Reconciler
@@ -61,7 +71,7 @@ def on_requested(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
         if s.held_by_other:
             why = f"held in SLURM by someone else ({s.reason}): hands off"
             return Wait(why) if rec.forced(st) else Go("rollback", why)
-        rec.slurm.drain([name], f"switching to k8s: {st.switch_reason or ''}".strip())
+        rec.slurm.drain([name], f"{DRAIN_REASON}: {st.switch_reason or ''}".strip())
         crash_point("after-drain")
         return Go("drain", f"draining in SLURM ({st.switch_reason})")
     cordon_ours = rec.kube.cordon(name) if rec.kube.node(name) else True
