@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 
 from provisioner.model import Policy
 from provisioner.nodeset import fold
-from provisioner.states import FAILED, K8S, SLURM, STEADY
+from provisioner.states import EVICT, FAILED, K8S, REQUEUE, SLURM, STEADY
 
 OTHER = {SLURM: K8S, K8S: SLURM}
 
@@ -169,7 +169,6 @@ class Snapshot:
     gangs: tuple[GangAsk, ...] = ()
 
 
-EVICT, REQUEUE = "evict", "requeue"  # what a reclaim does with the work left after the grace
 
 
 @dataclass(frozen=True)
@@ -359,13 +358,19 @@ def _why_not(n: SharedNode, to: str, snap: Snapshot) -> str | None:
     if home and n.busy:
         if not n.available:
             return n.held_by or f"not available in {n.role}"
-        if n.evict_refused_at is not None and snap.now - n.evict_refused_at < snap.policy.cooldown_s:
-            return (f"reclaim held: a PodDisruptionBudget refused the eviction ({n.evict_refused}); "
-                    f"tried again cooldown_s={snap.policy.cooldown_s} s after")
-        return None
+        return reclaim_held(n.evict_refused_at, n.evict_refused, snap.policy.cooldown_s, snap.now)
     if not home and n.last_switch_at is not None and snap.now - n.last_switch_at < snap.policy.cooldown_s:
         return f"switched less than cooldown_s={snap.policy.cooldown_s} s ago"
     return None
+
+
+def reclaim_held(refused_at: float | None, refused: str | None, cooldown_s: float, now: float) -> str | None:
+    """Why a node whose last reclaim a PodDisruptionBudget refused is held where it is (None:
+    not held): for cooldown_s after the refusal. decide(), `provisioner nodes` and /metrics."""
+    if refused_at is None or now - refused_at >= cooldown_s:
+        return None
+    return (f"reclaim held: a PodDisruptionBudget refused the eviction ({refused}); "
+            f"tried again cooldown_s={cooldown_s} s after")
 
 
 def reclaim_bound(policy: Policy, home: str, pass_interval_s: float, switch_s: float) -> float:

@@ -35,7 +35,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from provisioner.states import BOOTING, CORDONING, DRAINING, JOINING, K8S, REBOOTING, REQUESTED, SLURM, other
+from provisioner.states import (BOOTING, CORDONING, DRAINING, EVICT, JOINING, K8S, REBOOTING, REQUEUE, REQUESTED, SLURM,
+                                other)
 from provisioner.store import NodeState
 from provisioner.switch.machine import Go, Wait, crash_point, fire, stamp
 
@@ -78,6 +79,8 @@ def on_draining(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait
     if not (s.drain or s.down):
         return Go("rollback", "the drain was lifted by someone else")
     if s.busy:
+        if st.reclaim_work == REQUEUE:
+            return _requeue(rec, st, report)
         return Wait("jobs still running")
     if rec.site.slurm.power_saving:
         # Powered down for SLURM, still drained (ours) until it is settled in Kubernetes.
@@ -95,7 +98,11 @@ def on_draining(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait
 def on_cordoning(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
     name = st.name
     k = rec.kube.node(name)
-    if k is not None and k.busy:
+    if k is not None and k.busy and st.reclaim_work == EVICT:
+        out = _evict(rec, st, report)
+        if out is not None:
+            return out
+    elif k is not None and k.busy:
         if not rec.forced(st):
             return Go("rollback", f"pods appeared on the node ({', '.join(p.key for p in k.pods)})")
         res = rec.kube.evict_pods(name)
@@ -113,6 +120,66 @@ def on_cordoning(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
         rec.slurm.power_up([name])
     return Go("emptied", "no pods left; will boot the slurm image",
               {"desired_role": SLURM, "power_at": None, "k8s_boot_id": k.boot_id if k is not None else None})
+
+
+def _in_grace(rec: Reconciler, st: NodeState, what: str) -> Wait | None:
+    """A reclaim's work keeps running until its grace deadline (the node takes no new work)."""
+    if st.reclaim_deadline is not None and rec.clock() < st.reclaim_deadline:
+        why = f"reclaim: {what} until the end of the grace at {stamp(st.reclaim_deadline)}"
+        return Wait(why, note=why)
+    return None
+
+
+def _requeue(rec: Reconciler, st: NodeState, report: PassReport) -> Wait:
+    """A reclaimed SLURM node past its grace: its jobs that can be requeued are requeued (back to
+    the queue with their priority, to start elsewhere); the others run to their end or time
+    limit, and the drain waits for them (a reclaim's draining has no timeout: states.TIMEOUTS)."""
+    from provisioner.reconcile import Step
+
+    wait = _in_grace(rec, st, "its jobs run")
+    if wait is not None:
+        return wait
+    res = rec.slurm.requeue_jobs_on(st.name)
+    if res.requeued:
+        what = f"requeued job(s) {', '.join(res.requeued)} after the {rec.policy.reclaim_grace_s.get(SLURM, 0):g} s grace"
+        report.steps.append(Step(st.name, "requeued", what))
+        rec.store.add_event(st.name, rec.actor, "requeued", what, {"jobs": list(res.requeued)})
+    if res.kept:
+        kept = "; ".join(f"job {j}: {why}" for j, why in res.kept)
+        return Wait(f"reclaim: waiting for jobs that cannot be requeued to end ({kept})",
+                    note=f"waiting for jobs that cannot be requeued to end ({kept})")
+    return Wait("requeued jobs still ending" if res.remaining else "jobs ended")
+
+
+def _evict(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait | None:
+    """A reclaimed Kubernetes node past its grace: its pods are evicted through the Eviction API.
+    A PodDisruptionBudget that still refuses phase_timeout_s after the deadline rolls the switch
+    back (our cordon lifted, the node stays in Kubernetes) and its refusal is recorded on the
+    node, so that decide() holds it for cooldown_s. None: the node is free."""
+    from provisioner.reconcile import Step
+
+    wait = _in_grace(rec, st, "its pods run")
+    if wait is not None:
+        return wait
+    res = rec.kube.evict_pods(st.name)
+    if res.evicted:
+        what = f"evicted pod(s) {', '.join(res.evicted)} after the {rec.policy.reclaim_grace_s.get(K8S, 0):g} s grace"
+        report.steps.append(Step(st.name, "evicted", what))
+        rec.store.add_event(st.name, rec.actor, "evicted", what, {"pods": list(res.evicted)})
+    if res.free:
+        return None
+    if not res.blocked:
+        return Wait(f"evicted pods still terminating ({', '.join(res.remaining)})")
+    refused = "; ".join(f"{p}: {why}" for p, why in res.blocked)
+    now = rec.clock()
+    if now - (st.reclaim_deadline or now) > rec.policy.phase_timeout_s:
+        return Go("rollback", f"a PodDisruptionBudget kept refusing the eviction for "
+                              f"{int(now - st.reclaim_deadline)} s after the grace ({refused}); held in Kubernetes for "
+                              f"cooldown_s={rec.policy.cooldown_s} s",
+                  {"evict_refused_at": now, "evict_refused": refused}, ok=False,
+                  data={"held": "pod-disruption-budget", "refused": refused})
+    return Wait(f"a PodDisruptionBudget refuses the eviction ({refused})",
+                note=f"a PodDisruptionBudget refuses the eviction ({refused}); tried again next pass")
 
 
 def on_rebooting(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
