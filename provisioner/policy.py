@@ -114,6 +114,8 @@ class SharedNode:
     # The last reclaim's eviction a PodDisruptionBudget refused: when, and its message.
     evict_refused_at: float | None = None
     evict_refused: str | None = None
+    # Switching as a reclaim: when its grace ends (its work is moved then). None: not a reclaim.
+    reclaim_deadline: float | None = None
 
 
 RESUME, SUSPEND = "resume", "suspend"  # the kinds of ask the policy answers
@@ -203,6 +205,9 @@ class Decision:
     held: dict[str, str] = field(default_factory=dict)
     lent: dict[str, int] = field(default_factory=dict)  # side -> its home nodes on (or going to) the other side
     gangs: tuple[GangAnswer, ...] = ()  # one per gang ask
+    # Reclaims still in their grace that their home side no longer needs: node -> why. The
+    # reconciler rolls them back (the work was never touched).
+    release: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- demand
@@ -598,6 +603,22 @@ def decide(snap: Snapshot) -> Decision:
             notes.append(f"{side}: {_describe(side, demand[side])}; already covered by "
                          f"{covered[side]} idle or incoming shared node(s)")
 
+    # Reclaims still in their grace whose home side no longer needs them (its work started
+    # elsewhere or went away): released before their work is moved, the latest first. Asks and
+    # gangs keep theirs (their demand is not polled).
+    release: dict[str, str] = {}
+    kept = {a.node for a in snap.asks if a.kind == RESUME} | set(booked)
+    for side in (SLURM, K8S):
+        excess = covered[side] - demand[side].nodes_wanted
+        in_grace = sorted((n for n in switching if n.role == side and n.reclaim_deadline is not None
+                           and n.reclaim_deadline > snap.now and n.name not in kept),
+                          key=lambda n: (-n.reclaim_deadline, n.name))
+        for n in in_grace[:max(0, excess)]:
+            release[n.name] = (f"{side} no longer needs it ({demand[side].nodes_wanted} node(s) wanted, "
+                               f"{covered[side]} idle or incoming): reclaim ended within the grace, its work untouched")
+            notes.append(f"{n.name}: {release[n.name]}")
+            covered[side] -= 1
+
     # Persistence: demand must have been seen continuously for demand_persist_s.
     for side in (SLURM, K8S):
         if not wanted[side]:
@@ -716,7 +737,8 @@ def decide(snap: Snapshot) -> Decision:
         if m.node in by_name and by_name[m.node].home in OTHER:
             lent[by_name[m.node].home] += 1 if m.to_role != by_name[m.node].home else -1
     return Decision(tuple(moves), {s: demand[s].nodes_wanted for s in demand}, tuple(notes), tuple(answers),
-                    tuple(boots), tuple(power_off), slurm_hold, reclaim_held, dict(lent), tuple(gang_answers))
+                    tuple(boots), tuple(power_off), slurm_hold, reclaim_held, dict(lent), tuple(gang_answers),
+                    release)
 
 
 def _move(n: SharedNode, to: str, why: str, snap: Snapshot) -> Move:

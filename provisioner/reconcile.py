@@ -28,7 +28,8 @@ from provisioner.errors import OperationError, UsageError
 from provisioner.model import Site
 from provisioner.nodeset import fold
 from provisioner.powering import power_nodes  # noqa: F401  (its home: provisioner/powering.py)
-from provisioner.states import BOOTING, CANCELLABLE, FAILED, JOINING, K8S, REBOOTING, SLURM, STEADY, SWITCHING
+from provisioner.states import (BOOTING, CANCELLABLE, CORDONING, DRAINING, FAILED, JOINING, K8S, REBOOTING, SLURM, STEADY,
+                                SWITCHING)
 from provisioner.store import NodeState, Store
 from provisioner.switch import machine
 from provisioner.switch.locks import LockLost, PassLocked, check_held, pass_lock  # noqa: F401  (home: switch/locks.py)
@@ -230,6 +231,7 @@ class Reconciler:
             if self.provider is not None:
                 report.errors.extend(self.provider.serve(world.requests, decision.gangs, report.notes, dry_run))
             if not dry_run:
+                self._release_reclaims(decision.release, report)
                 for move in decision.moves:
                     try:
                         started = self._start(move.node, move.to_role, move.reason, actor=self.actor, forced=False,
@@ -245,6 +247,18 @@ class Reconciler:
                 if self.site.slurm.power_saving:
                     self._sync_slurm_view(decision.slurm_hold, world, report)
         return report
+
+    def _release_reclaims(self, release: dict[str, str], report: PassReport) -> None:
+        """Roll back the reclaims the policy released, if still in their grace (their work untouched)."""
+        for name, why in release.items():
+            try:
+                st = self.store.get(name)
+                if st.phase in (DRAINING, CORDONING) and st.reclaim_deadline and st.reclaim_deadline > self.clock():
+                    machine.fire(self, st, Go("rollback", why), report)
+            except LockLost:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one node's error never ends the pass
+                report.errors.append(f"{name}: reclaim not released: {exc}")
 
     def observe(self) -> World:
         snap = self.slurm.observe()
@@ -326,7 +340,8 @@ class Reconciler:
             gpus=s.gpus or (k.gpus if k else 0), partitions=s.partitions,
             k8s_labels=tuple(sorted(labels.items())), held_by=held, home=home,
             room_cpu_m=room[0], room_memory=room[1], room_gpus=room[2],
-            evict_refused_at=st.evict_refused_at, evict_refused=st.evict_refused, **work,
+            evict_refused_at=st.evict_refused_at, evict_refused=st.evict_refused,
+            reclaim_deadline=st.reclaim_deadline if st.phase in SWITCHING else None, **work,
         )
 
     def _work(self, name: str, now: float) -> dict[str, Any]:

@@ -180,3 +180,18 @@ def test_a_held_node_shows_in_nodes_and_its_json(world, capsys):
     assert "PodDisruptionBudget" in rows["sn02"]["held"] and rows["sn03"]["held"] is None
     assert cli.main(["--config", conf, "nodes", "sn02"]) == 0
     assert "reclaim held: a PodDisruptionBudget refused" in capsys.readouterr().out
+
+
+def test_a_reclaim_whose_home_work_went_away_is_released_within_the_grace(world):
+    store, slurm, kube, rec, clock = world
+    lend_sn02_to_k8s(store, slurm, kube)
+    rec.run_pass()
+    assert store.get("sn02").phase == CORDONING
+    slurm.pending = []  # the job was cancelled (or started elsewhere)
+    clock.now = NOW + 5
+    report = rec.run_pass()
+    st = store.get("sn02")
+    assert st.phase == STEADY and st.desired_role == K8S and st.reclaim_deadline is None
+    assert not kube.state["sn02"].unschedulable and kube.state["sn02"].pods  # our cordon lifted, pods untouched
+    assert ("evict", "sn02") not in kube.calls
+    assert any("slurm no longer needs it" in n for n in report.notes)
