@@ -122,28 +122,32 @@ def on_cordoning(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
               {"desired_role": SLURM, "power_at": None, "k8s_boot_id": k.boot_id if k is not None else None})
 
 
-def _in_grace(rec: Reconciler, st: NodeState, what: str) -> Wait | None:
-    """A reclaim's work keeps running until its grace deadline (the node takes no new work)."""
+def _move_work(rec: Reconciler, st: NodeState, report: PassReport):
+    """A reclaim's work: left running until its grace deadline (the node takes no new work; a
+    Wait), then moved by st.reclaim_work (requeue its jobs, evict its pods) and recorded in the
+    pass report and the history (`requeued`, `evicted`). Returns the adapter's result."""
+    from provisioner.reconcile import Step
+
+    requeue = st.reclaim_work == REQUEUE
     if st.reclaim_deadline is not None and rec.clock() < st.reclaim_deadline:
-        why = f"reclaim: {what} until the end of the grace at {stamp(st.reclaim_deadline)}"
+        why = f"reclaim: its {'jobs' if requeue else 'pods'} run until the end of the grace at {stamp(st.reclaim_deadline)}"
         return Wait(why, note=why)
-    return None
+    res = rec.slurm.requeue_jobs_on(st.name) if requeue else rec.kube.evict_pods(st.name)
+    kind, noun, moved = ("requeued", "job", res.requeued) if requeue else ("evicted", "pod", res.evicted)
+    if moved:
+        what = f"{kind} {noun}(s) {', '.join(moved)}: their grace ended at {stamp(st.reclaim_deadline)}"
+        report.steps.append(Step(st.name, kind, what))
+        rec.store.add_event(st.name, rec.actor, kind, what, {f"{noun}s": list(moved)})
+    return res
 
 
 def _requeue(rec: Reconciler, st: NodeState, report: PassReport) -> Wait:
     """A reclaimed SLURM node past its grace: its jobs that can be requeued are requeued (back to
     the queue with their priority, to start elsewhere); the others run to their end or time
-    limit, and the drain waits for them (a reclaim's draining has no timeout: states.TIMEOUTS)."""
-    from provisioner.reconcile import Step
-
-    wait = _in_grace(rec, st, "its jobs run")
-    if wait is not None:
-        return wait
-    res = rec.slurm.requeue_jobs_on(st.name)
-    if res.requeued:
-        what = f"requeued job(s) {', '.join(res.requeued)} after the {rec.policy.reclaim_grace_s.get(SLURM, 0):g} s grace"
-        report.steps.append(Step(st.name, "requeued", what))
-        rec.store.add_event(st.name, rec.actor, "requeued", what, {"jobs": list(res.requeued)})
+    limit, and the drain waits for them (a reclaim's draining has no timeout: states.RECLAIM_TIMEOUTS)."""
+    res = _move_work(rec, st, report)
+    if isinstance(res, Wait):
+        return res
     if res.kept:
         kept = "; ".join(f"job {j}: {why}" for j, why in res.kept)
         return Wait(f"reclaim: waiting for jobs that cannot be requeued to end ({kept})",
@@ -156,16 +160,9 @@ def _evict(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait | No
     A PodDisruptionBudget that still refuses phase_timeout_s after the deadline rolls the switch
     back (our cordon lifted, the node stays in Kubernetes) and its refusal is recorded on the
     node, so that decide() holds it for cooldown_s. None: the node is free."""
-    from provisioner.reconcile import Step
-
-    wait = _in_grace(rec, st, "its pods run")
-    if wait is not None:
-        return wait
-    res = rec.kube.evict_pods(st.name)
-    if res.evicted:
-        what = f"evicted pod(s) {', '.join(res.evicted)} after the {rec.policy.reclaim_grace_s.get(K8S, 0):g} s grace"
-        report.steps.append(Step(st.name, "evicted", what))
-        rec.store.add_event(st.name, rec.actor, "evicted", what, {"pods": list(res.evicted)})
+    res = _move_work(rec, st, report)
+    if isinstance(res, Wait):
+        return res
     if res.free:
         return None
     if not res.blocked:
