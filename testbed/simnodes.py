@@ -70,7 +70,7 @@ NODE_CPU, NODE_MEMORY = "1", "500Mi"  # as slurm.conf says: CPUs=1 RealMemory=50
 
 # Test-sized policy: no waiting unless a test asks for it.
 FAST_POLICY = {"demand_persist_s": 0, "cooldown_s": 0, "phase_timeout_s": 20, "max_retries": 1,
-               "max_in_flight": 2, "min_nodes": {"slurm": 0, "k8s": 0}}
+               "max_in_flight": 2, "min_nodes": {"slurm": 0, "k8s": 0}, "reclaim_grace_s": {"slurm": 5, "k8s": 5}}
 # pyghmi against the simulator answers in 0.1-1 s, sometimes more (a lost-packet retransmit),
 # and much more on a 2-core machine busy with other VMs: the default timeout, one retry.
 FAST_POWER = {"timeout_s": 5.0, "retries": 1, "fanout": 8}
