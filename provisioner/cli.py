@@ -195,8 +195,11 @@ def cmd_nginx_config(ctx: Context) -> int:
 
 
 def node_rows(ctx: Context, names: list[str]) -> list[dict]:
+    from provisioner.policy import reclaim_held
+
     states = ctx.reader.nodes(names)
     rows = []
+    now = time.time()
     for name in names:
         node, st = ctx.site.nodes[name], states.get(name)
         rows.append({
@@ -214,6 +217,8 @@ def node_rows(ctx: Context, names: list[str]) -> list[dict]:
             "pinned": bool(st and st.pinned),
             "pin_reason": st.pin_reason if st else None,
             "failed_reason": st.failed_reason if st else None,
+            # A reclaim a PodDisruptionBudget refused: the node stays where it is for cooldown_s.
+            "held": reclaim_held(st.evict_refused_at, st.evict_refused, ctx.site.policy.cooldown_s, now) if st else None,
             "macs": list(node.macs),
             "ip": node.ip,
         })
@@ -243,7 +248,7 @@ def cmd_nodes(ctx: Context) -> int:
         ["node", "pool", "desired", "booted", "target", "phase", "age", "pinned", "reason"],
         [[r["name"], r["pool"], r["desired_role"], r["booted_role"], r["target_role"], r["phase"],
           age(r["phase_since_ts"], now), "yes" if r["pinned"] else "no",
-          r["failed_reason"] or r["pin_reason"]] for r in rows],
+          r["failed_reason"] or r["held"] or r["pin_reason"]] for r in rows],
     )
     return EXIT_OK
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 
 from provisioner.model import Policy
 from provisioner.nodeset import fold
-from provisioner.states import FAILED, K8S, SLURM, STEADY
+from provisioner.states import EVICT, FAILED, K8S, REQUEUE, SLURM, STEADY
 
 OTHER = {SLURM: K8S, K8S: SLURM}
 
@@ -114,6 +114,8 @@ class SharedNode:
     # The last reclaim's eviction a PodDisruptionBudget refused: when, and its message.
     evict_refused_at: float | None = None
     evict_refused: str | None = None
+    # Switching as a reclaim: when its grace ends (its work is moved then). None: not a reclaim.
+    reclaim_deadline: float | None = None
 
 
 RESUME, SUSPEND = "resume", "suspend"  # the kinds of ask the policy answers
@@ -169,7 +171,6 @@ class Snapshot:
     gangs: tuple[GangAsk, ...] = ()
 
 
-EVICT, REQUEUE = "evict", "requeue"  # what a reclaim does with the work left after the grace
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,9 @@ class Decision:
     held: dict[str, str] = field(default_factory=dict)
     lent: dict[str, int] = field(default_factory=dict)  # side -> its home nodes on (or going to) the other side
     gangs: tuple[GangAnswer, ...] = ()  # one per gang ask
+    # Reclaims still in their grace that their home side no longer needs: node -> why. The
+    # reconciler rolls them back (the work was never touched).
+    release: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- demand
@@ -359,13 +363,19 @@ def _why_not(n: SharedNode, to: str, snap: Snapshot) -> str | None:
     if home and n.busy:
         if not n.available:
             return n.held_by or f"not available in {n.role}"
-        if n.evict_refused_at is not None and snap.now - n.evict_refused_at < snap.policy.cooldown_s:
-            return (f"reclaim held: a PodDisruptionBudget refused the eviction ({n.evict_refused}); "
-                    f"tried again cooldown_s={snap.policy.cooldown_s} s after")
-        return None
+        return reclaim_held(n.evict_refused_at, n.evict_refused, snap.policy.cooldown_s, snap.now)
     if not home and n.last_switch_at is not None and snap.now - n.last_switch_at < snap.policy.cooldown_s:
         return f"switched less than cooldown_s={snap.policy.cooldown_s} s ago"
     return None
+
+
+def reclaim_held(refused_at: float | None, refused: str | None, cooldown_s: float, now: float) -> str | None:
+    """Why a node whose last reclaim a PodDisruptionBudget refused is held where it is (None:
+    not held): for cooldown_s after the refusal. decide(), `provisioner nodes` and /metrics."""
+    if refused_at is None or now - refused_at >= cooldown_s:
+        return None
+    return (f"reclaim held: a PodDisruptionBudget refused the eviction ({refused}); "
+            f"tried again cooldown_s={cooldown_s} s after")
 
 
 def reclaim_bound(policy: Policy, home: str, pass_interval_s: float, switch_s: float) -> float:
@@ -593,6 +603,22 @@ def decide(snap: Snapshot) -> Decision:
             notes.append(f"{side}: {_describe(side, demand[side])}; already covered by "
                          f"{covered[side]} idle or incoming shared node(s)")
 
+    # Reclaims still in their grace whose home side no longer needs them (its work started
+    # elsewhere or went away): released before their work is moved, the latest first. Asks and
+    # gangs keep theirs (their demand is not polled).
+    release: dict[str, str] = {}
+    kept = {a.node for a in snap.asks if a.kind == RESUME} | set(booked)
+    for side in (SLURM, K8S):
+        excess = covered[side] - demand[side].nodes_wanted
+        in_grace = sorted((n for n in switching if n.role == side and n.reclaim_deadline is not None
+                           and n.reclaim_deadline > snap.now and n.name not in kept),
+                          key=lambda n: (-n.reclaim_deadline, n.name))
+        for n in in_grace[:max(0, excess)]:
+            release[n.name] = (f"{side} no longer needs it ({demand[side].nodes_wanted} node(s) wanted, "
+                               f"{covered[side]} idle or incoming): reclaim ended within the grace, its work untouched")
+            notes.append(f"{n.name}: {release[n.name]}")
+            covered[side] -= 1
+
     # Persistence: demand must have been seen continuously for demand_persist_s.
     for side in (SLURM, K8S):
         if not wanted[side]:
@@ -711,7 +737,8 @@ def decide(snap: Snapshot) -> Decision:
         if m.node in by_name and by_name[m.node].home in OTHER:
             lent[by_name[m.node].home] += 1 if m.to_role != by_name[m.node].home else -1
     return Decision(tuple(moves), {s: demand[s].nodes_wanted for s in demand}, tuple(notes), tuple(answers),
-                    tuple(boots), tuple(power_off), slurm_hold, reclaim_held, dict(lent), tuple(gang_answers))
+                    tuple(boots), tuple(power_off), slurm_hold, reclaim_held, dict(lent), tuple(gang_answers),
+                    release)
 
 
 def _move(n: SharedNode, to: str, why: str, snap: Snapshot) -> Move:

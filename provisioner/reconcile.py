@@ -28,7 +28,8 @@ from provisioner.errors import OperationError, UsageError
 from provisioner.model import Site
 from provisioner.nodeset import fold
 from provisioner.powering import power_nodes  # noqa: F401  (its home: provisioner/powering.py)
-from provisioner.states import BOOTING, CANCELLABLE, FAILED, JOINING, K8S, REBOOTING, SLURM, STEADY, SWITCHING
+from provisioner.states import (BOOTING, CANCELLABLE, CORDONING, DRAINING, FAILED, JOINING, K8S, REBOOTING, SLURM, STEADY,
+                                SWITCHING)
 from provisioner.store import NodeState, Store
 from provisioner.switch import machine
 from provisioner.switch.locks import LockLost, PassLocked, check_held, pass_lock  # noqa: F401  (home: switch/locks.py)
@@ -66,6 +67,7 @@ class PassReport:
     steps: list[Step] = field(default_factory=list)
     demand: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    held: dict[str, str] = field(default_factory=dict)  # policy.Decision.held: reclaims held, and why
 
     @property
     def ok(self) -> bool:
@@ -78,6 +80,7 @@ class PassReport:
             "moves": [{"node": m.node, "to": m.to_role, "reason": m.reason} for m in self.moves],
             "steps": [s.as_dict() for s in self.steps],
             "notes": self.notes,
+            "held": self.held,
             "errors": self.errors,
             "ok": self.ok,
         }
@@ -225,15 +228,17 @@ class Reconciler:
         if balance:
             decision = pol.decide(self.snapshot(world, record_demand=not dry_run))
             report.demand = dict(decision.demand)
+            report.held = dict(decision.held)
             report.notes.extend(decision.notes)
             report.moves.extend(decision.moves)
             if self.provider is not None:
                 report.errors.extend(self.provider.serve(world.requests, decision.gangs, report.notes, dry_run))
             if not dry_run:
+                self._release_reclaims(decision.release, report)
                 for move in decision.moves:
                     try:
                         started = self._start(move.node, move.to_role, move.reason, actor=self.actor, forced=False,
-                                              report=report)
+                                              report=report, move=move)
                     except LockLost:
                         raise
                     except Exception as exc:  # noqa: BLE001 - one node's error never ends the pass
@@ -269,6 +274,18 @@ class Reconciler:
                 report.steps.append(Step(name, "hold-lifted", f"steady in {st.desired_role}: lifted the "
                                          "drain or cordon an ended switch had left"))
 
+    def _release_reclaims(self, release: dict[str, str], report: PassReport) -> None:
+        """Roll back the reclaims the policy released, if still in their grace (their work untouched)."""
+        for name, why in release.items():
+            try:
+                st = self.store.get(name)
+                if st.phase in (DRAINING, CORDONING) and st.reclaim_deadline and st.reclaim_deadline > self.clock():
+                    machine.fire(self, st, Go("rollback", why), report)
+            except LockLost:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one node's error never ends the pass
+                report.errors.append(f"{name}: reclaim not released: {exc}")
+
     def observe(self) -> World:
         snap = self.slurm.observe()
         missing = [n for n in self.shared if n not in snap.nodes]
@@ -295,7 +312,7 @@ class Reconciler:
 
     def snapshot(self, world: World, record_demand: bool) -> pol.Snapshot:
         now = self.clock()
-        nodes = tuple(self._shared_node(name, world) for name in self.shared)
+        nodes = tuple(self._shared_node(name, world, now) for name in self.shared)
         jobs = tuple(
             pol.PendingJob(j.job_id, j.reason, j.partitions, j.num_nodes, j.cpus_per_node, j.gpus_per_node)
             for j in world.pending_jobs if not j.req_nodes or set(j.req_nodes) & set(self.shared)
@@ -319,7 +336,7 @@ class Reconciler:
         return pol.Snapshot(now=now, policy=self.policy, nodes=nodes, jobs=jobs, pods=pods, demand_since=since,
                             asks=asks, gangs=gang_asks(world.requests, self.site.kubernetes.booking_s))
 
-    def _shared_node(self, name: str, world: World) -> pol.SharedNode:
+    def _shared_node(self, name: str, world: World, now: float) -> pol.SharedNode:
         st = world.states[name]
         s = world.slurm_nodes[name]
         k = world.kube_nodes.get(name)
@@ -339,13 +356,32 @@ class Reconciler:
                                             "not Ready in Kubernetes" if not k.ready else "cordoned")
         labels = dict(k.labels) if k else {}
         labels[self.label_key] = K8S
+        home = self.site.nodes[name].home_side
+        room = k.room if (k is not None and role == K8S) else (0, 0, 0)
+        work = self._work(name, now) if role == SLURM and busy and home == K8S and st.phase == STEADY else {}
         return pol.SharedNode(
             name=name, role=role, phase=st.phase, pinned=st.pinned, busy=busy, available=available,
             last_switch_at=st.last_switch_at, cpus=s.cpus or (k.cpu_m // 1000 if k else 1),
             memory=(s.memory_mb << 20) if s.memory_mb else (k.memory if k else 0),
             gpus=s.gpus or (k.gpus if k else 0), partitions=s.partitions,
-            k8s_labels=tuple(sorted(labels.items())), held_by=held,
+            k8s_labels=tuple(sorted(labels.items())), held_by=held, home=home,
+            room_cpu_m=room[0], room_memory=room[1], room_gpus=room[2],
+            evict_refused_at=st.evict_refused_at, evict_refused=st.evict_refused,
+            reclaim_deadline=st.reclaim_deadline if st.phase in SWITCHING else None, **work,
         )
+
+    def _work(self, name: str, now: float) -> dict[str, Any]:
+        """What reclaiming a busy SLURM-side node would cost (SharedNode.movable, work_cost,
+        work_ends_at), read only for nodes Kubernetes could reclaim. Unknown (SLURM did not
+        answer): nothing, and the policy's defaults stand."""
+        try:
+            jobs = self.slurm.jobs_on(name)
+        except OperationError:
+            return {}
+        ends = [j.end_time for j in jobs]
+        return {"movable": all(j.requeueable for j in jobs),
+                "work_cost": sum((now - j.start_time) * len(j.nodes) for j in jobs if j.start_time is not None),
+                "work_ends_at": max(ends) if ends and None not in ends else None}
 
     # -- starting a switch --------------------------------------------------------------
 
@@ -402,17 +438,26 @@ class Reconciler:
                                      f"look at `provisioner nodes {name}`, then run role again")
         return steps
 
-    def _start(self, name: str, role: str, reason: str, *, actor: str, forced: bool, report: PassReport) -> bool:
+    def _start(self, name: str, role: str, reason: str, *, actor: str, forced: bool, report: PassReport,
+               move: pol.Move | None = None) -> bool:
+        """Start a switch; a reclaim's facts (its grace deadline, what happens to the work) are
+        written with it, so every later pass carries it out the same way."""
         st = self.store.get(name)
         if st.phase not in (STEADY, FAILED):
             return False
+        reclaim = move is not None and move.reclaim
         fields: dict[str, Any] = dict(target_role=role, attempts=0, failed_reason=None, switch_reason=reason,
-                                      switch_actor=actor, power_at=None)
+                                      switch_actor=actor, power_at=None,
+                                      reclaim_deadline=move.deadline if reclaim else None,
+                                      reclaim_work=move.work if reclaim else None)
         if forced:
             fields.update(pinned=1, pin_reason=reason)
         return machine.fire(self, st, Go("start", f"switch to {role} requested{' (pinned)' if forced else ''}: {reason}",
                                          fields, direction=role, actor=actor,
-                                         data={"reason": reason, "forced": forced}), report)
+                                         data={"reason": reason, "forced": forced,
+                                               **({"reclaim": {"deadline": move.deadline, "grace_s": move.grace_s,
+                                                               "work": move.work, "from": move.from_role}}
+                                                  if reclaim else {})}), report)
 
     # -- cancelling a switch ------------------------------------------------------------
 

@@ -114,6 +114,16 @@ TIMEOUTS: dict[str, tuple[str | None, str | None]] = {
     JOINING: ("retry", "retry"),
 }
 
+# A reclaim (a busy node going home, policy.Move.reclaim) waits in draining or cordoning for its
+# grace, then moves the work: EVICT its pods (the Eviction API) or REQUEUE its jobs. Its phase
+# timeout counts from the grace deadline, and takes these ways out: a job that cannot be
+# requeued runs to its end (wait); pods a PodDisruptionBudget keeps from leaving roll it back.
+EVICT, REQUEUE = "evict", "requeue"
+RECLAIM_TIMEOUTS: dict[str, str | None] = {
+    DRAINING: None,
+    CORDONING: "rollback",
+}
+
 # Phases whose switch has not powered the node yet: an admin may cancel it (rebooting only
 # until the power intent is written).
 CANCELLABLE = (REQUESTED, DRAINING, CORDONING, REBOOTING)
@@ -154,10 +164,12 @@ def table_text() -> str:
     for t in TRANSITIONS:
         rows.append(f"| {t.source} | {t.event} | {t.target if K8S in t.directions else '-'} | "
                     f"{t.target if SLURM in t.directions else '-'} | {t.kind} |")
-    rows += ["", "| phase | timeout: a balancer's move | timeout: an admin's switch | cancel |", "|---|---|---|---|"]
+    rows += ["", "| phase | timeout: a balancer's move | timeout: an admin's switch | timeout: a reclaim "
+             "(from its grace deadline) | cancel |", "|---|---|---|---|---|"]
     for phase, (balancer, admin) in TIMEOUTS.items():
         cancel = "before power" if phase == REBOOTING else "yes" if phase in CANCELLABLE else "no"
-        rows.append(f"| {phase} | {balancer or 'wait'} | {admin or 'wait'} | {cancel} |")
+        reclaim = RECLAIM_TIMEOUTS.get(phase, balancer)
+        rows.append(f"| {phase} | {balancer or 'wait'} | {admin or 'wait'} | {reclaim or 'wait'} | {cancel} |")
     return "\n".join(rows) + "\n"
 
 

@@ -130,6 +130,15 @@ MIGRATIONS: list[str] = [
         granted_by      TEXT
     );
     """,
+    # 6 -> 7: reclaims. A reclaim's grace deadline and what happens to the work after it
+    # (evict | requeue), kept while its switch runs; the last eviction a PodDisruptionBudget
+    # refused (when, and its message), kept on the node so later passes hold it for cooldown_s.
+    """
+    ALTER TABLE nodes ADD COLUMN reclaim_deadline REAL;
+    ALTER TABLE nodes ADD COLUMN reclaim_work TEXT;
+    ALTER TABLE nodes ADD COLUMN evict_refused_at REAL;
+    ALTER TABLE nodes ADD COLUMN evict_refused TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -137,6 +146,7 @@ _NODE_COLUMNS = (
     "name", "desired_role", "booted_role", "booted_version", "booted_at", "pinned", "pin_reason",
     "phase", "target_role", "phase_since", "attempts", "failed_reason", "last_switch_at", "updated_at",
     "switch_reason", "switch_actor", "k8s_boot_id", "power_at",
+    "reclaim_deadline", "reclaim_work", "evict_refused_at", "evict_refused",
 )
 
 
@@ -160,6 +170,13 @@ class NodeState:
     switch_actor: str | None = None
     k8s_boot_id: str | None = None  # status.nodeInfo.bootID before the last reboot (None: no Node then)
     power_at: float | None = None  # when the last switch power action was about to be sent
+    # A reclaim (policy.Move.reclaim): its work is moved at reclaim_deadline (the end of its
+    # grace), by reclaim_work (evict | requeue). None: an idle move.
+    reclaim_deadline: float | None = None
+    reclaim_work: str | None = None
+    # The last reclaim eviction a PodDisruptionBudget refused: when, and the budget's message.
+    evict_refused_at: float | None = None
+    evict_refused: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _NODE_COLUMNS}

@@ -130,6 +130,13 @@ MIGRATIONS: list[str] = [
         granted_by      TEXT
     );
     """,
+    # 6 -> 7: reclaims (the grace deadline, the work mode, a PodDisruptionBudget's refusal)
+    """
+    ALTER TABLE nodes ADD COLUMN reclaim_deadline DOUBLE PRECISION;
+    ALTER TABLE nodes ADD COLUMN reclaim_work TEXT;
+    ALTER TABLE nodes ADD COLUMN evict_refused_at DOUBLE PRECISION;
+    ALTER TABLE nodes ADD COLUMN evict_refused TEXT;
+    """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION, "store_pg.MIGRATIONS must follow store.MIGRATIONS"
 

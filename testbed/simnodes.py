@@ -70,7 +70,7 @@ NODE_CPU, NODE_MEMORY = "1", "500Mi"  # as slurm.conf says: CPUs=1 RealMemory=50
 
 # Test-sized policy: no waiting unless a test asks for it.
 FAST_POLICY = {"demand_persist_s": 0, "cooldown_s": 0, "phase_timeout_s": 20, "max_retries": 1,
-               "max_in_flight": 2, "min_nodes": {"slurm": 0, "k8s": 0}}
+               "max_in_flight": 2, "min_nodes": {"slurm": 0, "k8s": 0}, "reclaim_grace_s": {"slurm": 5, "k8s": 5}}
 # pyghmi against the simulator answers in 0.1-1 s, sometimes more (a lost-packet retransmit),
 # and much more on a 2-core machine busy with other VMs: the default timeout, one retry.
 FAST_POWER = {"timeout_s": 5.0, "retries": 1, "fanout": 8}
@@ -160,6 +160,7 @@ class SimSite:
         self.errors: list[str] = []  # what the harness could not observe or do (see check())
         self.hang: set[str] = set()  # nodes whose image hangs before its boot callback (a fault; reset clears)
         self.pools: dict[str, str] = {}  # shared nodes the site.yaml puts in another pool (a fault; reset clears)
+        self.homes: dict[str, str] = {}  # shared nodes' home sides, where not their initial role (reset sets)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._store = None
@@ -235,7 +236,8 @@ class SimSite:
         nodes += [{"name": n, "pool": "k8s", "macs": [mac(i, 2)], "bmc": bmc} for i, n in enumerate(self.fixed_k8s, 1)]
         nodes += [{"name": n.name, "pool": self.pools.get(n.name, "shared"), "macs": [n.mac], "ip": n.ip,
                    "bmc": {"address": "127.0.0.1", "port": self.bmc.port(n.name)},
-                   **({} if n.name in self.pools else {"default_role": self.initial_roles[n.name]})}
+                   **({} if n.name in self.pools else {"default_role": self.initial_roles[n.name]}),
+                   **({"home": self.homes[n.name]} if n.name in self.homes and n.name not in self.pools else {})}
                   for n in self.nodes.values()]
         url = f"http://127.0.0.1:{self.port}"
         return write_site(
@@ -261,10 +263,11 @@ class SimSite:
 
     def reset(self, roles: dict[str, str] | None = None, policy: dict | None = None,
               power: dict | None = None, kubernetes: dict | None = None, boot_delay: float | None = None,
-              join_delay: float | None = None) -> None:
+              join_delay: float | None = None, homes: dict[str, str] | None = None) -> None:
         """Between tests: no jobs, no pods, every shared node steady on its side (default: its
         initial role), powered on, unpinned, no fault, empty BMC history, store rows fresh.
-        policy/power/kubernetes: overrides for this test; the delays: the constructor's unless given."""
+        policy/power/kubernetes: overrides for this test; the delays: the constructor's unless given;
+        homes: shared nodes' home sides for this test (default: their initial role)."""
         from provisioner.states import STEADY
 
         start = time.monotonic()
@@ -275,6 +278,7 @@ class SimSite:
         roles = {**self.initial_roles, **(roles or {})}
         self.hang.clear()
         self.pools.clear()
+        self.homes = dict(homes or {})
         self.config = self.write_config(policy, power, kubernetes)
         if self._boot_env is not None or not self.boot.running():
             self.restart_boot_server()
@@ -311,7 +315,8 @@ class SimSite:
                               desired_role=role, booted_role=role, booted_version="1", booted_at=time.time(),
                               pinned=0, pin_reason=None, phase=STEADY, target_role=None, phase_since=None,
                               attempts=0, failed_reason=None, last_switch_at=None, switch_reason=None,
-                              switch_actor=None, k8s_boot_id=None)
+                              switch_actor=None, k8s_boot_id=None, reclaim_deadline=None, reclaim_work=None,
+                              evict_refused_at=None, evict_refused=None)
         self.store.set_demand({"slurm": 0, "k8s": 0}, time.time())
         self.boots.clear()
         self.violations.clear()

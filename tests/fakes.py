@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from provisioner.clusters.kubernetes import EvictionResult, KubeNode, PodOnNode
-from provisioner.clusters.slurm import PAPER_REASON, SlurmNode, SlurmSnapshot
+from provisioner.clusters.slurm import PAPER_REASON, RequeueResult, RunningJob, SlurmNode, SlurmSnapshot
 from provisioner.errors import OperationError
 from provisioner.power.dispatch import PowerResult
 
@@ -33,13 +33,25 @@ class FakeSlurm(Refusals):
         self.calls: list[tuple] = []
         self.refuse = {}
         self.resume_leaves_not_responding = False  # slurmctld pings a resumed node first
+        self.jobs: dict[str, list[RunningJob]] = {}  # node -> the jobs holding it (see run_job)
+        self.pending: list = []  # clusters.slurm.PendingJob: the queue observe() shows
+
+    def run_job(self, name: str, job_id: str, requeue: bool = True, **kw) -> None:
+        """A job starts on the node: it is busy (allocated) until the job ends or is requeued."""
+        self.jobs.setdefault(name, []).append(RunningJob(job_id, "RUNNING", (name,), requeue, True, **kw))
+        self.set(name, state="allocated", alloc_cpus=self.state[name].cpus)
+
+    def end_job(self, name: str, job_id: str) -> None:
+        self.jobs[name] = [j for j in self.jobs.get(name, []) if j.job_id != job_id]
+        if not self.jobs[name]:
+            self.set(name, state="down" if self.state[name].down else "idle", alloc_cpus=0)
 
     def set(self, name: str, **changes) -> None:
         self.state[name] = replace(self.state[name], **changes)
 
     def observe(self) -> SlurmSnapshot:
         self._check("observe")
-        return SlurmSnapshot(dict(self.state), ())
+        return SlurmSnapshot(dict(self.state), tuple(self.pending))
 
     def nodes(self, names=None) -> dict[str, SlurmNode]:
         self._check("nodes")
@@ -85,19 +97,38 @@ class FakeSlurm(Refusals):
         return self.nodes(nodes)
 
 
+    def jobs_on(self, node: str) -> list[RunningJob]:
+        self._check("jobs_on")
+        return list(self.jobs.get(node, []))
+
+    def requeue_jobs_on(self, node: str) -> RequeueResult:
+        self._check("requeue")
+        self.calls.append(("requeue", node))
+        current = self.state[node]
+        if not ((current.drain or current.down) and current.reason_is_ours):
+            raise OperationError(f"node {node} is not drained by provisioner: drain it before requeueing its jobs")
+        jobs = self.jobs_on(node)
+        todo = tuple(j.job_id for j in jobs if j.requeueable)
+        kept = tuple((j.job_id, j.why_not_requeueable) for j in jobs if not j.requeueable)
+        for job_id in todo:
+            self.end_job(node, job_id)
+        return RequeueResult(node, todo, kept, tuple(j.job_id for j in self.jobs_on(node)))
+
+
 class FakeKube(Refusals):
     def __init__(self, **nodes: KubeNode):
         self.state: dict[str, KubeNode] = dict(nodes)
         self.calls: list[tuple] = []
         self.refuse = {}
         self.evictable = True  # False: a PodDisruptionBudget refuses every eviction
+        self.pending: list = []  # clusters.kubernetes.PendingPod: what pending_pods() shows
 
     def set(self, name: str, **changes) -> None:
         self.state[name] = replace(self.state[name], **changes)
 
     def pending_pods(self) -> list:
         self._check("pending_pods")
-        return []
+        return list(self.pending)
 
     def nodes(self, names=None) -> dict[str, KubeNode]:
         return {n: k for n, k in self.state.items() if names is None or n in set(names)}

@@ -168,7 +168,8 @@ def test_dry_run_changes_nothing(balance_site):
     # Each line carries the pass's time, in UTC with its offset: cron appends every pass to one log.
     assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 ", line) for line in lines), lines
     assert lines[0].endswith(" dry run: nothing changed")
-    assert any(line.endswith(" move sn01 -> slurm: 1 job Pending (Resources) in partition batch; sn01 idle in k8s")
+    assert any(line.endswith(" move sn01 -> slurm: 1 job Pending (Resources) in partition batch; sn01 idle in k8s; "
+                             "its home is slurm")
                for line in lines)
 
     assert sim.store.events(limit=1)[-1].id == last_event  # no event, no state change

@@ -15,14 +15,14 @@ pytestmark = pytest.mark.integration
 GI = 1 << 30
 
 
-def deployment(kube, name: str, replicas: int = 1) -> None:
+def deployment(kube, name: str, replicas: int = 1, requests: dict | None = None) -> None:
     labels = {"app": name}
     kube.namespace("default")
     kube.api.create(ns_path("deployments", "default"), {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": "default"},
         "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
                  "template": {"metadata": {"labels": labels},
-                              "spec": kube.pod_spec({"cpu": "1", "memory": "1Gi"})}}})
+                              "spec": kube.pod_spec(requests or {"cpu": "1", "memory": "1Gi"})}}})
 
 
 def test_a_deployments_pod_is_evicted_unless_a_pdb_with_max_unavailable_0_refuses(kube, kube_adapter: KubernetesAdapter):

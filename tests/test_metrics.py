@@ -5,6 +5,7 @@ adding up) and a real Prometheus scraping it: tests/test_metrics_prometheus.py."
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,17 @@ def test_store_metrics_on_postgresql(site, pg_url):
     assert value(m, "provisioner_switches_failed_total", to="slurm") == 1
     assert value(m, "provisioner_switches_started_total", to="k8s") == 1
     assert value(m, "provisioner_nodes", role=store.get("sn01").desired_role, phase="failed") == 1
+
+
+def test_a_reclaim_a_budget_refused_is_a_held_metric_for_cooldown_s(app, site):
+    """A node whose reclaim a PodDisruptionBudget refused (recorded on the node by the switch's
+    rollback): provisioner_reclaim_held{node,reason} is 1 while decide() holds it."""
+    client = app.test_client()
+    store = Store(site.store)
+    assert not [k for k in scrape(client) if k[0] == "provisioner_reclaim_held"]
+    store.update("sn01", actor="t", kind="rollback", message="refused", evict_refused_at=time.time(),
+                 evict_refused="default/web-0: Cannot evict pod as it would violate the pod's disruption budget.")
+    assert value(scrape(client), "provisioner_reclaim_held", node="sn01", reason="pod-disruption-budget") == 1
+    store.update("sn01", actor="t", kind="test", message="long ago",
+                 evict_refused_at=time.time() - site.policy.cooldown_s - 1)
+    assert not [k for k in scrape(client) if k[0] == "provisioner_reclaim_held"]

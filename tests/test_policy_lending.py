@@ -164,3 +164,15 @@ def test_reclaim_bound():
     # slurm's node lent to k8s: persistence 120 + a pass 60 + k8s's grace 300 + the switch 40
     assert reclaim_bound(policy, "slurm", 60, 40) == 520
     assert reclaim_bound(policy, "k8s", 60, 75) == 120 + 60 + 600 + 75
+
+
+
+def test_a_reclaim_in_its_grace_is_released_when_its_home_no_longer_needs_it():
+    in_grace = node("sn1", "slurm", phase="cordoning", busy=True, home="slurm", reclaim_deadline=NOW + 300)
+    past_grace = node("sn2", "slurm", phase="cordoning", busy=True, home="slurm", reclaim_deadline=NOW - 100)
+    # No SLURM work waits any more: the one still in its grace is released; the other's work is
+    # already being moved, so its switch goes on.
+    d = decide(snap([in_grace, past_grace]))
+    assert list(d.release) == ["sn1"] and "slurm no longer needs it" in d.release["sn1"]
+    # While a job still waits for it, it is kept.
+    assert not decide(snap([in_grace, past_grace], jobs=jobs(2))).release

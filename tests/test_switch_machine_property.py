@@ -6,8 +6,10 @@ Hypothesis interleaves balance passes with: jobs and pods arriving and ending (a
 nodeName too, past a cordon), BMC timeouts and wrong answers (ok, but nothing happened), boot
 callbacks lost, late or sent twice, a slurmd or kubelet that registers before the callback or
 never, drains and cordons refused, admins' role changes and cancels, slurmctld's resume and
-resume-fail asks, a pass killed at any crash point, and a clock skew between the boot server and
-the balancer. After every step: no exception escaped a pass; no node with a job or a pod was
+resume-fail asks, a pass killed at any crash point, a clock skew between the boot server and
+the balancer, and work waiting on either side, which makes the policy move nodes: lend idle ones
+and reclaim busy ones from their borrower (sn01's home is Kubernetes, sn03's SLURM), evicting pods
+(or refused by a PodDisruptionBudget) and requeueing jobs (or waiting for one that cannot be). After every step: no exception escaped a pass; no node with a job or a pod was
 powered; no node was powered twice for one power intent; no ask was answered twice. At the end,
 with the faults stopped: every switch ends (steady, or failed with a reason) within
 phase_timeout_s x (max_retries + 2), and every ask has its answer."""
@@ -27,6 +29,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from provisioner import config
+from provisioner.clusters.kubernetes import PendingPod
+from provisioner.clusters.slurm import PendingJob
 from provisioner.reconcile import Reconciler
 from provisioner.states import FAILED, K8S, SLURM, STEADY, SWITCHING
 from provisioner.store import Store
@@ -34,10 +38,11 @@ from provisioner.switch import handlers, machine
 from provisioner.switch.handlers import HOST_CLOCK_SKEW_S
 from provisioner.power.dispatch import PowerResult
 from tests.fakes import FakeKube, FakeSlurm, kube_node, slurm_node
-from testbed.site import write_site
+from testbed.site import mac, write_site
 
 NOW = 1_800_000_000.0
 TIMEOUT = 30
+GRACE = 10  # reclaim_grace_s of both sides
 RETRIES = 1
 NODES = ("sn01", "sn02", "sn03", "sn04")
 K8S_START = ("sn03", "sn04")
@@ -72,7 +77,7 @@ class Box:
 
     image: str | None  # the image it runs (None: rebooting)
     boot: int = 0  # how many times it booted
-    jobs: int = 0  # (its pods are the Kubernetes fake's: an eviction removes them there)
+    # (its jobs and pods are the fakes': a requeue or an eviction removes them there)
     pending: str | None = None  # the image of a boot in progress
     powered_at: float = 0.0  # when provisioner last powered it (and it started to boot)
     callback_lost: bool = False
@@ -96,8 +101,13 @@ class SwitchMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         site_dir = _TMP[0] / f"site{next(_RUNS)}"
-        self.site = config.load(write_site(site_dir, policy={"phase_timeout_s": TIMEOUT, "max_retries": RETRIES,
-                                                             "cooldown_s": 0}))
+        nodes = [{"name": "cn[01-02]", "pool": "slurm", "macs": [mac(1, 1), mac(2, 1)], "bmc": {"address": "127.0.0.1"}},
+                 *({"name": n, "pool": "shared", "default_role": "slurm", "macs": [mac(i, 3)], "ip": f"10.0.3.{i}",
+                    "bmc": {"address": "127.0.0.1"}, **({"home": K8S} if n == "sn01" else {})}
+                   for i, n in enumerate(NODES, start=1))]
+        self.site = config.load(write_site(site_dir, nodes, policy={
+            "phase_timeout_s": TIMEOUT, "max_retries": RETRIES, "cooldown_s": 0, "demand_persist_s": 0,
+            "reclaim_grace_s": {SLURM: GRACE, K8S: GRACE}}))
         if os.path.exists(self.site.store):
             os.unlink(self.site.store)
         self.store = Store(self.site.store)
@@ -116,6 +126,7 @@ class SwitchMachine(RuleBasedStateMachine):
                            flags=frozenset({"not_responding"}))
         self.bmc = "ok"  # ok | timeout | lie
         self.pods = 0  # pods made so far (their names)
+        self.jobs = 0  # jobs started so far (their ids)
         self.violations: list[str] = []
         self.answered: dict[int, int] = {}
         self.crashes = Crashes()
@@ -134,8 +145,9 @@ class SwitchMachine(RuleBasedStateMachine):
             name = node.name
             box = self.boxes[name]
             pods = self.kube.state[name].pods
-            if box.jobs or pods:
-                self.violations.append(f"{name} powered ({action}) with {box.jobs} job(s), {len(pods)} pod(s)")
+            jobs = self.slurm.jobs.get(name, [])
+            if jobs or pods:
+                self.violations.append(f"{name} powered ({action}) with {len(jobs)} job(s), {len(pods)} pod(s)")
             intent = self.store.get(name).power_at
             if self.bmc != "timeout":  # a power action that failed is not one
                 if (intent, action) in box.powered_intents:
@@ -259,19 +271,32 @@ class SwitchMachine(RuleBasedStateMachine):
         elif not hold and k.unschedulable and not k.cordoned_by_us:
             self.kube.set(name, unschedulable=False)
 
-    @happening(name=PLAYED)
-    def job_starts(self, name):
+    @happening(name=PLAYED, requeue=st.booleans())
+    def job_starts(self, name, requeue):
         s, box = self.slurm.state[name], self.boxes[name]
         if box.image == SLURM and box.registered and s.available:
-            box.jobs += 1
-            self.slurm.set(name, state="allocated", alloc_cpus=box.jobs)
+            self.jobs += 1
+            self.slurm.run_job(name, str(self.jobs), requeue=requeue, start_time=self.now)
 
     @happening(name=PLAYED)
     def job_ends(self, name):
-        box = self.boxes[name]
-        if box.jobs:
-            box.jobs -= 1
-            self.slurm.set(name, state="allocated" if box.jobs else "idle", alloc_cpus=box.jobs)
+        if self.slurm.jobs.get(name):
+            self.slurm.end_job(name, self.slurm.jobs[name][0].job_id)
+
+    @happening(nodes=st.sampled_from([0, 1, 1, 3]))
+    def slurm_work_waits(self, nodes):
+        """A job as wide as `nodes` waits (0: none): more than the idle nodes makes a reclaim."""
+        self.slurm.pending = [PendingJob("pending-1", "Resources", ("batch",), nodes, nodes)] if nodes else []
+
+    @happening(count=st.sampled_from([0, 1, 1, 4]))
+    def pods_wait(self, count):
+        """`count` pods that each fill a node wait."""
+        self.kube.pending = [PendingPod("ml", f"train-{i}", 4000, 1 << 30, 0, (), (), (), 0, None, "Unschedulable")
+                             for i in range(count)]
+
+    @happening(on=st.booleans())
+    def budget_refuses(self, on):
+        self.kube.evictable = not on
 
     @happening(name=PLAYED, by_node_name=st.booleans())
     def pod_starts(self, name, by_node_name):
@@ -340,8 +365,9 @@ class SwitchMachine(RuleBasedStateMachine):
         self.bmc, self.skew = "ok", 0.0
         self.slurm.refuse.clear()
         self.kube.refuse.clear()
+        self.slurm.pending, self.kube.pending, self.kube.evictable = [], [], True
+        self.slurm.jobs.clear()
         for name, box in self.boxes.items():
-            box.jobs = 0
             self.slurm.set(name, state="idle" if self.slurm.state[name].state == "allocated" else
                            self.slurm.state[name].state, alloc_cpus=0)
             self.kube.set(name, pods=())

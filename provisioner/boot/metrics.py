@@ -31,6 +31,7 @@ from prometheus_client.utils import floatToGoString
 
 from provisioner.errors import ProvisionerError
 from provisioner.model import Site
+from provisioner.policy import reclaim_held
 from provisioner.states import FAILED, K8S, PHASES, REBOOTING, ROLES, SLURM, STEADY, SWITCHING
 from provisioner.store import Store
 
@@ -269,6 +270,14 @@ class StoreCollector:
                 in_phase.add_metric([st.name, st.phase, st.target_role or ""],
                                     max(0.0, now - st.phase_since) if st.phase_since else 0.0)
         yield in_phase
+
+        held = GaugeMetricFamily("provisioner_reclaim_held", "1 for each node its home side wants back but "
+                                 "cannot take: a PodDisruptionBudget refused the eviction (held for cooldown_s)",
+                                 labels=["node", "reason"])
+        for st in self.node_rows:
+            if reclaim_held(st.evict_refused_at, st.evict_refused, self.site.policy.cooldown_s, now):
+                held.add_metric([st.name, "pod-disruption-budget"], 1.0)
+        yield held
 
         timeout = GaugeMetricFamily("provisioner_phase_timeout_seconds", "policy.phase_timeout_s: a switching "
                                     "phase older than this is retried, rolled back or failed by the next pass")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from provisioner.clusters.kubernetes import EvictionResult, KubeNode, PendingPod
-    from provisioner.clusters.slurm import SlurmNode, SlurmSnapshot
+    from provisioner.clusters.slurm import RequeueResult, RunningJob, SlurmNode, SlurmSnapshot
     from provisioner.model import Node, Site
     from provisioner.power.dispatch import PowerResult
 
@@ -30,6 +30,10 @@ class SlurmClient(Protocol):
     def power_down(self, nodes: str | Iterable[str]) -> dict[str, "SlurmNode"]: ...
 
     def power_up(self, nodes: str | Iterable[str]) -> dict[str, "SlurmNode"]: ...
+
+    def jobs_on(self, node: str) -> list["RunningJob"]: ...
+
+    def requeue_jobs_on(self, node: str) -> "RequeueResult": ...
 
 
 class KubeClient(Protocol):

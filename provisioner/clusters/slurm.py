@@ -170,6 +170,7 @@ class RunningJob:
     requeue: bool  # Requeue=1: slurm.conf's JobRequeue (default 1) unless sbatch --no-requeue
     batch: bool  # BatchFlag=1: only batch jobs can be requeued (not srun/salloc)
     end_time: float | None = None  # when it reaches its time limit (None: no limit)
+    start_time: float | None = None  # when it started (None: not yet, or unknown)
 
     @property
     def requeueable(self) -> bool:
@@ -343,6 +344,7 @@ def parse_jobs(text: str) -> list[RunningJob]:
             requeue=f.get("Requeue", "0").strip() == "1",
             batch=f.get("BatchFlag", "0").strip() == "1",
             end_time=_epoch(f.get("EndTime", "").strip()),
+            start_time=_epoch(f.get("StartTime", "").strip()),
         ))
     return jobs
 

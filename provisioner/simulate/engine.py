@@ -43,7 +43,9 @@ JobRequeue default) and PodDisruptionBudgets (every pod can be evicted); topolog
 priorities, affinities, DaemonSets and the scheduler's scoring (spread, balanced allocation);
 SLURM power saving (with it a wide job takes a lent node at once and waits for it, instead of
 being backfilled around: tests/test_slurm_wide_job.py shows both) and its asks; the time
-slurmctld and the Kubernetes scheduler take to react (both place work the moment it can run).
+slurmctld and the Kubernetes scheduler take to react (both place work the moment it can run);
+decide()'s release of a reclaim still in its grace whose home side no longer needs the node (a
+reclaim here always runs to its end).
 """
 
 from __future__ import annotations

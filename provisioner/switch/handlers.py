@@ -36,7 +36,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from provisioner.clusters.slurm import PAPER_REASON
-from provisioner.states import BOOTING, CORDONING, DRAINING, JOINING, K8S, REBOOTING, REQUESTED, SLURM, other
+from provisioner.states import (BOOTING, CORDONING, DRAINING, EVICT, JOINING, K8S, REBOOTING, REQUEUE, REQUESTED, SLURM,
+                                other)
 from provisioner.store import NodeState
 from provisioner.switch.machine import Go, Wait, crash_point, fire, stamp
 
@@ -88,6 +89,8 @@ def on_draining(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait
     if not (s.drain or s.down):
         return Go("rollback", "the drain was lifted by someone else")
     if s.busy:
+        if st.reclaim_work == REQUEUE:
+            return _requeue(rec, st, report)
         return Wait("jobs still running")
     if rec.site.slurm.power_saving:
         # Powered down for SLURM, still drained (ours) until it is settled in Kubernetes.
@@ -105,7 +108,11 @@ def on_draining(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait
 def on_cordoning(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:
     name = st.name
     k = rec.kube.node(name)
-    if k is not None and k.busy:
+    if k is not None and k.busy and st.reclaim_work == EVICT:
+        out = _evict(rec, st, report)
+        if out is not None:
+            return out
+    elif k is not None and k.busy:
         if not rec.forced(st):
             return Go("rollback", f"pods appeared on the node ({', '.join(p.key for p in k.pods)})")
         res = rec.kube.evict_pods(name)
@@ -123,6 +130,63 @@ def on_cordoning(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
         rec.slurm.power_up([name])
     return Go("emptied", "no pods left; will boot the slurm image",
               {"desired_role": SLURM, "power_at": None, "k8s_boot_id": k.boot_id if k is not None else None})
+
+
+def _move_work(rec: Reconciler, st: NodeState, report: PassReport):
+    """A reclaim's work: left running until its grace deadline (the node takes no new work; a
+    Wait), then moved by st.reclaim_work (requeue its jobs, evict its pods) and recorded in the
+    pass report and the history (`requeued`, `evicted`). Returns the adapter's result."""
+    from provisioner.reconcile import Step
+
+    requeue = st.reclaim_work == REQUEUE
+    if st.reclaim_deadline is not None and rec.clock() < st.reclaim_deadline:
+        why = f"reclaim: its {'jobs' if requeue else 'pods'} run until the end of the grace at {stamp(st.reclaim_deadline)}"
+        return Wait(why, note=why)
+    res = rec.slurm.requeue_jobs_on(st.name) if requeue else rec.kube.evict_pods(st.name)
+    kind, noun, moved = ("requeued", "job", res.requeued) if requeue else ("evicted", "pod", res.evicted)
+    if moved:
+        what = f"{kind} {noun}(s) {', '.join(moved)}: their grace ended at {stamp(st.reclaim_deadline)}"
+        report.steps.append(Step(st.name, kind, what))
+        rec.store.add_event(st.name, rec.actor, kind, what, {f"{noun}s": list(moved)})
+    return res
+
+
+def _requeue(rec: Reconciler, st: NodeState, report: PassReport) -> Wait:
+    """A reclaimed SLURM node past its grace: its jobs that can be requeued are requeued (back to
+    the queue with their priority, to start elsewhere); the others run to their end or time
+    limit, and the drain waits for them (a reclaim's draining has no timeout: states.RECLAIM_TIMEOUTS)."""
+    res = _move_work(rec, st, report)
+    if isinstance(res, Wait):
+        return res
+    if res.kept:
+        kept = "; ".join(f"job {j}: {why}" for j, why in res.kept)
+        return Wait(f"reclaim: waiting for jobs that cannot be requeued to end ({kept})",
+                    note=f"waiting for jobs that cannot be requeued to end ({kept})")
+    return Wait("requeued jobs still ending" if res.remaining else "jobs ended")
+
+
+def _evict(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait | None:
+    """A reclaimed Kubernetes node past its grace: its pods are evicted through the Eviction API.
+    A PodDisruptionBudget that still refuses phase_timeout_s after the deadline rolls the switch
+    back (our cordon lifted, the node stays in Kubernetes) and its refusal is recorded on the
+    node, so that decide() holds it for cooldown_s. None: the node is free."""
+    res = _move_work(rec, st, report)
+    if isinstance(res, Wait):
+        return res
+    if res.free:
+        return None
+    if not res.blocked:
+        return Wait(f"evicted pods still terminating ({', '.join(res.remaining)})")
+    refused = "; ".join(f"{p}: {why}" for p, why in res.blocked)
+    now = rec.clock()
+    if now - (st.reclaim_deadline or now) > rec.policy.phase_timeout_s:
+        return Go("rollback", f"a PodDisruptionBudget kept refusing the eviction for "
+                              f"{int(now - st.reclaim_deadline)} s after the grace ({refused}); held in Kubernetes for "
+                              f"cooldown_s={rec.policy.cooldown_s} s",
+                  {"evict_refused_at": now, "evict_refused": refused}, ok=False,
+                  data={"held": "pod-disruption-budget", "refused": refused})
+    return Wait(f"a PodDisruptionBudget refuses the eviction ({refused})",
+                note=f"a PodDisruptionBudget refuses the eviction ({refused}); tried again next pass")
 
 
 def on_rebooting(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait:

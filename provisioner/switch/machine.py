@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from provisioner.errors import OperationError
-from provisioner.states import FAILED, K8S, SLURM, STEADY, TIMEOUTS, lookup, other
+from provisioner.states import FAILED, K8S, RECLAIM_TIMEOUTS, SLURM, STEADY, TIMEOUTS, lookup, other
 from provisioner.store import NodeState
 from provisioner.switch.locks import LockLost, check_held
 
@@ -95,10 +95,11 @@ def _on_timeout(rec: Reconciler, st: NodeState, why: str, report: PassReport, ev
     """The phase waited (or failed) past policy.phase_timeout_s: the way out states.TIMEOUTS
     declares. True when the phase changed."""
     now = rec.clock()
-    age = now - (st.phase_since or now)
+    age = now - waits_since(st, now)
     if age <= rec.policy.phase_timeout_s:
         return False
-    event = event or TIMEOUTS[st.phase][1 if rec.forced(st) else 0]
+    reclaim = st.reclaim_deadline is not None and st.phase in RECLAIM_TIMEOUTS and not rec.forced(st)
+    event = event or (RECLAIM_TIMEOUTS[st.phase] if reclaim else TIMEOUTS[st.phase][1 if rec.forced(st) else 0])
     if event is None:
         report.notes.append(f"{st.name}: still {st.phase} after {int(age)} s ({why}; started by {st.switch_actor}; "
                             f"`provisioner role {st.name} --cancel` ends it)")
@@ -113,6 +114,15 @@ def _on_timeout(rec: Reconciler, st: NodeState, why: str, report: PassReport, ev
     return fire(rec, st, Go(event, why if f"{int(age)} s" in why else f"{why} ({int(age)} s in {st.phase})"), report)
 
 
+def waits_since(st: NodeState, now: float) -> float:
+    """When the phase's timeout starts counting: its start, or for a reclaim waiting for its
+    work (draining, cordoning) the end of the grace, so phase_timeout_s never cuts a grace short."""
+    since = st.phase_since or now
+    if st.reclaim_deadline is not None and st.phase in RECLAIM_TIMEOUTS:
+        since = max(since, st.reclaim_deadline)
+    return since
+
+
 def fire(rec: Reconciler, st: NodeState, go: Go, report: PassReport) -> bool:
     """Take the declared transition for go.event: the one compare-and-set write of a switch.
     True when it was written (False: the row changed under this pass, which leaves it alone)."""
@@ -123,6 +133,8 @@ def fire(rec: Reconciler, st: NodeState, go: Go, report: PassReport) -> bool:
     if t.target != t.source:
         fields.setdefault("phase", t.target)
         fields.setdefault("phase_since", now)
+    if t.target in (STEADY, FAILED):
+        fields.update(reclaim_deadline=None, reclaim_work=None)
     if t.target == STEADY:
         fields.update(target_role=None, attempts=0)
         if t.event == "joined":
