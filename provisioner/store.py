@@ -130,6 +130,16 @@ MIGRATIONS: list[str] = [
         granted_by      TEXT
     );
     """,
+    # 6 -> 7: maintenance holds (`provisioner hold`): the balancer, slurmctld's asks and power
+    # saving leave a held node alone. A table of its own: a hold outlives any switch state.
+    """
+    CREATE TABLE holds (
+        node    TEXT PRIMARY KEY,
+        reason  TEXT NOT NULL,
+        actor   TEXT NOT NULL,
+        since   REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -183,6 +193,22 @@ class Ask:
         return {"id": self.id, "node": self.node, "kind": self.kind, "source": self.source, "reason": self.reason,
                 "created": iso(self.created_at), "closed": iso(self.closed_at), "outcome": self.outcome,
                 "message": self.message}
+
+
+@dataclass(frozen=True)
+class Hold:
+    """An admin's maintenance hold on a node: provisioner leaves it alone until `unhold`."""
+
+    node: str
+    reason: str
+    actor: str
+    since: float
+
+    def describe(self) -> str:
+        return f"held for maintenance by {self.actor} since {iso(self.since)}: {self.reason}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "actor": self.actor, "since": iso(self.since)}
 
 
 @dataclass(frozen=True)
@@ -574,6 +600,47 @@ class Store:
                     changed.append(name)
         return changed
 
+    # -- maintenance holds ------------------------------------------------------------
+
+    def holds(self, names: Iterable[str] | None = None) -> dict[str, Hold]:
+        rows = self._conn().execute("SELECT * FROM holds ORDER BY node").fetchall()
+        holds = {r["node"]: Hold(r["node"], r["reason"], r["actor"], r["since"]) for r in rows}
+        if names is None:
+            return holds
+        return {n: holds[n] for n in names if n in holds}
+
+    def hold(self, names: list[str], *, actor: str, reason: str) -> list[str]:
+        """Hold nodes for maintenance (a held node's reason is replaced). Returns the nodes changed."""
+        now = time.time()
+        changed = []
+        with self.transaction() as c:
+            for name in names:
+                row = c.execute("SELECT reason FROM holds WHERE node = ?", (name,)).fetchone()
+                if row is not None and row["reason"] == reason:
+                    continue
+                c.execute("INSERT INTO holds (node, reason, actor, since) VALUES (?, ?, ?, ?) ON CONFLICT (node)"
+                          " DO UPDATE SET reason = excluded.reason, actor = excluded.actor, since = excluded.since",
+                          (name, reason, actor, now))
+                self._event(c, now, name, actor, "hold", f"held for maintenance: {reason}",
+                            {"reason": reason, "old": row["reason"] if row else None})
+                changed.append(name)
+        return changed
+
+    def unhold(self, names: list[str], *, actor: str, reason: str) -> list[str]:
+        """End nodes' holds. Returns the nodes changed."""
+        now = time.time()
+        changed = []
+        with self.transaction() as c:
+            for name in names:
+                row = c.execute("SELECT reason FROM holds WHERE node = ?", (name,)).fetchone()
+                if row is None:
+                    continue
+                c.execute("DELETE FROM holds WHERE node = ?", (name,))
+                self._event(c, now, name, actor, "unhold", f"hold ended ({row['reason']}): {reason}",
+                            {"reason": reason, "hold": row["reason"]})
+                changed.append(name)
+        return changed
+
     # -- demand persistence ----------------------------------------------------------
 
     def demand_since(self) -> dict[str, float]:
@@ -635,7 +702,7 @@ class Store:
 
     # -- whole tables (store copy) -------------------------------------------------
 
-    COPY_TABLES = ("nodes", "events", "asks", "image_pins", "demand")
+    COPY_TABLES = ("nodes", "events", "asks", "image_pins", "demand", "holds")
 
     def count_rows(self, table: str) -> int:
         if table not in self.COPY_TABLES:
@@ -646,7 +713,8 @@ class Store:
         """Every row of one of the state tables, as dicts, in key order."""
         if table not in self.COPY_TABLES:
             raise ValueError(f"unknown table {table!r}")
-        order = {"nodes": "name", "events": "id", "asks": "id", "image_pins": "node, image", "demand": "side"}[table]
+        order = {"nodes": "name", "events": "id", "asks": "id", "image_pins": "node, image", "demand": "side",
+                 "holds": "node"}[table]
         return [dict(r) for r in self._conn().execute(f"SELECT * FROM {table} ORDER BY {order}")]
 
     # -- events --------------------------------------------------------------------

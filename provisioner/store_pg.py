@@ -130,6 +130,15 @@ MIGRATIONS: list[str] = [
         granted_by      TEXT
     );
     """,
+    # 6 -> 7: maintenance holds
+    """
+    CREATE TABLE holds (
+        node    TEXT PRIMARY KEY,
+        reason  TEXT NOT NULL,
+        actor   TEXT NOT NULL,
+        since   DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION, "store_pg.MIGRATIONS must follow store.MIGRATIONS"
 
