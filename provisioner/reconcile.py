@@ -245,6 +245,7 @@ class Reconciler:
                     if started:
                         self._advance(move.node, report)
                 self._answer(decision, world, report)
+                self._show_holds(world, report)
                 if self.site.slurm.power_saving:
                     self._sync_slurm_view(decision.slurm_hold, world, report)
         return report
@@ -525,6 +526,19 @@ class Reconciler:
                 if other_ask.node == ask.node and other_ask.kind == pol.RESUME:
                     self.store.close_ask(other_ask, "failed", f"slurmctld gave up waiting for it ({ask.reason})",
                                          actor=self.actor)
+
+    def _show_holds(self, world: World, report: PassReport) -> None:
+        """Kubernetes shows why provisioner leaves a held node alone: its Node carries the hold's
+        reason (an annotation, never a cordon), and loses it once the hold ends."""
+        for name in self.shared:
+            k = world.kube_nodes.get(name)
+            want = world.holds[name].reason if name in world.holds else None
+            if k is None or k.hold == want:
+                continue
+            try:
+                self.kube.mark_hold(name, want)
+            except OperationError as exc:
+                report.notes.append(f"{name}: the hold not shown in Kubernetes: {exc}")
 
     def _refuse_held(self, world: World, report: PassReport) -> None:
         """slurmctld's asks for a held node, answered at once and for good: a resume is refused

@@ -62,11 +62,18 @@ def test_the_balancer_never_moves_a_held_node(k8s_world):
     report = rec.run_pass()
     assert report.moves == [] and store.nodes(SHARED)["sn01"].desired_role == K8S
     assert sum("the balancer leaves it alone" in n for n in report.notes) == len(SHARED)
-    # Held means left alone, not taken out of service: no cordon, no drain, no power action.
-    assert kube.calls == [] and [c for c in slurm.calls if c[0] == "drain"] == [] and power.calls == []
-    # Unheld: movable again.
+    # Held means left alone, not taken out of service: no cordon, no drain, no power action;
+    # Kubernetes shows why on the Node (an annotation).
+    assert {c[0] for c in kube.calls} == {"mark_hold"} and power.calls == []
+    assert [c for c in slurm.calls if c[0] == "drain"] == []
+    assert {n: k.hold for n, k in kube.state.items()} == {"sn01": "firmware", "sn02": "DIMM swap",
+                                                          "sn03": "DIMM swap", "sn04": "DIMM swap"}
+    assert not any(k.unschedulable for k in kube.state.values())
+    # Unheld: the mark goes, and the node is movable again.
     assert store.unhold(["sn01"], actor="admin:test", reason="done") == ["sn01"]
     assert [m.node for m in rec.run_pass(dry_run=True).moves] == ["sn01"]
+    rec.run_pass()
+    assert kube.state["sn01"].hold is None and kube.state["sn02"].hold == "DIMM swap"
 
 
 def test_an_admins_role_on_a_held_node_is_refused(k8s_world, capsys):
