@@ -258,11 +258,12 @@ INIT_HINT = "`provisioner init` creates it (so do `serve`, `balance` and `run`)"
 
 def open_store(site: Any, timeout_s: float = 30.0, read_only: bool = False) -> "Store":
     """The site's store: site.store_url (PostgreSQL) when the config gives one, else the SQLite
-    file site.store. read_only (the listings): an SQLite store is opened read-only and must
-    exist at the current schema; nothing is created or migrated."""
+    file site.store. read_only (the listings): the store is opened read-only and must exist at
+    the current schema; nothing is created or migrated (Store.check_readable)."""
     url = getattr(site, "store_url", None)
     if url:
-        return Store(url, timeout_s=timeout_s, password_file=getattr(site, "store_password_file", None))
+        return Store(url, timeout_s=timeout_s, password_file=getattr(site, "store_password_file", None),
+                     read_only=read_only)
     return Store(site.store, timeout_s=timeout_s, read_only=read_only)
 
 
@@ -290,10 +291,7 @@ class Store:
         if read_only:
             if not self.path.is_file():
                 raise UsageError(f"no store at {self.where} yet (site.store): {INIT_HINT}")
-            version = self.schema_version()
-            if version != SCHEMA_VERSION:
-                raise UsageError(f"store {self.where} has schema version {version}, this provisioner reads "
-                                 f"{SCHEMA_VERSION}: `provisioner init` migrates it")
+            self.check_readable()
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +373,19 @@ class Store:
 
     def schema_version(self) -> int:
         return self._conn().execute("PRAGMA user_version").fetchone()[0]
+
+    def check_readable(self) -> None:
+        """For a listing (read_only), on both backends: the store must be at this provisioner's
+        schema. A listing never creates nor migrates it: it says which command does."""
+        version = self.schema_version()
+        if version == 0:
+            raise UsageError(f"no store at {self.where} yet (site.store): {INIT_HINT}")
+        if version > SCHEMA_VERSION:
+            raise OperationError(f"store {self.where} has schema version {version}, newer than this provisioner "
+                                 f"({SCHEMA_VERSION}); upgrade provisioner")
+        if version != SCHEMA_VERSION:
+            raise UsageError(f"store {self.where} has schema version {version}, this provisioner reads "
+                             f"{SCHEMA_VERSION}: `provisioner init` migrates it")
 
     # -- nodes ---------------------------------------------------------------------
 

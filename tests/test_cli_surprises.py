@@ -138,6 +138,63 @@ def test_listings_change_no_file(cli, site_path):
         assert snapshot(folder) == before, argv
 
 
+def pg_content(url: str, password_file: Path) -> dict:
+    """Every table of the database with all its rows: the whole of a PostgreSQL store."""
+    import psycopg
+
+    with psycopg.connect(url, password=password_file.read_text().strip()) as c:
+        tables = [r[0] for r in c.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+        return {t: c.execute(f'SELECT * FROM "{t}" ORDER BY 1').fetchall() for t in tables}
+
+
+@pytest.mark.integration
+def test_listings_never_create_or_change_a_postgresql_store(cli, tmp_path, pg_url):
+    """The same on the real PostgreSQL server: no table made, no migration, no row changed (the
+    listings' sessions are read-only), and a missing or old store is one line naming init."""
+    from provisioner.store import SCHEMA_VERSION
+
+    url, pw = pg_url
+    site_path = write_site(tmp_path / "site", site={"store": url, "store_password_file": str(pw),
+                                                    "state_dir": str(tmp_path / "state")})
+    files = snapshot(tmp_path)
+    for argv in LISTINGS:
+        r = cli(site_path, *argv)
+        if argv[0] == "check":
+            assert r.returncode == 0, r.stderr
+        else:
+            assert r.returncode == 2 and "`provisioner init` creates it" in one_line(r), (argv, r.stderr)
+        assert pg_content(url, pw) == {} and snapshot(tmp_path) == files, argv
+    assert one_line(cli(site_path, "nodes")) == (f"provisioner: no store at {url} yet (site.store): `provisioner init` "
+                                                 f"creates it (so do `serve`, `balance` and `run`)")
+
+    assert cli(site_path, "init").returncode == 0
+    assert cli(site_path, "role", "sn01", "k8s", "--reason", "course").returncode == 0
+    assert cli(site_path, "hold", "sn02", "--reason", "DIMM swap").returncode == 0
+    content, files = pg_content(url, pw), snapshot(tmp_path)
+    for argv in LISTINGS:
+        r = cli(site_path, *argv)
+        assert r.returncode == 0, (argv, r.stderr)
+        assert pg_content(url, pw) == content and snapshot(tmp_path) == files, argv
+
+    # A store an older provisioner made: listed only once `init` migrated it.
+    import psycopg
+
+    with psycopg.connect(url, password=pw.read_text().strip(), autocommit=True) as c:
+        c.execute("UPDATE provisioner_schema SET version = %s", (SCHEMA_VERSION - 1,))
+    content = pg_content(url, pw)
+    r = cli(site_path, "nodes")
+    assert r.returncode == 2 and one_line(r) == (f"provisioner: store {url} has schema version {SCHEMA_VERSION - 1}, "
+                                                 f"this provisioner reads {SCHEMA_VERSION}: `provisioner init` "
+                                                 f"migrates it")
+    assert pg_content(url, pw) == content
+
+    # No database at all: one line, what to do.
+    gone = write_site(tmp_path / "gone", site={"store": url.rsplit("/", 1)[0] + "/nosuchdb",
+                                              "store_password_file": str(pw), "state_dir": str(tmp_path / "state")})
+    r = cli(gone, "history")
+    assert r.returncode == 1 and "does not exist" in one_line(r) and "then `provisioner init`" in one_line(r)
+
+
 # --------------------------------------------------------------------------- nodes
 
 
