@@ -29,7 +29,7 @@ from provisioner.model import Site
 from provisioner.nodeset import fold
 from provisioner.powering import power_nodes  # noqa: F401  (its home: provisioner/powering.py)
 from provisioner.states import BOOTING, CANCELLABLE, FAILED, JOINING, K8S, REBOOTING, SLURM, STEADY, SWITCHING
-from provisioner.store import Hold, NodeState, Store
+from provisioner.store import HELD, Hold, NodeState, Store
 from provisioner.switch import machine
 from provisioner.switch.locks import LockLost, PassLocked, check_held, pass_lock  # noqa: F401  (home: switch/locks.py)
 from provisioner.switch.machine import CRASH_ENV, Go  # noqa: F401
@@ -228,7 +228,7 @@ class Reconciler:
             for name, hold in world.holds.items():
                 report.notes.append(f"{name}: {hold.describe()}; the balancer leaves it alone")
                 if name in decision.slurm_hold:  # SLURM shows why it may not ask for it
-                    decision.slurm_hold[name] = f"held for maintenance: {hold.reason}"
+                    decision.slurm_hold[name] = f"{HELD}: {hold.reason}"
             report.moves.extend(decision.moves)
             if self.provider is not None:
                 report.errors.extend(self.provider.serve(world.requests, decision.gangs, report.notes, dry_run))
@@ -529,16 +529,22 @@ class Reconciler:
 
     def _show_holds(self, world: World, report: PassReport) -> None:
         """Kubernetes shows why provisioner leaves a held node alone: its Node carries the hold's
-        reason (an annotation, never a cordon), and loses it once the hold ends."""
+        reason (an annotation, never a cordon), and loses it once the hold ends. A node of SLURM's
+        that was drained (ours) because SLURM asked for it while held is given back to SLURM
+        then; a node in Kubernetes is given back by _sync_slurm_view."""
         for name in self.shared:
             k = world.kube_nodes.get(name)
             want = world.holds[name].reason if name in world.holds else None
-            if k is None or k.hold == want:
-                continue
             try:
-                self.kube.mark_hold(name, want)
+                if k is not None and k.hold != want:
+                    self.kube.mark_hold(name, want)
+                s, st = world.slurm_nodes[name], world.states[name]
+                if want is None and s.drain and s.reason_is_ours and HELD in (s.reason or "") \
+                        and st.phase == STEADY and st.desired_role == SLURM:
+                    self.slurm.resume([name])
+                    report.steps.append(Step(name, "slurm-free", "hold ended: SLURM's drain for it lifted"))
             except OperationError as exc:
-                report.notes.append(f"{name}: the hold not shown in Kubernetes: {exc}")
+                report.notes.append(f"{name}: the hold not shown (or its end) in the clusters: {exc}")
 
     def _refuse_held(self, world: World, report: PassReport) -> None:
         """slurmctld's asks for a held node, answered at once and for good: a resume is refused

@@ -195,6 +195,9 @@ class Ask:
                 "message": self.message}
 
 
+HELD = "held for maintenance"  # how a hold is said everywhere (drain reasons, asks' answers, events)
+
+
 @dataclass(frozen=True)
 class Hold:
     """An admin's maintenance hold on a node: provisioner leaves it alone until `unhold`."""
@@ -205,7 +208,7 @@ class Hold:
     since: float
 
     def describe(self) -> str:
-        return f"held for maintenance by {self.actor} since {iso(self.since)}: {self.reason}"
+        return f"{HELD} by {self.actor} since {iso(self.since)}: {self.reason}"
 
     def as_dict(self) -> dict[str, Any]:
         return {"reason": self.reason, "actor": self.actor, "since": iso(self.since)}
@@ -632,7 +635,7 @@ class Store:
                 c.execute("INSERT INTO holds (node, reason, actor, since) VALUES (?, ?, ?, ?) ON CONFLICT (node)"
                           " DO UPDATE SET reason = excluded.reason, actor = excluded.actor, since = excluded.since",
                           (name, reason, actor, now))
-                self._event(c, now, name, actor, "hold", f"held for maintenance: {reason}",
+                self._event(c, now, name, actor, "hold", f"{HELD}: {reason}",
                             {"reason": reason, "old": row["reason"] if row else None})
                 changed.append(name)
         return changed

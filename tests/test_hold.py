@@ -120,8 +120,18 @@ def test_asks_for_a_held_node_are_answered_at_once_and_power_nothing(ps_world):
     assert slurm.state["sn01"].reason.startswith("provisioner: resume refused: held for maintenance")
     assert "powered_down" in slurm.state["sn01"].flags
     assert store.get("sn01").desired_role == K8S and store.get("sn02").desired_role == SLURM
-    # SLURM's view of a held node in Kubernetes says why SLURM may not ask for it.
-    assert not any("sn01" in m.node and m.to_role == SLURM for m in report.moves)
+    assert not any(m.node == "sn01" for m in report.moves)
+    # Later, SLURM (which took sn02 for powered down) gives it a job: refused as well, drained.
+    slurm.set("sn02", flags=frozenset({"powered_down", "powering_up"}), state="allocated", alloc_cpus=4)
+    store.add_asks(["sn02"], "resume", source="slurmctld", reason="JobId=8", actor="slurmctld")
+    rec.run_pass()
+    assert store.open_asks() == [] and power.calls == [] and slurm.state["sn02"].drain
+    # Unheld: the drains the hold made are lifted (sn02 in SLURM; sn01 by the power-saving view),
+    # free for SLURM to ask for again.
+    slurm.set("sn02", flags=frozenset({"powered_down", "drain"}), state="idle")
+    store.unhold(["sn01", "sn02"], actor="admin:test", reason="done")
+    rec.run_pass()
+    assert not slurm.state["sn02"].drain and not slurm.state["sn01"].drain
 
 
 def test_cli_hold_and_unhold(site, capsys):
