@@ -411,6 +411,10 @@ class Reconciler:
         st = self.store.get(name)
         if st.phase not in (STEADY, FAILED):
             return False
+        hold = None if forced else self.store.holds([name]).get(name)
+        if hold is not None:  # held since this pass observed: re-checked right before the switch
+            report.notes.append(f"{name}: not moved: {hold.describe()}")
+            return False
         fields: dict[str, Any] = dict(target_role=role, attempts=0, failed_reason=None, switch_reason=reason,
                                       switch_actor=actor, power_at=None)
         if forced:

@@ -76,6 +76,24 @@ def test_the_balancer_never_moves_a_held_node(k8s_world):
     assert kube.state["sn01"].hold is None and kube.state["sn02"].hold == "DIMM swap"
 
 
+def test_a_hold_made_while_a_pass_decides_is_rechecked_before_the_switch(k8s_world, monkeypatch):
+    site, store, slurm, kube, rec, power = k8s_world
+    assert rec.run_pass().moves == []
+    rec.clock.now += 3600
+    snapshot = rec.snapshot
+
+    def held_right_after_the_snapshot(*args, **kwargs):
+        snap = snapshot(*args, **kwargs)
+        store.hold(["sn01", "sn02", "sn03", "sn04"], actor="admin:test", reason="DIMM swap")
+        return snap
+
+    monkeypatch.setattr(rec, "snapshot", held_right_after_the_snapshot)
+    report = rec.run_pass()
+    assert [m.node for m in report.moves] == ["sn01"]  # decided on what was observed ...
+    assert store.get("sn01").phase == "steady" and store.get("sn01").desired_role == K8S  # ... not carried out
+    assert any(n.startswith("sn01: not moved: held for maintenance") for n in report.notes)
+
+
 def test_an_admins_role_on_a_held_node_is_refused(k8s_world, capsys):
     site, store, *_ = k8s_world
     store.hold(["sn02"], actor="admin:test", reason="DIMM swap")
