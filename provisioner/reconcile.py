@@ -326,7 +326,8 @@ class Reconciler:
         # A held node is kept out of every move as a pinned one is (where it is, for everyone);
         # the pass's own notes and SLURM's reason say it is held.
         return pol.SharedNode(
-            name=name, role=role, phase=st.phase, pinned=st.pinned or name in world.holds, busy=busy, available=available,
+            name=name, role=role, phase=st.phase, pinned=st.pinned or name in world.holds, busy=busy,
+            available=available,
             last_switch_at=st.last_switch_at, cpus=s.cpus or (k.cpu_m // 1000 if k else 1),
             memory=(s.memory_mb << 20) if s.memory_mb else (k.memory if k else 0),
             gpus=s.gpus or (k.gpus if k else 0), partitions=s.partitions,
