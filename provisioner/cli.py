@@ -198,10 +198,11 @@ def node_rows(ctx: Context, names: list[str]) -> list[dict]:
     from provisioner.policy import reclaim_held
 
     states = ctx.reader.nodes(names)
+    holds = ctx.reader.holds(names)
     rows = []
     now = time.time()
     for name in names:
-        node, st = ctx.site.nodes[name], states.get(name)
+        node, st, hold = ctx.site.nodes[name], states.get(name), holds.get(name)
         rows.append({
             "name": name,
             "pool": node.pool,
@@ -218,7 +219,10 @@ def node_rows(ctx: Context, names: list[str]) -> list[dict]:
             "pin_reason": st.pin_reason if st else None,
             "failed_reason": st.failed_reason if st else None,
             # A reclaim a PodDisruptionBudget refused: the node stays where it is for cooldown_s.
-            "held": reclaim_held(st.evict_refused_at, st.evict_refused, ctx.site.policy.cooldown_s, now) if st else None,
+            "reclaim_held": reclaim_held(st.evict_refused_at, st.evict_refused, ctx.site.policy.cooldown_s, now)
+            if st else None,
+            "held": hold is not None,  # an admin's maintenance hold (`provisioner hold`)
+            "hold": hold.as_dict() if hold else None,  # reason, actor (who), since (when)
             "macs": list(node.macs),
             "ip": node.ip,
         })
@@ -247,8 +251,9 @@ def cmd_nodes(ctx: Context) -> int:
     emit_table(
         ["node", "pool", "desired", "booted", "target", "phase", "age", "pinned", "reason"],
         [[r["name"], r["pool"], r["desired_role"], r["booted_role"], r["target_role"], r["phase"],
-          age(r["phase_since_ts"], now), "yes" if r["pinned"] else "no",
-          r["failed_reason"] or r["held"] or r["pin_reason"]] for r in rows],
+          age(r["phase_since_ts"], now), "HELD" if r["held"] else "yes" if r["pinned"] else "no",
+          r["failed_reason"] or (f"held: {r['hold']['reason']} ({r['hold']['actor']})" if r["held"] else None)
+          or r["reclaim_held"] or r["pin_reason"]] for r in rows],
     )
     return EXIT_OK
 
@@ -355,6 +360,28 @@ def cmd_release(ctx: Context) -> int:
     names = ctx.nodes(ctx.args.nodeset)
     changed = ctx.store.release(names, actor=default_actor(), reason=ctx.args.reason)
     return report_changed(names, changed, "unpinned; the balancer may move them again", "were not pinned")
+
+
+def cmd_hold(ctx: Context) -> int:
+    names = ctx.nodes(ctx.args.nodeset)
+    changed = _reconciler(ctx).hold(names, actor=default_actor(), reason=ctx.args.reason)
+    return _report_holds(ctx, names, changed, "held for maintenance: the balancer, slurmctld's asks and power saving "
+                                              "leave them alone", "already held with that reason")
+
+
+def cmd_unhold(ctx: Context) -> int:
+    names = ctx.nodes(ctx.args.nodeset)
+    changed = ctx.store.unhold(names, actor=default_actor(), reason=ctx.args.reason)
+    return _report_holds(ctx, names, changed, "hold ended; the balancer may move them again", "were not held")
+
+
+def _report_holds(ctx: Context, names: list[str], changed: list[str], done: str, untouched: str) -> int:
+    if ctx.args.json:
+        holds = ctx.store.holds(names)
+        emit_json([{"name": n, "changed": n in changed, "held": n in holds,
+                    "hold": holds[n].as_dict() if n in holds else None} for n in names])
+        return EXIT_OK
+    return report_changed(names, changed, done, untouched)
 
 
 def cmd_render(ctx: Context) -> int:
@@ -738,6 +765,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_nodeset(sp)
     add_reason(sp, "released by admin")
 
+    sp = add("hold", cmd_hold, "hold shared nodes for maintenance: the balancer, slurmctld's asks and power saving "
+                               "leave them alone (nothing is drained or cordoned; `role` refuses them) until unhold",
+             "provisioner hold 'sn[01-02]' --reason 'DIMM swap, ticket 4711'")
+    add_nodeset(sp)
+    sp.add_argument("--reason", required=True, metavar="TEXT",
+                    help="why (shown by nodes, history, SLURM and Kubernetes)")
+    add_json(sp)
+
+    sp = add("unhold", cmd_unhold, "end nodes' maintenance holds: the balancer may move them again",
+             "provisioner unhold 'sn[01-02]'")
+    add_nodeset(sp)
+    add_reason(sp, "maintenance done")
+    add_json(sp)
+
     sp = add("render", cmd_render, "print the exact iPXE script each node gets; reads only",
              "provisioner render 'sn[01-02]' --role k8s")
     add_nodeset(sp)
@@ -830,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
                         example="provisioner store copy --to postgresql://provisioner@db1:5432/provisioner")
     stsub = st.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
     ssp = add("copy", cmd_store_copy,
-              "copy the site's store (every node, event, ask, image pin and demand row) into an empty "
+              "copy the site's store (every node, event, ask, image pin, demand and hold row) into an empty "
               "PostgreSQL database (or SQLite file)",
               "provisioner store copy --to postgresql://provisioner@db1:5432/provisioner", stsub)
     ssp.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST:PORT/DB (no password in it)")

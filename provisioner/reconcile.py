@@ -30,7 +30,7 @@ from provisioner.nodeset import fold
 from provisioner.powering import power_nodes  # noqa: F401  (its home: provisioner/powering.py)
 from provisioner.states import (BOOTING, CANCELLABLE, CORDONING, DRAINING, FAILED, JOINING, K8S, REBOOTING, SLURM, STEADY,
                                 SWITCHING)
-from provisioner.store import NodeState, Store
+from provisioner.store import HELD, Hold, NodeState, Store
 from provisioner.switch import machine
 from provisioner.switch.locks import LockLost, PassLocked, check_held, pass_lock  # noqa: F401  (home: switch/locks.py)
 from provisioner.switch.handlers import set_by_a_switch
@@ -132,6 +132,7 @@ class World:
     states: dict[str, NodeState]
     asks: tuple = ()  # store.Ask: open asks of schedulers (slurmctld's Resume/Suspend/ResumeFailProgram)
     requests: tuple = ()  # clusters.provisioning_requests.Seen: ProvisioningRequests of provisioner's class
+    holds: dict[str, Hold] = field(default_factory=dict)  # shared nodes an admin holds for maintenance
 
 
 def powered(st: NodeState) -> bool:
@@ -202,6 +203,7 @@ class Reconciler:
         nodes = self.shared if only is None else [n for n in self.shared if n in set(only)]
         if not dry_run and only is None:
             self._given_up(world, report)
+            self._refuse_held(world, report)
         left = self._left_pool(report) if only is None else []
         if not dry_run:
             for name in nodes:
@@ -230,6 +232,10 @@ class Reconciler:
             report.demand = dict(decision.demand)
             report.held = dict(decision.held)
             report.notes.extend(decision.notes)
+            for name, hold in world.holds.items():
+                report.notes.append(f"{name}: {hold.describe()}; the balancer leaves it alone")
+                if name in decision.slurm_hold:  # SLURM shows why it may not ask for it
+                    decision.slurm_hold[name] = f"{HELD}: {hold.reason}"
             report.moves.extend(decision.moves)
             if self.provider is not None:
                 report.errors.extend(self.provider.serve(world.requests, decision.gangs, report.notes, dry_run))
@@ -247,6 +253,7 @@ class Reconciler:
                     if started:
                         self._advance(move.node, report)
                 self._answer(decision, world, report)
+                self._show_holds(world, report)
                 if self.site.slurm.power_saving:
                     self._sync_slurm_view(decision.slurm_hold, world, report)
         return report
@@ -302,11 +309,13 @@ class Reconciler:
             states=self.store.nodes(self.shared),
             asks=tuple(self.store.open_asks()),
             requests=self.provider.read() if self.provider is not None else (),
+            holds=self.store.holds(self.shared),
         )
 
     def _refresh_states(self, world: World) -> World:
         return World(world.slurm_nodes, world.pending_jobs, world.kube_nodes, world.pending_pods,
-                     self.store.nodes(self.shared), tuple(self.store.open_asks()), world.requests)
+                     self.store.nodes(self.shared), tuple(self.store.open_asks()), world.requests,
+                     self.store.holds(self.shared))
 
     # -- the snapshot for the policy -------------------------------------------------
 
@@ -325,8 +334,9 @@ class Reconciler:
             # SLURM gives jobs to "powered down" shared nodes itself and asks for them through
             # its ResumeProgram: polling its queue too would move a second node for the same job.
             jobs = ()
+        # A held node's asks are answered before the policy (_refuse_held): the policy never sees them.
         asks = tuple(pol.Ask(a.id, a.node, a.kind, a.source, a.reason) for a in world.asks
-                     if a.kind in (pol.RESUME, pol.SUSPEND))
+                     if a.kind in (pol.RESUME, pol.SUSPEND) and a.node not in world.holds)
         snap = pol.Snapshot(now=now, policy=self.policy, nodes=nodes, jobs=jobs, pods=pods)
         # Demand persistence: first-seen times live in the store, so they survive between passes.
         amounts = pol.demand(snap)
@@ -359,8 +369,11 @@ class Reconciler:
         home = self.site.nodes[name].home_side
         room = k.room if (k is not None and role == K8S) else (0, 0, 0)
         work = self._work(name, now) if role == SLURM and busy and home == K8S and st.phase == STEADY else {}
+        # A held node is kept out of every move as a pinned one is (where it is, for everyone);
+        # the pass's own notes and SLURM's reason say it is held.
         return pol.SharedNode(
-            name=name, role=role, phase=st.phase, pinned=st.pinned, busy=busy, available=available,
+            name=name, role=role, phase=st.phase, pinned=st.pinned or name in world.holds, busy=busy,
+            available=available,
             last_switch_at=st.last_switch_at, cpus=s.cpus or (k.cpu_m // 1000 if k else 1),
             memory=(s.memory_mb << 20) if s.memory_mb else (k.memory if k else 0),
             gpus=s.gpus or (k.gpus if k else 0), partitions=s.partitions,
@@ -394,6 +407,10 @@ class Reconciler:
         if fixed:
             raise UsageError(f"{fold(fixed)} not in the shared pool: only shared nodes change role "
                              f"(change pool in {self.site.path} first)")
+        held = sorted(self.store.holds(names))
+        if held:
+            raise UsageError(f"{fold(held)} held for maintenance: `provisioner unhold {fold(held)}` first "
+                             f"(`provisioner nodes {fold(held)}` says why)")
         steps = self.request(names, role, actor=actor, reason=reason)
         change = RoleChange(role, reason, requested=[s.node for s in steps if s.action == "requested"],
                             pinned=[s.node for s in steps if s.action == "pin"], now=now)
@@ -405,6 +422,21 @@ class Reconciler:
         except PassLocked as exc:
             change.locked = str(exc)
         return change
+
+    def hold(self, names: list[str], *, actor: str, reason: str) -> list[str]:
+        """An admin holds shared nodes for maintenance: from the next pass on, no move, no ask
+        and no power saving touches them (nothing is drained or cordoned for it). A node in the
+        middle of a switch is refused: the switch would go on. Returns the nodes changed."""
+        fixed = [n for n in names if n not in self.shared]
+        if fixed:
+            raise UsageError(f"{fold(fixed)} not in the shared pool: provisioner never moves them, "
+                             f"there is nothing to hold")
+        states = self.store.nodes(names)
+        moving = [n for n in names if n in states and states[n].phase in SWITCHING]
+        if moving:
+            raise UsageError(f"{fold(moving)} in the middle of a switch: `provisioner role {fold(moving)} --cancel` "
+                             f"or let it end (`provisioner nodes {fold(moving)}`), then hold")
+        return self.store.hold(names, actor=actor, reason=reason)
 
     def request(self, names: list[str], role: str, *, actor: str, reason: str) -> list[Step]:
         """An admin forces nodes to a role (pinned). Starts the switch where one is needed.
@@ -446,6 +478,10 @@ class Reconciler:
         if st.phase not in (STEADY, FAILED):
             return False
         reclaim = move is not None and move.reclaim
+        hold = None if forced else self.store.holds([name]).get(name)
+        if hold is not None:  # held since this pass observed: re-checked right before the switch
+            report.notes.append(f"{name}: not moved: {hold.describe()}")
+            return False
         fields: dict[str, Any] = dict(target_role=role, attempts=0, failed_reason=None, switch_reason=reason,
                                       switch_actor=actor, power_at=None,
                                       reclaim_deadline=move.deadline if reclaim else None,
@@ -566,6 +602,42 @@ class Reconciler:
                 if other_ask.node == ask.node and other_ask.kind == pol.RESUME:
                     self.store.close_ask(other_ask, "failed", f"slurmctld gave up waiting for it ({ask.reason})",
                                          actor=self.actor)
+
+    def _show_holds(self, world: World, report: PassReport) -> None:
+        """Kubernetes shows why provisioner leaves a held node alone: its Node carries the hold's
+        reason (an annotation, never a cordon), and loses it once the hold ends. A node of SLURM's
+        that was drained (ours) because SLURM asked for it while held is given back to SLURM
+        then; a node in Kubernetes is given back by _sync_slurm_view."""
+        for name in self.shared:
+            k = world.kube_nodes.get(name)
+            want = world.holds[name].reason if name in world.holds else None
+            try:
+                if k is not None and k.hold != want:
+                    self.kube.mark_hold(name, want)
+                s, st = world.slurm_nodes[name], world.states[name]
+                if want is None and s.drain and s.reason_is_ours and HELD in (s.reason or "") \
+                        and st.phase == STEADY and st.desired_role == SLURM:
+                    self.slurm.resume([name])
+                    report.steps.append(Step(name, "slurm-free", "hold ended: SLURM's drain for it lifted"))
+            except OperationError as exc:
+                report.notes.append(f"{name}: the hold not shown (or its end) in the clusters: {exc}")
+
+    def _refuse_held(self, world: World, report: PassReport) -> None:
+        """slurmctld's asks for a held node, answered at once and for good: a resume is refused
+        (SLURM requeues its job now, as for any refusal), a suspend powers nothing off."""
+        for ask in world.asks:
+            hold = world.holds.get(ask.node)
+            if hold is None or ask.kind not in (pol.RESUME, pol.SUSPEND):
+                continue
+            why = f"{hold.describe()}; `provisioner unhold {ask.node}` ends it"
+            answer = pol.Answer(ask.id, ask.node, "refused", why) if ask.kind == pol.RESUME else \
+                pol.Answer(ask.id, ask.node, "done", f"not powered off: {why}")
+            try:
+                self._close(ask, answer, {}, report)
+            except LockLost:
+                raise
+            except Exception as exc:  # noqa: BLE001 - left open: the next pass answers it
+                report.errors.append(f"{ask.node}: {ask.source}'s ask not answered yet: {exc}")
 
     def _give_up(self, ask, report: PassReport) -> str:
         st = self.store.get(ask.node)

@@ -139,6 +139,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE nodes ADD COLUMN evict_refused_at REAL;
     ALTER TABLE nodes ADD COLUMN evict_refused TEXT;
     """,
+    # 7 -> 8: maintenance holds (`provisioner hold`): the balancer, slurmctld's asks and power
+    # saving leave a held node alone. A table of its own: a hold outlives any switch state.
+    """
+    CREATE TABLE holds (
+        node    TEXT PRIMARY KEY,
+        reason  TEXT NOT NULL,
+        actor   TEXT NOT NULL,
+        since   REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -202,6 +212,25 @@ class Ask:
                 "message": self.message}
 
 
+HELD = "held for maintenance"  # how a hold is said everywhere (drain reasons, asks' answers, events)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """An admin's maintenance hold on a node: provisioner leaves it alone until `unhold`."""
+
+    node: str
+    reason: str
+    actor: str
+    since: float
+
+    def describe(self) -> str:
+        return f"{HELD} by {self.actor} since {iso(self.since)}: {self.reason}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "actor": self.actor, "since": iso(self.since)}
+
+
 @dataclass(frozen=True)
 class Event:
     id: int
@@ -249,11 +278,12 @@ INIT_HINT = "`provisioner init` creates it (so do `serve`, `balance` and `run`)"
 
 def open_store(site: Any, timeout_s: float = 30.0, read_only: bool = False) -> "Store":
     """The site's store: site.store_url (PostgreSQL) when the config gives one, else the SQLite
-    file site.store. read_only (the listings): an SQLite store is opened read-only and must
-    exist at the current schema; nothing is created or migrated."""
+    file site.store. read_only (the listings): the store is opened read-only and must exist at
+    the current schema; nothing is created or migrated (Store.check_readable)."""
     url = getattr(site, "store_url", None)
     if url:
-        return Store(url, timeout_s=timeout_s, password_file=getattr(site, "store_password_file", None))
+        return Store(url, timeout_s=timeout_s, password_file=getattr(site, "store_password_file", None),
+                     read_only=read_only)
     return Store(site.store, timeout_s=timeout_s, read_only=read_only)
 
 
@@ -281,10 +311,7 @@ class Store:
         if read_only:
             if not self.path.is_file():
                 raise UsageError(f"no store at {self.where} yet (site.store): {INIT_HINT}")
-            version = self.schema_version()
-            if version != SCHEMA_VERSION:
-                raise UsageError(f"store {self.where} has schema version {version}, this provisioner reads "
-                                 f"{SCHEMA_VERSION}: `provisioner init` migrates it")
+            self.check_readable()
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -366,6 +393,19 @@ class Store:
 
     def schema_version(self) -> int:
         return self._conn().execute("PRAGMA user_version").fetchone()[0]
+
+    def check_readable(self) -> None:
+        """For a listing (read_only), on both backends: the store must be at this provisioner's
+        schema. A listing never creates nor migrates it: it says which command does."""
+        version = self.schema_version()
+        if version == 0:
+            raise UsageError(f"no store at {self.where} yet (site.store): {INIT_HINT}")
+        if version > SCHEMA_VERSION:
+            raise OperationError(f"store {self.where} has schema version {version}, newer than this provisioner "
+                                 f"({SCHEMA_VERSION}); upgrade provisioner")
+        if version != SCHEMA_VERSION:
+            raise UsageError(f"store {self.where} has schema version {version}, this provisioner reads "
+                             f"{SCHEMA_VERSION}: `provisioner init` migrates it")
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -591,6 +631,47 @@ class Store:
                     changed.append(name)
         return changed
 
+    # -- maintenance holds ------------------------------------------------------------
+
+    def holds(self, names: Iterable[str] | None = None) -> dict[str, Hold]:
+        rows = self._conn().execute("SELECT * FROM holds ORDER BY node").fetchall()
+        holds = {r["node"]: Hold(r["node"], r["reason"], r["actor"], r["since"]) for r in rows}
+        if names is None:
+            return holds
+        return {n: holds[n] for n in names if n in holds}
+
+    def hold(self, names: list[str], *, actor: str, reason: str) -> list[str]:
+        """Hold nodes for maintenance (a held node's reason is replaced). Returns the nodes changed."""
+        now = time.time()
+        changed = []
+        with self.transaction() as c:
+            for name in names:
+                row = c.execute("SELECT reason FROM holds WHERE node = ?", (name,)).fetchone()
+                if row is not None and row["reason"] == reason:
+                    continue
+                c.execute("INSERT INTO holds (node, reason, actor, since) VALUES (?, ?, ?, ?) ON CONFLICT (node)"
+                          " DO UPDATE SET reason = excluded.reason, actor = excluded.actor, since = excluded.since",
+                          (name, reason, actor, now))
+                self._event(c, now, name, actor, "hold", f"{HELD}: {reason}",
+                            {"reason": reason, "old": row["reason"] if row else None})
+                changed.append(name)
+        return changed
+
+    def unhold(self, names: list[str], *, actor: str, reason: str) -> list[str]:
+        """End nodes' holds. Returns the nodes changed."""
+        now = time.time()
+        changed = []
+        with self.transaction() as c:
+            for name in names:
+                row = c.execute("SELECT reason FROM holds WHERE node = ?", (name,)).fetchone()
+                if row is None:
+                    continue
+                c.execute("DELETE FROM holds WHERE node = ?", (name,))
+                self._event(c, now, name, actor, "unhold", f"hold ended ({row['reason']}): {reason}",
+                            {"reason": reason, "hold": row["reason"]})
+                changed.append(name)
+        return changed
+
     # -- demand persistence ----------------------------------------------------------
 
     def demand_since(self) -> dict[str, float]:
@@ -652,7 +733,7 @@ class Store:
 
     # -- whole tables (store copy) -------------------------------------------------
 
-    COPY_TABLES = ("nodes", "events", "asks", "image_pins", "demand")
+    COPY_TABLES = ("nodes", "events", "asks", "image_pins", "demand", "holds")
 
     def count_rows(self, table: str) -> int:
         if table not in self.COPY_TABLES:
@@ -663,7 +744,8 @@ class Store:
         """Every row of one of the state tables, as dicts, in key order."""
         if table not in self.COPY_TABLES:
             raise ValueError(f"unknown table {table!r}")
-        order = {"nodes": "name", "events": "id", "asks": "id", "image_pins": "node, image", "demand": "side"}[table]
+        order = {"nodes": "name", "events": "id", "asks": "id", "image_pins": "node, image", "demand": "side",
+                 "holds": "node"}[table]
         return [dict(r) for r in self._conn().execute(f"SELECT * FROM {table} ORDER BY {order}")]
 
     # -- events --------------------------------------------------------------------

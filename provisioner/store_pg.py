@@ -137,6 +137,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE nodes ADD COLUMN evict_refused_at DOUBLE PRECISION;
     ALTER TABLE nodes ADD COLUMN evict_refused TEXT;
     """,
+    # 7 -> 8: maintenance holds
+    """
+    CREATE TABLE holds (
+        node    TEXT PRIMARY KEY,
+        reason  TEXT NOT NULL,
+        actor   TEXT NOT NULL,
+        since   DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION, "store_pg.MIGRATIONS must follow store.MIGRATIONS"
 
@@ -175,8 +184,10 @@ def read_password(password_file: Any) -> str | None:
                              f"{exc.strerror or exc}; check site.store_password_file") from None
 
 
-def connect(url: str, password_file: Any = None, timeout_s: float = 30.0, *, autocommit: bool = True):
-    """A psycopg connection to the store URL (password from the file, else libpq's PGPASSWORD)."""
+def connect(url: str, password_file: Any = None, timeout_s: float = 30.0, *, autocommit: bool = True,
+            read_only: bool = False):
+    """A psycopg connection to the store URL (password from the file, else libpq's PGPASSWORD).
+    read_only: every transaction of the session is read-only (the server refuses any write)."""
     try:
         import psycopg
     except ImportError:
@@ -185,15 +196,18 @@ def connect(url: str, password_file: Any = None, timeout_s: float = 30.0, *, aut
     kwargs: dict[str, Any] = {"autocommit": autocommit, "connect_timeout": max(1, int(min(timeout_s, 10))),
                               "application_name": "provisioner", **KEEPALIVES,
                               # a write waits for the write lock at most timeout_s, like SQLite's busy timeout
-                              "options": f"-c lock_timeout={int(timeout_s * 1000)} {SERVER_KEEPALIVES}"}
+                              "options": f"-c lock_timeout={int(timeout_s * 1000)} {SERVER_KEEPALIVES}"
+                                         + (" -c default_transaction_read_only=on" if read_only else "")}
     password = read_password(password_file)
     if password is not None:
         kwargs["password"] = password
     try:
         return psycopg.connect(url, **kwargs)
     except psycopg.Error as exc:
-        raise OperationError(f"cannot connect to the store {redact(url)}: {_first_line(exc)}; check site.store") \
-            from None
+        hint = "check site.store"
+        if "database" in str(exc) and "does not exist" in str(exc):
+            hint = "create the database (examples/postgresql/provisioner.sql), then `provisioner init`"
+        raise OperationError(f"cannot connect to the store {redact(url)}: {_first_line(exc)}; {hint}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -248,13 +262,17 @@ class PgStore(Store):
 
     backend = "postgresql"
 
-    def __init__(self, url: str, timeout_s: float = 30.0, password_file: Any = None):
+    def __init__(self, url: str, timeout_s: float = 30.0, password_file: Any = None, read_only: bool = False):
         self.url = url
         self.where = redact(url)
         self.path = None
         self.password_file = password_file
         self.timeout_s = timeout_s
+        self.read_only = read_only
         self._local = threading.local()
+        if read_only:
+            self.check_readable()
+            return
         self._migrate()
 
     # -- connections ---------------------------------------------------------------
@@ -265,7 +283,7 @@ class PgStore(Store):
             conn = None  # the server restarted or the connection dropped: connect again
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
             # (psycopg never closes a connection it inherited through fork(): the parent's stays up)
-            raw = connect(self.url, self.password_file, self.timeout_s)
+            raw = connect(self.url, self.password_file, self.timeout_s, read_only=self.read_only)
             raw.row_factory = _row_factory
             conn = PgConnection(raw, self.where)
             self._local.conn = conn

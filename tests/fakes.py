@@ -159,6 +159,11 @@ class FakeKube(Refusals):
         self.calls.append(("label", name, role))
         self.set(name, role=role)
 
+    def mark_hold(self, name: str, reason: str | None) -> None:
+        self._check("mark_hold")
+        self.calls.append(("mark_hold", name, reason))
+        self.set(name, hold=reason)
+
     def evict_pods(self, name: str) -> EvictionResult:
         self._check("evict")
         self.calls.append(("evict", name))

@@ -115,27 +115,75 @@ LISTINGS = [["nodes"], ["nodes", "@shared", "--json"], ["history"], ["history", 
             ["render", "sn[01-02]"], ["check"], ["image", "list"]]
 
 
-def test_listings_never_create_the_store_or_the_secret(cli, site_path):
-    folder = site_path.parent
-    before = snapshot(folder)
+def listings_read_only(cli, site_path: Path, state, store: bool) -> None:
+    """Every listing, with state() (the files, the database) the same after each: with no store
+    (store=False) `check` passes and the others say in one line that `provisioner init` makes it."""
+    before = state()
     for argv in LISTINGS:
         r = cli(site_path, *argv)
-        if argv[0] == "check":
-            assert r.returncode == 0, r.stderr
+        if store or argv[0] == "check":
+            assert r.returncode == 0, (argv, r.stderr)
         else:
             assert r.returncode == 2 and "`provisioner init` creates it" in one_line(r), (argv, r.stderr)
-        assert snapshot(folder) == before, argv
+        assert state() == before, argv
+
+
+def test_listings_never_create_the_store_or_the_secret(cli, site_path):
+    listings_read_only(cli, site_path, lambda: snapshot(site_path.parent), store=False)
 
 
 def test_listings_change_no_file(cli, site_path):
     folder = site_path.parent
     assert cli(site_path, "init").returncode == 0
     assert cli(site_path, "role", "sn01", "k8s", "--reason", "course").returncode == 0
-    before = snapshot(folder)
-    for argv in LISTINGS:
-        r = cli(site_path, *argv)
-        assert r.returncode == 0, (argv, r.stderr)
-        assert snapshot(folder) == before, argv
+    listings_read_only(cli, site_path, lambda: snapshot(folder), store=True)
+
+
+def pg_content(url: str, password_file: Path) -> dict:
+    """Every table of the database with all its rows: the whole of a PostgreSQL store."""
+    import psycopg
+
+    with psycopg.connect(url, password=password_file.read_text().strip()) as c:
+        tables = [r[0] for r in c.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+        return {t: c.execute(f'SELECT * FROM "{t}" ORDER BY 1').fetchall() for t in tables}
+
+
+@pytest.mark.integration
+def test_listings_never_create_or_change_a_postgresql_store(cli, tmp_path, pg_url):
+    """The same on the real PostgreSQL server: no table made, no migration, no row changed (the
+    listings' sessions are read-only), and a missing or old store is one line naming init."""
+    from provisioner.store import SCHEMA_VERSION
+
+    url, pw = pg_url
+    site_path = write_site(tmp_path / "site", site={"store": url, "store_password_file": str(pw),
+                                                    "state_dir": str(tmp_path / "state")})
+    assert pg_content(url, pw) == {}
+    listings_read_only(cli, site_path, lambda: (pg_content(url, pw), snapshot(tmp_path)), store=False)
+    assert one_line(cli(site_path, "nodes")) == (f"provisioner: no store at {url} yet (site.store): `provisioner init` "
+                                                 f"creates it (so do `serve`, `balance` and `run`)")
+
+    assert cli(site_path, "init").returncode == 0
+    assert cli(site_path, "role", "sn01", "k8s", "--reason", "course").returncode == 0
+    assert cli(site_path, "hold", "sn02", "--reason", "DIMM swap").returncode == 0
+    listings_read_only(cli, site_path, lambda: (pg_content(url, pw), snapshot(tmp_path)), store=True)
+
+    # A store an older provisioner made: listed only once `init` migrated it.
+    import psycopg
+
+    with psycopg.connect(url, password=pw.read_text().strip(), autocommit=True) as c:
+        c.execute("UPDATE provisioner_schema SET version = %s", (SCHEMA_VERSION - 1,))
+    content = pg_content(url, pw)
+    r = cli(site_path, "nodes")
+    assert r.returncode == 2 and one_line(r) == (f"provisioner: store {url} has schema version {SCHEMA_VERSION - 1}, "
+                                                 f"this provisioner reads {SCHEMA_VERSION}: `provisioner init` "
+                                                 f"migrates it")
+    assert pg_content(url, pw) == content
+
+    # No database at all: one line, what to do.
+    gone = write_site(tmp_path / "gone", site={"store": url.rsplit("/", 1)[0] + "/nosuchdb",
+                                              "store_password_file": str(pw), "state_dir": str(tmp_path / "state")})
+    r = cli(gone, "history")
+    assert r.returncode == 1 and "does not exist" in one_line(r) and "then `provisioner init`" in one_line(r)
 
 
 # --------------------------------------------------------------------------- nodes
@@ -186,7 +234,10 @@ def test_every_flag_and_positional_has_help_and_node_sets_have_one_name():
     reasons = {path: a.default for path, a in _actions(parser) if "--reason" in a.option_strings}
     assert set(reasons) >= {"provisioner role", "provisioner release", "provisioner image publish",
                             "provisioner image remove", "provisioner image pin", "provisioner image unpin"}
-    assert all(reasons.values())  # optional everywhere, with a default that says who
+    # Optional everywhere, with a default that says who; but a hold's reason is what nodes,
+    # SLURM and Kubernetes show for the whole maintenance: no default could say it.
+    assert reasons.pop("provisioner hold") is None
+    assert all(reasons.values())
 
 
 def test_shell_completion_is_generated_from_the_parser(cli, site_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from provisioner.clusters.kubernetes import CORDON_ANNOTATION, KubernetesAdapter
+from provisioner.clusters.kubernetes import CORDON_ANNOTATION, HOLD_ANNOTATION, KubernetesAdapter
 from provisioner.errors import OperationError, UsageError
 from provisioner.model import KubernetesSettings
 from testbed.kube_control_plane import VERSION
@@ -262,6 +262,21 @@ def test_label_sets_the_role_label(kube, kube_adapter):
         kube_adapter.label("sn01", "windows")
     with pytest.raises(OperationError, match="no node sn77"):
         kube_adapter.label("sn77", "k8s")
+
+
+def test_a_hold_is_shown_on_the_node_and_taken_away_without_touching_the_cordon(kube, kube_adapter):
+    shared_pool(kube)
+    kube_adapter.mark_hold("sn01", "DIMM swap, ticket 4711")
+    kube_adapter.mark_hold("sn02", "firmware")  # cordoned by us before: the cordon stays as it was
+    assert kube.node("sn01")["metadata"]["annotations"][HOLD_ANNOTATION] == "DIMM swap, ticket 4711"
+    assert kube_adapter.node("sn01").hold == "DIMM swap, ticket 4711"
+    assert not kube_adapter.node("sn01").unschedulable  # a hold is no cordon
+    assert kube_adapter.node("sn02").cordoned_by_us and kube_adapter.node("sn02").hold == "firmware"
+    kube_adapter.mark_hold("sn01", None)
+    assert HOLD_ANNOTATION not in (kube.node("sn01")["metadata"].get("annotations") or {})
+    assert kube_adapter.node("sn01").hold is None
+    with pytest.raises(OperationError, match="no node sn77"):
+        kube_adapter.mark_hold("sn77", "x")
 
 
 def test_label_key_comes_from_the_settings(kube, kube_settings):

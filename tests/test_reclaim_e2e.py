@@ -81,7 +81,7 @@ def test_a_budget_that_refuses_keeps_the_node_held_visibly_and_nothing_is_delete
     assert any("PodDisruptionBudget refuses" in n for r in reports for n in r["notes"])
 
     nodes = json.loads(sim.cli("nodes", "sn01", "--json").stdout)
-    assert "reclaim held: a PodDisruptionBudget refused" in nodes[0]["held"]
+    assert "reclaim held: a PodDisruptionBudget refused" in nodes[0]["reclaim_held"]
     history = sim.cli("history", "sn01").stdout
     assert "PodDisruptionBudget kept refusing" in history
     proc, dry = sim.balance("--dry-run")

@@ -177,7 +177,7 @@ def test_a_held_node_shows_in_nodes_and_its_json(world, capsys):
     conf = str(rec.site.path)
     assert cli.main(["--config", conf, "nodes", "sn[02-03]", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert "PodDisruptionBudget" in rows["sn02"]["held"] and rows["sn03"]["held"] is None
+    assert "PodDisruptionBudget" in rows["sn02"]["reclaim_held"] and rows["sn03"]["reclaim_held"] is None
     assert cli.main(["--config", conf, "nodes", "sn02"]) == 0
     assert "reclaim held: a PodDisruptionBudget refused" in capsys.readouterr().out
 

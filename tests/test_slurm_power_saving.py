@@ -124,6 +124,37 @@ def test_a_refused_resume_requeues_the_job_and_says_why(ps_site):
     assert site.cli("release", "ps01").returncode == 0
 
 
+def test_a_held_node_refuses_slurms_resume_for_good_and_is_not_powered(ps_site):
+    """An admin holds ps01 (in Kubernetes, powered down for SLURM): the pass shows why in SLURM
+    and on the Node, and when slurmctld asks for it anyway (a power up an admin of SLURM asks
+    for: slurmctld runs the ResumeProgram), the ask is refused for good with the hold's reason,
+    and nothing powers the node."""
+    site = ps_site
+    site.reset()
+    settle(site)
+    assert site.cli("hold", "ps01", "--reason", "DIMM swap").returncode == 0
+    try:
+        passes_until(site, lambda: site.slurm_view("ps01").drain, 30, "the hold shown in SLURM")
+        assert "held for maintenance: DIMM swap" in site.slurm_view("ps01").reason
+        assert site.kube.node("ps01")["metadata"]["annotations"]["provisioner/hold"] == "DIMM swap"
+        before = site.bmc_actions("ps01")
+        site.slurm.run("scontrol", "update", "nodename=ps01", "state=power_up")
+        wait_for(lambda: any(e.kind == "ask" for e in asks(site, "ps01", "resume")), 30,
+                 "slurmctld to run the ResumeProgram for ps01")
+        passes_until(site, lambda: any(e.kind == "ask-refused" for e in asks(site, "ps01", "resume")), 30,
+                     "the resume ask for held ps01 answered")
+        refused = next(e for e in asks(site, "ps01", "resume") if e.kind == "ask-refused")
+        assert "held for maintenance by admin:" in refused.message and "DIMM swap" in refused.message
+        assert [a for a in site.store.open_asks() if a.node == "ps01"] == []  # final: nothing hangs
+        assert not any(a in ("on", "reset", "cycle", "boot") for a in site.bmc_actions("ps01")[len(before):])
+        assert site.state("ps01").desired_role == "k8s" and site.state("ps01").phase == STEADY
+        # ... and SLURM's view converges back to powered down (the passes keep it so), not booted.
+        passes_until(site, lambda: site.slurm_view("ps01").powered_down, 60, "ps01 powered down in SLURM again")
+        assert not any(a in ("on", "reset", "cycle", "boot") for a in site.bmc_actions("ps01")[len(before):])
+    finally:
+        assert site.cli("unhold", "ps01").returncode == 0
+
+
 def test_the_programs_run_with_slurmctlds_empty_environment(ps_site, tmp_path):
     """No PATH, no SLURM_CONF, no HOME: what slurmctld gives them. They return at once."""
     site = ps_site

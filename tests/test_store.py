@@ -236,6 +236,7 @@ def filled(s: Store) -> Store:
     s.add_asks(["b"], "suspend", source="slurmctld", reason="idle", actor="slurmctld")
     s.pin_image(["b"], "slurm-img", "7", actor="admin:x", reason="rollback")
     s.set_demand({"slurm": 2, "k8s": 0}, now=100.5)
+    s.hold(["b"], actor="admin:x", reason="DIMM swap")
     return s
 
 
@@ -246,8 +247,9 @@ def test_store_copy_sqlite_to_postgresql(tmp_path, pg_url):
     url, pw = pg_url
     dst = Store(url, password_file=pw)
     copied = copy_store(src, dst)
-    assert copied == {"nodes": 2, "events": len(src.events()), "asks": 2, "image_pins": 1, "demand": 1}
-    for table in ("nodes", "events", "asks", "image_pins", "demand"):
+    assert copied == {"nodes": 2, "events": len(src.events()), "asks": 2, "image_pins": 1, "demand": 1,
+                      "holds": 1}
+    for table in ("nodes", "events", "asks", "image_pins", "demand", "holds"):
         assert dst.table_rows(table) == src.table_rows(table), table
     assert dst.nodes() == src.nodes() and [e.as_dict() for e in dst.events()] == [e.as_dict() for e in src.events()]
     # New rows continue after the copied ids.

@@ -48,6 +48,8 @@ from provisioner.model import KubernetesSettings
 log = logging.getLogger(__name__)
 
 CORDON_ANNOTATION = "provisioner/cordoned"
+# An admin's maintenance hold (`provisioner hold`), its reason as the value: shown, never a cordon.
+HOLD_ANNOTATION = "provisioner/hold"
 _MIRROR_ANNOTATION = "kubernetes.io/config.mirror"  # static pods: bound to their node, not evictable
 _FINISHED = ("Succeeded", "Failed")
 _CONFLICT_RETRIES = 3
@@ -124,6 +126,7 @@ class KubeNode:
     boot_id: str = ""  # status.nodeInfo.bootID: the kubelet reports a new one after every boot
     # What every unfinished pod bound to it requests (DaemonSet pods too: they take room as well).
     requested: tuple[int, int, int] = (0, 0, 0)  # millicores, bytes, GPUs
+    hold: str | None = None  # the HOLD_ANNOTATION's value: why provisioner leaves it alone
 
     @property
     def room(self) -> tuple[int, int, int]:
@@ -438,6 +441,7 @@ class KubernetesAdapter:
             ready_reason=(ready.get("reason") or "") if ready else "",
             boot_id=(status.get("nodeInfo") or {}).get("bootID") or "",
             requested=requested,
+            hold=(meta.get("annotations") or {}).get(HOLD_ANNOTATION),
         )
 
     # -- watch -----------------------------------------------------------------------
@@ -634,6 +638,21 @@ class KubernetesAdapter:
             raise OperationError(f"{what}: the API accepted the patch but the label reads "
                                  f"{(result.metadata.labels or {}).get(key)!r}; check admission webhooks on nodes")
         log.info("labelled node %s %s=%s", name, key, role)
+
+    def mark_hold(self, name: str, reason: str | None) -> None:
+        """Show an admin's maintenance hold on the Node (the HOLD_ANNOTATION, its reason as the
+        value), or take the mark away (None). Only the annotation: the node stays schedulable."""
+        what = f"marking node {name} {HOLD_ANNOTATION}" + ("" if reason else " off")
+        try:
+            body = {"metadata": {"annotations": {HOLD_ANNOTATION: reason}}}
+            result = self._call(what, self.core.patch_node, name, body, expect=(404,),
+                                _content_type="application/merge-patch+json")
+        except ApiException:
+            raise _no_node(name, what) from None
+        if (result.metadata.annotations or {}).get(HOLD_ANNOTATION) != reason:
+            raise OperationError(f"{what}: the API accepted the patch but the annotation differs; check admission "
+                                 f"webhooks on nodes")
+        log.info("%s", what)
 
     def evict_pods(self, name: str) -> EvictionResult:
         """Ask the Eviction API to evict every pod holding the node (see KubeNode.pods).
