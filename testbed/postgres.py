@@ -10,6 +10,7 @@ superuser `provisioner` (written to `password_file`); the socket trusts local us
     url = pg.create_database("t1")          # postgresql://provisioner@127.0.0.1:PORT/t1
     ... Store(url, password_file=pg.password_file) ...
     pg.pause(); pg.resume()                 # a restart under its clients: same data, same port
+    pg.crash(); pg.resume()                 # kill -9 and crash recovery
     pg.stop()
 """
 
@@ -142,6 +143,11 @@ class PostgresServer:
         """Stop the server (fast shutdown: its clients are disconnected) and keep its folder, data
         dir and port, for resume(): a database restart under its clients."""
         stop_group(self.proc, signal.SIGINT, timeout)
+
+    def crash(self) -> None:
+        """kill -9 the server and its backends (its process group), keeping its data dir and port:
+        resume() starts it again, through crash recovery."""
+        stop_group(self.proc, signal.SIGKILL, 10)
 
     def resume(self, timeout: float = 60.0) -> "PostgresServer":
         """Start the server paused by pause() again: same data dir, same port."""

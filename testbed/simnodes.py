@@ -224,11 +224,13 @@ class SimSite:
         self.stop()
 
     def write_config(self, policy: dict | None = None, power: dict | None = None,
-                     kubernetes: dict | None = None, store: dict | None = None, folder: Path | None = None) -> Path:
+                     kubernetes: dict | None = None, store: dict | None = None, folder: Path | None = None,
+                     run: dict | None = None) -> Path:
         """(Re)write site.yaml. Each `provisioner` run reads it afresh: tests change the policy
         knobs between passes; the boot server only needs the nodes and images, which stay.
         store: site.store keys over the constructor's; folder: write the config there instead
-        (another "host" of the same site; its secret stays the first host's)."""
+        (another "host" of the same site; its secret stays the first host's); run: the run:
+        section of `provisioner run` (default: none, its defaults)."""
         # Fixed nodes are never power-cycled here; their BMC entry only satisfies the defaults.
         bmc = {"address": "127.0.0.1"}
         nodes = [{"name": n, "pool": "slurm", "macs": [mac(i, 1)], "bmc": bmc} for i, n in enumerate(self.fixed, 1)]
@@ -246,6 +248,7 @@ class SimSite:
             kubernetes={"kubeconfig": str(self.kube.provisioner_kubeconfig), "timeout_s": 5, **(kubernetes or {})},
             policy={**self.policy, **(policy or {})},
             power={**self.power, **(power or {})},
+            **({"run": run} if run else {}),
         )
 
     @property
