@@ -62,7 +62,9 @@ def summary(result: dict) -> str:
             ("double power actions", len(result["double_power"]), "must be 0"),
             ("asks unanswered", len(result["asks_unanswered"]), "must be 0"),
             ("harness errors outside a fault's window", len(result["harness_errors"]),
-             f"must be 0 ({result['expected_errors']} inside one)")]
+             f"must be 0 ({len(result['expected_errors'])} inside one)"),
+            ("power actions the harness could not check for work", len(result["unverified_power"]),
+             "a cluster was down at that moment")]
     lines = [f"seed {result['seed']}, {result['duration_s']:.0f} s of faults and workload "
              f"({result['jobs_submitted']} jobs, {result['pods_created']} pods, {result['asks_made']} asks), "
              f"settled in {result['settle_s']:.0f} s; {'OK' if result['ok'] else 'FAILED'}", "",
