@@ -218,7 +218,6 @@ class Soak:
         self._collect_errors()
         self.result.work_killed = list(self.sim.violations)
         self.sim.violations.clear()
-        self.log(self.result.summary())
         return self.result
 
     def _guard(self, step: Callable[[], None], what: str) -> None:
