@@ -128,6 +128,10 @@ class SimSite:
     # The harness plays the shared nodes' daemons (a slurmd here, a simulated kubelet) when they
     # boot. False: the nodes run their own (VMs booting the real slurm and k8s images).
     host_daemons = True
+    # A node given the waiting script (e.g. the boot server could not read the store) asks again,
+    # as its iPXE would: WAIT_TRIES more times, WAIT_RETRY_S apart (iPXE waits the script's 30 s;
+    # shortened so a test's boots end within wait_idle()'s 20 s).
+    WAIT_TRIES, WAIT_RETRY_S = 3, 4.0
 
     def __init__(self, workdir: str | os.PathLike, fixed: str = "cn[01-02]", shared: str = "sn[01-04]",
                  fixed_k8s: str = "kn01", roles: dict[str, str] | None = None, boot_delay: float = 0.2,
@@ -466,9 +470,19 @@ class SimSite:
             if not self._current(node, gen):
                 record["superseded"] = True
                 return
-            with urllib.request.urlopen(f"{self.boot.url}/ipxe?mac={urllib.parse.quote(node.mac)}", timeout=10) as r:
-                script = r.read().decode()
-            args = kernel_args(script)
+            for tries_left in range(self.WAIT_TRIES, -1, -1):
+                with urllib.request.urlopen(f"{self.boot.url}/ipxe?mac={urllib.parse.quote(node.mac)}",
+                                            timeout=10) as r:
+                    script = r.read().decode()
+                args = kernel_args(script)
+                # The waiting script (no kernel; "sleep", then "chain" again): iPXE asks again.
+                if args or "\nchain " not in script or not tries_left:
+                    break
+                record.setdefault("waited", []).append(" ".join(script.splitlines()[4:5]))
+                time.sleep(self.WAIT_RETRY_S)
+                if not self._current(node, gen):
+                    record["superseded"] = True
+                    return
             role = args.get("provisioner.role")
             if role not in ("slurm", "k8s"):
                 raise BootFailed(f"no bootable script: {script.splitlines()[1:3]}")

@@ -300,6 +300,9 @@ class Soak:
             host.start_boot_server()
         elif kind == "kill-postgres":
             self.pg.resume()
+            # The harness's own connection is dead too; its next read would fail once (it is a
+            # client like any other: the daemons' and boot servers' connections are left as they are).
+            self.sim.store.close()
         elif kind == "bmc-silent":
             self.sim.bmc.set_fault(node, None)
         elif kind == "restart-apiserver":
