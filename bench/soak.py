@@ -38,8 +38,7 @@ def run(args) -> dict:
         kube.start()
         pg.start()
         sim = SimSite(work / "sim", kube=kube, shared="sk[01-04]", fixed_k8s="kk01",
-                      store={"store": pg.create_database("soak"), "store_password_file": str(pg.password_file),
-                             "state_dir": str(work / "sim" / "host-a")})
+                      store=pg.site_store("soak", work / "sim" / "host-a"))
         sim.start()
         result = Soak(sim, pg, seed=args.soak_seed, duration_s=args.soak_s,
                       log=lambda line: print(line, file=sys.stderr, flush=True)).run()

@@ -169,6 +169,12 @@ class PostgresServer:
             c.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def site_store(self, db: str, state_dir: Path) -> dict:
+        """A fresh database `db`, as the site keys of a store on it (site.store and its password
+        file; state_dir: where a host keeps its local files, its locks)."""
+        return {"store": self.create_database(db), "store_password_file": str(self.password_file),
+                "state_dir": str(state_dir)}
+
     def __enter__(self) -> "PostgresServer":
         return self.start()
 

@@ -10,9 +10,8 @@ import os
 
 import pytest
 
-from testbed.simnodes import SimSite
 from testbed.soak import Soak
-from tests.fixtures.slurm_cluster import require_slurm
+from tests.fixtures.postgres import pg_sim_site
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -21,17 +20,9 @@ DURATION_S = 180
 
 @pytest.fixture
 def soak_world(tmp_path_factory, kube_cluster, postgres_server):
-    url = postgres_server.create_database("soak")
-    workdir = tmp_path_factory.mktemp("soak")
-    # Node names of its own: the session's control plane also serves the other worlds' kubelets.
-    sim = SimSite(require_slurm(workdir), kube=kube_cluster, shared="sk[01-04]", fixed_k8s="kk01",
-                  store={"store": url, "store_password_file": str(postgres_server.password_file),
-                         "state_dir": str(workdir / "host-a")})
-    try:
-        sim.start()
+    with pg_sim_site(tmp_path_factory.mktemp("soak"), kube_cluster, postgres_server, "soak",
+                     shared="sk[01-04]", fixed_k8s="kk01") as sim:
         yield sim
-    finally:
-        sim.stop()
 
 
 def test_the_soak_ends_every_switch_and_harms_nothing(soak_world, postgres_server):
