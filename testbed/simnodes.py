@@ -129,9 +129,10 @@ class SimSite:
     # boot. False: the nodes run their own (VMs booting the real slurm and k8s images).
     host_daemons = True
     # A node given the waiting script (e.g. the boot server could not read the store) asks again,
-    # as its iPXE would: WAIT_TRIES more times, WAIT_RETRY_S apart (iPXE waits the script's 30 s;
-    # shortened so a test's boots end within wait_idle()'s 20 s).
-    WAIT_TRIES, WAIT_RETRY_S = 3, 4.0
+    # as its iPXE would, and its init calls back again after a 429 (store busy): WAIT_TRIES more
+    # times, WAIT_RETRY_S apart (iPXE waits the script's 30 s, the init 2 s; one figure, short
+    # enough that a test's boots end within wait_idle()'s 20 s).
+    WAIT_TRIES, WAIT_RETRY_S = 3, 3.0
 
     def __init__(self, workdir: str | os.PathLike, fixed: str = "cn[01-02]", shared: str = "sn[01-04]",
                  fixed_k8s: str = "kn01", roles: dict[str, str] | None = None, boot_delay: float = 0.2,
@@ -479,9 +480,7 @@ class SimSite:
                 if args or "\nchain " not in script or not tries_left:
                     break
                 record.setdefault("waited", []).append(" ".join(script.splitlines()[4:5]))
-                time.sleep(self.WAIT_RETRY_S)
-                if not self._current(node, gen):
-                    record["superseded"] = True
+                if not self._pause(node, gen, record):
                     return
             role = args.get("provisioner.role")
             if role not in ("slurm", "k8s"):
@@ -494,7 +493,12 @@ class SimSite:
                 record["hung"] = True
                 return
             # The image's init calls back early; its cluster daemon joins later (join_delay).
-            record["callback"] = self._callback(node, args)
+            for tries_left in range(self.WAIT_TRIES, -1, -1):
+                record["callback"] = self._callback(node, args)
+                if record["callback"] != 429 or not tries_left:  # 429: the store is busy; the init retries
+                    break
+                if not self._pause(node, gen, record):
+                    return
             if record["callback"] != 200:  # the image's init stops there: the node never joins
                 raise BootFailed(f"boot callback refused (HTTP {record['callback']})")
             record["ok"] = True
@@ -506,6 +510,14 @@ class SimSite:
         except Exception as exc:  # a boot that fails leaves the node down, and fails the test (check())
             record["error"] = str(exc) if isinstance(exc, BootFailed) else f"{type(exc).__name__}: {exc}"
             self.error(f"{node.name}: boot ({event['action']}): {record['error']}")
+
+    def _pause(self, node: SimNode, gen: int, record: dict) -> bool:
+        """Wait before asking again; False when a newer power event superseded this boot."""
+        time.sleep(self.WAIT_RETRY_S)
+        if self._current(node, gen):
+            return True
+        record["superseded"] = True
+        return False
 
     def _callback(self, node: SimNode, args: dict[str, str]) -> int:
         url = urllib.parse.urlsplit(args["provisioner.callback"])
