@@ -152,6 +152,7 @@ class Soak:
         self.work: list[tuple[float, str, str]] = []  # (ends at, "pod", name) of the pods to delete
         self.n = Counter()
         self.deck: list[str] = []
+        self.current: tuple[str, Host, str] | None = None  # the fault on now: kind, host, node
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -225,7 +226,7 @@ class Soak:
         try:
             step()
         except Exception as exc:  # noqa: BLE001 - the next tick tries again
-            if self.faulting_since is None:
+            if not self._in_window():
                 self.result.harness_errors.append(f"{time.strftime('%H:%M:%S')} {what}: {type(exc).__name__}: {exc}")
 
     # -- workload ------------------------------------------------------------------------
@@ -312,11 +313,15 @@ class Soak:
         self.windows.append((self.faulting_since, time.time()))
         self.faulting_since = None
 
+    def _in_window(self) -> bool:
+        """A fault is on, or ended less than GRACE_S ago."""
+        now = time.time()
+        return self.faulting_since is not None or any(end + GRACE_S >= now for _, end in self.windows)
+
     def _collect_errors(self) -> None:
         """The harness's errors, sorted: inside a fault's window (or its grace after) they are the
         fault's; outside, they fail the soak."""
-        now = time.time()
-        in_window = self.faulting_since is not None or any(end + GRACE_S >= now for _, end in self.windows)
+        in_window = self._in_window()
         for err in self.sim.take_errors():
             if "could not check for running work" in err:
                 self.result.unverified_power.append(err)
