@@ -7,11 +7,11 @@ thread, never inside the BMC's handler), as a real diskless node would:
 
 1. it asks the real boot server for its script (`GET /ipxe?mac=<its MAC>`) and reads
    `provisioner.role=`, `provisioner.version=`, `provisioner.callback=` and `provisioner.token=`
-   from the kernel line;
+   from the kernel line (given the waiting script, it asks again a few times, as iPXE does);
 2. it becomes that role: slurm -> its real slurmd starts; k8s -> its simulated kubelet starts:
    registers the Node when Kubernetes has none, posts Ready with a new bootID, renews its Lease;
 3. it POSTs the boot callback (role, version, token) from its own loopback address (node.ip), so
-   the boot server's source check is exercised too.
+   the boot server's source check is exercised too (after a 429, store busy, it calls again).
 Power off (and the first moment of a reset): slurmd stops, the kubelet's heartbeats stop; the
 real node-lifecycle controller marks the Node NotReady after its grace period, so for a few
 seconds a rebooting node still looks Ready, as in production.
