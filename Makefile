@@ -9,7 +9,7 @@ LISTEN ?= 127.0.0.1:8080
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: all venv system-deps kube-bins demo serve test test-fast bench check clean
+.PHONY: all venv system-deps kube-bins demo serve test test-fast bench soak check clean
 
 all: test
 
@@ -50,6 +50,12 @@ test-fast: venv
 
 bench: system-deps venv kube-bins
 	$(PY) -m bench.run
+
+# The soak (bench/soak.py): two `provisioner run` hosts on PostgreSQL, the real daemons, a random
+# workload and random faults for SOAK_S seconds; prints the counters that must be 0. SOAK_SEED=N replays.
+SOAK_S ?= 900
+soak: system-deps venv kube-bins
+	SOAK_S=$(SOAK_S) $(PY) -m bench.run soak
 
 # Just the boot endpoint, on the reference config (examples/site.yaml), state in var/.
 serve: venv

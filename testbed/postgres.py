@@ -10,6 +10,7 @@ superuser `provisioner` (written to `password_file`); the socket trusts local us
     url = pg.create_database("t1")          # postgresql://provisioner@127.0.0.1:PORT/t1
     ... Store(url, password_file=pg.password_file) ...
     pg.pause(); pg.resume()                 # a restart under its clients: same data, same port
+    pg.crash(); pg.resume()                 # kill -9 and crash recovery
     pg.stop()
 """
 
@@ -143,6 +144,11 @@ class PostgresServer:
         dir and port, for resume(): a database restart under its clients."""
         stop_group(self.proc, signal.SIGINT, timeout)
 
+    def crash(self) -> None:
+        """kill -9 the server and its backends (its process group), keeping its data dir and port:
+        resume() starts it again, through crash recovery."""
+        stop_group(self.proc, signal.SIGKILL, 10)
+
     def resume(self, timeout: float = 60.0) -> "PostgresServer":
         """Start the server paused by pause() again: same data dir, same port."""
         if self.proc and self.proc.poll() is None:
@@ -162,6 +168,12 @@ class PostgresServer:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             c.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+    def site_store(self, db: str, state_dir: Path) -> dict:
+        """A fresh database `db`, as the site keys of a store on it (site.store and its password
+        file; state_dir: where a host keeps its local files, its locks)."""
+        return {"store": self.create_database(db), "store_password_file": str(self.password_file),
+                "state_dir": str(state_dir)}
 
     def __enter__(self) -> "PostgresServer":
         return self.start()

@@ -7,11 +7,11 @@ thread, never inside the BMC's handler), as a real diskless node would:
 
 1. it asks the real boot server for its script (`GET /ipxe?mac=<its MAC>`) and reads
    `provisioner.role=`, `provisioner.version=`, `provisioner.callback=` and `provisioner.token=`
-   from the kernel line;
+   from the kernel line (given the waiting script, it asks again a few times, as iPXE does);
 2. it becomes that role: slurm -> its real slurmd starts; k8s -> its simulated kubelet starts:
    registers the Node when Kubernetes has none, posts Ready with a new bootID, renews its Lease;
 3. it POSTs the boot callback (role, version, token) from its own loopback address (node.ip), so
-   the boot server's source check is exercised too.
+   the boot server's source check is exercised too (after a 429, store busy, it calls again).
 Power off (and the first moment of a reset): slurmd stops, the kubelet's heartbeats stop; the
 real node-lifecycle controller marks the Node NotReady after its grace period, so for a few
 seconds a rebooting node still looks Ready, as in production.
@@ -128,6 +128,11 @@ class SimSite:
     # The harness plays the shared nodes' daemons (a slurmd here, a simulated kubelet) when they
     # boot. False: the nodes run their own (VMs booting the real slurm and k8s images).
     host_daemons = True
+    # A node given the waiting script (e.g. the boot server could not read the store) asks again,
+    # as its iPXE would, and its init calls back again after a 429 (store busy): WAIT_TRIES more
+    # times, WAIT_RETRY_S apart (iPXE waits the script's 30 s, the init 2 s; one figure, short
+    # enough that a test's boots end within wait_idle()'s 20 s).
+    WAIT_TRIES, WAIT_RETRY_S = 3, 3.0
 
     def __init__(self, workdir: str | os.PathLike, fixed: str = "cn[01-02]", shared: str = "sn[01-04]",
                  fixed_k8s: str = "kn01", roles: dict[str, str] | None = None, boot_delay: float = 0.2,
@@ -225,11 +230,13 @@ class SimSite:
         self.stop()
 
     def write_config(self, policy: dict | None = None, power: dict | None = None,
-                     kubernetes: dict | None = None, store: dict | None = None, folder: Path | None = None) -> Path:
+                     kubernetes: dict | None = None, store: dict | None = None, folder: Path | None = None,
+                     run: dict | None = None) -> Path:
         """(Re)write site.yaml. Each `provisioner` run reads it afresh: tests change the policy
         knobs between passes; the boot server only needs the nodes and images, which stay.
         store: site.store keys over the constructor's; folder: write the config there instead
-        (another "host" of the same site; its secret stays the first host's)."""
+        (another "host" of the same site; its secret stays the first host's); run: the run:
+        section of `provisioner run` (default: none, its defaults)."""
         # Fixed nodes are never power-cycled here; their BMC entry only satisfies the defaults.
         bmc = {"address": "127.0.0.1"}
         nodes = [{"name": n, "pool": "slurm", "macs": [mac(i, 1)], "bmc": bmc} for i, n in enumerate(self.fixed, 1)]
@@ -248,6 +255,7 @@ class SimSite:
             kubernetes={"kubeconfig": str(self.kube.provisioner_kubeconfig), "timeout_s": 5, **(kubernetes or {})},
             policy={**self.policy, **(policy or {})},
             power={**self.power, **(power or {})},
+            **({"run": run} if run else {}),
         )
 
     @property
@@ -468,9 +476,17 @@ class SimSite:
             if not self._current(node, gen):
                 record["superseded"] = True
                 return
-            with urllib.request.urlopen(f"{self.boot.url}/ipxe?mac={urllib.parse.quote(node.mac)}", timeout=10) as r:
-                script = r.read().decode()
-            args = kernel_args(script)
+            for tries_left in range(self.WAIT_TRIES, -1, -1):
+                with urllib.request.urlopen(f"{self.boot.url}/ipxe?mac={urllib.parse.quote(node.mac)}",
+                                            timeout=10) as r:
+                    script = r.read().decode()
+                args = kernel_args(script)
+                # The waiting script (no kernel; "sleep", then "chain" again): iPXE asks again.
+                if args or "\nchain " not in script or not tries_left:
+                    break
+                record.setdefault("waited", []).append(" ".join(script.splitlines()[4:5]))
+                if not self._pause(node, gen, record):
+                    return
             role = args.get("provisioner.role")
             if role not in ("slurm", "k8s"):
                 raise BootFailed(f"no bootable script: {script.splitlines()[1:3]}")
@@ -482,7 +498,12 @@ class SimSite:
                 record["hung"] = True
                 return
             # The image's init calls back early; its cluster daemon joins later (join_delay).
-            record["callback"] = self._callback(node, args)
+            for tries_left in range(self.WAIT_TRIES, -1, -1):
+                record["callback"] = self._callback(node, args)
+                if record["callback"] != 429 or not tries_left:  # 429: the store is busy; the init retries
+                    break
+                if not self._pause(node, gen, record):
+                    return
             if record["callback"] != 200:  # the image's init stops there: the node never joins
                 raise BootFailed(f"boot callback refused (HTTP {record['callback']})")
             record["ok"] = True
@@ -494,6 +515,14 @@ class SimSite:
         except Exception as exc:  # a boot that fails leaves the node down, and fails the test (check())
             record["error"] = str(exc) if isinstance(exc, BootFailed) else f"{type(exc).__name__}: {exc}"
             self.error(f"{node.name}: boot ({event['action']}): {record['error']}")
+
+    def _pause(self, node: SimNode, gen: int, record: dict) -> bool:
+        """Wait before asking again; False when a newer power event superseded this boot."""
+        time.sleep(self.WAIT_RETRY_S)
+        if self._current(node, gen):
+            return True
+        record["superseded"] = True
+        return False
 
     def _callback(self, node: SimNode, args: dict[str, str]) -> int:
         url = urllib.parse.urlsplit(args["provisioner.callback"])

@@ -11,27 +11,17 @@ import pytest
 
 from provisioner import config
 from provisioner.reconcile import CRASH_ENV
-from testbed.simnodes import SimSite
 from tests.fixtures.balance import k8s_wants_a_node
-from tests.fixtures.slurm_cluster import require_slurm
+from tests.fixtures.postgres import pg_sim_site
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def pg_world(tmp_path_factory, kube_cluster, postgres_server):
-    url = postgres_server.create_database("failover")
-    workdir = tmp_path_factory.mktemp("pg-sim")
-    # Node names of its own: the session's Kubernetes control plane also serves the balance world,
-    # whose simulated kubelets (pf01...) may still heartbeat there.
-    sim = SimSite(require_slurm(workdir), kube=kube_cluster, shared="pf[01-04]", fixed_k8s="kf01",
-                  store={"store": url, "store_password_file": str(postgres_server.password_file),
-                         "state_dir": str(workdir / "host-a")})
-    try:
-        sim.start()
+    with pg_sim_site(tmp_path_factory.mktemp("pg-sim"), kube_cluster, postgres_server, "failover",
+                     shared="pf[01-04]", fixed_k8s="kf01") as sim:
         yield sim
-    finally:
-        sim.stop()
 
 
 @pytest.fixture
