@@ -444,9 +444,12 @@ def _pod_shape(pod: PendingPod) -> str:
     return ", ".join(parts)
 
 
-def _serve_gangs(snap: Snapshot, slots: int, on_side: Counter) -> tuple[list[Move], list[GangAnswer], dict[str, str]]:
+def _serve_gangs(snap: Snapshot, slots: int, on_side: Counter,
+                 lend_room: float) -> tuple[list[Move], list[GangAnswer], dict[str, str]]:
     """Gang asks, oldest first: all or nothing. Returns the moves, one answer per gang, and the
-    nodes booked (node -> gang id), which nothing else may take."""
+    nodes booked (node -> gang id), which nothing else may take. A node whose home is
+    Kubernetes counts even when busy in SLURM (it comes home by reclaim, within the bound);
+    SLURM's own home nodes count up to its lending limit (`lend_room` more of them)."""
     moves: list[Move] = []
     answers: list[GangAnswer] = []
     booked: dict[str, str] = {}
@@ -484,7 +487,16 @@ def _serve_gangs(snap: Snapshot, slots: int, on_side: Counter) -> tuple[list[Mov
             else:
                 why_not["busy in k8s" if n.busy else n.held_by or f"{n.phase} in {n.role}"] += 1
         first = lambda n: (n.name not in mine, n.name)  # noqa: E731 - booked nodes first, then by name
-        pool = sorted(ready + incoming, key=first) + sorted(movable, key=first)
+        # Idle nodes first, Kubernetes' own before SLURM's (which it lends up to its limit); a
+        # busy node of Kubernetes' last, coming home by reclaim (that costs SLURM work).
+        lent = sorted((n for n in movable if n.home != K8S), key=first)
+        if len(lent) > lend_room:
+            why_not[f"slurm lends at most lending_limit={snap.policy.lending_limit.get(SLURM)} home node(s)"] += \
+                len(lent) - int(lend_room)
+            lent = lent[:int(lend_room)]
+        home_idle = sorted((n for n in movable if n.home == K8S and not n.busy), key=first)
+        home_busy = sorted((n for n in movable if n.home == K8S and n.busy), key=first)
+        pool = sorted(ready + incoming, key=first) + home_idle + lent + home_busy
         nodes, missing = _place(g, pool)
         to_move = [by_name[x] for x in nodes if by_name[x].role == SLURM]
         if not missing and on_side[SLURM] - len(to_move) < snap.policy.min_nodes.get(SLURM, 0):
@@ -503,9 +515,10 @@ def _serve_gangs(snap: Snapshot, slots: int, on_side: Counter) -> tuple[list[Mov
         started = to_move[:max(0, slots)]
         slots -= len(started)
         on_side[SLURM] -= len(started)
+        lend_room -= sum(1 for n in to_move if n.home != K8S)
         for n in started:
-            moves.append(Move(n.name, K8S, f"{g.source or g.id} asks for {len(nodes)} node(s) at once (all or "
-                              f"nothing); {n.name} idle in slurm"))
+            moves.append(_move(n, K8S, f"{g.source or g.id} asks for {len(nodes)} node(s) at once (all or "
+                               "nothing)", snap))
         if all(by_name[x].role == K8S and by_name[x].phase == STEADY for x in nodes):
             answers.append(GangAnswer(g.id, "provisioned", tuple(nodes), f"{fold(nodes)} in Kubernetes, booked for it"))
         else:
@@ -555,7 +568,9 @@ def decide(snap: Snapshot) -> Decision:
 
     # Gang asks first (all or nothing; the nodes they book are nobody else's), then the asks that
     # name their node: neither needs persistence, and both go before polled demand.
-    gang_moves, gang_answers, booked = _serve_gangs(snap, p.max_in_flight - len(switching), on_side)
+    gang_moves, gang_answers, booked = _serve_gangs(snap, p.max_in_flight - len(switching), on_side, room[SLURM])
+    for m in gang_moves:
+        take(by_name[m.node])
     for n in snap.nodes:
         if n.name in booked and n.role == K8S and n.phase == STEADY and n.available and not n.busy:
             covered[K8S] -= 1  # booked for a gang: it does not cover other pods

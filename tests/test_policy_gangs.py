@@ -4,7 +4,7 @@ decide(): nodes move only when every node the gang needs can come; never half a 
 from dataclasses import replace
 
 from provisioner.policy import RESUME, Ask, GangAsk, PendingPod, decide
-from tests.test_policy import NOW, POLICY, jobs, moved, node, snap
+from tests.test_policy import NOW, POLICY, jobs, moved, node, pods, snap
 
 
 def gang(n, cpu_m=4000, selector=(), gid="ml/train", **kw):
@@ -86,3 +86,45 @@ def test_two_gangs_never_share_a_node():
     d = decide(snap(nodes, gangs=(gang(2, gid="ml/a"), gang(2, gid="ml/b"))))
     assert moved(d) == [("sn1", "k8s"), ("sn2", "k8s")]
     assert answer(d, "ml/b").outcome == "waiting" and "booked for ml/a" in answer(d, "ml/b").message
+
+
+def test_a_gang_counts_a_node_busy_in_slurm_whose_home_is_kubernetes_it_comes_back_by_reclaim():
+    """All or nothing, now or by reclaim: sn2 is Kubernetes' own node lent to SLURM and busy
+    there; the gang takes it home with a reclaim (drain, grace, requeue), never a plain drain
+    that waits for the job."""
+    policy = replace(POLICY, reclaim_grace_s={"slurm": 600, "k8s": 60})
+    d = decide(snap([node("sn1", "slurm", home="slurm"), node("sn2", "slurm", busy=True, home="k8s"),
+                     node("sn3", "slurm", busy=True, home="slurm")], policy=policy, gangs=(gang(2),)))
+    assert moved(d) == [("sn1", "k8s"), ("sn2", "k8s")]
+    idle, busy = d.moves
+    assert not idle.reclaim
+    assert (busy.reclaim, busy.from_role, busy.work, busy.grace_s, busy.deadline) == (True, "slurm", "requeue", 600,
+                                                                                         NOW + 600)
+    assert "reclaiming sn2, busy in slurm; its home is k8s" in busy.reason
+    assert answer(d).outcome == "switching"
+
+
+def test_a_gang_prefers_kubernetes_idle_home_nodes_to_reclaiming_a_busy_one():
+    d = decide(snap([node("sn1", "slurm", busy=True, home="k8s"), node("sn2", "slurm", home="k8s"),
+                     node("sn3", "slurm", home="slurm")], gangs=(gang(2),)))
+    assert moved(d) == [("sn2", "k8s"), ("sn3", "k8s")] and not any(m.reclaim for m in d.moves)
+
+
+def test_a_gang_takes_slurms_home_nodes_only_up_to_its_lending_limit():
+    policy = replace(POLICY, max_in_flight=5, lending_limit={"slurm": 1, "k8s": None})
+    d = decide(snap([node("sn1", "slurm", home="slurm"), node("sn2", "slurm", home="slurm")], policy=policy,
+                    gangs=(gang(2),)))
+    assert moved(d) == []
+    a = answer(d)
+    assert a.outcome == "waiting" and "slurm lends at most lending_limit=1 home node(s)" in a.message
+    # One lent already: no room at all; with the limit raised, both move at once.
+    d = decide(snap([node("sn1", "slurm", home="slurm"), node("sn2", "slurm", home="slurm")],
+                    policy=replace(policy, lending_limit={"slurm": 2, "k8s": None}), gangs=(gang(2),)))
+    assert moved(d) == [("sn1", "k8s"), ("sn2", "k8s")]
+
+
+def test_nodes_a_gang_took_count_against_the_lending_limit_of_later_moves():
+    policy = replace(POLICY, max_in_flight=5, lending_limit={"slurm": 1, "k8s": None})
+    d = decide(snap([node("sn1", "slurm", home="slurm"), node("sn2", "slurm", home="slurm")], policy=policy,
+                    pods=pods(1), gangs=(gang(1),)))
+    assert moved(d) == [("sn1", "k8s")]  # the gang's; the pending pod may not borrow a second one
