@@ -154,6 +154,9 @@ TABLES = Store.COPY_TABLES
 SERIAL_TABLES = ("events", "asks")
 
 WRITE_LOCK_KEY = int.from_bytes(hashlib.sha256(b"provisioner:store-write").digest()[:8], "big", signed=True)
+# A connection idle this long is asked `SELECT 1` before use (a restart of the server is seen
+# only when a statement fails).
+PING_AFTER_S = 2.0
 # TCP keepalives both ways: the client notices a server that vanished, and the server (its
 # tcp_keepalives_* settings, set per session) a client whose host vanished without closing its
 # connections (power loss, network split): then its session ends and the pass lock it held is
@@ -279,6 +282,18 @@ class PgStore(Store):
 
     def _conn(self) -> PgConnection:
         conn = getattr(self._local, "conn", None)
+        now = time.monotonic()
+        if conn is not None and not (conn.raw.closed or conn.raw.broken) \
+                and now - getattr(self._local, "used", now) > PING_AFTER_S:
+            # psycopg learns that the server restarted only when a statement fails: ask first, so
+            # a restart while this thread was idle costs a reconnect, not a failed request.
+            import psycopg
+
+            try:
+                conn.raw.execute("SELECT 1")
+            except psycopg.Error:
+                pass  # broken now: connected again just below
+        self._local.used = now
         if conn is not None and (conn.raw.closed or conn.raw.broken):
             conn = None  # the server restarted or the connection dropped: connect again
         if conn is None or getattr(self._local, "pid", None) != os.getpid():

@@ -1,4 +1,4 @@
-"""The boot-storm deployment (issue 16): nginx in front of `provisioner serve`, serving the scripts
+"""The boot-storm deployment: nginx in front of `provisioner serve`, serving the scripts
 `provisioner prerender --watch` keeps current and the image files; the rest goes to the app.
 
 It must answer hostile clients as the app alone does, and a change must reach the scripts within

@@ -1,4 +1,4 @@
-"""Several boot servers on one PostgreSQL store, and the database restarted under them (issue 14).
+"""Several boot servers on one PostgreSQL store, and the database restarted under them.
 
 Two "hosts" are two site configs in different folders (each its own site.state_dir), the same
 site.store URL and the same secret_file contents; each runs the real `provisioner serve`

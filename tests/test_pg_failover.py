@@ -1,4 +1,4 @@
-"""Failover of the balancer between two hosts sharing a PostgreSQL store (issue 14): host A's
+"""Failover of the balancer between two hosts sharing a PostgreSQL store: host A's
 pass is killed with SIGKILL in the middle of a switch (right after the power action, before it
 is recorded: the hardest point), and host B's passes finish it: no node stranded, no node
 powered twice. The real world of testbed/simnodes.py (slurmctld/slurmd, the Kubernetes control

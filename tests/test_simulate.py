@@ -1,4 +1,4 @@
-"""`provisioner simulate` on tiny traces whose outcome is worked out by hand (issue 15): one job,
+"""`provisioner simulate` on tiny traces whose outcome is worked out by hand: one job,
 one pod, one shared node; contention; a flap the cooldown prevents; EASY backfilling; FIFO
 first-fit; the trace readers' errors; the command's table, JSON, sweep and plots."""
 
