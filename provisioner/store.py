@@ -553,8 +553,12 @@ class Store:
         with self.transaction() as c:
             c.execute("INSERT INTO boots (node) VALUES (?) ON CONFLICT (node) DO NOTHING", (name,))
             where = "nonce IS NULL" if expect is None else "nonce = ?"
+            # A token written after an admin's grant is of the boot it granted: no earlier than the
+            # grant, whose time is the admin's host's (the store's order, as for a power action).
+            grant = c.execute("SELECT granted_at FROM boots WHERE node = ?", (name,)).fetchone()
+            issued = max(_since_power(c, name, now), (grant["granted_at"] if grant else None) or 0)
             cur = c.execute(f"UPDATE boots SET nonce = ?, issued_at = ?, spent_at = NULL WHERE node = ? AND {where}",
-                            (nonce, _since_power(c, name, now), name) + (() if expect is None else (expect,)))
+                            (nonce, issued, name) + (() if expect is None else (expect,)))
             return cur.rowcount == 1
 
     def serve_boot_secrets(self, name: str, nonce: str, window: float, now: float) -> bool:

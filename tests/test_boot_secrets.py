@@ -347,3 +347,21 @@ def test_a_fuzz_of_raw_requests_finds_no_secret(dep):
     args = script_of(get(dep, f"/ipxe?mac={mac(2, 3)}")[1])
     assert (args["provisioner.node"], args["provisioner.role"]) == ("sn02", "slurm")
     assert os.stat(dep.site.secret_file).st_mode & 0o077 == 0
+
+
+def test_an_admin_host_minutes_ahead_of_the_boot_server_still_opens_the_window_once(dep):
+    """The grant is stamped by the host `provisioner power` ran on, 5 minutes ahead here: the
+    token the boot server issues for that boot is of the grant (the store's order), so root on
+    the node gets its secrets once, and the user still nothing."""
+    dep.store.grant_boot(["sn03"], actor="test", reason="test boot from a host ahead")
+    with dep.store.transaction() as c:
+        c.execute("UPDATE boots SET granted_at = granted_at + 300 WHERE node = ?", ("sn03",))
+    dep.settled("sn03")
+    args = script_of(as_root(dep, f"/ipxe?mac={mac(3, 3)}")[1])
+    _, [(status, body)] = as_user(dep, secrets_path(args))
+    assert status == 403 and b"source port" in body
+    status, body = as_root(dep, secrets_path(args))
+    assert status == 200, body
+    assert dep.secret in unpack(body)
+    assert as_root(dep, secrets_path(args))[0] == 403
+    assert callback(dep, "sn03", args["provisioner.token"]) == 200

@@ -31,6 +31,10 @@ from provisioner.states import BOOTING, REBOOTING
 from provisioner.tokens import boot_token, new_nonce
 
 PRIVILEGED_PORTS = 1024
+# An admin's grant is stamped by the host `provisioner power` ran on, and judged by the boot
+# server's clock: this much slack for the two clocks (a boot server that is ahead would close the
+# window early; one behind keeps it open that much longer).
+GRANT_CLOCK_SLACK_S = 60
 # What `provisioner render` shows where the endpoint would make a new token (render only reads).
 NEW_TOKEN = "NEW-TOKEN-AT-BOOT"
 # The boots table's columns, in order (the store's migration 6).
@@ -45,7 +49,7 @@ def window(phase: str | None, phase_since: float | None, power_at: float | None,
         starts.append(phase_since)
     elif phase == REBOOTING and power_at and power_at >= (phase_since or 0):
         starts.append(power_at)  # the power action is written right before it is sent
-    if granted_at and now - granted_at < grant_s:
+    if granted_at and now - granted_at < grant_s + GRANT_CLOCK_SLACK_S:
         starts.append(granted_at)
     return max(starts) if starts else None
 
