@@ -709,6 +709,7 @@ class Reconciler:
         """Power a node that stays in SLURM: on (SLURM gave it a job) or off (SLURM suspended it).
         Re-checked right before: never while jobs run there. Returns ("powered" | "not-needed" |
         "failed", what happened)."""
+        intent = None
         try:
             s = self.slurm.nodes([name])[name]
             expects_boot = s.powered_down or "powering_up" in s.flags  # SLURM waits for it to boot
@@ -717,16 +718,39 @@ class Reconciler:
                 report.notes.append(f"{name}: {why}")
                 return "not-needed", why
             check_held()
+            if action == "boot":
+                # The boot's written intent (and its secrets window): a grant of ours. A pass killed
+                # after the power action finds it and waits for the boot instead of a second one.
+                row = self.store.boot_row(name) or {}
+                since, now = row.get("granted_at"), self.clock()
+                if row.get("granted_by") == self.actor and since is not None and \
+                        0 <= now - since < self.policy.phase_timeout_s:
+                    why = f"powered on at {machine.stamp(since)} by an earlier pass: waiting for it to boot"
+                    report.notes.append(f"{name}: {why}")
+                    return "powered", why
+                self.store.grant_boot([name], actor=self.actor, reason=f"SLURM resume: {reason}", now=now)
+                intent = now
             result = self.power(self.site, [self.site.nodes[name]], action, netboot=action == "boot",
                                 store=self.store, actor=self.actor, roles={name: SLURM})[0]
+            machine.crash_point(f"after-power-{action}")
+            if intent is not None and not result.ok:
+                self._end_grant(name, intent, report)
         except LockLost:
             raise
         except Exception as exc:  # noqa: BLE001 - this node only
             report.steps.append(Step(name, f"power-{action}", f"{reason}: {exc}", ok=False))
+            if intent is not None:
+                self._end_grant(name, intent, report)
             return "failed", str(exc)
         report.steps.append(Step(name, f"power-{action}", f"{reason}: " + ("ok" if result.ok else result.error),
                                  ok=result.ok))
         return ("powered", "powered on") if result.ok else ("failed", f"power {action} failed: {result.error}")
+
+    def _end_grant(self, name: str, since: float, report: PassReport) -> None:
+        try:
+            self.store.end_boot_grant(name, since)
+        except Exception as exc:  # noqa: BLE001 - the window closes at its end anyway
+            report.notes.append(f"{name}: its boot window stays open until it ends: {exc}")
 
     def _sync_slurm_view(self, hold: dict[str, str | None], world: World, report: PassReport) -> None:
         """Keep SLURM's view of the shared nodes in Kubernetes: powered down, and free for SLURM

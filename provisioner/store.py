@@ -569,14 +569,21 @@ class Store:
                             (now, window, name, nonce, window))
             return cur.rowcount == 1
 
-    def grant_boot(self, names: list[str], *, actor: str, reason: str) -> None:
-        """An admin-requested boot: opens the nodes' boot windows (provisioner/boot/boots.py)."""
-        now = time.time()
+    def grant_boot(self, names: list[str], *, actor: str, reason: str, now: float | None = None) -> None:
+        """A boot we asked for outside a switch (an admin's, or slurmctld's resume of a node that
+        stays in SLURM): opens the nodes' boot windows (provisioner/boot/boots.py)."""
+        now = time.time() if now is None else now
         with self.transaction() as c:
             for name in names:
                 c.execute("INSERT INTO boots (node) VALUES (?) ON CONFLICT (node) DO NOTHING", (name,))
                 c.execute("UPDATE boots SET granted_at = ?, granted_by = ? WHERE node = ?", (now, actor, name))
                 self._event(c, now, name, actor, "boot-granted", f"boot window opened: {reason}", {"reason": reason})
+
+    def end_boot_grant(self, name: str, granted_at: float) -> None:
+        """Close the window a grant opened (its power action failed: no boot is coming)."""
+        with self.transaction() as c:
+            c.execute("UPDATE boots SET granted_at = NULL, granted_by = NULL WHERE node = ? AND granted_at = ?",
+                      (name, granted_at))
 
     # -- image version pins ----------------------------------------------------------
 

@@ -240,6 +240,37 @@ def test_a_resume_ask_is_granted_only_once_the_node_is_powered(ps_world):
     assert [c[0] for c in power.calls] == ["boot", "boot"]
 
 
+def test_a_resume_boot_is_written_before_it_is_sent_and_never_sent_twice(ps_world, monkeypatch):
+    """The boot's intent is a grant of ours (it also opens the node's secrets window): a pass
+    that powered the node and died before it answered the ask leaves it, and the next pass
+    grants the ask without a second power action (a second "boot" would reset the booting node)."""
+    store, slurm, rec, power = ps_world
+    power.ok = True
+    slurm.set("sn01", flags=frozenset({"powered_down", "powering_up"}), state="allocated", alloc_cpus=4)
+    store.add_asks(["sn01"], "resume", source="slurmctld", reason="JobId=9", actor="slurmctld")
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt  # as a kill -9 right after the power action: nothing after it runs
+    monkeypatch.setattr(store, "close_ask", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rec.run_pass()
+    monkeypatch.undo()
+    grant = store.boot_row("sn01")
+    assert grant["granted_by"] == "balancer" and grant["granted_at"] is not None
+    report = rec.run_pass()
+    assert [c[0] for c in power.calls] == ["boot"], power.calls
+    assert store.open_asks() == [] and len(store.events(["sn01"], kinds=["ask-granted"])) == 1
+    assert any("by an earlier pass" in n for n in report.notes), report.notes
+
+
+def test_a_failed_resume_boot_closes_its_window(ps_world):
+    store, slurm, rec, power = ps_world
+    slurm.set("sn01", flags=frozenset({"powered_down", "powering_up"}), state="allocated", alloc_cpus=4)
+    store.add_asks(["sn01"], "resume", source="slurmctld", reason="JobId=10", actor="slurmctld")
+    rec.run_pass()  # the BMC times out
+    assert store.boot_row("sn01")["granted_at"] is None  # no boot is coming: no secrets window
+
+
 def test_a_resume_ask_for_a_node_that_switches_waits_for_its_power_action(ps_world):
     store, slurm, rec, power = ps_world
     for n in SHARED:  # all of them in Kubernetes, powered down for SLURM

@@ -7,7 +7,8 @@ secrets (the munge key, host keys, kubelet credentials). Three rules keep them o
 - **a boot window**: the overlay's secret part is served only while the node is being booted
   by us: its switch is in `booting` (or `rebooting` after the power action was written), or an
   admin asked for the boot (`provisioner power NODES on|reset|cycle|boot`, which records a
-  grant good for site.boot_window_s). A node rebooting on its own gets no secrets: an event
+  grant good for site.boot_window_s; the balancer records the same grant before it powers on a
+  node slurmctld resumed). A node rebooting on its own gets no secrets: an event
   says so and an admin boots it (the anchors: Ironic's per-deploy agent token, Confluent's
   per-node key set once at deployment);
 - **once per window**, with the token of that boot, from the node's address and (by default)
