@@ -157,11 +157,8 @@ def test_a_pod_deaf_to_sigterm_keeps_its_node_up_for_its_whole_grace_period(bala
 # --------------------------------------------------------------------------- crashes
 
 
-@pytest.mark.parametrize("to,point", [
-    ("slurm", "after-cordon"), ("slurm", "before-power"), ("slurm", "after-power"),
-    ("k8s", "after-down"), ("k8s", "before-power"), ("k8s", "after-power"),
-])
-def test_kill_9_at_each_step_then_passes_finish_the_switch(balance_site, to, point):
+def wants_a_node_on(balance_site, to: str):
+    """A world where side `to` waits for a shared node: (sim, the jobs running meanwhile, goal)."""
     if to == "slurm":
         sim = balance_site(roles=ALL_K8S)
         jobs, pending = slurm_wants_a_node(sim)
@@ -174,6 +171,15 @@ def test_kill_9_at_each_step_then_passes_finish_the_switch(balance_site, to, poi
 
         def goal():
             return all(p["spec"].get("nodeName") for p in sim.kube.pods() if p["metadata"]["name"].startswith("web"))
+    return sim, jobs, goal
+
+
+@pytest.mark.parametrize("to,point", [
+    ("slurm", "after-cordon"), ("slurm", "before-power"), ("slurm", "after-power"),
+    ("k8s", "after-down"), ("k8s", "before-power"), ("k8s", "after-power"),
+])
+def test_kill_9_at_each_step_then_passes_finish_the_switch(balance_site, to, point):
+    sim, jobs, goal = wants_a_node_on(balance_site, to)
 
     proc, _ = sim.balance(env={CRASH_ENV: point})
     assert proc.returncode == -9, (proc.returncode, proc.stderr)
@@ -203,18 +209,7 @@ def test_kill_9_at_each_step_then_passes_finish_the_switch(balance_site, to, poi
 def test_kill_9_after_the_power_action_then_passes_finish_the_switch(balance_site, to, point):
     """The crash points of booting and joining: the node has been powered and is coming up in its
     new role when the pass dies. The passes after it finish the switch without powering it again."""
-    if to == "slurm":
-        sim = balance_site(roles=ALL_K8S)
-        jobs, pending = slurm_wants_a_node(sim)
-
-        def goal():
-            return sim.slurm.job_state(pending)[0] == "RUNNING"
-    else:
-        sim = balance_site()
-        jobs = k8s_wants_a_node(sim)
-
-        def goal():
-            return all(p["spec"].get("nodeName") for p in sim.kube.pods() if p["metadata"]["name"].startswith("web"))
+    sim, jobs, goal = wants_a_node_on(balance_site, to)
 
     # A pass goes on through booting and joining when the node calls back in time; when it
     # does not, a later pass reaches the point: CLI passes with the crash point until one dies.
