@@ -721,10 +721,9 @@ class Reconciler:
             if action == "boot":
                 # The boot's written intent (and its secrets window): a grant of ours. A pass killed
                 # after the power action finds it and waits for the boot instead of a second one.
-                row = self.store.boot_row(name) or {}
-                since, now = row.get("granted_at"), self.clock()
-                if row.get("granted_by") == self.actor and since is not None and \
-                        0 <= now - since < self.policy.phase_timeout_s:
+                now = self.clock()
+                since = self._resume_boot_pending(name, now)
+                if since is not None:
                     why = f"powered on at {machine.stamp(since)} by an earlier pass: waiting for it to boot"
                     report.notes.append(f"{name}: {why}")
                     return "powered", why
@@ -735,6 +734,10 @@ class Reconciler:
             machine.crash_point(f"after-power-{action}")
             if intent is not None and not result.ok:
                 self._end_grant(name, intent, report)
+            elif action == "off" and result.ok:
+                row = self.store.boot_row(name) or {}
+                if row.get("granted_by") == self.actor and row.get("granted_at") is not None:
+                    self._end_grant(name, row["granted_at"], report)  # off: no boot of ours is coming
         except LockLost:
             raise
         except Exception as exc:  # noqa: BLE001 - this node only
@@ -745,6 +748,17 @@ class Reconciler:
         report.steps.append(Step(name, f"power-{action}", f"{reason}: " + ("ok" if result.ok else result.error),
                                  ok=result.ok))
         return ("powered", "powered on") if result.ok else ("failed", f"power {action} failed: {result.error}")
+
+    def _resume_boot_pending(self, name: str, now: float) -> float | None:
+        """When an earlier pass powered `name` on for slurmctld and its boot has not called back
+        yet (the token issued after that grant is not spent), within phase_timeout_s: that
+        grant's time. None: no boot of ours is on its way."""
+        row = self.store.boot_row(name) or {}
+        since = row.get("granted_at")
+        if row.get("granted_by") != self.actor or since is None or not 0 <= now - since < self.policy.phase_timeout_s:
+            return None
+        booted = row.get("spent_at") is not None and (row.get("issued_at") or 0) >= since
+        return None if booted else since
 
     def _end_grant(self, name: str, since: float, report: PassReport) -> None:
         try:

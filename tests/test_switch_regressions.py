@@ -263,6 +263,35 @@ def test_a_resume_boot_is_written_before_it_is_sent_and_never_sent_twice(ps_worl
     assert any("by an earlier pass" in n for n in report.notes), report.notes
 
 
+def test_a_resume_after_the_last_one_booted_powers_the_node_again(ps_world):
+    """The intent stands only until its boot calls back (the token issued after the grant is
+    spent) or the node is powered off: a second resume soon after is a new boot."""
+    store, slurm, rec, power = ps_world
+    power.ok = True
+    slurm.set("sn01", flags=frozenset({"powered_down", "powering_up"}), state="allocated", alloc_cpus=4)
+    store.add_asks(["sn01"], "resume", source="slurmctld", reason="JobId=11", actor="slurmctld")
+    rec.run_pass()
+    since = store.boot_row("sn01")["granted_at"]
+    assert store.issue_boot("sn01", "b" * 32, since - 5, None)  # the boot server's clock, a bit behind
+    assert store.record_booted("sn01", "slurm", "1", actor="t", source=None, spend="b" * 32)
+    store.add_asks(["sn01"], "resume", source="slurmctld", reason="JobId=12", actor="slurmctld")
+    rec.run_pass()
+    assert [c[0] for c in power.calls] == ["boot", "boot"], power.calls
+    assert store.open_asks() == []
+
+
+def test_powering_a_node_off_ends_the_resume_boot_it_had(ps_world):
+    store, slurm, rec, power = ps_world
+    power.ok = True
+    slurm.set("sn01", flags=frozenset({"powered_down", "powering_up"}), state="allocated", alloc_cpus=4)
+    store.add_asks(["sn01"], "resume", source="slurmctld", reason="JobId=13", actor="slurmctld")
+    rec.run_pass()
+    assert store.boot_row("sn01")["granted_at"] is not None
+    slurm.set("sn01", flags=frozenset({"powered_down"}), state="idle", alloc_cpus=0)
+    assert rec._power_for_slurm("sn01", "off", "suspended", PassReport(dry_run=False))[0] == "powered"
+    assert store.boot_row("sn01")["granted_at"] is None
+
+
 def test_a_failed_resume_boot_closes_its_window(ps_world):
     store, slurm, rec, power = ps_world
     slurm.set("sn01", flags=frozenset({"powered_down", "powering_up"}), state="allocated", alloc_cpus=4)
