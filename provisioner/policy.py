@@ -369,6 +369,15 @@ def _why_not(n: SharedNode, to: str, snap: Snapshot) -> str | None:
     return None
 
 
+def _reclaim_cost(n: SharedNode, snap: Snapshot) -> tuple:
+    """Busy nodes to reclaim: work that ends within the grace first (nothing lost), then
+    movable work, the least work lost first."""
+    if not n.busy:
+        return (0, 0.0)
+    ends = n.work_ends_at is not None and n.work_ends_at <= snap.now + snap.policy.reclaim_grace_s.get(n.role, 0)
+    return (0 if ends else 1 if n.movable else 2, 0.0 if ends else n.work_cost)
+
+
 def reclaim_held(refused_at: float | None, refused: str | None, cooldown_s: float, now: float) -> str | None:
     """Why a node whose last reclaim a PodDisruptionBudget refused is held where it is (None:
     not held): for cooldown_s after the refusal. decide(), `provisioner nodes` and /metrics."""
@@ -495,7 +504,8 @@ def _serve_gangs(snap: Snapshot, slots: int, on_side: Counter,
                 len(lent) - int(lend_room)
             lent = lent[:int(lend_room)]
         home_idle = sorted((n for n in movable if n.home == K8S and not n.busy), key=first)
-        home_busy = sorted((n for n in movable if n.home == K8S and n.busy), key=first)
+        home_busy = sorted((n for n in movable if n.home == K8S and n.busy),
+                           key=lambda n: (_reclaim_cost(n, snap), *first(n)))
         pool = sorted(ready + incoming, key=first) + home_idle + lent + home_busy
         nodes, missing = _place(g, pool)
         to_move = [by_name[x] for x in nodes if by_name[x].role == SLURM]
@@ -656,17 +666,9 @@ def decide(snap: Snapshot) -> Decision:
     # home nodes reclaimed (those whose work can move first).
     candidates: dict[str, list[SharedNode]] = {SLURM: [], K8S: []}
     held: dict[tuple[str, str], list[str]] = {}
-    reclaim_held: dict[str, str] = {}
+    home_held: dict[str, str] = {}
     asked_names = {n.name for _, n in asked}
-    def cost(n: SharedNode) -> tuple:
-        """Busy nodes to reclaim: work that ends within the grace first (nothing lost), then
-        movable work, the least work lost first."""
-        if not n.busy:
-            return (0, 0.0)
-        ends = n.work_ends_at is not None and n.work_ends_at <= snap.now + p.reclaim_grace_s.get(n.role, 0)
-        return (0 if ends else 1 if n.movable else 2, 0.0 if ends else n.work_cost)
-
-    order = sorted(snap.nodes, key=lambda n: (n.busy, n.home != OTHER.get(n.role), cost(n),
+    order = sorted(snap.nodes, key=lambda n: (n.busy, n.home != OTHER.get(n.role), _reclaim_cost(n, snap),
                                               n.name not in released, n.last_switch_at or 0.0, n.name))
     for n in order:
         to = OTHER.get(n.role)
@@ -685,7 +687,7 @@ def decide(snap: Snapshot) -> Decision:
         if why_not:
             held.setdefault((to, why_not), []).append(n.name)
             if going_home:
-                reclaim_held[n.name] = why_not
+                home_held[n.name] = why_not
             continue
         if not going_home:
             take(n)
@@ -752,7 +754,7 @@ def decide(snap: Snapshot) -> Decision:
         if m.node in by_name and by_name[m.node].home in OTHER:
             lent[by_name[m.node].home] += 1 if m.to_role != by_name[m.node].home else -1
     return Decision(tuple(moves), {s: demand[s].nodes_wanted for s in demand}, tuple(notes), tuple(answers),
-                    tuple(boots), tuple(power_off), slurm_hold, reclaim_held, dict(lent), tuple(gang_answers),
+                    tuple(boots), tuple(power_off), slurm_hold, home_held, dict(lent), tuple(gang_answers),
                     release)
 
 

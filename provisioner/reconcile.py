@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from provisioner import policy as pol
@@ -313,9 +313,9 @@ class Reconciler:
         )
 
     def _refresh_states(self, world: World) -> World:
-        return World(world.slurm_nodes, world.pending_jobs, world.kube_nodes, world.pending_pods,
-                     self.store.nodes(self.shared), tuple(self.store.open_asks()), world.requests,
-                     self.store.holds(self.shared))
+        """The clusters as observed, the store's side read again."""
+        return replace(world, states=self.store.nodes(self.shared), asks=tuple(self.store.open_asks()),
+                       holds=self.store.holds(self.shared))
 
     # -- the snapshot for the policy -------------------------------------------------
 

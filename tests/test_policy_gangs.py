@@ -128,3 +128,13 @@ def test_nodes_a_gang_took_count_against_the_lending_limit_of_later_moves():
     d = decide(snap([node("sn1", "slurm", home="slurm"), node("sn2", "slurm", home="slurm")], policy=policy,
                     pods=pods(1), gangs=(gang(1),)))
     assert moved(d) == [("sn1", "k8s")]  # the gang's; the pending pod may not borrow a second one
+
+
+def test_a_gang_reclaims_the_busy_node_that_loses_the_least_work():
+    """The same order as any reclaim: work that ends within the grace first, then the least work lost."""
+    policy = replace(POLICY, reclaim_grace_s={"slurm": 600, "k8s": 60})
+    busy = dict(busy=True, home="k8s", movable=True)
+    d = decide(snap([node("sn1", "slurm", work_cost=9000.0, **busy), node("sn2", "slurm", work_cost=100.0, **busy),
+                     node("sn3", "slurm", work_cost=9000.0, work_ends_at=NOW + 300, **busy)],
+                    policy=policy, gangs=(gang(2),)))
+    assert sorted(moved(d)) == [("sn2", "k8s"), ("sn3", "k8s")]  # not sn1: most work lost, not ending
