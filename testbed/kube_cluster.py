@@ -41,6 +41,20 @@ class KubeCluster:
         self.provisioner_kubeconfig: Path | None = None  # the product's identity, RBAC-limited
         self._mark = 0
         self._namespaces = {"default"}
+        self._claims: dict[str, str] = {}  # node name -> the world (SimSite) that uses it
+
+    def claim(self, owner: str, names) -> None:
+        """A world takes its node names for as long as it runs. Two live worlds on one control
+        plane with a name in common would each take the other's Node (its labels, taints, pods)
+        for its own: refused, naming both."""
+        taken = {n: self._claims[n] for n in names if self._claims.get(n, owner) != owner}
+        if taken:
+            raise AssertionError(f"node names already used by another live world on this control plane: "
+                                 f"{taken}; give {owner} names of its own (shared=, fixed_k8s=)")
+        self._claims.update({n: owner for n in names})
+
+    def release(self, owner: str) -> None:
+        self._claims = {n: o for n, o in self._claims.items() if o != owner}
 
     # -- life cycle ----------------------------------------------------------------------
 

@@ -189,6 +189,8 @@ class SimSite:
             self.slurm.start()
             if self._own_kube:
                 self.kube = KubeCluster(self.workdir / "kube").start()
+            else:
+                self.kube.claim(str(self.workdir), [*self.shared, *self.fixed_k8s])
             self.bmc = BmcSim.start([BmcSpec(n, free_port(socket.SOCK_DGRAM), "admin", BMC_PASSWORD)
                                      for n in self.shared], self.workdir / "bmc", on_power=self._on_power)
             self.port = free_port()
@@ -211,6 +213,8 @@ class SimSite:
             self.bmc.stop()
         if self.kube and self._own_kube:
             self.kube.stop()
+        elif self.kube:
+            self.kube.release(str(self.workdir))
         if self.slurm:
             self.slurm.stop()
         if self._store is not None:

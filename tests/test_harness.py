@@ -47,3 +47,15 @@ def test_the_harness_fails_closed(balance_site, monkeypatch, tmp_path):
     assert not sim.slurm.running("slurmd:sn03") and sim.nodes["sn03"].role is None
     with pytest.raises(AssertionError, match=r"sn03: boot \(reset\): boot callback refused \(HTTP 403\)"):
         sim.check()
+
+
+def test_two_live_worlds_never_share_a_node_name_on_one_control_plane(balance_site, kube_cluster):
+    """Every world on the session's control plane (the balance world, the VM worlds, the PostgreSQL
+    and power-saving ones) runs under names of its own: a second world that reuses one is refused
+    at its start, so no test can read another world's Node as its own."""
+    sim = balance_site()
+    with pytest.raises(AssertionError, match=r"already used by another live world.*'sn01'"):
+        kube_cluster.claim("another-world", ["zz01", "sn01"])
+    kube_cluster.claim("another-world", ["zz01"])  # a name of its own: taken
+    kube_cluster.release("another-world")
+    assert sim.kube is kube_cluster
