@@ -174,8 +174,9 @@ class Store:
             cls = Store.BACKENDS["postgresql" if is_url(target) else "sqlite"]
         return super().__new__(cls)
 
-    # What a backend gives: its connection (execute() with `?` parameters, rows read by index and
-    # by column name), its write transaction, its schema version, and close().
+    # What a backend gives: its connection per thread (self._local.conn: execute() with `?`
+    # parameters, rows read by index and by column name, close()), its write transaction, its
+    # schema version and the SQL that differs.
     where: str
     read_only: bool
 
@@ -189,7 +190,11 @@ class Store:
         raise NotImplementedError
 
     def close(self) -> None:
-        raise NotImplementedError
+        """Close this thread's connection (the next call opens another)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     def in_list(self, column: str) -> str:
         """SQL: `column` is one of the values of one parameter (list_arg)."""

@@ -194,12 +194,6 @@ class PgStore(Store):
             self._local.pid = os.getpid()  # a forked worker must not reuse its parent's connection
         return conn
 
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
     @contextmanager
     def transaction(self) -> Iterator[PgConnection]:
         """One transaction holding the store's write lock (writers one at a time, as in SQLite)."""

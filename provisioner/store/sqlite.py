@@ -75,12 +75,6 @@ class SqliteStore(Store):
             self._local.pid = os.getpid()  # a forked worker must not reuse its parent's handle
         return conn
 
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE: takes the write lock up front, so read-modify-write cannot race."""
