@@ -545,7 +545,7 @@ def cmd_image_unpin(ctx: Context) -> int:
 
 
 def cmd_store_copy(ctx: Context) -> int:
-    from provisioner.store_pg import copy_store, redact
+    from provisioner.store.postgres import copy_store, redact
 
     source = ctx.store
     target = Store(ctx.args.to, password_file=ctx.args.password_file)

@@ -25,11 +25,20 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # The iPXE template a role boots unless the image or the node names another.
 ROLE_TEMPLATE = "{role}.ipxe.j2"
 
-# What a site gets when it names no folder of its own: the iPXE templates and image definitions
-# shipped inside the package (package data, so they are there in an installed copy too).
-DATA = Path(__file__).resolve().parent / "data"
-DEFAULT_TEMPLATES = DATA / "pxe-templates"
-DEFAULT_IMAGE_DEFINITIONS = DATA / "images"
+
+
+def shipped(name: str) -> Path:
+    """A folder provisioner ships for a site to copy and edit (images, pxe-templates): inside the
+    package when installed (setup.py copies them there, as provisioner/data/NAME), else at the
+    top level of the checkout this package is in (a checkout, an editable install)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "data" / name
+    return installed if installed.is_dir() else package.parent / name
+
+
+# What a site gets when it names no folder of its own: the shipped iPXE templates and image definitions.
+DEFAULT_TEMPLATES = shipped("pxe-templates")
+DEFAULT_IMAGE_DEFINITIONS = shipped("images")
 
 _MAC_RE = re.compile(r"^[0-9a-f]{12}$")
 

@@ -1,4 +1,4 @@
-"""The tiny test image (provisioner/data/images/tiny): built for real once per test session, for the image and
+"""The tiny test image (images/tiny): built for real once per test session, for the image and
 overlay tests and for the end-to-end VM tests.
 
     tiny_image                      session fixture (tests/fixtures/tinyimage.py): built once

@@ -1,5 +1,5 @@
 """End-to-end VMs: the balancer's test world (testbed/simnodes.py) with real qemu VMs as its shared
-nodes, network-booting the tiny image (provisioner/data/images/tiny) through iPXE from the real `provisioner serve`.
+nodes, network-booting the tiny image (images/tiny) through iPXE from the real `provisioner serve`.
 
 VmSite is a SimSite whose shared nodes are VMs (testbed/vm.py):
 - site.yaml: `site.boot_url` is http://10.0.2.2:PORT (the guests' view of the host's loopback,
@@ -308,7 +308,7 @@ IMAGE_CALLBACK_RE = CALLBACK_RE.lstrip("^")
 
 
 class ImageVmSite(VmSite):
-    """VmSite whose shared VMs boot the real images (provisioner/data/images/slurm and k8s), which
+    """VmSite whose shared VMs boot the real images (images/slurm and k8s), which
     run their own daemons: the slurm image's slurmd registers with the test slurmctld, the k8s
     image's kubelet joins the real API server with a bootstrap token (TLS bootstrap, as at a
     site). Nothing of a node's work is played by the harness.

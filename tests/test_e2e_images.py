@@ -1,5 +1,5 @@
 """End to end on the real images: a shared node is a qemu VM that network-boots the Debian slurm
-image or the Debian k8s image (provisioner/data/images), and the balancer moves it between the
+image or the Debian k8s image (images/), and the balancer moves it between the
 two on real pending work. Nothing of the node's work is played by the harness: the slurm image's
 own slurmd registers with the test slurmctld and runs the batch job; the k8s image's own kubelet
 joins the real API server by TLS bootstrap (a bootstrap token from the overlay), containerd runs

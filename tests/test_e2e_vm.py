@@ -3,7 +3,7 @@
 from the SLURM role to the Kubernetes role and back, driven only by pending work in the real SLURM
 cluster and in a real Kubernetes control plane.
 
-What runs, exactly: both roles boot the same TINY image (provisioner/data/images/tiny: a kernel
+What runs, exactly: both roles boot the same TINY image (images/tiny: a kernel
 and a busybox initramfs, no slurmd, no kubelet); what differs per role is the kernel command line,
 the overlay and the callback, which the console and the boot server prove. Once the VM's callback
 is accepted, the HARNESS plays the role's daemon: a real slurmd on the host (slurm) or a simulated

@@ -16,6 +16,7 @@ from provisioner.boot import overlay
 from provisioner.errors import ConfigError, OperationError
 from provisioner.images.builder import remove_host_keys
 from provisioner.images.definition import load as load_definition
+from provisioner.model import DEFAULT_IMAGE_DEFINITIONS
 from testbed.site import mac, write_site
 from tests.support import require_binary
 from tests.test_overlay import overlay_section, published_from_definition, unpack, write_secrets
@@ -155,7 +156,7 @@ def test_both_images_give_a_node_the_same_key(site):
 
 def test_the_definitions_take_the_key_from_the_overlay():
     for image in ("slurm", "k8s"):
-        d = load_definition(Path(overlay.__file__).resolve().parent.parent / "data" / "images", image)
+        d = load_definition(DEFAULT_IMAGE_DEFINITIONS, image)
         entries = {e.path: (e.host_key, e.mode) for e in d.overlay if e.host_key}
         assert entries == {"/etc/ssh/ssh_host_ed25519_key": ("private", 0o600),
                            "/etc/ssh/ssh_host_ed25519_key.pub": ("public", 0o644)}

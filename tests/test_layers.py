@@ -79,3 +79,22 @@ def test_the_import_parser_sees_every_form():
               "    def f():\n        from ..boot.plan import BootPlan\n")
     assert {"provisioner.store", "provisioner.boot", "provisioner.boot.plan"} <= \
         imports_in(source, "provisioner.power.probe")
+
+
+def test_the_store_package_has_no_import_cycle():
+    """Each backend of the store (sqlite, postgres) is importable alone: the modules of
+    provisioner/store import one another without a cycle, function-level imports included."""
+    graph = {module_name(p): {n for n in ours(imports(p)) if within(n, "provisioner.store")}
+             for p in (PACKAGE / "store").glob("*.py")}
+    assert {"provisioner.store.base", "provisioner.store.sqlite", "provisioner.store.postgres"} <= set(graph)
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen and m in graph:
+                seen.add(m)
+                todo.extend(graph[m])
+        return seen
+
+    assert [m for m in graph if m in reaches(m)] == []

@@ -1,5 +1,6 @@
-"""The package works installed: a non-editable `pip install` into a fresh venv carries the default
-iPXE templates and image definitions (provisioner/data/), and a site that names no template
+"""The package works installed: its wheel carries the default iPXE templates and image definitions
+(the checkout's top-level pxe-templates/ and images/, as provisioner/data/ inside the package),
+a non-editable install into a fresh venv finds them there, and a site that names no template
 folder checks and renders with them. Slow: the venv installs every dependency (from pip's cache
 when warm, else from PyPI)."""
 
@@ -10,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -28,12 +30,13 @@ PACKAGED_LINE = "Edit the templates (site.templates), not this output."
 PROBE = """
 import json, os, provisioner
 from provisioner import images
+from provisioner.images.oci import PAUSE_SOURCE
 from provisioner.model import DEFAULT_IMAGE_DEFINITIONS as defs, DEFAULT_TEMPLATES as tpl
 callback = defs / "_common/rootfs/usr/local/sbin/provisioner-callback"
 print(json.dumps({
     "package": provisioner.__file__, "templates": str(tpl), "definitions": str(defs),
     "images": [images.load_definition(defs, n).name for n in images.definition_names(defs)],
-    "callback_executable": os.access(callback, os.X_OK),
+    "callback_executable": os.access(callback, os.X_OK), "pause_source": str(PAUSE_SOURCE),
 }))
 """
 
@@ -51,25 +54,36 @@ def test_installed_package_checks_and_renders_with_its_packaged_templates(tmp_pa
     # *.egg-info in the checkout, and anything the build needs beyond these files is a bug.
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    shutil.copytree(ROOT / "provisioner", src / "provisioner",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    for name in ("provisioner", "images", "pxe-templates"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
 
     venv = tmp_path / "venv"
     made = run([sys.executable, "-m", "venv", venv], tmp_path)
     assert made.returncode == 0, made.stderr
-    pip = run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check", src],
-              tmp_path, timeout=1000)
-    assert pip.returncode == 0, f"pip install failed:\n{pip.stdout}\n{pip.stderr}"
+    pip = [venv / "bin" / "python", "-m", "pip", "--disable-pip-version-check"]
+    wheels = tmp_path / "wheels"
+    built = run([*pip, "wheel", "--quiet", "--no-deps", "-w", wheels, src], tmp_path, timeout=600)
+    assert built.returncode == 0, f"pip wheel failed:\n{built.stdout}\n{built.stderr}"
+    [wheel] = wheels.glob("provisioner-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    for name in ("images", "pxe-templates"):  # every file of the folder, in the package
+        want = {f"provisioner/data/{name}/{p.relative_to(ROOT / name)}"
+                for p in (ROOT / name).rglob("*") if p.is_file()}
+        assert want and want <= names, sorted(want - names)
+    assert "provisioner/images/pause.c" in names
+    installed = run([*pip, "install", "--quiet", wheel], tmp_path, timeout=1000)
+    assert installed.returncode == 0, f"pip install failed:\n{installed.stdout}\n{installed.stderr}"
 
     probe = run([venv / "bin" / "python", "-c", PROBE], tmp_path)
     assert probe.returncode == 0, probe.stderr
     found = json.loads(probe.stdout)
     installed = venv.resolve()
-    for key in ("package", "templates", "definitions"):
+    for key in ("package", "templates", "definitions", "pause_source"):
         assert Path(found[key]).resolve().is_relative_to(installed), (key, found[key])  # not the checkout
-    assert set(found["images"]) >= {"slurm", "k8s", "tiny"}
+    assert set(found["images"]) >= {"slurm", "k8s", "tiny"} and Path(found["pause_source"]).is_file()
     assert found["callback_executable"]  # the Debian builder copies _common/rootfs with its modes
 
     site = write_site(tmp_path / "site")

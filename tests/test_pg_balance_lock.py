@@ -127,7 +127,7 @@ def test_many_processes_at_once_one_holds(tmp_path, pg_url):
 def test_the_lock_connection_asks_the_server_for_keepalives(tmp_path, pg_url):
     """A host that vanishes without closing its connection (power loss) must lose the lock too:
     the server probes the lock's connection (its tcp_keepalives_* for that session)."""
-    from provisioner.store_pg import connect
+    from provisioner.store.postgres import connect
 
     url, pw = pg_url
     with connect(url, pw) as c:
@@ -140,7 +140,7 @@ def test_a_pass_whose_lock_connection_was_lost_stops_before_its_next_write(tmp_p
     """The lock's connection ends (here: its backend terminated, as a database restart or a cut
     would): PostgreSQL has released the lock, and the pass's next check raises LockLost instead
     of writing alongside the other host's pass, which takes the lock now."""
-    from provisioner.store_pg import connect
+    from provisioner.store.postgres import connect
     from provisioner.switch.locks import LockLost, check_held
 
     a, b = host(tmp_path, "host-a", pg_url), host(tmp_path, "host-b", pg_url)

@@ -29,7 +29,7 @@ class SqliteBackend:
 
     def old_store_with_a_node(self) -> None:
         """A store at schema version 1 holding node a (k8s, pinned)."""
-        from provisioner.store import MIGRATIONS, split_sql
+        from provisioner.store.sqlite import MIGRATIONS, split_sql
 
         c = sqlite3.connect(self.target, isolation_level=None)
         for stmt in split_sql(MIGRATIONS[0]):
@@ -61,7 +61,7 @@ class PgBackend:
             c.execute("UPDATE provisioner_schema SET version = %s", (version,))
 
     def old_store_with_a_node(self) -> None:
-        from provisioner.store_pg import MIGRATIONS
+        from provisioner.store.postgres import MIGRATIONS
 
         with self.raw() as c:
             c.execute(MIGRATIONS[0])
@@ -241,7 +241,7 @@ def filled(s: Store) -> Store:
 
 
 def test_store_copy_sqlite_to_postgresql(tmp_path, pg_url):
-    from provisioner.store_pg import copy_store
+    from provisioner.store.postgres import copy_store
 
     src = filled(Store(tmp_path / "s.db"))
     url, pw = pg_url

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from provisioner import cli, config, states  # noqa: E402
+from provisioner.model import DEFAULT_IMAGE_DEFINITIONS, DEFAULT_TEMPLATES  # noqa: E402
 
 DOCS = ROOT / "docs"
 MEANINGS = DOCS / "reference" / "config-meanings.yaml"
@@ -141,8 +142,9 @@ def config_reference() -> tuple[str, list[str]]:
                 default = "**required**"
             elif "default" in facts and facts["default"] is not None:
                 d = facts["default"]
+                shipped = str(d) in (str(DEFAULT_TEMPLATES), str(DEFAULT_IMAGE_DEFINITIONS))
                 d = str(d).lower() if isinstance(d, bool) else str(d).replace(str(ROOT) + "/", "")
-                default = f"`{d}` (packaged)" if d.startswith("provisioner/data/") else f"`{d}`"
+                default = f"`{d}` (packaged)" if shipped else f"`{d}`"
             else:
                 default = "-"
             meaning = " ".join(str(meanings.get(f, "")).split()).replace("|", "\\|")

@@ -1,5 +1,5 @@
 """Renders iPXE scripts from the admin's Jinja2 templates (the site's `templates` folder; by
-default the packaged provisioner/data/pxe-templates/).
+default the shipped pxe-templates/: model.DEFAULT_TEMPLATES).
 
 Shared by the boot endpoint and `provisioner render`, so what the CLI prints is exactly what a
 node gets. What to boot comes from a boot plan (provisioner/boot/plan.py); this module only

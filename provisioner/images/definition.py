@@ -7,7 +7,7 @@ arguments) and which per-node overlay files it needs. The
 folder next to it holds the overlay templates (overlay/*.j2) and, for images with a root file
 system, files copied into it (files/, a tree that mirrors the root). DEFINITIONS/_common holds
 what every image shares: the initramfs /init and, for Debian roots, the boot-callback service.
-DEFINITIONS is site.image_definitions (default: the packaged provisioner/data/images/).
+DEFINITIONS is site.image_definitions (default: the shipped images/: model.DEFAULT_IMAGE_DEFINITIONS).
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """The container images a Kubernetes node needs, built locally: no registry is reachable from a
 node (nor, often, from the machine that builds its image), so the k8s image carries them as OCI
 image archives that `ctr -n k8s.io images import` loads at every boot
-(provisioner-import-images.service in provisioner/data/images/k8s/files/).
+(provisioner-import-images.service in images/k8s/files/).
 
     build_node_images(out_dir, cache=None, *, packages=None) -> [NodeImage]
         out_dir: the image's root + NODE_IMAGES_DIR (/usr/share/provisioner/oci)
 
 - PAUSE_REF, provisioner.local/pause:1: the pod sandbox ("pause") image, containerd's
-  sandbox_image. Its one file is provisioner's own static program (provisioner/data/oci/pause.c,
+  sandbox_image. Its one file is provisioner's own static program (provisioner/images/pause.c,
   compiled here with Debian's gcc and libc6-dev), run as 65535:65535.
 - BUSYBOX_REF, provisioner.local/busybox:1: a workload image for test pods: Debian's
   busybox-static as /bin/busybox with a symlink per applet, Cmd ["sh"].
@@ -54,7 +54,7 @@ PAUSE_REF = "provisioner.local/pause:1"
 BUSYBOX_REF = "provisioner.local/busybox:1"
 # Bump when anything below changes what goes into an archive: cached archives are keyed by it.
 RECIPE = 1
-PAUSE_SOURCE = Path(__file__).resolve().parent.parent / "data" / "oci" / "pause.c"
+PAUSE_SOURCE = Path(__file__).resolve().parent / "pause.c"
 BUSYBOX_PACKAGE = "busybox-static"
 PAUSE_USER = "65535:65535"  # nobody needs to own anything in a sandbox
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -66,7 +66,7 @@ def pass_lock(site: Site, wait_s: float = 0.0):
     connection of its own, held for the pass; PostgreSQL releases it when that connection ends,
     also when the pass is SIGKILLed. The same wait_s."""
     if site.store_url:
-        from provisioner.store_pg import LockBusy, balance_lock
+        from provisioner.store.postgres import LockBusy, balance_lock
 
         with ExitStack() as held:
             try:

@@ -1,11 +1,10 @@
 """The state store in PostgreSQL (site.store: postgresql://USER@HOST:PORT/DB), through psycopg 3.
 
-The same Store interface and the same guarantees as the SQLite store (store.py), for sites that
+The same Store interface and the same guarantees as the SQLite store (sqlite.py), for sites that
 run the balancer on more than one host:
 
-- the same schema versions (MIGRATIONS below: one entry per entry of store.MIGRATIONS, the same
-  tables and columns in PostgreSQL's types), recorded in the table provisioner_schema and
-  migrated forward on open, under the write lock below;
+- the same schema (schema.py, rendered in PostgreSQL's types), its version recorded in the
+  table provisioner_schema and migrated forward on open, under the write lock below;
 - writes are serialized like SQLite's single writer: every write transaction first takes a
   transaction-level advisory lock (pg_advisory_xact_lock on WRITE_LOCK_KEY), so a read-modify-
   write (compare-and-set update(expect=...), seed, set_demand) cannot race another process;
@@ -34,120 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.errors import OperationError
-from provisioner.store import SCHEMA_VERSION, Store
+from provisioner.store.base import Store
+from provisioner.store.schema import SCHEMA_VERSION, migrations
 
-# Each entry migrates from version i to i+1, like store.MIGRATIONS (same numbers, same tables).
-MIGRATIONS: list[str] = [
-    # 0 -> 1: nodes and events
-    """
-    CREATE TABLE nodes (
-        name            TEXT PRIMARY KEY,
-        desired_role    TEXT NOT NULL,
-        booted_role     TEXT,
-        booted_version  TEXT,
-        booted_at       DOUBLE PRECISION,
-        pinned          INTEGER NOT NULL DEFAULT 0,
-        pin_reason      TEXT,
-        phase           TEXT NOT NULL DEFAULT 'steady',
-        target_role     TEXT,
-        phase_since     DOUBLE PRECISION,
-        attempts        INTEGER NOT NULL DEFAULT 0,
-        failed_reason   TEXT,
-        last_switch_at  DOUBLE PRECISION,
-        updated_at      DOUBLE PRECISION NOT NULL
-    );
-    CREATE TABLE events (
-        id       BIGSERIAL PRIMARY KEY,
-        ts       DOUBLE PRECISION NOT NULL,
-        node     TEXT,
-        actor    TEXT NOT NULL,
-        kind     TEXT NOT NULL,
-        message  TEXT NOT NULL,
-        data     TEXT
-    );
-    CREATE INDEX events_node ON events (node, id);
-    CREATE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN RAISE EXCEPTION 'the event log is append-only'; END $$;
-    CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
-        FOR EACH ROW EXECUTE FUNCTION events_append_only();
-    CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
-        FOR EACH ROW EXECUTE FUNCTION events_append_only();
-    CREATE TRIGGER events_append_only_truncate BEFORE TRUNCATE ON events
-        FOR EACH STATEMENT EXECUTE FUNCTION events_append_only();
-    """,
-    # 1 -> 2: switch bookkeeping and demand persistence
-    """
-    ALTER TABLE nodes ADD COLUMN switch_reason TEXT;
-    ALTER TABLE nodes ADD COLUMN switch_actor TEXT;
-    CREATE TABLE demand (
-        side   TEXT PRIMARY KEY,
-        since  DOUBLE PRECISION NOT NULL,
-        amount INTEGER NOT NULL DEFAULT 0
-    );
-    """,
-    # 2 -> 3: per-node image version pins
-    """
-    CREATE TABLE image_pins (
-        node     TEXT NOT NULL,
-        image    TEXT NOT NULL,
-        version  TEXT NOT NULL,
-        reason   TEXT,
-        actor    TEXT,
-        since    DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (node, image)
-    );
-    """,
-    # 3 -> 4: the Kubernetes bootID before the reboot, the power action written ahead
-    """
-    ALTER TABLE nodes ADD COLUMN k8s_boot_id TEXT;
-    ALTER TABLE nodes ADD COLUMN power_at DOUBLE PRECISION;
-    """,
-    # 4 -> 5: asks
-    """
-    CREATE TABLE asks (
-        id          BIGSERIAL PRIMARY KEY,
-        node        TEXT NOT NULL,
-        kind        TEXT NOT NULL,
-        source      TEXT NOT NULL,
-        reason      TEXT NOT NULL,
-        created_at  DOUBLE PRECISION NOT NULL,
-        closed_at   DOUBLE PRECISION,
-        outcome     TEXT,
-        message     TEXT
-    );
-    CREATE INDEX asks_open ON asks (closed_at, id);
-    """,
-    # 5 -> 6: boots (per-boot tokens and boot windows)
-    """
-    CREATE TABLE boots (
-        node            TEXT PRIMARY KEY,
-        nonce           TEXT,
-        issued_at       DOUBLE PRECISION,
-        spent_at        DOUBLE PRECISION,
-        secrets_at      DOUBLE PRECISION,
-        secrets_window  DOUBLE PRECISION,
-        granted_at      DOUBLE PRECISION,
-        granted_by      TEXT
-    );
-    """,
-    # 6 -> 7: reclaims (the grace deadline, the work mode, a PodDisruptionBudget's refusal)
-    """
-    ALTER TABLE nodes ADD COLUMN reclaim_deadline DOUBLE PRECISION;
-    ALTER TABLE nodes ADD COLUMN reclaim_work TEXT;
-    ALTER TABLE nodes ADD COLUMN evict_refused_at DOUBLE PRECISION;
-    ALTER TABLE nodes ADD COLUMN evict_refused TEXT;
-    """,
-    # 7 -> 8: maintenance holds
-    """
-    CREATE TABLE holds (
-        node    TEXT PRIMARY KEY,
-        reason  TEXT NOT NULL,
-        actor   TEXT NOT NULL,
-        since   DOUBLE PRECISION NOT NULL
-    );
-    """,
-]
-assert len(MIGRATIONS) == SCHEMA_VERSION, "store_pg.MIGRATIONS must follow store.MIGRATIONS"
+MIGRATIONS = migrations("postgresql")
 
 # The tables a site's state is made of, in the order store copy writes them.
 TABLES = Store.COPY_TABLES
@@ -305,12 +194,6 @@ class PgStore(Store):
             self._local.pid = os.getpid()  # a forked worker must not reuse its parent's connection
         return conn
 
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
     @contextmanager
     def transaction(self) -> Iterator[PgConnection]:
         """One transaction holding the store's write lock (writers one at a time, as in SQLite)."""
@@ -335,18 +218,12 @@ class PgStore(Store):
         version = self._version(self._conn())
         if version == SCHEMA_VERSION:
             return
-        if version > SCHEMA_VERSION:
-            raise OperationError(
-                f"store {self.where} has schema version {version}, newer than this provisioner "
-                f"({SCHEMA_VERSION}); upgrade provisioner"
-            )
+        self.refuse_newer(version)
         with self.transaction() as c:
             # Re-read under the write lock: another process may have migrated meanwhile.
             c.execute("CREATE TABLE IF NOT EXISTS provisioner_schema (version INTEGER NOT NULL)")
             version = self._version(c)
-            if version > SCHEMA_VERSION:
-                raise OperationError(f"store {self.where} has schema version {version}, newer than this "
-                                     f"provisioner ({SCHEMA_VERSION}); upgrade provisioner")
+            self.refuse_newer(version)
             for i in range(version, SCHEMA_VERSION):
                 c.raw.execute(MIGRATIONS[i])  # no parameters: several statements at once
                 c.execute("DELETE FROM provisioner_schema")

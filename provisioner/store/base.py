@@ -1,156 +1,29 @@
-"""State store: per-node roles and transition phases, and an append-only event log, in SQLite
-(the embedded default) or PostgreSQL (site.store: postgresql://USER@HOST:PORT/DB; store_pg.py).
+"""The store's interface and the SQL both backends run: per-node roles and transition phases,
+an append-only event log, asks, boots, image pins, holds and demand.
 
-Several processes use it at once (the boot server's workers, the cron-run balancer, the CLI), so:
-WAL journal (readers never block the writer), a busy timeout instead of "database is locked"
-errors, and every write in a `BEGIN IMMEDIATE` transaction that also appends its event, so a
-change and its audit record land together or not at all. The schema is versioned with
-`PRAGMA user_version` and migrated forward on open.
-
-`Store(target)` is the one interface: a path opens SQLite, a postgresql:// URL returns a PgStore
-(provisioner/store_pg.py: the same schema versions, compare-and-set and append-only event log;
-the SQL below is written so that both run it). `open_store(site)` opens the site's store.
+`Store(target)` opens the backend the target names: a path, SQLite (sqlite.py: the embedded
+default); a postgresql:// URL, PostgreSQL (postgres.py). Both keep the same schema (schema.py),
+the same compare-and-set and the same append-only event log: every write runs in a transaction
+that holds the store's one write lock and also appends its event, so a change and its audit
+record land together or not at all. The SQL here is written so that both run it; a backend gives
+the connection, the transaction, the migration and the few statements that differ (in_list).
+`open_store(site)` opens the site's store.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from provisioner.errors import OperationError, UsageError
 from provisioner.states import BOOTING, REBOOTING, ROLES
+from provisioner.store.schema import SCHEMA_VERSION
 
-# Each entry migrates from version i to i+1. Append, never edit a shipped one.
-MIGRATIONS: list[str] = [
-    # 0 -> 1: nodes and events
-    """
-    CREATE TABLE nodes (
-        name            TEXT PRIMARY KEY,
-        desired_role    TEXT NOT NULL,
-        booted_role     TEXT,
-        booted_version  TEXT,
-        booted_at       REAL,
-        pinned          INTEGER NOT NULL DEFAULT 0,
-        pin_reason      TEXT,
-        phase           TEXT NOT NULL DEFAULT 'steady',
-        target_role     TEXT,
-        phase_since     REAL,
-        attempts        INTEGER NOT NULL DEFAULT 0,
-        failed_reason   TEXT,
-        last_switch_at  REAL,
-        updated_at      REAL NOT NULL
-    );
-    CREATE TABLE events (
-        id       INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts       REAL NOT NULL,
-        node     TEXT,
-        actor    TEXT NOT NULL,
-        kind     TEXT NOT NULL,
-        message  TEXT NOT NULL,
-        data     TEXT
-    );
-    CREATE INDEX events_node ON events (node, id);
-    CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
-        BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
-    CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
-        BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
-    """,
-    # 1 -> 2: the balancer's bookkeeping: why and by whom a switch was started, and since when
-    # each side's demand has been seen (demand must persist before it moves a node).
-    """
-    ALTER TABLE nodes ADD COLUMN switch_reason TEXT;
-    ALTER TABLE nodes ADD COLUMN switch_actor TEXT;
-    CREATE TABLE demand (
-        side   TEXT PRIMARY KEY,
-        since  REAL NOT NULL,
-        amount INTEGER NOT NULL DEFAULT 0
-    );
-    """,
-    # 2 -> 3: per-node image version pins (rollback of one node to an older built version).
-    # A separate table, so the nodes row (and NodeState) stays as it is.
-    """
-    CREATE TABLE image_pins (
-        node     TEXT NOT NULL,
-        image    TEXT NOT NULL,
-        version  TEXT NOT NULL,
-        reason   TEXT,
-        actor    TEXT,
-        since    REAL NOT NULL,
-        PRIMARY KEY (node, image)
-    );
-    """,
-    # 3 -> 4: the Kubernetes bootID the node's Node object showed before its reboot. A node
-    # counts as joined only once its kubelet reports another one: a Ready condition left over
-    # from before the reboot (the node-lifecycle controller notices a silent kubelet only after
-    # its grace period) must not pass for the new image's kubelet.
-    # power_at: written right before a switch's power action, so that a pass that dies between
-    # the action and its record does not make the next pass power the node a second time.
-    """
-    ALTER TABLE nodes ADD COLUMN k8s_boot_id TEXT;
-    ALTER TABLE nodes ADD COLUMN power_at REAL;
-    """,
-    # 4 -> 5: asks: a scheduler (slurmctld's ResumeProgram/SuspendProgram/ResumeFailProgram) or
-    # an event asks for a node now. Recorded by the fast command slurmctld runs, answered by the
-    # next pass (the policy grants or refuses it, with the reason), then closed.
-    """
-    CREATE TABLE asks (
-        id          INTEGER PRIMARY KEY AUTOINCREMENT,
-        node        TEXT NOT NULL,
-        kind        TEXT NOT NULL,
-        source      TEXT NOT NULL,
-        reason      TEXT NOT NULL,
-        created_at  REAL NOT NULL,
-        closed_at   REAL,
-        outcome     TEXT,
-        message     TEXT
-    );
-    CREATE INDEX asks_open ON asks (closed_at, id);
-    """,
-    # 5 -> 6: boots: each node's current boot token (only its random nonce: the token is an HMAC
-    # of it under the site secret), whether the callback spent it, in which boot window its
-    # overlay's secret part was served, and an admin's request to boot it (a boot window).
-    """
-    CREATE TABLE boots (
-        node            TEXT PRIMARY KEY,
-        nonce           TEXT,
-        issued_at       REAL,
-        spent_at        REAL,
-        secrets_at      REAL,
-        secrets_window  REAL,
-        granted_at      REAL,
-        granted_by      TEXT
-    );
-    """,
-    # 6 -> 7: reclaims. A reclaim's grace deadline and what happens to the work after it
-    # (evict | requeue), kept while its switch runs; the last eviction a PodDisruptionBudget
-    # refused (when, and its message), kept on the node so later passes hold it for cooldown_s.
-    """
-    ALTER TABLE nodes ADD COLUMN reclaim_deadline REAL;
-    ALTER TABLE nodes ADD COLUMN reclaim_work TEXT;
-    ALTER TABLE nodes ADD COLUMN evict_refused_at REAL;
-    ALTER TABLE nodes ADD COLUMN evict_refused TEXT;
-    """,
-    # 7 -> 8: maintenance holds (`provisioner hold`): the balancer, slurmctld's asks and power
-    # saving leave a held node alone. A table of its own: a hold outlives any switch state.
-    """
-    CREATE TABLE holds (
-        node    TEXT PRIMARY KEY,
-        reason  TEXT NOT NULL,
-        actor   TEXT NOT NULL,
-        since   REAL NOT NULL
-    );
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
 
 _NODE_COLUMNS = (
     "name", "desired_role", "booted_role", "booted_version", "booted_at", "pinned", "pin_reason",
@@ -288,111 +161,52 @@ def open_store(site: Any, timeout_s: float = 30.0, read_only: bool = False) -> "
 
 
 class Store:
-    """One SQLite database. Connections are per thread (the WSGI server uses threads).
+    """The store interface. Store(target) returns the backend's store (sqlite.SqliteStore for a
+    path, postgres.PgStore for a postgresql:// URL); both have these methods."""
 
-    Store(postgresql://...) returns a store_pg.PgStore instead (same methods)."""
-
-    backend = "sqlite"
+    backend = ""
+    # The backends by name, registered by the package (provisioner/store/__init__.py), so that
+    # this module imports neither of them.
+    BACKENDS: dict[str, type[Store]] = {}
 
     def __new__(cls, target: Any = None, *args: Any, **kwargs: Any):
-        if cls is Store and is_url(target):
-            from provisioner.store_pg import PgStore
-
-            return super().__new__(PgStore)
+        if cls is Store:
+            cls = Store.BACKENDS["postgresql" if is_url(target) else "sqlite"]
         return super().__new__(cls)
 
-    def __init__(self, path: str | os.PathLike, timeout_s: float = 30.0, password_file: Any = None,
-                 read_only: bool = False):
-        self.path = Path(path)
-        self.where = str(self.path)  # for messages
-        self.timeout_s = timeout_s
-        self.read_only = read_only
-        self._local = threading.local()
-        if read_only:
-            if not self.path.is_file():
-                raise UsageError(f"no store at {self.where} yet (site.store): {INIT_HINT}")
-            self.check_readable()
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OperationError(
-                f"cannot create the store folder {self.path.parent}: {exc.strerror}; check site.store"
-            ) from None
-        self._migrate()
+    # What a backend gives: its connection per thread (self._local.conn: execute() with `?`
+    # parameters, rows read by index and by column name, close()), its write transaction, its
+    # schema version and the SQL that differs.
+    where: str
+    read_only: bool
 
-    # -- connections ---------------------------------------------------------------
+    def _conn(self) -> Any:
+        raise NotImplementedError
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            try:
-                if self.read_only:
-                    # Not mode=ro: a read-only reader of a WAL database leaves its -wal and -shm
-                    # files behind. query_only refuses writes; the WAL files a reader needs go
-                    # again when it closes, so a listing leaves the folder as it found it.
-                    conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
-                    conn.execute("PRAGMA query_only=ON")
-                    conn.row_factory = sqlite3.Row
-                    self._local.conn, self._local.pid = conn, os.getpid()
-                    return conn
-                conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA foreign_keys=ON")
-            except sqlite3.Error as exc:
-                raise OperationError(f"cannot open the store {self.where}: {exc}; check site.store") from None
-            conn.row_factory = sqlite3.Row
-            self._local.conn = conn
-            self._local.pid = os.getpid()  # a forked worker must not reuse its parent's handle
-        return conn
+    def transaction(self) -> Any:
+        raise NotImplementedError
+
+    def schema_version(self) -> int:
+        raise NotImplementedError
 
     def close(self) -> None:
+        """Close this thread's connection (the next call opens another)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE: takes the write lock up front, so read-modify-write cannot race."""
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise OperationError(f"store {self.where} is busy ({exc}); try again") from None
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:  # a failed COMMIT may have rolled back already
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError) and \
-                    getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                raise OperationError(f"store {self.where}: its disk is full, nothing was written; "
-                                     f"free space on that filesystem and run the command again") from None
-            raise
+    def in_list(self, column: str) -> str:
+        """SQL: `column` is one of the values of one parameter (list_arg)."""
+        raise NotImplementedError
 
-    def _migrate(self) -> None:
-        conn = self._conn()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
-            return
+    def list_arg(self, values: list) -> Any:
+        raise NotImplementedError
+
+    def refuse_newer(self, version: int) -> None:
         if version > SCHEMA_VERSION:
-            raise OperationError(
-                f"store {self.where} has schema version {version}, newer than this provisioner "
-                f"({SCHEMA_VERSION}); upgrade provisioner"
-            )
-        with self.transaction() as c:
-            # Re-read under the write lock: another process may have migrated meanwhile.
-            version = c.execute("PRAGMA user_version").fetchone()[0]
-            for i in range(version, SCHEMA_VERSION):
-                for statement in split_sql(MIGRATIONS[i]):
-                    c.execute(statement)
-                c.execute(f"PRAGMA user_version = {i + 1}")
-
-    def schema_version(self) -> int:
-        return self._conn().execute("PRAGMA user_version").fetchone()[0]
+            raise OperationError(f"store {self.where} has schema version {version}, newer than this provisioner "
+                                 f"({SCHEMA_VERSION}); upgrade provisioner")
 
     def check_readable(self) -> None:
         """For a listing (read_only), on both backends: the store must be at this provisioner's
@@ -400,9 +214,7 @@ class Store:
         version = self.schema_version()
         if version == 0:
             raise UsageError(f"no store at {self.where} yet (site.store): {INIT_HINT}")
-        if version > SCHEMA_VERSION:
-            raise OperationError(f"store {self.where} has schema version {version}, newer than this provisioner "
-                                 f"({SCHEMA_VERSION}); upgrade provisioner")
+        self.refuse_newer(version)
         if version != SCHEMA_VERSION:
             raise UsageError(f"store {self.where} has schema version {version}, this provisioner reads "
                              f"{SCHEMA_VERSION}: `provisioner init` migrates it")
@@ -765,13 +577,6 @@ class Store:
         with self.transaction() as c:
             self._event(c, time.time(), node, actor, kind, message, data)
 
-    def in_list(self, column: str) -> str:
-        """SQL: `column` is one of the values of one parameter (list_arg)."""
-        return f"{column} IN (SELECT value FROM json_each(?))"
-
-    def list_arg(self, values: list) -> Any:
-        return json.dumps(values)
-
     def _event(self, c, ts, node, actor, kind, message, data) -> None:
         c.execute(
             "INSERT INTO events (ts, node, actor, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)",
@@ -802,7 +607,7 @@ class Store:
         ]
 
 
-def _node(row: sqlite3.Row) -> NodeState:
+def _node(row: Any) -> NodeState:
     d = dict(row)
     d["pinned"] = bool(d["pinned"])
     return NodeState(**d)
@@ -821,16 +626,3 @@ def _since_power(c: Any, name: str, now: float) -> float:
     if row["phase"] == BOOTING or (row["phase"] == REBOOTING and row["power_at"] >= (row["phase_since"] or 0)):
         return max(now, row["power_at"])
     return now
-
-
-def split_sql(script: str) -> list[str]:
-    """Split a migration into statements (executescript would COMMIT our transaction)."""
-    out, buf = [], ""
-    for line in script.strip().splitlines(keepends=True):
-        buf += line
-        if sqlite3.complete_statement(buf):  # knows that a trigger's BEGIN ... END; is one statement
-            out.append(buf.strip())
-            buf = ""
-    if buf.strip():
-        out.append(buf.strip())
-    return out
