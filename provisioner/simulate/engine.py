@@ -688,7 +688,12 @@ class Simulation:
                 # SLURM keeps the idle nodes its own queue would fill (decide()'s reservation):
                 # with no spare one, only its nodes going home may move to Kubernetes.
                 keeps = to == K8S and self.slurm_spare() <= 0
+                # The lender at its lending limit lends none of its own home nodes.
+                limit = p.lending_limit.get(OTHER[to])
+                full = limit is not None and sum(1 for n in self.shared if n.home == OTHER[to] and
+                                                 (n.target or n.role) != n.home) >= limit
                 if any(n.role != to and n.phase == STEADY and (n.home == to or not n.busy and not keeps and
+                       not (full and n.home == n.role) and
                        (n.last_switch_at is None or self.now - n.last_switch_at >= p.cooldown_s)) for n in self.shared):
                     movable = True
                     break
