@@ -272,8 +272,8 @@ def test_skipping_decide_when_it_cannot_move_anything_changes_nothing(monkeypatc
         every = engine.Simulation("provisioner", cl, jobs, pods, settings(pol)).run()
         monkeypatch.setattr(engine.Simulation, "always_decide", False)
         assert every.decide_calls > skipped.decide_calls
-        assert (skipped.job_waits, skipped.pod_waits, skipped.switches, skipped.flaps) == \
-            (every.job_waits, every.pod_waits, every.switches, every.flaps)
+        assert (skipped.job_waits, skipped.pod_waits, skipped.switches, skipped.flaps, skipped.released) == \
+            (every.job_waits, every.pod_waits, every.switches, every.flaps, every.released)
         assert sum(skipped.switches.values()) > 0
 
 

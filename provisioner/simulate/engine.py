@@ -677,9 +677,7 @@ class Simulation:
         # demand_persist_s), a switch slot is free, and an idle steady shared node on the other side
         # is out of its cooldown. When no side passes these checks, decide() would move nothing:
         # skip the call and keep only the persistence clock, as the reconciler's store does.
-        # A reclaim still in its grace may be released (Decision.release): decide() is asked.
-        movable = self.always_decide or any(n.reclaim_deadline is not None and n.reclaim_deadline > self.now
-                                            for n in self.shared)
+        movable = self.always_decide or self.releasable()
         if not movable and sum(1 for n in self.shared if n.phase != STEADY) < p.max_in_flight:
             for to, items in ((SLURM, self.queue), (K8S, self.pending)):
                 since = self.demand_since[to]
@@ -716,6 +714,27 @@ class Simulation:
         for name in decision.release:
             self.release(by_name[name])
         return [(by_name[m.node], m.to_role, m.grace_s) for m in decision.moves]
+
+    def releasable(self) -> bool:
+        """Could decide() release a reclaim in its grace (Decision.release)? Only when the side it
+        goes to has more idle or incoming nodes than its pending work wants; for Kubernetes that
+        work is at least the pods' CPUs less the room on its busy shared nodes."""
+        sides = {n.target for n in self.shared if n.reclaim_deadline is not None and n.reclaim_deadline > self.now}
+        if SLURM in sides and self.slurm_spare() > 0:
+            return True
+        if K8S not in sides:
+            return False
+        cover = sum(1 for n in self.shared if (n.target or n.role) == K8S and
+                    (n.phase not in (STEADY, FAILED) or not n.busy))
+        per_node = self.cl.cpus * 1000
+        room = sum(n.free_cpu for n in self.shared if n.role == K8S and n.phase == STEADY and n.busy)
+        enough, cpu = (2 * len(self.shared) + 1) * per_node, 0
+        for p in self.pending:  # as far as the snapshot carries them
+            cpu += max(p.cpu_m, 1)
+            if cpu >= enough:
+                break
+        wanted = 0 if cpu <= room else max(1, math.ceil((cpu - room) / per_node))
+        return cover > wanted
 
     def slurm_spare(self) -> int:
         """decide()'s spare SLURM nodes: idle or incoming shared ones beyond what the queue would
