@@ -317,7 +317,8 @@ class Simulation:
             flaps=dict(self.flaps), samples=self.samples,
             unfinished={SLURM: len(self.queue), K8S: len(self.pending)}, end=self.now,
             decide_calls=self.decide_calls, reclaims=dict(self.reclaims), requeued=self.requeued,
-            evicted=self.evicted, released=self.released, lost_job_node_h=self.lost_job_node_s / 3600, lost_pod_h=self.lost_pod_s / 3600,
+            evicted=self.evicted, released=self.released, lost_job_node_h=self.lost_job_node_s / 3600,
+            lost_pod_h=self.lost_pod_s / 3600,
         )
 
     def handle(self, kind: int, data) -> None:
