@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -264,14 +265,15 @@ def test_skipping_decide_when_it_cannot_move_anything_changes_nothing(monkeypatc
     jobs = [job(i, rnd.uniform(0, 40000), rnd.uniform(60, 6000), rnd.choice([1, 1, 2, 4])) for i in range(120)]
     jobs.sort(key=lambda j: j.submit)
     pods = podsmod.generate(120, 40000, 16, load=0.9, seed=3, node_cores=8)
-    for pol in (EAGER, Policy(min_nodes={SLURM: 1, K8S: 0}, cooldown_s=600, demand_persist_s=120, max_in_flight=1)):
+    for pol in (EAGER, Policy(min_nodes={SLURM: 1, K8S: 0}, cooldown_s=600, demand_persist_s=120, max_in_flight=1),
+                replace(EAGER, lending_limit={SLURM: 1, K8S: 1}, reclaim_grace_s={SLURM: 600, K8S: 120})):
         skipped = engine.Simulation("provisioner", cl, jobs, pods, settings(pol)).run()
         monkeypatch.setattr(engine.Simulation, "always_decide", True)
         every = engine.Simulation("provisioner", cl, jobs, pods, settings(pol)).run()
         monkeypatch.setattr(engine.Simulation, "always_decide", False)
         assert every.decide_calls > skipped.decide_calls
-        assert (skipped.job_waits, skipped.pod_waits, skipped.switches, skipped.flaps) == \
-            (every.job_waits, every.pod_waits, every.switches, every.flaps)
+        assert (skipped.job_waits, skipped.pod_waits, skipped.switches, skipped.flaps, skipped.released) == \
+            (every.job_waits, every.pod_waits, every.switches, every.flaps, every.released)
         assert sum(skipped.switches.values()) > 0
 
 

@@ -41,6 +41,19 @@ def test_kubernetes_takes_its_node_back_and_the_job_is_requeued():
     assert r.lost_job_node_h == pytest.approx(200 / 3600)
 
 
+def test_a_reclaim_its_home_no_longer_needs_is_released_within_the_grace():
+    # sn1's home is Kubernetes; the job (0, 1000 s) borrows it from 90. Pod 2 at 200 finds the
+    # fixed node full (pod 1 until 300): the pass at 240 reclaims sn1 (drained, grace to 740).
+    # Pod 1 ends at 300 and pod 2 starts there: the pass at 300 releases sn1 (Decision.release),
+    # the drain is lifted and the job runs to its end, nothing requeued.
+    cl = Cluster(slurm_nodes=0, k8s_nodes=1, shared_nodes=1, static_k8s=1, cpus=4, memory_gb=16)
+    r = simulate("provisioner", cl, [job(1, 0, 1000)], [pod(1, 0, 300, cores=4), pod(2, 200, 100, cores=4)],
+                 settings(eager(slurm_grace=500)))
+    assert (r.reclaims, r.released, r.requeued) == ({SLURM: 0, K8S: 1}, 1, 0)
+    assert r.job_waits == [90] and sorted(r.pod_waits) == [0, 100] and r.lost_job_node_h == 0
+    assert r.unfinished == {SLURM: 0, K8S: 0}
+
+
 def test_work_that_ends_within_the_grace_loses_nothing():
     # The job ends at 90 + 200 = 290, inside the grace (240 + 100): no requeue; switched at 320.
     r = simulate("provisioner", ONE_SHARED_IN_K8S, [job(1, 0, 200)], [pod(1, 200, 100)],

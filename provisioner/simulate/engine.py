@@ -33,7 +33,8 @@ Models:
   back to the queue in submit order and later runs again from the start) or its pods are evicted
   (back to the pending queue in arrival order, run again from the start). The time they had run
   is the work lost; a requeued job's or evicted pod's wait is taken at its last start, less the
-  time it ran before.
+  time it ran before. A reclaim decide() releases within its grace (Decision.release: its home
+  side no longer needs the node) is rolled back: the drain or cordon lifted, its work untouched.
 
 Left out: node failures and retries; job priorities other than arrival order, fair share,
 partitions, QOS, SLURM's own preemption and time limits killing jobs (a job runs for its trace run
@@ -43,9 +44,7 @@ JobRequeue default) and PodDisruptionBudgets (every pod can be evicted); topolog
 priorities, affinities, DaemonSets and the scheduler's scoring (spread, balanced allocation);
 SLURM power saving (with it a wide job takes a lent node at once and waits for it, instead of
 being backfilled around: tests/test_slurm_wide_job.py shows both) and its asks; the time
-slurmctld and the Kubernetes scheduler take to react (both place work the moment it can run);
-decide()'s release of a reclaim still in its grace whose home side no longer needs the node (a
-reclaim here always runs to its end).
+slurmctld and the Kubernetes scheduler take to react (both place work the moment it can run).
 """
 
 from __future__ import annotations
@@ -136,7 +135,8 @@ class Settings:
 
 class Node:
     __slots__ = ("name", "pool", "role", "phase", "last_switch_at", "last_switch_end", "free_cpu", "free_mem",
-                 "free_gpus", "job", "pods", "index", "shared_view", "home", "target", "pod_ids", "reclaim_id")
+                 "free_gpus", "job", "pods", "index", "shared_view", "home", "target", "pod_ids", "reclaim_id",
+                 "reclaim_deadline")
 
     def __init__(self, name: str, pool: str, role: str, cl: Cluster, index: int):
         self.name, self.pool, self.role, self.phase, self.index = name, pool, role, STEADY, index
@@ -144,6 +144,7 @@ class Node:
         self.target: str | None = None  # while reclaimed: the side it goes to once its work is gone
         self.pod_ids: set[int] = set()
         self.reclaim_id = 0
+        self.reclaim_deadline: float | None = None  # while reclaimed: when its grace ends
         self.last_switch_at: float | None = None
         self.last_switch_end: float | None = None
         self.free_cpu, self.free_mem, self.free_gpus = cl.cpus * 1000, cl.memory_gb << 30, cl.gpus
@@ -177,6 +178,7 @@ class Result:
     evicted: int = 0
     lost_job_node_h: float = 0.0
     lost_pod_h: float = 0.0
+    released: int = 0  # reclaims rolled back within their grace (Decision.release): their work untouched
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -247,7 +249,7 @@ class Simulation:
         self.job_gen: dict[int, int] = {}  # a requeued job's or evicted pod's old end event is stale
         self.pod_gen: dict[int, int] = {}
         self.reclaims = {SLURM: 0, K8S: 0}
-        self.requeued = self.evicted = 0
+        self.requeued = self.evicted = self.released = 0
         self.lost_job_node_s = self.lost_pod_s = 0.0
         self.job_work = 0.0  # node-seconds
         self.pod_work = 0.0  # millicore-seconds
@@ -315,7 +317,8 @@ class Simulation:
             flaps=dict(self.flaps), samples=self.samples,
             unfinished={SLURM: len(self.queue), K8S: len(self.pending)}, end=self.now,
             decide_calls=self.decide_calls, reclaims=dict(self.reclaims), requeued=self.requeued,
-            evicted=self.evicted, lost_job_node_h=self.lost_job_node_s / 3600, lost_pod_h=self.lost_pod_s / 3600,
+            evicted=self.evicted, released=self.released, lost_job_node_h=self.lost_job_node_s / 3600,
+            lost_pod_h=self.lost_pod_s / 3600,
         )
 
     def handle(self, kind: int, data) -> None:
@@ -382,14 +385,30 @@ class Simulation:
         node.phase = DRAINING if node.role == SLURM else CORDONING
         node.target = to
         node.reclaim_id += 1
+        node.reclaim_deadline = self.now + grace
         self.reclaims[to] += 1
         if node.role == K8S:
             self.k8s_full_scan = True
         self.push(self.now + grace, _GRACE_END, (node.index, node.reclaim_id))
 
+    def release(self, node: Node) -> None:
+        """decide()'s Decision.release: a reclaim still in its grace that its home side no longer
+        needs is rolled back (the drain or cordon lifted, its work untouched)."""
+        if node.phase not in RECLAIMING:
+            return
+        self.account(self.now)
+        node.phase, node.target, node.reclaim_deadline = STEADY, None, None
+        node.reclaim_id += 1  # its grace event goes stale
+        self.count[node.role] += 1
+        self.switching -= 1
+        self.released += 1
+        if node.role == SLURM and not node.busy:
+            bisect.insort(self.free_slurm, node.index)
+        self.slurm_full_scan = self.k8s_full_scan = True
+
     def reclaimed_idle(self, node: Node) -> None:
         """Its work is gone: the switch home starts (set_role keeps the counts it already took)."""
-        to, node.target = node.target, None
+        to, node.target, node.reclaim_deadline = node.target, None, None
         self.set_role(node, to, self.st.switch[to].sample(self.rng))
         self.slurm_full_scan = self.k8s_full_scan = True
 
@@ -659,7 +678,7 @@ class Simulation:
         # demand_persist_s), a switch slot is free, and an idle steady shared node on the other side
         # is out of its cooldown. When no side passes these checks, decide() would move nothing:
         # skip the call and keep only the persistence clock, as the reconciler's store does.
-        movable = self.always_decide
+        movable = self.always_decide or self.releasable()
         if not movable and sum(1 for n in self.shared if n.phase != STEADY) < p.max_in_flight:
             for to, items in ((SLURM, self.queue), (K8S, self.pending)):
                 since = self.demand_since[to]
@@ -668,7 +687,12 @@ class Simulation:
                 # SLURM keeps the idle nodes its own queue would fill (decide()'s reservation):
                 # with no spare one, only its nodes going home may move to Kubernetes.
                 keeps = to == K8S and self.slurm_spare() <= 0
+                # The lender at its lending limit lends none of its own home nodes.
+                limit = p.lending_limit.get(OTHER[to])
+                full = limit is not None and sum(1 for n in self.shared if n.home == OTHER[to] and
+                                                 (n.target or n.role) != n.home) >= limit
                 if any(n.role != to and n.phase == STEADY and (n.home == to or not n.busy and not keeps and
+                       not (full and n.home == n.role) and
                        (n.last_switch_at is None or self.now - n.last_switch_at >= p.cooldown_s)) for n in self.shared):
                     movable = True
                     break
@@ -688,7 +712,30 @@ class Simulation:
             elif self.demand_since[side] is None:
                 self.demand_since[side] = self.now
         by_name = {n.name: n for n in self.shared}
+        for name in decision.release:
+            self.release(by_name[name])
         return [(by_name[m.node], m.to_role, m.grace_s) for m in decision.moves]
+
+    def releasable(self) -> bool:
+        """Could decide() release a reclaim in its grace (Decision.release)? Only when the side it
+        goes to has more idle or incoming nodes than its pending work wants; for Kubernetes that
+        work is at least the pods' CPUs less the room on its busy shared nodes."""
+        sides = {n.target for n in self.shared if n.reclaim_deadline is not None and n.reclaim_deadline > self.now}
+        if SLURM in sides and self.slurm_spare() > 0:
+            return True
+        if K8S not in sides:
+            return False
+        cover = sum(1 for n in self.shared if (n.target or n.role) == K8S and
+                    (n.phase not in (STEADY, FAILED) or not n.busy))
+        per_node = self.cl.cpus * 1000
+        room = sum(n.free_cpu for n in self.shared if n.role == K8S and n.phase == STEADY and n.busy)
+        enough, cpu = (2 * len(self.shared) + 1) * per_node, 0
+        for p in self.pending:  # as far as the snapshot carries them
+            cpu += max(p.cpu_m, 1)
+            if cpu >= enough:
+                break
+        wanted = 0 if cpu <= room else max(1, math.ceil((cpu - room) / per_node))
+        return cover > wanted
 
     def slurm_spare(self) -> int:
         """decide()'s spare SLURM nodes: idle or incoming shared ones beyond what the queue would
@@ -718,7 +765,8 @@ class Simulation:
                 last_switch_at=n.last_switch_at, cpus=cl.cpus, memory=cl.memory_gb << 30, gpus=cl.gpus,
                 k8s_labels=self.labels, home=n.home, room_cpu_m=n.free_cpu if busy_k8s else 0,
                 room_memory=n.free_mem if busy_k8s else 0, room_gpus=n.free_gpus if busy_k8s else 0,
-                work_cost=cost, work_ends_at=ends))
+                work_cost=cost, work_ends_at=ends,
+                reclaim_deadline=n.reclaim_deadline if n.phase in RECLAIMING else None))
         # Pending work in queue order, up to what could fill every shared node: more cannot
         # change a decision (only the wording of its reasons).
         enough = 2 * len(self.shared) + 1
