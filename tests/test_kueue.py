@@ -11,34 +11,18 @@ import pytest
 import yaml
 
 from provisioner.provisioning_demand import CLASS_NAME, NODE_LABEL
-from testbed.process import ROOT
 from testbed.wait import wait_for
+from tests.fixtures.kueue import EXAMPLE, JOBS, NS, PRS, cond
 
 pytestmark = pytest.mark.integration
 
-EXAMPLE = ROOT / "examples" / "kubernetes" / "kueue-provisioning.yaml"
-NS = "default"
-PRS = f"/apis/autoscaling.x-k8s.io/v1/namespaces/{NS}/provisioningrequests"
-TEMPLATES = f"/api/v1/namespaces/{NS}/podtemplates"
-JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
 ON = {"provisioning_requests": True}
 
 
 @pytest.fixture
-def cleanup(kube, provreq_crds):
-    """Requests, templates and Jobs of a test go when it ends (the cluster's reset keeps them)."""
+def cleanup(kube, provreq_crds, kueue_work):
+    """Requests, templates and Jobs of a test go when it ends."""
     yield
-    api = kube.api
-    for job in api.items(JOBS):
-        api.delete(f"{JOBS}/{job['metadata']['name']}", {"propagationPolicy": "Background"})
-    for pr in api.items(PRS):
-        api.delete(f"{PRS}/{pr['metadata']['name']}")
-    for t in api.items(TEMPLATES):
-        api.delete(f"{TEMPLATES}/{t['metadata']['name']}")
-
-
-def cond(pr: dict | None, kind: str) -> dict:
-    return next((c for c in ((pr or {}).get("status") or {}).get("conditions") or [] if c["type"] == kind), {})
 
 
 def request(kubectl, name: str, count: int, cpu: str = "1", template: str | None = None) -> None:
