@@ -4,8 +4,8 @@ two on real pending work: SLURM jobs, a pod, and a Job queued in Kueue's real co
 (its ProvisioningRequest served by provisioner). Nothing of the node's work is played by the
 harness: the slurm image's own slurmd registers with the test slurmctld and runs the batch job;
 the k8s image's own kubelet joins the real API server by TLS bootstrap (a bootstrap token from the
-overlay), containerd runs the pod from the locally built images. The test reads the job's and the pod's own output on the
-node, over SSH (the key the overlay authorised).
+overlay), containerd runs the pod from the locally built images. The test reads the job's and the
+pod's own output on the node, over SSH (the key the overlay authorised).
 
 World (testbed/vm_site.py ImageVmSite): cn01 a fixed SLURM node (a slurmd on the host), kn01 a
 fixed Kubernetes node (a simulated kubelet), sn01 the shared VM.
