@@ -181,8 +181,8 @@ def test_a_pod_set_that_does_not_tolerate_the_shared_nodes_taints_is_never_serve
     # Both shared nodes are GPU nodes in Kubernetes (their Node objects' taint); sn2 is also
     # unreachable now (the lifecycle controller's taint: transient, it does not count).
     gpu = Taint("gpu", "a100", "NoSchedule")
-    nodes = [replace(node("sn1", "slurm"), k8s_taints=(gpu,)),
-             replace(node("sn2", "slurm"), k8s_taints=(gpu, Taint("node.kubernetes.io/unreachable", None, "NoExecute")))]
+    unreachable = Taint("node.kubernetes.io/unreachable", None, "NoExecute")
+    nodes = [replace(node("sn1", "slurm"), k8s_taints=(gpu,)), replace(node("sn2", "slurm"), k8s_taints=(gpu, unreachable))]
 
     def answer(tolerations):
         r = parse(pr(("a", 2)), {"a": tpl(cpu="4", memory="1Mi", tolerations=tolerations)})
