@@ -1,14 +1,15 @@
 """End to end on the real images: a shared node is a qemu VM that network-boots the Debian slurm
 image or the Debian k8s image (provisioner/data/images), and the balancer moves it between the
-two on real pending work: SLURM jobs, a pod, and a Job queued in Kueue's real controller manager
-(its ProvisioningRequest served by provisioner). Nothing of the node's work is played by the
-harness: the slurm image's own slurmd registers with the test slurmctld and runs the batch job;
-the k8s image's own kubelet joins the real API server by TLS bootstrap (a bootstrap token from the
-overlay), containerd runs the pod from the locally built images. The test reads the job's and the
-pod's own output on the node, over SSH (the key the overlay authorised).
+two on real pending work. Nothing of the node's work is played by the harness: the slurm image's
+own slurmd registers with the test slurmctld and runs the batch job; the k8s image's own kubelet
+joins the real API server by TLS bootstrap (a bootstrap token from the overlay), containerd runs
+the pod from the locally built images. The test reads the job's and the pod's own output on the
+node, over SSH (the key the overlay authorised).
 
 World (testbed/vm_site.py ImageVmSite): cn01 a fixed SLURM node (a slurmd on the host), kn01 a
-fixed Kubernetes node (a simulated kubelet), sn01 the shared VM.
+fixed Kubernetes node (a simulated kubelet), sn01 the shared VM. The first test's Kubernetes
+demand is a Job queued in Kueue's real controller manager, its ProvisioningRequest served by
+provisioner; the kexec test's is an Unschedulable pod.
 """
 
 from __future__ import annotations
