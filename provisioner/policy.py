@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from provisioner.model import Policy
 from provisioner.nodeset import fold
 from provisioner.states import EVICT, FAILED, K8S, REQUEUE, SLURM, STEADY
+from provisioner.taints import Taint, Toleration, untolerated
 
 OTHER = {SLURM: K8S, K8S: SLURM}
 
@@ -83,6 +84,7 @@ class PendingPod:
     memory: int = 0  # bytes
     gpus: int = 0
     node_selector: tuple[tuple[str, str], ...] = ()
+    tolerations: tuple[Toleration, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class SharedNode:
     gpus: int = 0
     partitions: tuple[str, ...] = ()
     k8s_labels: tuple[tuple[str, str], ...] = ()  # the labels it carries as a k8s node (sched=k8s included)
+    k8s_taints: tuple[Taint, ...] = ()  # the taints it carries as a k8s node (its Node object's)
     held_by: str | None = None  # why it is unavailable, for the notes
     home: str | None = None  # the side it belongs to (None: no home; it is never reclaimed)
     # Room left on it as a busy Kubernetes node (allocatable minus the requests of its pods).
@@ -221,9 +224,9 @@ def node_serves_job(node: SharedNode, job: PendingJob) -> bool:
 
 
 def node_serves_pod(node: SharedNode, pod: PendingPod) -> bool:
-    """Could this node run the pod (node selector, CPUs, GPUs, memory)?"""
+    """Could this node run the pod (node selector, taints, CPUs, GPUs, memory)?"""
     labels = dict(node.k8s_labels)
-    if any(labels.get(k) != v for k, v in pod.node_selector):
+    if any(labels.get(k) != v for k, v in pod.node_selector) or untolerated(node.k8s_taints, pod.tolerations):
         return False
     if pod.cpu_m > node.cpus * 1000 or pod.gpus > node.gpus:
         return False
@@ -231,7 +234,7 @@ def node_serves_pod(node: SharedNode, pod: PendingPod) -> bool:
 
 
 def _shape(node: SharedNode) -> tuple:
-    return (node.cpus, node.memory, node.gpus, node.partitions, node.k8s_labels)
+    return (node.cpus, node.memory, node.gpus, node.partitions, node.k8s_labels, node.k8s_taints)
 
 
 @dataclass
@@ -266,7 +269,7 @@ def k8s_demand(pods: Iterable[PendingPod], shapes: dict[tuple, SharedNode]) -> _
     cache: dict[tuple, frozenset] = {}
     cpu_m = 0
     for pod in pods:
-        key = (pod.cpu_m, pod.memory, pod.gpus, pod.node_selector)
+        key = (pod.cpu_m, pod.memory, pod.gpus, pod.node_selector, pod.tolerations)
         serving = cache.get(key)
         if serving is None:
             serving = cache[key] = frozenset(s for s, n in shapes.items() if node_serves_pod(n, pod))

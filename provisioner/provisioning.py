@@ -45,8 +45,8 @@ def gang_asks(seen: Iterable[Seen], booking_s: float) -> tuple[pol.GangAsk, ...]
             continue
         out.append(pol.GangAsk(
             id=r.key,
-            pod_sets=tuple((pol.PendingPod(r.namespace, ps.template, ps.cpu_m, ps.memory, ps.gpus, ps.node_selector),
-                            ps.count) for ps in r.pod_sets),
+            pod_sets=tuple((pol.PendingPod(r.namespace, ps.template, ps.cpu_m, ps.memory, ps.gpus, ps.node_selector,
+                                           ps.tolerations), ps.count) for ps in r.pod_sets),
             booked=r.booked,
             provisioned_at=r.provisioned_at.timestamp() if r.provisioned_at else None,
             booking_s=booking_s,

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from provisioner.clusters.kubernetes import Toleration, pod_requests
+from provisioner.clusters.kubernetes import pod_requests
+from provisioner.taints import Toleration, tolerations_of
 
 CLASS_NAME = "node-switch.provisioner.io"  # spec.provisioningClassName provisioner serves
 # The nodes booked for a request carry this label, value = the request's label value (`Request.label`);
@@ -123,8 +124,7 @@ def parse(pr: dict, templates: dict[str, dict]) -> Request:
         sets.append(PodSet(
             count=count, cpu_m=cpu_m, memory=memory, gpus=gpus,
             node_selector=tuple(sorted((pod.get("nodeSelector") or {}).items())),
-            tolerations=tuple(Toleration(t.get("key"), t.get("operator") or "Equal", t.get("value"), t.get("effect"))
-                              for t in pod.get("tolerations") or []),
+            tolerations=tolerations_of(pod),
             template=ref,
         ))
     if not sets:

@@ -327,7 +327,7 @@ class Reconciler:
             for j in world.pending_jobs if not j.req_nodes or set(j.req_nodes) & set(self.shared)
         )
         pods = tuple(
-            pol.PendingPod(p.namespace, p.name, p.cpu_m, p.memory, p.gpus, p.node_selector)
+            pol.PendingPod(p.namespace, p.name, p.cpu_m, p.memory, p.gpus, p.node_selector, p.tolerations)
             for p in world.pending_pods
         )
         if self.site.slurm.power_saving:
@@ -377,7 +377,7 @@ class Reconciler:
             last_switch_at=st.last_switch_at, cpus=s.cpus or (k.cpu_m // 1000 if k else 1),
             memory=(s.memory_mb << 20) if s.memory_mb else (k.memory if k else 0),
             gpus=s.gpus or (k.gpus if k else 0), partitions=s.partitions,
-            k8s_labels=tuple(sorted(labels.items())), held_by=held, home=home,
+            k8s_labels=tuple(sorted(labels.items())), k8s_taints=k.taints if k else (), held_by=held, home=home,
             room_cpu_m=room[0], room_memory=room[1], room_gpus=room[2],
             evict_refused_at=st.evict_refused_at, evict_refused=st.evict_refused,
             reclaim_deadline=st.reclaim_deadline if st.phase in SWITCHING else None, **work,

@@ -7,7 +7,9 @@ the pod from the locally built images. The test reads the job's and the pod's ow
 node, over SSH (the key the overlay authorised).
 
 World (testbed/vm_site.py ImageVmSite): cn01 a fixed SLURM node (a slurmd on the host), kn01 a
-fixed Kubernetes node (a simulated kubelet), sn01 the shared VM.
+fixed Kubernetes node (a simulated kubelet), sn01 the shared VM. The first test's Kubernetes
+demand is a Job queued in Kueue's real controller manager, its ProvisioningRequest served by
+provisioner; the kexec test's is an Unschedulable pod.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.provisioning_demand import NODE_LABEL
 from testbed.vm_site import REAL_POLICY, ImageVmSite, build_images
 from testbed.wait import wait_for
+from tests.fixtures.kueue import EXAMPLE, JOBS, NS, PRS, cond, delete_kueue_work
 from tests.fixtures.slurm_cluster import require_slurm
 from tests.fixtures.vms import require_vm_parts, running
 from tests.support import missing, require_binary
@@ -125,12 +129,72 @@ def _to_k8s(sim: ImageVmSite, pod: str) -> str:
     return console
 
 
-def _to_slurm(sim: ImageVmSite, pod: str, name: str) -> str:
-    """The pod goes, SLURM work waits (cn01 busy) until the job ran on sn01's own slurmd in the
-    slurm image; returns the console since the switch began. Checks the move, the boot, the
-    job's own output on the node."""
-    sim.kube.api.delete(f"/api/v1/namespaces/default/pods/{pod}")
-    wait_for(lambda: sim.kube.pod(pod) is None, 120, f"pod {pod} to be gone")
+def _kueue_job(name: str) -> dict:
+    """A Job for Kueue's queue `shared` (examples/kubernetes/kueue-provisioning.yaml), created
+    suspended as Kueue wants it: one pod that needs a whole shared node (1 CPU: sn01's, as
+    slurm.conf and the VM's kubelet say), printing the node it runs on, then done."""
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": NS, "labels": {"kueue.x-k8s.io/queue-name": "shared"}},
+            "spec": {"parallelism": 1, "completions": 1, "backoffLimit": 0, "suspend": True, "template": {"spec": {
+                "restartPolicy": "Never", "terminationGracePeriodSeconds": 2, "automountServiceAccountToken": False,
+                "containers": [{
+                    "name": "main", "image": "provisioner.local/busybox:1", "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", f"echo {name}-ran-on-$NODE_NAME"],
+                    "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                    "resources": {"requests": {"cpu": "1", "memory": "32Mi"}}}]}}}}
+
+
+def _to_k8s_by_kueue(sim: ImageVmSite, kueue, kubectl, name: str) -> str:
+    """A Kueue Job asks for sn01 (in SLURM): Kueue's real manager creates the ProvisioningRequest,
+    provisioner's passes (the CLI) switch sn01 to the k8s image, its real kubelet joins, the
+    request becomes Provisioned, Kueue admits the Job, its pod runs on sn01 and ends. Returns
+    sn01's console since the switch began. Checks the request, the move, the boot, the pod's
+    own output on the node."""
+    kubectl("apply", "-f", str(EXAMPLE))
+    sim.kube.api.create(JOBS, _kueue_job(name))
+    pr = wait_for(lambda: next(iter(sim.kube.api.items(PRS)), None), 120,
+                  f"Kueue to create a ProvisioningRequest; Kueue's log:\n{kueue.log_tail()}")
+    request = pr["metadata"]["name"]
+    mark = sim.vm("sn01").serial_mark()
+
+    def done() -> dict | None:
+        pods = [p for p in sim.kube.api.items(f"/api/v1/namespaces/{NS}/pods")
+                if (p["metadata"].get("labels") or {}).get("job-name") == name]
+        return next((p for p in pods if p["status"].get("phase") == "Succeeded"), None)
+
+    reports = sim.passes_until(done, timeout=SWITCH_TIMEOUT_S, what=f"Kueue Job {name}'s pod to succeed on sn01")
+    moves = [(m["node"], m["to"]) for r in reports for m in r["moves"]]
+    assert moves == [("sn01", "k8s")], json.dumps(reports, indent=1)[-3000:]
+    reason = next(r["moves"][0]["reason"] for r in reports if r["moves"])
+    assert f"ProvisioningRequest {NS}/{request} asks for 1 node(s) at once (all or nothing)" in reason
+    pr = sim.kube.api.get(f"{PRS}/{request}")
+    assert cond(pr, "Provisioned")["status"] == "True", pr
+    assert not sim.kube.api.get(f"{JOBS}/{name}")["spec"]["suspend"]  # Kueue admitted it
+    pod = done()
+    label = sim.kube.node("sn01")["metadata"]["labels"][NODE_LABEL]
+    assert pod["spec"]["nodeName"] == "sn01" and pod["spec"]["nodeSelector"][NODE_LABEL] == label
+    console = sim.console("sn01", mark)
+    assert re.search(r"PROVISIONER-BOOTED node=sn01 role=k8s version=\S+ failed_units=none", console, re.M), \
+        console[-3000:]
+    # The container's output as the VM's containerd wrote it (`kubectl logs` cannot reach this
+    # kubelet: the API server would dial the node's address, slirp's 10.0.2.15, not routable here).
+    pod_name = pod["metadata"]["name"]
+    log = sim.ssh("sn01", f"cat /var/log/pods/{NS}_{pod_name}_*/main/0.log")
+    assert f"{name}-ran-on-sn01" in log, log
+    assert kueue.pid, f"Kueue's manager exited; its log:\n{kueue.log_tail()}"
+    # The Job and its request go: the booking ends with them, sn01 is free for SLURM again.
+    delete_kueue_work(sim.kube.api)
+    wait_for(lambda: not sim.kube.api.items(PRS) and done() is None, 120, "the Job's pod and request to be gone")
+    return console
+
+
+def _to_slurm(sim: ImageVmSite, pod: str | None, name: str) -> str:
+    """The pod goes (if any), SLURM work waits (cn01 busy) until the job ran on sn01's own slurmd
+    in the slurm image; returns the console since the switch began. Checks the move, the boot,
+    the job's own output on the node."""
+    if pod:
+        sim.kube.api.delete(f"/api/v1/namespaces/default/pods/{pod}")
+        wait_for(lambda: sim.kube.pod(pod) is None, 120, f"pod {pod} to be gone")
     sim.fill_fixed()
     job = sim.submit_pending(f"--job-name={name}", "--chdir=/tmp", f"--output=/tmp/{name}-%j.out",
                              wrap=f"echo {name}-on-$(hostname)")
@@ -145,8 +209,16 @@ def _to_slurm(sim: ImageVmSite, pod: str, name: str) -> str:
     return console
 
 
-def test_a_vm_runs_a_job_then_a_pod_then_a_job_on_the_real_images(image_site):
+def test_a_vm_runs_a_job_then_a_kueue_job_then_a_job_on_the_real_images(image_site, kueue, kueue_work, kubectl):
+    """What runs: the VM boots the real Debian images (slurm, then k8s, then slurm) over iPXE;
+    the slurm image's own slurmd runs the batch jobs; Kueue's real controller manager (built
+    from its Go module, testbed/kueue.py) queues a suspended Job and creates its
+    ProvisioningRequest; `provisioner balance` (the CLI, one pass per call) switches sn01 out
+    of SLURM for it; the k8s image's real kubelet joins the real API server; the request
+    becomes Provisioned; Kueue admits the Job; the VM's containerd runs its pod, whose output
+    is read from the node's pod log over SSH."""
     sim = image_site
+    sim.reset(kubernetes={"provisioning_requests": True})  # the VM is rebooted only if not in slurm
     sim.slurm.wait_node_state("sn01", lambda s: s == "IDLE", timeout=300)
 
     # 1. In the slurm image: a batch job runs on the VM's own slurmd.
@@ -154,8 +226,8 @@ def test_a_vm_runs_a_job_then_a_pod_then_a_job_on_the_real_images(image_site):
                            wrap="echo job-ran-on-$(hostname)")
     assert _job_output(sim, job, f"/tmp/job-{job}.out") == "job-ran-on-sn01"
 
-    # 2. Kubernetes demand: kn01 is full, the pod is Unschedulable; the balancer switches sn01.
-    _to_k8s(sim, "hello")
+    # 2. Kueue asks for a whole shared node, all or nothing: provisioner switches sn01 for it.
+    _to_k8s_by_kueue(sim, kueue, kubectl, "kueue-train")
     # The real parts, by their executables, while the node runs the k8s image.
     assert _exe(sim.vm("sn01").proc.pid) == "qemu-system-x86_64"
     assert _exe(sim.kube.plane.pids()["kube-apiserver"]) == "kube-apiserver"
@@ -167,8 +239,8 @@ def test_a_vm_runs_a_job_then_a_pod_then_a_job_on_the_real_images(image_site):
     view = sim.slurm_view("sn01")
     assert view.down and view.reason == "k8s_connect"
 
-    # 3. Back: the pod goes, SLURM work waits (cn01 busy); the job runs on sn01's slurmd again.
-    _to_slurm(sim, "hello", "back")
+    # 3. Back: SLURM work waits (cn01 busy); the job runs on sn01's slurmd again.
+    _to_slurm(sim, None, "back")
     assert not sim.violations, sim.violations
     print(f"\nswitches of sn01 (power action -> boot callback): {_switch_times(sim, 'sn01')}")
 

@@ -11,34 +11,18 @@ import pytest
 import yaml
 
 from provisioner.provisioning_demand import CLASS_NAME, NODE_LABEL
-from testbed.process import ROOT
 from testbed.wait import wait_for
+from tests.fixtures.kueue import EXAMPLE, JOBS, NS, PRS, cond
 
 pytestmark = pytest.mark.integration
 
-EXAMPLE = ROOT / "examples" / "kubernetes" / "kueue-provisioning.yaml"
-NS = "default"
-PRS = f"/apis/autoscaling.x-k8s.io/v1/namespaces/{NS}/provisioningrequests"
-TEMPLATES = f"/api/v1/namespaces/{NS}/podtemplates"
-JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
 ON = {"provisioning_requests": True}
 
 
 @pytest.fixture
-def cleanup(kube, provreq_crds):
-    """Requests, templates and Jobs of a test go when it ends (the cluster's reset keeps them)."""
+def cleanup(kube, provreq_crds, kueue_work):
+    """Requests, templates and Jobs of a test go when it ends."""
     yield
-    api = kube.api
-    for job in api.items(JOBS):
-        api.delete(f"{JOBS}/{job['metadata']['name']}", {"propagationPolicy": "Background"})
-    for pr in api.items(PRS):
-        api.delete(f"{PRS}/{pr['metadata']['name']}")
-    for t in api.items(TEMPLATES):
-        api.delete(f"{TEMPLATES}/{t['metadata']['name']}")
-
-
-def cond(pr: dict | None, kind: str) -> dict:
-    return next((c for c in ((pr or {}).get("status") or {}).get("conditions") or [] if c["type"] == kind), {})
 
 
 def request(kubectl, name: str, count: int, cpu: str = "1", template: str | None = None) -> None:
@@ -127,15 +111,19 @@ def test_all_or_nothing_with_one_movable_node_nothing_switches_and_the_request_s
 
 
 def test_too_large_and_bad_requests_fail_with_the_reason_and_the_loop_goes_on(balance_site, kubectl, cleanup):
-    sim = balance_site(kubernetes=ON)
+    sim = balance_site(kubernetes=ON, roles={"sn04": "k8s"})
+    # sn04, idle in Kubernetes, is tainted: the requests' pods do not tolerate it, so it serves none.
+    kubectl("taint", "nodes", "sn04", "dedicated=ml:NoSchedule")
     request(kubectl, "huge", 5)  # 5 whole nodes; the pool has 4
+    request(kubectl, "four", 4)  # 4 whole nodes: sn04 is not one of them
     request(kubectl, "orphan", 1, template="no-such-template")
     request(kubectl, "fits", 1)
     proc, report = sim.balance()
     assert report is not None, proc.stderr
-    huge, orphan, fits = (sim.kube.api.get(f"{PRS}/{n}") for n in ("huge", "orphan", "fits"))
+    huge, four, orphan, fits = (sim.kube.api.get(f"{PRS}/{n}") for n in ("huge", "four", "orphan", "fits"))
     assert cond(huge, "Failed")["reason"] == "CannotBeServed"
     assert "can never be served" in cond(huge, "Failed")["message"]
+    assert cond(four, "Failed")["reason"] == "CannotBeServed"
     assert cond(orphan, "Failed")["reason"] == "PodTemplateNotFound"
     assert f"PodTemplate {NS}/no-such-template does not exist" in cond(orphan, "Failed")["message"]
     assert proc.stderr.count("ProvisioningRequest default/orphan: Failed") == 1  # one log line

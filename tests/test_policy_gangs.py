@@ -138,3 +138,15 @@ def test_a_gang_reclaims_the_busy_node_that_loses_the_least_work():
                      node("sn3", "slurm", work_cost=9000.0, work_ends_at=NOW + 300, **busy)],
                     policy=policy, gangs=(gang(2),)))
     assert sorted(moved(d)) == [("sn2", "k8s"), ("sn3", "k8s")]  # not sn1: most work lost, not ending
+
+
+def test_a_gang_that_a_reclaim_cannot_complete_reclaims_nothing():
+    """All or nothing holds for reclaims too: sn2 (Kubernetes' own, busy in SLURM) could come home
+    by reclaim, but sn3 is pinned to SLURM, so the pair cannot come: sn2 is not reclaimed, and no
+    SLURM job is touched for half a gang."""
+    policy = replace(POLICY, reclaim_grace_s={"slurm": 600, "k8s": 60})
+    d = decide(snap([node("sn2", "slurm", busy=True, home="k8s"), node("sn3", "slurm", home="k8s", pinned=True)],
+                    policy=policy, gangs=(gang(2),)))
+    assert moved(d) == []
+    a = answer(d)
+    assert a.outcome == "waiting" and "1 of 2 pod(s)" in a.message and "nothing is switched" in a.message

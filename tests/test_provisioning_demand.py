@@ -169,3 +169,46 @@ def test_requests_that_cannot_be_read_are_the_passes_error_and_nothing_is_unlabe
     assert errors == ["ProvisioningRequests not served in this pass: Kubernetes API x refused listing "
                       "ProvisioningRequests (HTTP 404: not found)"]
     assert api.labels == []  # a booking is not dropped because the requests could not be read
+
+
+def test_a_pod_set_that_does_not_tolerate_the_shared_nodes_taints_is_never_served_by_them():
+    from dataclasses import replace
+
+    from provisioner.policy import decide
+    from provisioner.taints import Taint
+    from tests.test_policy import moved, node, snap
+
+    # Both shared nodes are GPU nodes in Kubernetes (their Node objects' taint); sn2 is also
+    # unreachable now (the lifecycle controller's taint: transient, it does not count).
+    gpu = Taint("gpu", "a100", "NoSchedule")
+    unreachable = Taint("node.kubernetes.io/unreachable", None, "NoExecute")
+    nodes = [replace(node("sn1", "slurm"), k8s_taints=(gpu,)), replace(node("sn2", "slurm"), k8s_taints=(gpu, unreachable))]
+
+    def answer(tolerations):
+        r = parse(pr(("a", 2)), {"a": tpl(cpu="4", memory="1Mi", tolerations=tolerations)})
+        d = decide(snap(nodes, gangs=gang_asks([Seen("ml", "train-1", r, None, {})], 600)))
+        return d.gangs[0], moved(d)
+
+    (a, moves) = answer(None)
+    assert (a.outcome, moves) == ("failed", []) and "can never be served" in a.message
+    (a, moves) = answer([{"key": "gpu", "operator": "Equal", "value": "h100"}])  # another value: still not
+    assert a.outcome == "failed"
+    (a, moves) = answer([{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    assert a.outcome == "switching" and moves == [("sn1", "k8s"), ("sn2", "k8s")]
+    # A PreferNoSchedule taint only steers: it never keeps a pod set off.
+    nodes = [replace(n, k8s_taints=(Taint("gpu", None, "PreferNoSchedule"),)) for n in nodes]
+    assert answer(None)[0].outcome == "switching"
+
+
+def test_unschedulable_pods_that_do_not_tolerate_the_shared_nodes_taints_are_no_demand_for_them():
+    from dataclasses import replace
+
+    from provisioner.policy import PendingPod, decide
+    from provisioner.taints import Taint, Toleration
+    from tests.test_policy import moved, node, snap
+
+    nodes = [replace(node("sn1", "slurm"), k8s_taints=(Taint("dedicated", "ml", "NoExecute"),))]
+    pod = PendingPod("ml", "p0", cpu_m=1000)
+    assert moved(decide(snap(nodes, pods=(pod,)))) == []
+    pod = replace(pod, tolerations=(Toleration("dedicated", "Equal", "ml", None),))
+    assert moved(decide(snap(nodes, pods=(pod,)))) == [("sn1", "k8s")]

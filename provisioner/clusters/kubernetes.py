@@ -44,6 +44,7 @@ from kubernetes.utils import parse_quantity
 from provisioner import ROLES
 from provisioner.errors import OperationError, UsageError
 from provisioner.model import KubernetesSettings
+from provisioner.taints import Taint, Toleration, taints_of, tolerations_of
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +60,6 @@ WATCH_BACKOFF_S, WATCH_BACKOFF_MAX_S = 0.5, 10.0
 WATCH_READ_SLACK_S = 30  # a watch's connection is given up this long after the server should have ended it
 
 # --------------------------------------------------------------------------- observations
-
-
-@dataclass(frozen=True)
-class Toleration:
-    key: str | None
-    operator: str  # Equal or Exists
-    value: str | None
-    effect: str | None  # None: every effect
-
-
-@dataclass(frozen=True)
-class Taint:
-    key: str
-    value: str | None
-    effect: str  # NoSchedule, PreferNoSchedule, NoExecute
 
 
 @dataclass(frozen=True)
@@ -370,8 +356,7 @@ class KubernetesAdapter:
                 memory=memory,
                 gpus=gpus,
                 node_selector=tuple(sorted((spec.get("nodeSelector") or {}).items())),
-                tolerations=tuple(Toleration(t.get("key"), t.get("operator") or "Equal", t.get("value"),
-                                             t.get("effect")) for t in spec.get("tolerations") or []),
+                tolerations=tolerations_of(spec),
                 node_affinity=_required_affinity(spec),
                 priority=spec.get("priority") or 0,
                 created=_time(meta.get("creationTimestamp")),
@@ -433,7 +418,7 @@ class KubernetesAdapter:
             cordoned_by_us=unschedulable and has_our_cordon(meta),
             role=labels.get(self.settings.label_key),
             labels=tuple(sorted(labels.items())),
-            taints=tuple(Taint(t["key"], t.get("value"), t["effect"]) for t in spec.get("taints") or []),
+            taints=taints_of(spec),
             cpu_m=cpu_m,
             memory=memory,
             gpus=gpus,
