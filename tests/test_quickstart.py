@@ -31,9 +31,9 @@ def block(marker: str) -> str:
 def test_the_quick_start_try_runs_as_written(tmp_path):
     src = tmp_path / "checkout"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    for name in ("provisioner", "examples"):
+    for name in ("provisioner", "images", "pxe-templates", "examples"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
     home = tmp_path / "home"
     home.mkdir()
