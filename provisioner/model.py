@@ -26,7 +26,6 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ROLE_TEMPLATE = "{role}.ipxe.j2"
 
 
-
 def shipped(name: str) -> Path:
     """A folder provisioner ships for a site to copy and edit (images, pxe-templates): inside the
     package when installed (setup.py copies them there, as provisioner/data/NAME), else at the
