@@ -10,6 +10,10 @@ as cron would run it, but every few seconds instead of every minute) moves a sha
 work is pending on the other side; its BMC resets the VM, which boots the other image; when its
 callback says slurm, the node's slurmd starts (its kubelet goes Ready when it says k8s).
 
+`--redfish sn01` powers that node by Redfish instead: sushy-tools' emulator (libvirt driver) in front
+of our libvirtd, which runs the node's VM as a domain; provisioner then resets it and sets its
+one-time network boot through the emulator, the way it drives a Redfish BMC (docs/redfish.md).
+
 Kueue's controller manager runs next to the control plane (testbed/kueue.py) with the queues of
 examples/kubernetes/kueue-provisioning.yaml: `gang N` queues a Job of N whole-node pods, Kueue
 asks provisioner for N nodes at once (a ProvisioningRequest), all or nothing (docs/kueue.md).
@@ -17,6 +21,7 @@ asks provisioner for N nodes at once (a ProvisioningRequest), all or nothing (do
     make demo                                  interactive: poke it, Ctrl-C to stop
     make demo DEMO_ARGS='--duration 180'       submits work itself, exits 0 when both moves
                                                happened (or 1 when they did not in time)
+    make demo DEMO_ARGS='--redfish sn01'       sn01 powered by Redfish, sn02 by IPMI
 
 Everything runs under var/demo/ and is stopped (by pid) on the way out, also on Ctrl-C.
 """
@@ -39,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from provisioner import images  # noqa: E402
+from provisioner import images, nodeset  # noqa: E402
 from provisioner.errors import ProvisionerError  # noqa: E402
 from testbed.vm_site import IPXE_ROM, VmSite  # noqa: E402
 from testbed.simnodes import provisioner_cmd  # noqa: E402
@@ -47,11 +52,15 @@ from testbed.tinyimage import CACHE, DEFINITIONS  # noqa: E402
 from testbed.vm import QEMU, accelerator, qemu_binary  # noqa: E402
 from testbed.kube_control_plane import BinariesMissing, kubectl_path  # noqa: E402
 from testbed.kueue import Kueue  # noqa: E402
+from testbed.parts import PartMissing, require_binary  # noqa: E402
+from testbed.redfish_bmc import emulator_binary  # noqa: E402
 
 # The demo's policy: demand must last a few seconds before a node moves (no flapping on a blip),
 # no cooldown (so the same node can be seen going both ways within a minute).
 POLICY = {"demand_persist_s": 4, "cooldown_s": 0, "phase_timeout_s": 150, "max_retries": 1, "max_in_flight": 1}
 
+
+SHARED = ("sn01", "sn02")
 
 # slurmstepd's socket WORKDIR/slurm/spool/slurmd-NODE/NODE_JOB.4294967291 must fit in 108 bytes.
 MAX_WORKDIR = 60
@@ -93,10 +102,15 @@ class Demo:
         self.log("demo", f"building the tiny image (a Debian kernel + busybox initramfs) into {self.workdir}/images")
         built = images.build(DEFINITIONS, self.workdir / "images", "tiny", cache=CACHE, actor="demo")
         self.log("demo", f"tiny image version {built.version} built and published in {built.seconds:.1f} s")
+        redfish = tuple(self.args.redfish)
+        ipmi = [n for n in SHARED if n not in redfish]
+        bmcs = ", ".join(filter(None, [
+            f"IPMI BMC simulators for {' and '.join(ipmi)}" if ipmi else "",
+            f"libvirtd and sushy-tools' Redfish emulator for {' and '.join(redfish)}" if redfish else ""]))
         self.log("demo", "starting slurmctld + munged + slurmd (cn01, sn01, sn02), a real Kubernetes control plane "
-                         "(kn01), BMC simulators for sn01 and sn02, and the boot server")
+                         f"(kn01), {bmcs}, and the boot server")
         self.sim = VmSite(self.workdir, self.workdir / "images", shared="sn[01-02]", roles={"sn02": "k8s"},
-                          policy=POLICY)
+                          policy=POLICY, redfish=redfish)
         self.log("demo", f"booting the VMs (qemu, {accelerator().upper()}): sn01 as a SLURM node, sn02 as a "
                          "Kubernetes node; about 15 s")
         self.sim.start()
@@ -332,7 +346,7 @@ class Scenario:
         return False
 
 
-def preflight() -> str | None:
+def preflight(redfish: bool = False) -> str | None:
     if os.geteuid() != 0:
         return "run it as root: the SLURM daemons (munged, slurmctld, slurmd) run as root here"
     if qemu_binary() is None or not Path(IPXE_ROM).is_file():
@@ -344,6 +358,12 @@ def preflight() -> str | None:
         kubectl_path()
     except BinariesMissing as exc:
         return str(exc)
+    if redfish:
+        try:
+            emulator_binary()
+            require_binary("libvirtd")
+        except PartMissing as exc:
+            return f"{exc}; run `make system-deps` (or `make demo`, which does)"
     return None
 
 
@@ -353,8 +373,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="run a scripted scenario for at most this many seconds, then exit (default: interactive)")
     p.add_argument("--every", type=float, default=5.0, help="seconds between balancer passes (cron: 60)")
     p.add_argument("--workdir", default=str(ROOT / "var" / "demo"), help="state, logs, consoles (recreated)")
+    p.add_argument("--redfish", default="", metavar="NODES",
+                   help="shared nodes (a hostlist: sn01, sn[01-02]) powered by Redfish through sushy-tools' emulator "
+                        "and libvirtd instead of an IPMI BMC simulator")
     args = p.parse_args(argv)
-    why = preflight()
+    try:
+        args.redfish = nodeset.expand(args.redfish) if args.redfish else []
+    except nodeset.NodeSetError as exc:
+        print(f"demo: --redfish: {exc}", file=sys.stderr)
+        return 2
+    unknown = [n for n in args.redfish if n not in SHARED]
+    if unknown:
+        print(f"demo: --redfish names {', '.join(unknown)}: the demo's shared nodes are {', '.join(SHARED)}",
+              file=sys.stderr)
+        return 2
+    why = preflight(redfish=bool(args.redfish))
     if why:
         print(f"demo: {why}", file=sys.stderr)
         return 2

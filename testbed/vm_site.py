@@ -169,6 +169,8 @@ class VmSite(SimSite):
                 now = vm.domain_id()
                 own = now in vm.harness_ids
             if last is not None and now != last and not own:
+                if now != -1:  # the emulator's power-on or reset: the boot counts from here (±0.2 s)
+                    vm.started_at = time.time()
                 if now == -1:
                     self._on_power({"bmc": name, "action": "off", "boot": {}, "powered": True})
                 else:
