@@ -4,6 +4,8 @@ costs nothing, and SLURM backfills around a head job wider than what it has."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from provisioner.model import Policy
@@ -60,6 +62,21 @@ def test_work_that_ends_within_the_grace_loses_nothing():
                  settings(eager(slurm_grace=100)))
     assert r.requeued == 0 and r.lost_job_node_h == 0
     assert r.pod_waits == [120] and r.job_waits == [90]
+
+
+def test_a_job_whose_requeue_costs_more_than_the_wait_runs_to_its_end():
+    # sn1's home is Kubernetes; the job (0, 1000 s, its estimate too) borrows it from 90. The pod
+    # at 590: the pass at 600 reclaims sn1; at the grace's end (650) the job would have lost 510 s
+    # to save the pod 1090 - 650 = 440 s: it runs to its end (1090), the switch ends at 1120.
+    r = simulate("provisioner", ONE_SHARED_IN_K8S, [job(1, 0, 1000)], [pod(1, 590, 100)],
+                 settings(eager(slurm_grace=50)))
+    assert (r.reclaims, r.waited, r.requeued, r.lost_job_node_h) == ({SLURM: 0, K8S: 1}, 1, 0, 0)
+    assert r.job_waits == [90] and r.pod_waits == [530]
+    # The old rule (policy.reclaim_requeue: always) requeues it at 650: the pod starts at 680.
+    r = simulate("provisioner", ONE_SHARED_IN_K8S, [job(1, 0, 1000)], [pod(1, 590, 100)],
+                 settings(replace(eager(slurm_grace=50), reclaim_requeue="always")))
+    assert (r.waited, r.requeued, r.pod_waits) == (0, 1, [90])
+    assert r.lost_job_node_h == pytest.approx(560 / 3600)
 
 
 def test_slurm_backfills_around_a_head_job_wider_than_what_it_has():
