@@ -53,8 +53,8 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--site", metavar="SITE.yaml", help="take provisioner's knobs from this site's policy: section "
                                                      "(default: the built-in defaults)")
     g.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
-                   help="change a knob: cooldown_s, demand_persist_s, max_in_flight, share_rule, min_nodes.slurm, "
-                        "min_nodes.k8s (repeatable)")
+                   help="change a knob: cooldown_s, demand_persist_s, max_in_flight, share_rule, min_nodes.SIDE, "
+                        "reclaim_grace_s.SIDE, lending_limit.SIDE, reclaim_requeue (SIDE: slurm or k8s; repeatable)")
     g.add_argument("--sweep", metavar="KNOB=V1,V2,...",
                    help="one provisioner row per value, e.g. cooldown_s=0,300,600")
     g.add_argument("--policies", default=",".join(engine.POLICIES),
