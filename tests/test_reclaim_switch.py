@@ -216,6 +216,9 @@ def test_a_job_whose_requeue_costs_more_than_the_wait_runs_to_its_end(world, cap
     assert any("reclaim: waiting for job 42 to end" in n for n in report.notes)
     assert cli.main(["--config", str(rec.site.path), "nodes", "sn01", "--json"]) == 0
     assert "waiting for job 42 to end" in json.loads(capsys.readouterr().out)[0]["reclaim_waits"]
+    clock.now = NOW + 5000 + TIMEOUT * 5  # past its time limit too (SLURM still ending it): it waits
+    rec.run_pass()
+    assert store.get("sn01").phase == DRAINING and not [c for c in slurm.calls if c[0] == "requeue"]
     slurm.end_job("sn01", "42")
     rec.run_pass()
     assert store.get("sn01").phase == BOOTING
