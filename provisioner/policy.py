@@ -25,7 +25,8 @@ Lending and reclaim (Kueue's cohorts, for whole nodes moved between two clusters
   an idle one moves at once (no cooldown: the home side's claim wins); a busy one is a *reclaim*
   (Move.reclaim): drained or cordoned at once, its work gets `policy.reclaim_grace_s[lender]`,
   then pods are evicted through the Eviction API (PodDisruptionBudgets honoured) and jobs that
-  can be requeued are requeued (the others run to their end). A node whose eviction a
+  can be requeued are requeued when that loses less work than the wait it saves the home side
+  (requeue_pays; the others run to their end, the node drained). A node whose eviction a
   PodDisruptionBudget refused stays where it is for cooldown_s (Decision.held says why);
 - idle nodes are preferred (borrowing an idle node costs no work), then reclaims;
 - room on busy Kubernetes-side nodes (SharedNode.room_*) covers pending pods that fit there, so
