@@ -395,7 +395,8 @@ def requeue_pays(policy: Policy, work_cost: float, work_ends_at: float | None, d
     less than the wait it saves the home side (one node, from the deadline to their time limit);
     else they run to their end. Jobs with no time limit: yes. Waiting for them has no bound,
     and the home side was promised one; a job whose owner gave no end cannot count on one.
-    policy.reclaim_requeue=always: every job that can be. The simulator asks the same."""
+    policy.reclaim_requeue=always: every job that can be. The simulator carries out the Move
+    this makes (Move.work), so it measures this very rule."""
     if policy.reclaim_requeue == "always" or work_ends_at is None:
         return True
     return work_cost < work_ends_at - deadline
