@@ -1,6 +1,7 @@
 """policy.decide() on synthetic snapshots: 1,000 and 10,000 shared nodes, 100,000 pending jobs,
 50,000 pending pods, with lending and reclaim at work (every node has a home, a third of them
-lent to the other side, busy ones reclaimable; room on busy Kubernetes nodes; PDB refusals).
+lent to the other side, half each way, all busy and reclaimable; room on busy Kubernetes nodes;
+PDB refusals).
 Baselines in the same run: decide() on the same snapshots without homes or room (the rules
 before lending), and a straightforward reference that checks every pending job and pod against
 every node (what the policy does without grouping by shape), capped in time and extrapolated
@@ -14,6 +15,7 @@ import time
 
 from provisioner.model import Policy
 from provisioner.policy import PendingJob, PendingPod, SharedNode, Snapshot, decide
+from provisioner.states import WAIT
 
 TITLE = "balancer decision: decide() at 1,000 / 10,000 nodes, 100,000 jobs, 50,000 pods"
 GOAL_MS = 200.0
@@ -36,10 +38,17 @@ def snapshot(n_nodes: int, n_jobs: int, n_pods: int, seed: int = 1, lending: boo
         cpus, mem, gpus, parts = shapes[i % len(shapes)]
         role = "slurm" if i % 3 else "k8s"
         phase = "steady" if i % 500 else "booting"
-        busy = rnd.random() < 0.7
+        # A third of the nodes are lent (with lending), half each way, and every lent node is busy
+        # (it was lent for the borrower's work): with both sides' demand far above the idle nodes
+        # they keep, decide()'s moves are then reclaims, both ways (requeue_pays decides the SLURM
+        # ones). The same nodes are busy in the baseline without homes.
+        lent = i % 3 == 0
+        if lent and i % 2:
+            role = "slurm"
+        busy = rnd.random() < 0.7 or lent
         extra = {}
         if lending:  # a third lent to the other side; busy Kubernetes nodes with room; some PDB refusals
-            extra = dict(home=role if i % 3 else ("k8s" if role == "slurm" else "slurm"),
+            extra = dict(home=("k8s" if role == "slurm" else "slurm") if lent else role,
                          room_cpu_m=rnd.choice([0, 1000, 8000, 16000]) if busy and role == "k8s" else 0,
                          room_memory=rnd.choice([0, 8 << 30, 64 << 30]) if busy and role == "k8s" else 0,
                          work_cost=rnd.uniform(0, 1e6) if busy else 0.0,
@@ -96,6 +105,7 @@ def run(args) -> dict:
             "decide_ms_median": round(statistics.median(times), 1), "decide_ms_min": round(min(times), 1),
             "decide_ms_max": round(max(times), 1), "moves": len(d.moves), "notes": len(d.notes),
             "reclaims": sum(1 for m in d.moves if m.reclaim), "held": len(d.held),
+            "reclaims_waiting": sum(1 for m in d.moves if m.work == WAIT),
             "no_lending_ms_median": round(statistics.median(plain), 1),
             "reference_ms": round(ref_s * 1000 / frac, 0), "reference_extrapolated": frac < 1.0,
         })
@@ -114,14 +124,14 @@ def timed(snap: Snapshot, repeats: int) -> tuple[list[float], object]:
 
 
 def summary(result: dict) -> str:
-    lines = ["| nodes | jobs | pods | decide() with lending, median ms (min-max) | moves (reclaims, held) | "
+    lines = ["| nodes | jobs | pods | decide() with lending, median ms (min-max) | moves (reclaims, of them waiting; held) | "
              "baseline: without homes or room, median ms | per-item node scan (baseline) ms | speed-up |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in result["sizes"]:
         ref = f"{s['reference_ms']:,.0f}" + (" (extrapolated)" if s["reference_extrapolated"] else "")
         lines.append(f"| {s['nodes']:,} | {s['jobs']:,} | {s['pods']:,} | {s['decide_ms_median']:.1f} "
                      f"({s['decide_ms_min']:.1f}-{s['decide_ms_max']:.1f}) | {s['moves']} ({s['reclaims']}, "
-                     f"{s['held']}) | {s['no_lending_ms_median']:.1f} | {ref} | "
+                     f"{s['reclaims_waiting']}; {s['held']}) | {s['no_lending_ms_median']:.1f} | {ref} | "
                      f"{s['reference_ms'] / max(s['decide_ms_median'], 1e-9):,.0f} x |")
     last = result["sizes"][-1]
     lines.append("")

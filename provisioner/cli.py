@@ -196,6 +196,8 @@ def cmd_nginx_config(ctx: Context) -> int:
 
 def node_rows(ctx: Context, names: list[str]) -> list[dict]:
     from provisioner.policy import reclaim_held
+    from provisioner.states import DRAINING, WAIT
+    from provisioner.switch.handlers import waiting_for
 
     states = ctx.reader.nodes(names)
     holds = ctx.reader.holds(names)
@@ -221,6 +223,8 @@ def node_rows(ctx: Context, names: list[str]) -> list[dict]:
             # A reclaim a PodDisruptionBudget refused: the node stays where it is for cooldown_s.
             "reclaim_held": reclaim_held(st.evict_refused_at, st.evict_refused, ctx.site.policy.cooldown_s, now)
             if st else None,
+            # A reclaim that waits for its jobs to end rather than requeue them: what it waits for.
+            "reclaim_waits": waiting_for(st) if st and st.phase == DRAINING and st.reclaim_work == WAIT else None,
             "held": hold is not None,  # an admin's maintenance hold (`provisioner hold`)
             "hold": hold.as_dict() if hold else None,  # reason, actor (who), since (when)
             "macs": list(node.macs),
@@ -253,7 +257,7 @@ def cmd_nodes(ctx: Context) -> int:
         [[r["name"], r["pool"], r["desired_role"], r["booted_role"], r["target_role"], r["phase"],
           age(r["phase_since_ts"], now), "HELD" if r["held"] else "yes" if r["pinned"] else "no",
           r["failed_reason"] or (f"held: {r['hold']['reason']} ({r['hold']['actor']})" if r["held"] else None)
-          or r["reclaim_held"] or r["pin_reason"]] for r in rows],
+          or r["reclaim_held"] or r["reclaim_waits"] or r["pin_reason"]] for r in rows],
     )
     return EXIT_OK
 

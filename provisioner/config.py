@@ -20,7 +20,7 @@ import yaml
 from provisioner import POOLS, ROLES
 from provisioner.errors import ConfigError, ConfigErrors
 from provisioner.model import (
-    BMC_BOOT_MODES, BMC_PROTOCOLS, DEFAULT_IMAGE_DEFINITIONS, DEFAULT_TEMPLATES, NAME_RE, POWER_METHODS, ROLE_TEMPLATE, SHARE_RULES, Bmc, Image,
+    BMC_BOOT_MODES, BMC_PROTOCOLS, DEFAULT_IMAGE_DEFINITIONS, DEFAULT_TEMPLATES, NAME_RE, POWER_METHODS, REQUEUE_RULES, ROLE_TEMPLATE, SHARE_RULES, Bmc, Image,
     KubernetesSettings, Node, OverlaySettings, Policy, PowerSettings, RunSettings, Site, SlurmSettings, SshPower,
     SshTarget,
     normalize_mac,
@@ -540,7 +540,7 @@ class _SiteLoader(Fields):
     def policy(self, value: Any) -> Policy:
         d = self.mapping(value, "policy", {"min_nodes", "cooldown_s", "demand_persist_s", "max_in_flight",
                                            "share_rule", "phase_timeout_s", "max_retries", "reclaim_grace_s",
-                                           "lending_limit"})
+                                           "lending_limit", "reclaim_requeue"})
         mins = self.mapping(d.get("min_nodes"), "policy.min_nodes", set(ROLES))
         grace = self.mapping(d.get("reclaim_grace_s"), "policy.reclaim_grace_s", set(ROLES))
         limits = self.mapping(d.get("lending_limit"), "policy.lending_limit", set(ROLES))
@@ -549,6 +549,7 @@ class _SiteLoader(Fields):
                              for r in ROLES},
             lending_limit={r: (None if limits.get(r) is None else self.integer(limits[r], f"policy.lending_limit.{r}", 0))
                            for r in ROLES},
+            reclaim_requeue=self.choice(d.get("reclaim_requeue"), "policy.reclaim_requeue", REQUEUE_RULES, "cheaper"),
             min_nodes={r: self.integer(mins.get(r), f"policy.min_nodes.{r}", 0) for r in ROLES},
             cooldown_s=self.integer(d.get("cooldown_s"), "policy.cooldown_s", 600),
             demand_persist_s=self.integer(d.get("demand_persist_s"), "policy.demand_persist_s", 120),

@@ -18,6 +18,9 @@ POWER_METHODS = ("ipmi", "ssh", "kexec", "kexec+ipmi")
 BMC_PROTOCOLS = ("ipmi", "redfish")
 BMC_BOOT_MODES = ("uefi", "legacy")
 SHARE_RULES = ("proportional", "slurm-first", "k8s-first")
+# Which jobs a reclaim requeues after the grace: those whose requeue loses less work than the
+# wait it saves the home side (the others run to their end), or every one that can be.
+REQUEUE_RULES = ("cheaper", "always")
 
 # Image names, versions and overlay keys: safe in paths and URLs.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -140,6 +143,7 @@ class Policy:
     # run for hours and a requeue loses all of it (docs/lending.md has the simulated trade-off).
     reclaim_grace_s: dict[str, int] = field(default_factory=lambda: {"slurm": 1800, "k8s": 300})
     lending_limit: dict[str, int | None] = field(default_factory=lambda: {"slurm": None, "k8s": None})
+    reclaim_requeue: str = "cheaper"  # one of REQUEUE_RULES (policy.requeue_pays)
 
 
 @dataclass(frozen=True)

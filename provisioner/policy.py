@@ -25,7 +25,8 @@ Lending and reclaim (Kueue's cohorts, for whole nodes moved between two clusters
   an idle one moves at once (no cooldown: the home side's claim wins); a busy one is a *reclaim*
   (Move.reclaim): drained or cordoned at once, its work gets `policy.reclaim_grace_s[lender]`,
   then pods are evicted through the Eviction API (PodDisruptionBudgets honoured) and jobs that
-  can be requeued are requeued (the others run to their end). A node whose eviction a
+  can be requeued are requeued when that loses less work than the wait it saves the home side
+  (requeue_pays; the others run to their end, the node drained). A node whose eviction a
   PodDisruptionBudget refused stays where it is for cooldown_s (Decision.held says why);
 - idle nodes are preferred (borrowing an idle node costs no work), then reclaims;
 - room on busy Kubernetes-side nodes (SharedNode.room_*) covers pending pods that fit there, so
@@ -57,7 +58,7 @@ from dataclasses import dataclass, field
 
 from provisioner.model import Policy
 from provisioner.nodeset import fold
-from provisioner.states import EVICT, FAILED, K8S, REQUEUE, SLURM, STEADY
+from provisioner.states import EVICT, FAILED, K8S, REQUEUE, SLURM, STEADY, WAIT
 from provisioner.taints import Taint, Toleration, untolerated
 
 OTHER = {SLURM: K8S, K8S: SLURM}
@@ -114,6 +115,7 @@ class SharedNode:
     # its time limit (None: unknown). Reclaims take the cheapest nodes first.
     work_cost: float = 0.0
     work_ends_at: float | None = None
+    work_ids: tuple[str, ...] = ()  # its jobs' ids, for the reasons
     # The last reclaim's eviction a PodDisruptionBudget refused: when, and its message.
     evict_refused_at: float | None = None
     evict_refused: str | None = None
@@ -184,7 +186,8 @@ class Move:
     # A reclaim: the node is busy on the other side and goes home. The reconciler drains (SLURM)
     # or cordons (Kubernetes) it at once, and at `deadline` (now + grace_s) evicts its pods
     # (work=EVICT, through the Eviction API) or requeues its requeueable jobs (work=REQUEUE; the
-    # others run to their end), then switches it as any move.
+    # others run to their end), then switches it as any move. work=WAIT (requeue_pays said no):
+    # its jobs run to their end, `deadline` is their time limit (a release applies until then).
     reclaim: bool = False
     from_role: str = ""
     grace_s: float = 0.0
@@ -373,12 +376,46 @@ def _why_not(n: SharedNode, to: str, snap: Snapshot) -> str | None:
 
 
 def _reclaim_cost(n: SharedNode, snap: Snapshot) -> tuple:
-    """Busy nodes to reclaim: work that ends within the grace first (nothing lost), then
-    movable work, the least work lost first."""
+    """Busy nodes to reclaim: work that ends within the grace first (nothing lost), then work
+    that will be moved (the least work lost first), then work waited for (the soonest end first;
+    an unknown end last)."""
     if not n.busy:
         return (0, 0.0)
-    ends = n.work_ends_at is not None and n.work_ends_at <= snap.now + snap.policy.reclaim_grace_s.get(n.role, 0)
-    return (0 if ends else 1 if n.movable else 2, 0.0 if ends else n.work_cost)
+    deadline = snap.now + snap.policy.reclaim_grace_s.get(n.role, 0)
+    if n.work_ends_at is not None and n.work_ends_at <= deadline:
+        return (0, 0.0)
+    if n.movable and (n.role == K8S or requeue_pays(snap.policy, n.work_cost, n.work_ends_at, deadline)):
+        return (1, n.work_cost)
+    return (2, math.inf if n.work_ends_at is None else n.work_ends_at)
+
+
+def requeue_pays(policy: Policy, work_cost: float, work_ends_at: float | None, deadline: float) -> bool:
+    """Is requeueing a reclaimed SLURM node's jobs at `deadline` (the end of their grace) worth
+    it? Only when the work they lose (work_cost: node-seconds run, a wide job's every node) is
+    less than the wait it saves the home side (one node, from the deadline to their time limit);
+    else they run to their end. Jobs with no time limit: yes. Waiting for them has no bound,
+    and the home side was promised one; a job whose owner gave no end cannot count on one.
+    policy.reclaim_requeue=always: every job that can be. The simulator carries out the Move
+    this makes (Move.work), so it measures this very rule."""
+    if policy.reclaim_requeue == "always" or work_ends_at is None:
+        return True
+    return work_cost < work_ends_at - deadline
+
+
+def reclaim_work(n: SharedNode, snap: Snapshot) -> tuple[str, float, str]:
+    """How a reclaim of this busy node moves its work: (Move.work, Move.deadline, what happens
+    to it, in words)."""
+    grace = float(snap.policy.reclaim_grace_s.get(n.role, 0))
+    deadline = snap.now + grace
+    if n.role == K8S:
+        return EVICT, deadline, "its pods are evicted (PodDisruptionBudgets honoured)"
+    if not n.movable or requeue_pays(snap.policy, n.work_cost, n.work_ends_at, deadline):
+        return REQUEUE, deadline, "its jobs are requeued (those that cannot be run to their end)"
+    jobs = f"job {n.work_ids[0]}" if len(n.work_ids) == 1 else f"jobs {', '.join(n.work_ids) or 'on it'}"
+    saves = max(0.0, n.work_ends_at - deadline)
+    return WAIT, max(deadline, n.work_ends_at), (
+        f"waiting for {jobs} to end (requeue would lose {n.work_cost / 3600:.1f} node-h, "
+        f"to save {saves / 3600:.1f} h of one node)")
 
 
 def reclaim_held(refused_at: float | None, refused: str | None, cooldown_s: float, now: float) -> str | None:
@@ -402,6 +439,9 @@ def lending_lines(policy: Policy, homes: dict[str, int], pass_interval_s: float)
     and the reclaim bound for the site's knobs."""
     longer = {SLURM: "a PodDisruptionBudget that refuses the eviction holds it longer (shown as held)",
               K8S: "a job that cannot be requeued holds it until the job ends"}
+    if policy.reclaim_requeue == "cheaper":
+        longer[K8S] = ("or, busy with a job whose requeue would cost more than waiting for it (reclaim_requeue=cheaper: "
+                       f"more node-hours run than the wait it saves), at that job's end; {longer[K8S]}")
     lines = []
     for side in (SLURM, K8S):
         limit = policy.lending_limit.get(side)
@@ -767,12 +807,11 @@ def _move(n: SharedNode, to: str, why: str, snap: Snapshot) -> Move:
     if not n.busy:
         return Move(n.name, to, f"{why}; {n.name} idle in {frm}{home}")
     grace = float(snap.policy.reclaim_grace_s.get(frm, 0))
-    work = EVICT if frm == K8S else REQUEUE
-    then = ("its pods are evicted (PodDisruptionBudgets honoured)" if work == EVICT else
-            "its jobs are requeued (those that cannot be run to their end)")
+    work, deadline, then = reclaim_work(n, snap)
+    when = f"{grace:g} s grace, then {then}" if work != WAIT else then
     return Move(n.name, to, f"{why}; reclaiming {n.name}, busy in {frm}{home}: "
-                f"{'cordoned' if frm == K8S else 'drained'} now, {grace:g} s grace, then {then}",
-                reclaim=True, from_role=frm, grace_s=grace, deadline=snap.now + grace, work=work)
+                f"{'cordoned' if frm == K8S else 'drained'} now, {when}",
+                reclaim=True, from_role=frm, grace_s=grace, deadline=deadline, work=work)
 
 
 def _share(slots: int, want: dict[str, int], rule: str) -> dict[str, int]:

@@ -385,7 +385,7 @@ class Reconciler:
 
     def _work(self, name: str, now: float) -> dict[str, Any]:
         """What reclaiming a busy SLURM-side node would cost (SharedNode.movable, work_cost,
-        work_ends_at), read only for nodes Kubernetes could reclaim. Unknown (SLURM did not
+        work_ends_at, work_ids), read only for nodes Kubernetes could reclaim. Unknown (SLURM did not
         answer): nothing, and the policy's defaults stand."""
         try:
             jobs = self.slurm.jobs_on(name)
@@ -394,7 +394,8 @@ class Reconciler:
         ends = [j.end_time for j in jobs]
         return {"movable": all(j.requeueable for j in jobs),
                 "work_cost": sum((now - j.start_time) * len(j.nodes) for j in jobs if j.start_time is not None),
-                "work_ends_at": max(ends) if ends and None not in ends else None}
+                "work_ends_at": max(ends) if ends and None not in ends else None,
+                "work_ids": tuple(j.job_id for j in jobs)}
 
     # -- starting a switch --------------------------------------------------------------
 

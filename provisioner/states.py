@@ -115,10 +115,12 @@ TIMEOUTS: dict[str, tuple[str | None, str | None]] = {
 }
 
 # A reclaim (a busy node going home, policy.Move.reclaim) waits in draining or cordoning for its
-# grace, then moves the work: EVICT its pods (the Eviction API) or REQUEUE its jobs. Its phase
-# timeout counts from the grace deadline, and takes these ways out: a job that cannot be
-# requeued runs to its end (wait); pods a PodDisruptionBudget keeps from leaving roll it back.
-EVICT, REQUEUE = "evict", "requeue"
+# grace, then moves the work: EVICT its pods (the Eviction API) or REQUEUE its jobs; or WAIT:
+# its jobs run to their end (their requeue would lose more work than the wait it saves), the
+# deadline being their time limit. Its phase timeout counts from the deadline, and takes these
+# ways out: jobs that are waited for or cannot be requeued run to their end (wait); pods a
+# PodDisruptionBudget keeps from leaving roll it back.
+EVICT, REQUEUE, WAIT = "evict", "requeue", "wait"
 RECLAIM_TIMEOUTS: dict[str, str | None] = {
     DRAINING: None,
     CORDONING: "rollback",

@@ -29,6 +29,7 @@ def _policy(**fields):
     (lambda d: d["nodes"][0].__setitem__("home", "k8s"), "nodes[0].home", "belongs to slurm"),
     (_policy(reclaim_grace_s={"k8s": -5}), "policy.reclaim_grace_s.k8s", "must be >= 0, got -5"),
     (_policy(reclaim_grace_s={"mesos": 5}), "policy.reclaim_grace_s.mesos", "unknown field"),
+    (_policy(reclaim_requeue="never"), "policy.reclaim_requeue", "never"),
     (_policy(lending_limit={"slurm": 5}), "policy.lending_limit.slurm", "5 is more than the 4 shared node(s)"),
     (_policy(lending_limit={"k8s": 1}), "policy.lending_limit.k8s", "more than the 0 shared node(s) whose home is k8s"),
 ])
@@ -48,6 +49,16 @@ def test_check_prints_the_reclaim_bound_and_fails_in_one_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert ("lending: slurm: 4 home shared node(s), lends at most 2 at once; a lent one is back within "
             "420 s + its switch (demand_persist_s=120 + a pass 60 s + k8s's reclaim_grace_s=240") in out.stdout
+    # Kubernetes' home nodes lent to SLURM: the weaker bound, a job whose requeue costs more
+    # than waiting for it is waited for (and the old one with reclaim_requeue: always).
+    k8s = next(line for line in out.stdout.splitlines() if "lending: k8s:" in line)
+    assert "slurm's reclaim_grace_s=1800" in k8s
+    assert ("or, busy with a job whose requeue would cost more than waiting for it (reclaim_requeue=cheaper: "
+            "more node-hours run than the wait it saves), at that job's end; a job that cannot be requeued") in k8s
+    always = rewrite(path, _policy(reclaim_requeue="always"))
+    out = cli("--config", str(always), "check")
+    assert out.returncode == 0, out.stderr
+    assert "whose requeue would cost more" not in out.stdout and "a job that cannot be requeued holds it" in out.stdout
     bad = rewrite(path, _policy(lending_limit={"slurm": 9}))
     out = cli("--config", str(bad), "check")
     assert out.returncode == 2

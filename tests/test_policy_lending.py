@@ -3,7 +3,7 @@ reservation, lending limits, room on busy nodes covering pods, and asks under th
 
 from dataclasses import replace
 
-from provisioner.policy import EVICT, REQUEUE, Ask, decide, reclaim_bound
+from provisioner.policy import EVICT, REQUEUE, WAIT, Ask, decide, reclaim_bound
 from tests.test_policy import NOW, POLICY, jobs, moved, node, pods, snap
 
 
@@ -176,3 +176,58 @@ def test_a_reclaim_in_its_grace_is_released_when_its_home_no_longer_needs_it():
     assert list(d.release) == ["sn1"] and "slurm no longer needs it" in d.release["sn1"]
     # While a job still waits for it, it is kept.
     assert not decide(snap([in_grace, past_grace], jobs=jobs(2))).release
+
+
+# Requeue only what costs less than the wait it saves (policy.requeue_pays): Kubernetes reclaims
+# its home node lent to SLURM; its job has run `work_cost` node-seconds and ends at its time limit.
+def lent_to_slurm(**kw):
+    return node("sn1", "slurm", home="k8s", busy=True, work_ids=("42",), **kw)
+
+
+def test_a_cheap_job_is_requeued_after_the_grace():
+    # 1 node-hour run; its time limit is 10 h away: the requeue saves the home side ~9.5 h.
+    d = decide(snap([lent_to_slurm(work_cost=3600, work_ends_at=NOW + 36000)], pods=pods(1)))
+    (m,) = d.moves
+    assert (m.work, m.deadline, m.grace_s) == (REQUEUE, NOW + 1800, 1800)
+    assert "1800 s grace, then its jobs are requeued" in m.reason
+
+
+def test_a_costly_job_is_waited_for_until_its_time_limit():
+    # 16 nodes x 10 h run (160 node-h); its time limit is 2 h away: the node stays drained.
+    ends = NOW + 7200
+    d = decide(snap([lent_to_slurm(work_cost=16 * 36000, work_ends_at=ends)], pods=pods(1)))
+    (m,) = d.moves
+    assert (m.reclaim, m.work, m.deadline, m.to_role) == (True, WAIT, ends, "k8s")
+    assert "drained now, waiting for job 42 to end (requeue would lose 160.0 node-h" in m.reason
+    # A site that wants the old behaviour: every job that can be requeued is.
+    always = replace(POLICY, reclaim_requeue="always")
+    (m,) = decide(snap([lent_to_slurm(work_cost=16 * 36000, work_ends_at=ends)], pods=pods(1), policy=always)).moves
+    assert (m.work, m.deadline) == (REQUEUE, NOW + 1800)
+
+
+def test_the_cheaper_reclaim_goes_first_and_a_job_ending_within_the_grace_first_of_all():
+    nodes = [node("sn1", "slurm", home="k8s", busy=True, work_cost=1e6, work_ends_at=NOW + 7200),
+             node("sn2", "slurm", home="k8s", busy=True, work_cost=3600, work_ends_at=NOW + 36000),
+             node("sn3", "slurm", home="k8s", busy=True, work_cost=1e6, work_ends_at=NOW + 600)]
+    assert moved(decide(snap(nodes, pods=pods(1)))) == [("sn3", "k8s")]
+    assert moved(decide(snap(nodes[:2], pods=pods(1)))) == [("sn2", "k8s")]
+
+
+def test_a_job_with_no_time_limit_is_requeued_however_long_it_ran():
+    # Waiting for it has no bound; the home side was promised one (docs/lending.md says why).
+    (m,) = decide(snap([lent_to_slurm(work_cost=100 * 3600, work_ends_at=None)], pods=pods(1))).moves
+    assert (m.work, m.deadline) == (REQUEUE, NOW + 1800)
+
+
+def test_a_job_that_cannot_be_requeued_keeps_the_old_path():
+    (m,) = decide(snap([lent_to_slurm(work_cost=3600, work_ends_at=NOW + 36000, movable=False)], pods=pods(1))).moves
+    assert m.work == REQUEUE and "those that cannot be run to their end" in m.reason
+
+
+def test_a_reclaim_waiting_for_its_job_is_released_until_the_time_limit():
+    # Drained and waiting (its deadline is the job's time limit): released when Kubernetes no
+    # longer needs it, however long past the grace it has waited.
+    waiting = node("sn1", "k8s", phase="draining", busy=True, home="k8s", reclaim_deadline=NOW + 3600)
+    d = decide(snap([waiting]))
+    assert list(d.release) == ["sn1"] and "k8s no longer needs it" in d.release["sn1"]
+    assert not decide(snap([waiting], pods=pods(1))).release

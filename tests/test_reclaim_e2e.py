@@ -124,3 +124,37 @@ def test_a_job_that_cannot_be_requeued_is_waited_for(balance_site):
     sim.slurm.run("scancel", job)
     sim.passes_until(lambda: sim.state("sn01").phase == "steady" and sim.in_k8s("sn01"), timeout=90,
                      what="sn01 back in Kubernetes once the job ended")
+
+
+def ran_s(sim, job: str) -> int:
+    """Seconds the job has run, as SLURM counts them (squeue's %M: [D-][H:]M:SS)."""
+    out = sim.slurm.run("squeue", "-h", "-j", job, "-o", "%M", check=False).strip()
+    parts = [int(x) for x in out.split("-")[-1].split(":")] if out and out[0].isdigit() else [0]
+    return sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
+
+
+def test_a_job_whose_requeue_costs_more_than_the_wait_is_waited_for_and_the_node_switches_after_it(balance_site):
+    # The job's time limit is 60 s and the grace 5 s: from 30 s run, requeueing it at the grace's
+    # end loses more (its 30+ node-s) than it saves the pod (60 - 30 - 5 = 25 s at most): the
+    # node stays drained and the job runs on; when it ends (cancelled here, to keep the test
+    # short; its time limit would end it seconds later) the node goes home.
+    sim = balance_site(homes={"sn01": "k8s"}, policy={"reclaim_grace_s": {"slurm": 5, "k8s": 3}})
+    job = lend_sn01_to_slurm(sim, "--requeue", "--time=1")
+    wait_for(lambda: ran_s(sim, job) >= 30, 60, f"job {job} running for 30 s")
+    sim.passes_until(lambda: sim.state("sn01").phase == "draining", timeout=30, what="the reclaim of sn01")
+    (start,) = sim.events(["sn01"], kinds=["switch"])
+    assert start.data["reclaim"]["work"] == "wait"
+    assert f"waiting for job {job} to end (requeue would lose" in start.message
+    assert start.data["reclaim"]["deadline"] > start.ts + 5  # its time limit, not the grace
+    # Past the grace: drained by us, the job untouched; the notes, `nodes` and history say why.
+    reports = sim.passes_until(lambda: ran_s(sim, job) >= 42 or sim.slurm.job_state(job)[0] != "RUNNING",
+                               timeout=30, what="the grace long past")
+    assert sim.state("sn01").phase == "draining" and sim.slurm.job_state(job) == ("RUNNING", "sn01")
+    assert "DRAIN" in sim.slurm.node_state("sn01")
+    assert "Reason=provisioner: switching to k8s" in sim.slurm.run("scontrol", "show", "node", "sn01")
+    assert any(f"waiting for job {job} to end" in n for r in reports for n in r["notes"])
+    assert f"waiting for job {job} to end" in json.loads(sim.cli("nodes", "sn01", "--json").stdout)[0]["reclaim_waits"]
+    sim.slurm.run("scancel", job)
+    sim.passes_until(lambda: sim.state("sn01").phase == "steady" and sim.in_k8s("sn01"), timeout=90,
+                     what="sn01 back in Kubernetes once the job ended")
+    assert not sim.events(["sn01"], kinds=["requeued", "rollback"])

@@ -12,7 +12,7 @@ from provisioner import config
 from provisioner.clusters.kubernetes import PendingPod
 from provisioner.clusters.slurm import PendingJob
 from provisioner.reconcile import Reconciler
-from provisioner.states import BOOTING, CORDONING, DRAINING, EVICT, K8S, REQUEUE, SLURM, STEADY
+from provisioner.states import BOOTING, CORDONING, DRAINING, EVICT, K8S, REQUEUE, SLURM, STEADY, WAIT
 from provisioner.store import Store
 from tests.fakes import FakeKube, FakePower, FakeSlurm, kube_node, slurm_node
 from testbed.site import mac, write_site
@@ -61,12 +61,12 @@ def lend_sn02_to_k8s(store, slurm, kube) -> None:
     slurm.pending = [PendingJob("77", "Resources", ("batch",), 1, 1)]
 
 
-def lend_sn01_to_slurm(store, slurm, kube, requeue: bool = True) -> None:
-    """sn01 (home k8s) runs a SLURM job; a pod waits in Kubernetes."""
+def lend_sn01_to_slurm(store, slurm, kube, requeue: bool = True, ran: float = 100) -> None:
+    """sn01 (home k8s) runs a SLURM job (for `ran` s, its time limit NOW + 5000); a pod waits in Kubernetes."""
     store.update("sn01", actor="test", kind="test", message="lent", desired_role=SLURM)
     kube.state["sn01"] = kube_node("sn01", role=SLURM, unschedulable=True, cordoned_by_us=True)
     slurm.set("sn02", state="allocated", alloc_cpus=4)
-    slurm.run_job("sn01", "42", requeue=requeue, start_time=NOW - 100, end_time=NOW + 5000)
+    slurm.run_job("sn01", "42", requeue=requeue, start_time=NOW - ran, end_time=NOW + 5000)
     kube.pending = [PendingPod("ml", "train-0", 1000, 1 << 30, 0, (), (), (), 0, None, "0/3 nodes are available")]
 
 
@@ -195,3 +195,43 @@ def test_a_reclaim_whose_home_work_went_away_is_released_within_the_grace(world)
     assert not kube.state["sn02"].unschedulable and kube.state["sn02"].pods  # our cordon lifted, pods untouched
     assert ("evict", "sn02") not in kube.calls
     assert any("slurm no longer needs it" in n for n in report.notes)
+
+
+def test_a_job_whose_requeue_costs_more_than_the_wait_runs_to_its_end(world, capsys):
+    import json
+
+    from provisioner import cli
+
+    store, slurm, kube, rec, clock = world
+    # It has run 4000 s; requeued at the grace's end it would save 5000 - 1800 = 3200 s of one node.
+    lend_sn01_to_slurm(store, slurm, kube, ran=4000)
+    (move,) = rec.run_pass().moves
+    assert move.work == WAIT and move.deadline == NOW + 5000
+    st = store.get("sn01")
+    assert (st.phase, st.reclaim_work, st.reclaim_deadline) == (DRAINING, WAIT, NOW + 5000) and slurm.state["sn01"].drain
+    assert "waiting for job 42 to end (requeue would lose 1.1 node-h" in st.switch_reason
+    clock.now = NOW + GRACE["slurm"] + TIMEOUT * 5  # past the grace and the phase timeout: no requeue
+    report = rec.run_pass()
+    assert store.get("sn01").phase == DRAINING and not [c for c in slurm.calls if c[0] == "requeue"]
+    assert any("reclaim: waiting for job 42 to end" in n for n in report.notes)
+    assert cli.main(["--config", str(rec.site.path), "nodes", "sn01", "--json"]) == 0
+    assert "waiting for job 42 to end" in json.loads(capsys.readouterr().out)[0]["reclaim_waits"]
+    clock.now = NOW + 5000 + TIMEOUT * 5  # past its time limit too (SLURM still ending it): it waits
+    rec.run_pass()
+    assert store.get("sn01").phase == DRAINING and not [c for c in slurm.calls if c[0] == "requeue"]
+    slurm.end_job("sn01", "42")
+    rec.run_pass()
+    assert store.get("sn01").phase == BOOTING
+
+
+def test_a_reclaim_waiting_for_its_job_is_released_when_the_pod_went_away(world):
+    store, slurm, kube, rec, clock = world
+    lend_sn01_to_slurm(store, slurm, kube, ran=4000)
+    rec.run_pass()
+    clock.now = NOW + GRACE["slurm"] + 600  # past the grace, before the job's time limit
+    kube.pending = []
+    report = rec.run_pass()
+    st = store.get("sn01")
+    assert st.phase == STEADY and st.desired_role == SLURM and st.reclaim_deadline is None
+    assert not slurm.state["sn01"].drain and slurm.jobs["sn01"]  # our drain lifted, the job untouched
+    assert any("k8s no longer needs it" in n for n in report.notes)

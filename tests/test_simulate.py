@@ -289,5 +289,5 @@ def test_knobs_from_a_site_and_a_pod_trace(tmp_path, capsys):
     assert data["provisioner_knobs"] == {"cooldown_s": 60, "demand_persist_s": 120, "max_in_flight": 2,
                                          "share_rule": "proportional", "min_nodes": {"slurm": 1, "k8s": 0},
                                          "reclaim_grace_s": {"slurm": 1800, "k8s": 300},
-                                         "lending_limit": {"slurm": None, "k8s": None}}
+                                         "lending_limit": {"slurm": None, "k8s": None}, "reclaim_requeue": "cheaper"}
     assert data["pods"]["pods"] == 30 and data["rows"][0]["pods"]["count"] == 30

@@ -53,8 +53,8 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--site", metavar="SITE.yaml", help="take provisioner's knobs from this site's policy: section "
                                                      "(default: the built-in defaults)")
     g.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
-                   help="change a knob: cooldown_s, demand_persist_s, max_in_flight, share_rule, min_nodes.slurm, "
-                        "min_nodes.k8s (repeatable)")
+                   help="change a knob: cooldown_s, demand_persist_s, max_in_flight, share_rule, min_nodes.SIDE, "
+                        "reclaim_grace_s.SIDE, lending_limit.SIDE, reclaim_requeue (SIDE: slurm or k8s; repeatable)")
     g.add_argument("--sweep", metavar="KNOB=V1,V2,...",
                    help="one provisioner row per value, e.g. cooldown_s=0,300,600")
     g.add_argument("--policies", default=",".join(engine.POLICIES),
@@ -213,7 +213,8 @@ def run(args) -> int:
         "provisioner_knobs": {"cooldown_s": policy.cooldown_s, "demand_persist_s": policy.demand_persist_s,
                               "max_in_flight": policy.max_in_flight, "share_rule": policy.share_rule,
                               "min_nodes": dict(policy.min_nodes), "reclaim_grace_s": dict(policy.reclaim_grace_s),
-                              "lending_limit": dict(policy.lending_limit)},
+                              "lending_limit": dict(policy.lending_limit),
+                              "reclaim_requeue": policy.reclaim_requeue},
         # How much later than the static split a side may see its lent node back (persistence,
         # a pass, the borrower's grace, the longest switch home).
         "reclaim_bound_s": {side: reclaim_bound(policy, side, settings.pass_interval_s,
@@ -240,7 +241,8 @@ def run(args) -> int:
           f"passes every {settings.pass_interval_s:g} s; switch to slurm {info['switch_time'][SLURM]}, "
           f"to k8s {info['switch_time'][K8S]}; flap: moved back within {settings.flap_window_s:g} s")
     b = info["reclaim_bound_s"]
-    print(f"lending: reclaim_grace_s={k['reclaim_grace_s']} lending_limit={k['lending_limit']}; reclaim bound: "
+    print(f"lending: reclaim_grace_s={k['reclaim_grace_s']} lending_limit={k['lending_limit']} "
+          f"reclaim_requeue={k['reclaim_requeue']}; reclaim bound: "
           f"slurm {report.human(b[SLURM])}, k8s {report.human(b[K8S])}")
     print()
     print(report.format_table(rows))

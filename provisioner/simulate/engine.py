@@ -33,8 +33,10 @@ Models:
   back to the queue in submit order and later runs again from the start) or its pods are evicted
   (back to the pending queue in arrival order, run again from the start). The time they had run
   is the work lost; a requeued job's or evicted pod's wait is taken at its last start, less the
-  time it ran before. A reclaim decide() releases within its grace (Decision.release: its home
-  side no longer needs the node) is rolled back: the drain or cordon lifted, its work untouched.
+  time it ran before. A job whose requeue would lose more than the wait it saves (decide()'s
+  Move.work WAIT, policy.requeue_pays) runs to its end instead. A reclaim decide() releases
+  before its deadline (Decision.release: its home side no longer needs the node) is rolled
+  back: the drain or cordon lifted, its work untouched.
 
 Left out: node failures and retries; job priorities other than arrival order, fair share,
 partitions, QOS, SLURM's own preemption and time limits killing jobs (a job runs for its trace run
@@ -59,7 +61,7 @@ from provisioner import policy as pol
 from provisioner.model import Policy
 from provisioner.simulate.pods import Pod
 from provisioner.simulate.swf import Job
-from provisioner.states import BOOTING, CORDONING, DRAINING, FAILED, K8S, SLURM, STEADY
+from provisioner.states import BOOTING, CORDONING, DRAINING, FAILED, K8S, SLURM, STEADY, WAIT
 
 POLICIES = ("static", "paper", "provisioner", "bound")
 BACKFILL_DEPTH = 500
@@ -179,6 +181,7 @@ class Result:
     lost_job_node_h: float = 0.0
     lost_pod_h: float = 0.0
     released: int = 0  # reclaims rolled back within their grace (Decision.release): their work untouched
+    waited: int = 0  # reclaims that waited for their job to end (its requeue would lose more than it saves)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -249,7 +252,7 @@ class Simulation:
         self.job_gen: dict[int, int] = {}  # a requeued job's or evicted pod's old end event is stale
         self.pod_gen: dict[int, int] = {}
         self.reclaims = {SLURM: 0, K8S: 0}
-        self.requeued = self.evicted = self.released = 0
+        self.requeued = self.evicted = self.released = self.waited = 0
         self.lost_job_node_s = self.lost_pod_s = 0.0
         self.job_work = 0.0  # node-seconds
         self.pod_work = 0.0  # millicore-seconds
@@ -317,7 +320,7 @@ class Simulation:
             flaps=dict(self.flaps), samples=self.samples,
             unfinished={SLURM: len(self.queue), K8S: len(self.pending)}, end=self.now,
             decide_calls=self.decide_calls, reclaims=dict(self.reclaims), requeued=self.requeued,
-            evicted=self.evicted, released=self.released, lost_job_node_h=self.lost_job_node_s / 3600,
+            evicted=self.evicted, released=self.released, waited=self.waited, lost_job_node_h=self.lost_job_node_s / 3600,
             lost_pod_h=self.lost_pod_s / 3600,
         )
 
@@ -378,18 +381,24 @@ class Simulation:
 
     # -- reclaim: a busy node goes home (drained / cordoned, the grace, then requeue / evict) --
 
-    def reclaim(self, node: Node, to: str, grace: float) -> None:
+    def reclaim(self, node: Node, to: str, deadline: float, work: str) -> None:
+        """decide()'s reclaim: drained or cordoned now; at `deadline` its work is moved, unless
+        decide() chose to wait for its job (states.WAIT, policy.requeue_pays): then the job runs
+        to its end, which comes by the deadline (its time limit; a job here ends by its estimate)."""
         self.account(self.now)
         self.count[node.role] -= 1
         self.switching += 1
         node.phase = DRAINING if node.role == SLURM else CORDONING
         node.target = to
         node.reclaim_id += 1
-        node.reclaim_deadline = self.now + grace
+        node.reclaim_deadline = deadline
         self.reclaims[to] += 1
         if node.role == K8S:
             self.k8s_full_scan = True
-        self.push(self.now + grace, _GRACE_END, (node.index, node.reclaim_id))
+        if work == WAIT:
+            self.waited += 1
+        else:
+            self.push(deadline, _GRACE_END, (node.index, node.reclaim_id))
 
     def release(self, node: Node) -> None:
         """decide()'s Decision.release: a reclaim still in its grace that its home side no longer
@@ -646,9 +655,9 @@ class Simulation:
         if not (self.queue or self.pending):
             self.demand_since = {SLURM: None, K8S: None}
         moves = self.paper_moves() if self.kind == "paper" else self.provisioner_moves()
-        for node, to, grace in moves:
+        for node, to, deadline, work in moves:
             if node.busy:
-                self.reclaim(node, to, grace)
+                self.reclaim(node, to, deadline, work)
             else:
                 self.set_role(node, to, self.st.switch[to].sample(self.rng))
         if moves:
@@ -660,7 +669,7 @@ class Simulation:
         if active and self.stuck_passes <= limit:
             self.ensure_pass()
 
-    def paper_moves(self) -> list[tuple[Node, str]]:
+    def paper_moves(self) -> list[tuple[Node, str, float, str]]:
         want = {SLURM: sum(j.nodes for j in self.queue),
                 K8S: math.ceil(sum(p.cpu_m for p in self.pending) / (self.cl.cpus * 1000))}
         moves = []
@@ -669,10 +678,10 @@ class Simulation:
             if not want[to]:
                 continue
             idle = [n for n in self.shared if n.role == frm and n.phase == STEADY and not n.busy]
-            moves += [(n, to, 0.0) for n in idle[:want[to]]]
+            moves += [(n, to, self.now, "") for n in idle[:want[to]]]
         return moves
 
-    def provisioner_moves(self) -> list[tuple[Node, str, float]]:
+    def provisioner_moves(self) -> list[tuple[Node, str, float, str]]:
         p = self.st.policy
         # decide() moves a node to a side only when that side has pending work (seen for
         # demand_persist_s), a switch slot is free, and an idle steady shared node on the other side
@@ -714,7 +723,7 @@ class Simulation:
         by_name = {n.name: n for n in self.shared}
         for name in decision.release:
             self.release(by_name[name])
-        return [(by_name[m.node], m.to_role, m.grace_s) for m in decision.moves]
+        return [(by_name[m.node], m.to_role, m.deadline, m.work) for m in decision.moves]
 
     def releasable(self) -> bool:
         """Could decide() release a reclaim in its grace (Decision.release)? Only when the side it
@@ -808,6 +817,7 @@ def simulate(kind: str, cluster: Cluster, jobs: list[Job], pods: list[Pod], sett
         p = settings.policy
         result.knobs = {"cooldown_s": p.cooldown_s, "demand_persist_s": p.demand_persist_s,
                         "max_in_flight": p.max_in_flight, "share_rule": p.share_rule,
+                        "reclaim_requeue": p.reclaim_requeue,
                         "min_nodes": dict(p.min_nodes)}
     return result
 
@@ -832,6 +842,11 @@ def with_knob(policy: Policy, key: str, value: str) -> Policy:
         if n is not None and n < 0:
             raise ValueError(f"{key}: must be at least 0")
         return replace(policy, **{knob: {**getattr(policy, knob), side: n}})
+    if key == "reclaim_requeue":
+        from provisioner.model import REQUEUE_RULES
+        if value not in REQUEUE_RULES:
+            raise ValueError(f"reclaim_requeue: one of {', '.join(REQUEUE_RULES)}")
+        return replace(policy, reclaim_requeue=value)
     if key in ("cooldown_s", "demand_persist_s", "max_in_flight"):
         n = int(value)
         if n < (1 if key == "max_in_flight" else 0):
@@ -839,4 +854,4 @@ def with_knob(policy: Policy, key: str, value: str) -> Policy:
         return replace(policy, **{key: n})
     raise ValueError(f"unknown policy knob {key!r}; known: cooldown_s, demand_persist_s, max_in_flight, "
                      "share_rule, min_nodes.slurm, min_nodes.k8s, reclaim_grace_s.slurm, reclaim_grace_s.k8s, "
-                     "lending_limit.slurm, lending_limit.k8s")
+                     "lending_limit.slurm, lending_limit.k8s, reclaim_requeue")

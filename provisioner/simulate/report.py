@@ -32,6 +32,7 @@ def row(label: str, r: Result) -> dict:
         "decide_calls": r.decide_calls,
         "reclaims": r.reclaims,  # busy nodes taken home, by the side that took them
         "reclaims_released": r.released,  # of those, rolled back within the grace: nothing moved
+        "reclaims_waited": r.waited,  # of those, waited for their job to end rather than requeue it
         "lost_work": {"jobs_requeued": r.requeued, "job_node_hours": round(r.lost_job_node_h, 3),
                       "pods_evicted": r.evicted, "pod_hours": round(r.lost_pod_h, 3)},
     }
@@ -51,7 +52,7 @@ def human(seconds: float | None) -> str:
 
 HEADERS = ["policy", "job wait mean", "p95", "p99", "longest", "pod wait mean", "p95", "p99", "longest",
            "util slurm", "util k8s", "switches s/k", "switch node-h", "flaps s/k", "reclaims s/k",
-           "released", "lost job node-h", "lost pod-h"]
+           "released", "waited", "lost job node-h", "lost pod-h"]
 
 
 def table_rows(rows: list[dict]) -> list[list[str]]:
@@ -66,6 +67,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
             f"{sum(r['switch_node_hours'].values()):.1f}",
             f"{r['flaps'][SLURM]}/{r['flaps'][K8S]}",
             f"{r['reclaims'][SLURM]}/{r['reclaims'][K8S]}", str(r["reclaims_released"]),
+            str(r["reclaims_waited"]),
             f"{r['lost_work']['job_node_hours']:.1f}", f"{r['lost_work']['pod_hours']:.1f}",
         ])
     return out

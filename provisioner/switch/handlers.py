@@ -36,7 +36,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from provisioner.clusters.slurm import PAPER_REASON
-from provisioner.states import (BOOTING, CORDONING, DRAINING, EVICT, JOINING, K8S, REBOOTING, REQUEUE, REQUESTED, SLURM,
+from provisioner.states import (BOOTING, CORDONING, DRAINING, EVICT, JOINING, K8S, REBOOTING, REQUEUE, REQUESTED, SLURM, WAIT,
                                 other)
 from provisioner.store import NodeState
 from provisioner.switch.machine import Go, Wait, crash_point, fire, stamp
@@ -91,6 +91,10 @@ def on_draining(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wait
     if s.busy:
         if st.reclaim_work == REQUEUE:
             return _requeue(rec, st, report)
+        if st.reclaim_work == WAIT:
+            # A requeue would lose more work than it saves (policy.requeue_pays): the jobs run to
+            # their end, as jobs that cannot be requeued do (the same wait, without a timeout).
+            return Wait(f"reclaim: {waiting_for(st)}", note=f"reclaim: {waiting_for(st)}")
         return Wait("jobs still running")
     if rec.site.slurm.power_saving:
         # Powered down for SLURM, still drained (ours) until it is settled in Kubernetes.
@@ -130,6 +134,15 @@ def on_cordoning(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
         rec.slurm.power_up([name])
     return Go("emptied", "no pods left; will boot the slurm image",
               {"desired_role": SLURM, "power_at": None, "k8s_boot_id": k.boot_id if k is not None else None})
+
+
+def waiting_for(st: NodeState) -> str:
+    """What a reclaim that waits for its jobs (states.WAIT) waits for: the decision's own words
+    (policy.reclaim_work), kept in the switch's reason; `provisioner nodes` shows them too."""
+    reason = st.switch_reason or ""
+    at = reason.rfind("waiting for ")
+    words = reason[at:] if at >= 0 else "waiting for its jobs to end"
+    return f"{words}; their time limit {stamp(st.reclaim_deadline)}" if st.reclaim_deadline else words
 
 
 def _move_work(rec: Reconciler, st: NodeState, report: PassReport):
