@@ -146,7 +146,7 @@ def _joined_with_provisioners_certificate(sim: ImageVmSite, since: float) -> Non
     assert creds is not None, [e.message for e in sim.store.events(["sn31"]) if e.kind.startswith("kubelet-cert")]
     kubeconfig = sim.ssh("sn31", "cat /var/lib/kubelet/kubeconfig")
     assert base64.b64encode(creds.certificate).decode() in kubeconfig, kubeconfig[:300]
-    assert sim.ssh("sn31", "stat -c %a /var/lib/kubelet/kubeconfig") == "600"
+    assert sim.ssh("sn31", "stat -c %a /var/lib/kubelet/kubeconfig").strip() == "600"
     bootstrapped = [c["metadata"]["name"] for c in sim.kube.api.items("/apis/certificates.k8s.io/v1/"
                                                                       "certificatesigningrequests")
                     if c["spec"].get("username", "").startswith("system:bootstrap:")
