@@ -37,7 +37,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from provisioner.clusters.slurm import PAPER_REASON
-from provisioner.errors import OperationError
 from provisioner.states import (BOOTING, CORDONING, DRAINING, EVICT, JOINING, K8S, REBOOTING, REQUEUE, REQUESTED, SLURM,
                                 other)
 from provisioner.store import NodeState
@@ -250,6 +249,7 @@ def _kubelet_certificate(rec: Reconciler, st: NodeState) -> None:
     which its overlay then carries, so it joins without TLS bootstrap. Never in the way of the
     switch: a failure is one log line and an event, and the node bootstraps as before."""
     from provisioner import kubelet_certs
+    from provisioner.errors import OperationError
 
     if not rec.site.kubernetes.kubelet_certificates:
         return
