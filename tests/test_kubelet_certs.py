@@ -107,6 +107,38 @@ def test_a_refused_csr_never_stops_the_switch(world):
     assert kubelet_certs.for_overlay(site, "sn01") is None
 
 
+def test_the_k8s_images_overlay_carries_the_kubeconfig_only_with_a_valid_certificate(tmp_path):
+    """images/k8s: /var/lib/kubelet/kubeconfig (0600, secret part) with the node's certificate and
+    key when provisioner holds them and kubelet_certificates is on; else no such file."""
+    from provisioner.boot import overlay
+    from tests.test_overlay import overlay_section, published_from_definition, write_secrets
+
+    secrets = write_secrets(tmp_path / "secrets")
+    pub = published_from_definition("k8s")
+
+    def kubeconfig(site) -> tuple[dict, dict] | None:
+        files = {e["path"]: (e, data) for e, data in overlay.render_files(site, site.nodes["sn01"], "k8s", pub)}
+        assert "/etc/kubernetes/bootstrap-kubelet.conf" in files  # the fallback is always there
+        found = files.get("/var/lib/kubelet/kubeconfig")
+        return (found[0], yaml.safe_load(found[1])) if found else None
+
+    site = config.load(write_site(tmp_path / "site", overlay=overlay_section(secrets)))
+    assert kubeconfig(site) is None
+    kubelet_certs.ensure(site, FakeKube(), "sn01")
+    creds = kubelet_certs.current(site, "sn01")
+    entry, cfg = kubeconfig(site)
+    assert entry["mode"] == "0600" and overlay.is_secret(entry)
+    user = cfg["users"][0]["user"]
+    assert base64.b64decode(user["client-certificate-data"]) == creds.certificate
+    assert base64.b64decode(user["client-key-data"]) == creds.key
+    assert cfg["clusters"][0]["cluster"]["server"] == "https://10.0.0.1:6443"
+    public = overlay.render_files(site, site.nodes["sn01"], "k8s", pub, secret=False)
+    assert not any(creds.key in data for _, data in public)
+    off = config.load(write_site(tmp_path / "site", overlay=overlay_section(secrets),
+                                 kubernetes={"kubelet_certificates": False}))
+    assert kubeconfig(off) is None
+
+
 # --------------------------------------------------------------------------- the real control plane
 
 
