@@ -606,7 +606,8 @@ class _SiteLoader(Fields):
 
     def kubernetes(self, value: Any) -> KubernetesSettings:
         d = self.mapping(value, "kubernetes", {"kubeconfig", "in_cluster", "context", "label_key", "timeout_s",
-                                               "delete_node", "provisioning_requests", "booking_s"})
+                                               "delete_node", "provisioning_requests", "booking_s",
+                                               "kubelet_certificates"})
         return KubernetesSettings(
             kubeconfig=self.opt_path(d.get("kubeconfig"), "kubernetes.kubeconfig"),
             in_cluster=self.boolean(d.get("in_cluster"), "kubernetes.in_cluster", False),
@@ -618,6 +619,8 @@ class _SiteLoader(Fields):
             provisioning_requests=self.boolean(d.get("provisioning_requests"), "kubernetes.provisioning_requests",
                                                False),
             booking_s=self.integer(d.get("booking_s"), "kubernetes.booking_s", 600, 1),
+            kubelet_certificates=self.boolean(d.get("kubelet_certificates"), "kubernetes.kubelet_certificates",
+                                              True),
         )
 
     def power(self, value: Any) -> PowerSettings:

@@ -19,13 +19,13 @@ names provisioner's SSH uses (remote.target_for): write them once to power.ssh.k
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from provisioner import node_files
 from provisioner.errors import OperationError
 from provisioner.model import Node, Site
 
@@ -60,26 +60,23 @@ class HostKey:
 
 
 def folder(site: Site) -> Path:
-    return site.store.parent / FOLDER
+    return node_files.folder(site, FOLDER)
 
 
 def get(site: Site, node: str) -> HostKey:
-    """The node's host key, made (and kept) the first time. Safe with several processes at
-    once (boot server workers, the CLI): the key is written under a temporary name and linked
-    into place; whoever links second reads the first one's key."""
-    base = folder(site)
-    d = base / node
-    path = d / PRIVATE
+    """The node's host key, made (and kept) the first time (node_files.make_once: safe with
+    several processes at once)."""
+    path = node_files.path(site, FOLDER, node, PRIVATE)
     try:
-        if not path.exists():
-            _create(base, d, path, node)
-        data = path.read_bytes()
+        data, made = node_files.make_once(site, FOLDER, node, PRIVATE, _new_key)
+        if made:
+            node_files.replace(site, FOLDER, node, PUBLIC, (_public_line(_load(data), node) + "\n").encode(), 0o644)
     except OSError as exc:
         raise OperationError(f"node {node}: cannot read or make its SSH host key {path}: "
                              f"{exc.strerror or exc}; the folder of site.store must be writable by provisioner "
                              f"(the boot server and the CLI)") from None
     try:
-        key = serialization.load_ssh_private_key(data, password=None)
+        key = _load(data)
     except (ValueError, TypeError) as exc:
         raise OperationError(f"node {node}: its SSH host key {path} is not an OpenSSH private key ({exc}); "
                              f"remove the file to make a new one (then rewrite known_hosts with "
@@ -89,35 +86,18 @@ def get(site: Site, node: str) -> HostKey:
     return HostKey(node, path, data, _public_line(key, node))
 
 
+def _load(data: bytes):
+    return serialization.load_ssh_private_key(data, password=None)
+
+
+def _new_key() -> bytes:
+    return ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+
+
 def _public_line(key: ed25519.Ed25519PrivateKey, node: str) -> str:
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return f"{pub.decode()} root@{node}"
-
-
-def _create(base: Path, d: Path, path: Path, node: str) -> None:
-    for p in (base, d):
-        p.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = ed25519.Ed25519PrivateKey.generate()
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                             serialization.NoEncryption())
-    tmp = d / f".{PRIVATE}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # never replaces a key another process made meanwhile
-    except FileExistsError:
-        return
-    finally:
-        tmp.unlink(missing_ok=True)
-    pub = d / PUBLIC
-    tmp_pub = d / f".{PUBLIC}.{os.getpid()}.tmp"
-    tmp_pub.write_text(_public_line(key, node) + "\n")
-    os.chmod(tmp_pub, 0o644)
-    tmp_pub.replace(pub)
 
 
 def known_host_name(site: Site, node: Node) -> str:

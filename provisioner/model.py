@@ -178,6 +178,8 @@ class KubernetesSettings:
     delete_node: bool = False
     provisioning_requests: bool = False  # serve ProvisioningRequests of provisioner's class
     booking_s: int = 600  # provisioned nodes stay booked for a request this long (then BookingExpired)
+    # Issue the kubelet's client certificate before a switch to k8s powers the node (kubelet_certs).
+    kubelet_certificates: bool = True
 
 
 @dataclass(frozen=True)

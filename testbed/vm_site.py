@@ -401,8 +401,9 @@ class ImageVmSite(VmSite):
         vm = self.vms.get(name)
         if vm is None:
             node, port = self.nodes[name], self.slurm.node_ports[name]
-            vm = self.vms[name] = VM(name, node.mac, f"{self.guest_boot_url}/boot.ipxe", self.workdir / "vms",
-                                     memory_mb=self.memory_mb, forwards={self.ssh_ports[name]: 22, port: port})
+            make = self.libvirt.vm if name in self.redfish else VM  # a Redfish node is a libvirt domain
+            vm = self.vms[name] = make(name, node.mac, f"{self.guest_boot_url}/boot.ipxe", self.workdir / "vms",
+                                       memory_mb=self.memory_mb, forwards={self.ssh_ports[name]: 22, port: port})
         return vm
 
     def reset(self, **kwargs) -> None:

@@ -174,6 +174,27 @@ class FakeKube(Refusals):
         self.set(name, pods=())
         return EvictionResult(name, pods, (), ())
 
+    def sign_kubelet_csr(self, node: str, csr_pem: bytes, signer: str, usages: tuple[str, ...],
+                         wait_s: float) -> bytes:
+        """Signs with a throwaway CA for a day, as the signer would (the real one: test_kubelet_certs)."""
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self._check("sign_kubelet_csr")
+        self.calls.append(("sign_kubelet_csr", node))
+        req = x509.load_pem_x509_csr(csr_pem)
+        ca = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(req.subject)
+                .issuer_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "fake-ca")]))
+                .public_key(req.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .sign(ca, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM)
+
     def close(self) -> None:
         pass
 

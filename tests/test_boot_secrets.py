@@ -365,3 +365,30 @@ def test_an_admin_host_minutes_ahead_of_the_boot_server_still_opens_the_window_o
     assert dep.secret in unpack(body)
     assert as_root(dep, secrets_path(args))[0] == 403
     assert callback(dep, "sn03", args["provisioner.token"]) == 200
+
+
+def test_a_nodes_kubelet_key_reaches_that_node_only_and_never_the_public_part(dep):
+    """The kubelet client credentials provisioner keeps per node (kubelet_certs) go in the
+    secret part of that node's overlay only: not in another node's, never in the public part."""
+    from provisioner import kubelet_certs
+    from tests.fakes import FakeKube
+
+    for node in ("sn01", "sn03"):
+        kubelet_certs.ensure(dep.site, FakeKube(), node)
+    own, other = (kubelet_certs.current(dep.site, n) for n in ("sn01", "sn03"))
+    dep.open_window("sn01")
+    _, [(_, script)] = as_user(dep, f"/ipxe?mac={mac(1, 3)}")
+    args = script_of(script)
+    public_url = next(u for u in re.findall(r"initrd --name overlay (\S+)", script.decode()) if "/overlay/" in u)
+    public_path = public_url[public_url.index("/overlay/"):].replace("${netX/mac}", mac(1, 3))
+    _, [(status, public)] = as_user(dep, public_path)
+    assert status == 200, public
+    status, body = as_root(dep, secrets_path(args))
+    assert status == 200, body
+    archive = unpack(body)
+    assert own.key in archive and own.certificate in archive
+    assert b"provisioner/overlay/etc/provisioner/kubelet-client.pem" in archive
+    public = gzip.decompress(public)
+    for key in (own.key, other.key):
+        assert key not in public and key.split(b"\n")[1] not in public
+    assert other.key.split(b"\n")[1] not in archive and other.certificate not in archive

@@ -2,8 +2,9 @@
 image or the Debian k8s image (images/), and the balancer moves it between the
 two on real pending work. Nothing of the node's work is played by the harness: the slurm image's
 own slurmd registers with the test slurmctld and runs the batch job; the k8s image's own kubelet
-joins the real API server by TLS bootstrap (a bootstrap token from the overlay), containerd runs
-the pod from the locally built images. The test reads the job's and the pod's own output on the
+joins the real API server with the client certificate provisioner had signed before the reboot
+(from the overlay's secret part; checked: no TLS bootstrap happened), containerd runs the pod
+from the locally built images. The test reads the job's and the pod's own output on the
 node, over SSH (the key the overlay authorised).
 
 World (testbed/vm_site.py ImageVmSite): cn31 a fixed SLURM node (a slurmd on the host), kn31 a
@@ -14,9 +15,11 @@ provisioner; the kexec test's is an Unschedulable pod.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -112,7 +115,7 @@ def _to_k8s(sim: ImageVmSite, pod: str) -> str:
     sim.kube.add_pod("big-0", node="kn31", requests={"cpu": "1", "memory": "128Mi"})
     sim.kube.api.create("/api/v1/namespaces/default/pods", _pod(pod))
     sim.kube.wait_unschedulable(pod, "default")
-    mark = sim.vm("sn31").serial_mark()
+    mark, since = sim.vm("sn31").serial_mark(), time.time()
 
     def running() -> bool:
         p = sim.kube.pod(pod)
@@ -126,7 +129,30 @@ def _to_k8s(sim: ImageVmSite, pod: str) -> str:
         console[-3000:]
     log = sim.ssh("sn31", f"cat /var/log/pods/default_{pod}_*/main/0.log")
     assert "pod-ran-on-sn31" in log, log
+    _joined_with_provisioners_certificate(sim, since)
     return console
+
+
+def _joined_with_provisioners_certificate(sim: ImageVmSite, since: float) -> None:
+    """The kubelet joined with the client certificate provisioner had signed before the reboot
+    (provisioner/kubelet_certs.py), not by TLS bootstrap: its overlay's kubeconfig is the one the
+    kubelet uses (a bootstrapping kubelet rewrites it to point at its own pki/ files), and no
+    CSR for sn31 came from a bootstrap token during this switch."""
+    from datetime import datetime
+
+    from provisioner import config, kubelet_certs
+
+    creds = kubelet_certs.current(config.load(sim.config), "sn31")
+    assert creds is not None, [e.message for e in sim.store.events(["sn31"]) if e.kind.startswith("kubelet-cert")]
+    kubeconfig = sim.ssh("sn31", "cat /var/lib/kubelet/kubeconfig")
+    assert base64.b64encode(creds.certificate).decode() in kubeconfig, kubeconfig[:300]
+    assert sim.ssh("sn31", "stat -c %a /var/lib/kubelet/kubeconfig").strip() == "600"
+    bootstrapped = [c["metadata"]["name"] for c in sim.kube.api.items("/apis/certificates.k8s.io/v1/"
+                                                                      "certificatesigningrequests")
+                    if c["spec"].get("username", "").startswith("system:bootstrap:")
+                    and datetime.fromisoformat(c["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+                    .timestamp() >= since - 1]
+    assert not bootstrapped, f"sn31's kubelet bootstrapped: {bootstrapped}"
 
 
 def _kueue_job(name: str) -> dict:
@@ -155,7 +181,7 @@ def _to_k8s_by_kueue(sim: ImageVmSite, kueue, kubectl, name: str) -> str:
     pr = wait_for(lambda: next(iter(sim.kube.api.items(PRS)), None), 120,
                   f"Kueue to create a ProvisioningRequest; Kueue's log:\n{kueue.log_tail()}")
     request = pr["metadata"]["name"]
-    mark = sim.vm("sn31").serial_mark()
+    mark, since = sim.vm("sn31").serial_mark(), time.time()
 
     def done() -> dict | None:
         pods = [p for p in sim.kube.api.items(f"/api/v1/namespaces/{NS}/pods")
@@ -181,6 +207,7 @@ def _to_k8s_by_kueue(sim: ImageVmSite, kueue, kubectl, name: str) -> str:
     pod_name = pod["metadata"]["name"]
     log = sim.ssh("sn31", f"cat /var/log/pods/{NS}_{pod_name}_*/main/0.log")
     assert f"{name}-ran-on-sn31" in log, log
+    _joined_with_provisioners_certificate(sim, since)
     assert kueue.pid, f"Kueue's manager exited; its log:\n{kueue.log_tail()}"
     # The Job and its request go: the booking ends with them, sn31 is free for SLURM again.
     delete_kueue_work(sim.kube.api)

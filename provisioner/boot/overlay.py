@@ -15,6 +15,9 @@ Two parts (provisioner/boot/boots.py, docs/security.md):
 
 Entries: `template` (rendered), `copy` (a site file, byte for byte) or `host_key` (private /
 public: the node's own SSH host key, provisioner.hostkeys, made the first time it is needed).
+A template entry with `kubelet_client: true` is rendered with the node's kubelet client
+credentials (provisioner.kubelet_certs) and only when provisioner holds a valid certificate for
+the node; otherwise the file is left out (the k8s image's kubelet then bootstraps).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from provisioner import hostkeys
+from provisioner import hostkeys, kubelet_certs
 from provisioner.errors import OperationError
 from provisioner.images.cpio import gzip_archive
 from provisioner.images.versions import Published
@@ -48,7 +51,10 @@ def check(secret: bytes, node: str, presented: str | None) -> bool:
 
 
 def is_secret(entry: Mapping) -> bool:
-    """A file the node's users may not read (not readable by others on the node) is secret."""
+    """A file the node's users may not read (not readable by others on the node) is secret; so
+    is always the kubelet's client key."""
+    if entry.get("kubelet_client"):
+        return True
     if entry.get("secret") is not None:
         return bool(entry["secret"])
     return not int(str(entry.get("mode") or "0644"), 8) & 0o004
@@ -156,8 +162,14 @@ def render_files(site: Site, node: Node, role: str, pub: Published, secret: bool
         elif entry.get("host_key"):
             data = hostkeys.get(site, node.name).content(entry["host_key"])
         else:
+            extra = {}
+            if entry.get("kubelet_client"):
+                creds = kubelet_certs.for_overlay(site, node.name)
+                if creds is None:
+                    continue
+                extra = {"kubelet_client": {"certificate": creds.certificate.decode(), "key": creds.key.decode()}}
             try:
-                data = env.get_template(entry["template"]).render(ctx).encode()
+                data = env.get_template(entry["template"]).render({**ctx, **extra}).encode()
             except jinja2.UndefinedError as exc:
                 raise OperationError(f"overlay template {entry['template']} of {pub.image} {pub.version}: "
                                      f"{exc.message}") from None

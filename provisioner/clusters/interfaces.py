@@ -53,6 +53,9 @@ class KubeClient(Protocol):
 
     def evict_pods(self, name: str) -> "EvictionResult": ...
 
+    def sign_kubelet_csr(self, node: str, csr_pem: bytes, signer: str, usages: tuple[str, ...],
+                         wait_s: float) -> bytes: ...
+
     def close(self) -> None: ...
 
 

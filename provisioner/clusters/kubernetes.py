@@ -23,6 +23,7 @@ Events: `watch_unschedulable` reports pods the scheduler marks Unschedulable as 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -710,6 +711,54 @@ class KubernetesAdapter:
                                  f"({_CONFLICT_RETRIES} conflicts); retry on the next pass")
         log.info("deleted node %s", name)
         return True
+
+    def sign_kubelet_csr(self, node: str, csr_pem: bytes, signer: str, usages: tuple[str, ...],
+                         wait_s: float) -> bytes:
+        """Create a CertificateSigningRequest for the node's kubelet (the PEM request given),
+        approve it (the approval subresource: provisioner is the approver) and wait up to wait_s
+        for the signer; the signed certificate (PEM). OperationError when refused (no right to
+        create or approve: 403), denied, failed, or not signed in time."""
+        certs = client.CertificatesV1Api(self._api_client)
+        rights = ("grant the provisioner's account the CSR rights of examples/kubernetes/provisioner-rbac.yaml "
+                  f"(create/get certificatesigningrequests, update certificatesigningrequests/approval, approve on "
+                  f"signers {signer})")
+        body = {"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+                "metadata": {"generateName": f"provisioner-kubelet-{node}-",
+                             "labels": {"app.kubernetes.io/managed-by": "provisioner"}},
+                "spec": {"request": base64.b64encode(csr_pem).decode(), "signerName": signer, "usages": list(usages)}}
+
+        def call(what: str, fn, *args, **kwargs) -> dict:
+            try:
+                resp = self._call(what, fn, *args, expect=(403,), _preload_content=False, **kwargs)
+            except ApiException as exc:
+                raise OperationError(f"Kubernetes API {self.host} forbids {what} (HTTP 403: {_status_message(exc)}): "
+                                     f"{rights}") from None
+            return json.loads(resp.data)
+
+        made = call(f"creating a CertificateSigningRequest for node {node}'s kubelet",
+                    certs.create_certificate_signing_request, body)
+        name = made["metadata"]["name"]
+        made.setdefault("status", {}).setdefault("conditions", []).append(
+            {"type": "Approved", "status": "True", "reason": "ProvisionerApproved",
+             "message": f"issued by provisioner before booting {node} into Kubernetes"})
+        call(f"approving CertificateSigningRequest {name}", certs.replace_certificate_signing_request_approval,
+             name, made)
+        deadline = time.monotonic() + wait_s
+        while True:
+            csr = call(f"reading CertificateSigningRequest {name}", certs.read_certificate_signing_request, name)
+            status = csr.get("status") or {}
+            for cond in status.get("conditions") or []:
+                if cond.get("type") in ("Denied", "Failed") and cond.get("status") == "True":
+                    raise OperationError(f"CertificateSigningRequest {name} for node {node} is {cond['type']}: "
+                                         f"{cond.get('reason', '')} {cond.get('message', '')}".rstrip())
+            if status.get("certificate"):
+                log.info("CertificateSigningRequest %s for node %s approved and signed", name, node)
+                return base64.b64decode(status["certificate"])
+            if time.monotonic() >= deadline:
+                raise OperationError(f"CertificateSigningRequest {name} for node {node} was approved but not signed "
+                                     f"within {wait_s:g} s: check that kube-controller-manager runs with "
+                                     f"--cluster-signing-cert-file/--cluster-signing-key-file")
+            time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -47,10 +47,16 @@ class OverlayEntry:
     # In the overlay's secret part (fetched by /init as root, once per boot)? None: when the file
     # is not readable by others on the node (provisioner.boot.overlay.is_secret).
     secret: bool | None = None
+    # template only: the node's kubelet client credentials (provisioner.kubelet_certs), given to the
+    # template as kubelet_client.certificate / .key (PEM); the file is written only when provisioner
+    # holds a valid certificate for the node, and always goes to the secret part.
+    kubelet_client: bool = False
 
     def as_dict(self) -> dict:
         out = {"path": self.path, "template": self.template, "copy": self.copy, "host_key": self.host_key,
                "mode": f"{self.mode:04o}", "owner": self.owner, "optional": self.optional}
+        if self.kubelet_client:
+            out["kubelet_client"] = True
         return out if self.secret is None else {**out, "secret": self.secret}
 
 
@@ -313,8 +319,8 @@ class _DefinitionLoader(Fields):
         out, seen = [], set()
         for i, raw in enumerate(value):
             where = f"overlay[{i}]"
-            d = self.mapping(raw, where, {"path", "template", "copy", "host_key", "mode", "owner", "optional", "secret"},
-                             required=("path",))
+            d = self.mapping(raw, where, {"path", "template", "copy", "host_key", "mode", "owner", "optional", "secret",
+                                          "kubelet_client"}, required=("path",))
             path = self.root_path(d.get("path"), f"{where}.path")
             if path in seen:
                 raise self.err(f"{where}.path", f"{path} is listed twice")
@@ -351,6 +357,13 @@ class _DefinitionLoader(Fields):
             if secret is False and not mode & 0o004:
                 raise self.err(f"{where}.secret", f"a file the node's users cannot read (mode {mode:04o}) goes to the "
                                                   "secret part; drop `secret: false` or make it readable by all")
+            kubelet_client = self.boolean(d.get("kubelet_client"), f"{where}.kubelet_client", False)
+            if kubelet_client and template is None:
+                raise self.err(f"{where}.kubelet_client", "only template entries can carry the kubelet's client "
+                                                          "credentials (the template places them, e.g. a kubeconfig)")
+            if kubelet_client and (mode & 0o077 or secret is False):
+                raise self.err(f"{where}.mode", f"a file with the kubelet's client key must be readable by its owner "
+                                                f"only and secret: use \"0600\", not \"{mode:04o}\"")
             out.append(OverlayEntry(path=path, template=template, copy=copy, host_key=host_key, mode=mode, owner=owner,
-                                    optional=optional, secret=secret))
+                                    optional=optional, secret=secret, kubelet_client=kubelet_client))
         return tuple(out)

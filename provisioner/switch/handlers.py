@@ -32,6 +32,7 @@ Safety rules kept here:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,8 @@ from provisioner.states import (BOOTING, CORDONING, DRAINING, EVICT, JOINING, K8
                                 other)
 from provisioner.store import NodeState
 from provisioner.switch.machine import Go, Wait, crash_point, fire, stamp
+
+log = logging.getLogger(__name__)
 
 DRAIN_REASON = "switching to k8s"  # how a switch's own drain reads in SLURM, after our prefix
 
@@ -228,6 +231,8 @@ def on_rebooting(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
             return Go("serving", f"{proof}, and runs work there: {'; '.join(holders)}",
                       {"phase_since": st.power_at})
         return Go("refused", "; ".join(holders), {"desired_role": other(to)})
+    if to == K8S:
+        _kubelet_certificate(rec, st)
     crash_point("before-power")
     # Taken before the action: a fast node may call back before this pass records BOOTING.
     # Written before it too: a pass that dies between the action and its record must not
@@ -250,6 +255,27 @@ def on_rebooting(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
                   {"attempts": attempts, "power_at": None}, ok=False, seen=seen, brief=f"failed: {result.error}")
     return Go("power", f"power {result.method} boot with one-time network boot",
               {"phase_since": powered_at, "k8s_boot_id": k.boot_id if k is not None else None}, seen=seen)
+
+
+def _kubelet_certificate(rec: Reconciler, st: NodeState) -> None:
+    """Before powering a node into Kubernetes: its kubelet's client certificate (kubelet_certs),
+    which its overlay then carries, so it joins without TLS bootstrap. Never in the way of the
+    switch: a failure is one log line and an event, and the node bootstraps as before."""
+    from provisioner import kubelet_certs
+    from provisioner.errors import OperationError
+
+    if not rec.site.kubernetes.kubelet_certificates:
+        return
+    try:
+        out = kubelet_certs.ensure(rec.site, rec.kube, st.name)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the node still boots (and bootstraps)
+        why = str(exc) if isinstance(exc, OperationError) else f"{type(exc).__name__}: {exc}"
+        msg = f"no kubelet client certificate before the reboot, its kubelet joins by TLS bootstrap: {why}"
+        log.warning("node %s: %s", st.name, msg)
+        rec.store.add_event(st.name, rec.actor, "kubelet-cert-fallback", msg)
+        return
+    if out.issued:
+        rec.store.add_event(st.name, rec.actor, "kubelet-cert", out.message, {"not_after": out.not_after.isoformat()})
 
 
 def serving(st: NodeState, s, k, powered_at: float | None) -> str | None:
