@@ -213,6 +213,8 @@ def on_rebooting(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
         # pods): wait for this boot instead; if it never comes, BOOTING's timeout retries.
         return Go("power", f"a power action was sent at {stamp(st.power_at)} by a pass that stopped before "
                            "recording it; waiting for that boot", {"phase_since": st.power_at})
+    if to == K8S:  # before the re-check: signing may take seconds, the re-check must be last
+        _kubelet_certificate(rec, st)
     # Re-check both clusters right before the power action: a job or a pod that arrived
     # since the last look (an admin resume, a pod bound by nodeName) stops the reboot.
     s = rec.slurm.nodes([name])[name]
@@ -231,8 +233,6 @@ def on_rebooting(rec: Reconciler, st: NodeState, report: PassReport) -> Go | Wai
             return Go("serving", f"{proof}, and runs work there: {'; '.join(holders)}",
                       {"phase_since": st.power_at})
         return Go("refused", "; ".join(holders), {"desired_role": other(to)})
-    if to == K8S:
-        _kubelet_certificate(rec, st)
     crash_point("before-power")
     # Taken before the action: a fast node may call back before this pass records BOOTING.
     # Written before it too: a pass that dies between the action and its record must not
