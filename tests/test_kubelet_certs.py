@@ -29,9 +29,11 @@ from tests.fakes import FakeKube, FakePower, FakeSlurm, slurm_node
 
 @pytest.fixture
 def world(tmp_path):
-    nodes = [{"name": "sn01", "pool": "shared", "default_role": "slurm", "macs": [mac(1, 3)], "ip": "10.0.3.1",
+    # Node names of its own: the control plane is the session's, and every other world's switch
+    # to Kubernetes leaves its own CSRs there.
+    nodes = [{"name": "sn41", "pool": "shared", "default_role": "slurm", "macs": [mac(1, 3)], "ip": "10.0.3.1",
               "bmc": {"address": "127.0.0.1"}},
-             {"name": "sn02", "pool": "shared", "default_role": "slurm", "macs": [mac(2, 3)], "ip": "10.0.3.2",
+             {"name": "sn42", "pool": "shared", "default_role": "slurm", "macs": [mac(2, 3)], "ip": "10.0.3.2",
               "bmc": {"address": "127.0.0.1"}}]
     site = config.load(write_site(tmp_path / "site", nodes))
     store = Store(site.store)
@@ -43,8 +45,8 @@ def world(tmp_path):
 def switch_to_k8s(site, store, kube) -> tuple[Reconciler, FakePower]:
     power = FakePower()
     rec = Reconciler(site, store, slurm=FakeSlurm(**{n: slurm_node(n) for n in site.nodes}), kube=kube, power=power)
-    rec.change_role(["sn01"], K8S, actor="test", reason="test", now=True)
-    assert store.get("sn01").phase == BOOTING, store.events(["sn01"])
+    rec.change_role(["sn41"], K8S, actor="test", reason="test", now=True)
+    assert store.get("sn41").phase == BOOTING, store.events(["sn41"])
     return rec, power
 
 
@@ -57,7 +59,7 @@ def kinds(store, node: str) -> list[str]:
 
 def test_renewed_when_less_than_a_third_of_its_life_is_left():
     start = datetime(2027, 1, 1, tzinfo=timezone.utc)
-    creds = kubelet_certs.Credentials("sn01", b"", b"", start, start + timedelta(days=30))
+    creds = kubelet_certs.Credentials("sn41", b"", b"", start, start + timedelta(days=30))
     assert not creds.needs_renewal(start + timedelta(days=19))
     assert creds.needs_renewal(start + timedelta(days=21))
     assert creds.needs_renewal(start - timedelta(minutes=1)) and creds.needs_renewal(start + timedelta(days=31))
@@ -67,34 +69,34 @@ def test_renewed_when_less_than_a_third_of_its_life_is_left():
 def test_the_key_is_made_once_owner_only_and_the_certificate_kept(world):
     site, _ = world
     kube = FakeKube()
-    first = kubelet_certs.ensure(site, kube, "sn01")
-    again = kubelet_certs.ensure(site, kube, "sn01")
+    first = kubelet_certs.ensure(site, kube, "sn41")
+    again = kubelet_certs.ensure(site, kube, "sn41")
     assert first.issued and not again.issued and first.not_after == again.not_after
-    assert [c for c in kube.calls if c[0] == "sign_kubelet_csr"] == [("sign_kubelet_csr", "sn01")]
+    assert [c for c in kube.calls if c[0] == "sign_kubelet_csr"] == [("sign_kubelet_csr", "sn41")]
     folder = site.store.parent / "kubelet-certs"
-    for p in (folder, folder / "sn01"):
+    for p in (folder, folder / "sn41"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o700
     for name in ("kubelet-client.key", "kubelet-client.crt"):
-        assert stat.S_IMODE((folder / "sn01" / name).stat().st_mode) == 0o600
-    creds = kubelet_certs.current(site, "sn01")
-    assert kubelet_certs.for_overlay(site, "sn01") == creds
-    assert kubelet_certs.for_overlay(site, "sn02") is None  # none kept: the node bootstraps
+        assert stat.S_IMODE((folder / "sn41" / name).stat().st_mode) == 0o600
+    creds = kubelet_certs.current(site, "sn41")
+    assert kubelet_certs.for_overlay(site, "sn41") == creds
+    assert kubelet_certs.for_overlay(site, "sn42") is None  # none kept: the node bootstraps
     # a certificate that is not for the node's key is not delivered, and is replaced at the next switch
-    (folder / "sn02").mkdir()
-    (folder / "sn02" / "kubelet-client.crt").write_bytes(creds.certificate)
-    kubelet_certs.key(site, "sn02")
-    assert kubelet_certs.for_overlay(site, "sn02") is None
-    assert kubelet_certs.ensure(site, kube, "sn02").issued
+    (folder / "sn42").mkdir()
+    (folder / "sn42" / "kubelet-client.crt").write_bytes(creds.certificate)
+    kubelet_certs.key(site, "sn42")
+    assert kubelet_certs.for_overlay(site, "sn42") is None
+    assert kubelet_certs.ensure(site, kube, "sn42").issued
 
 
 def test_a_switch_to_k8s_has_it_signed_before_the_power_action(world):
     site, store = world
     kube = FakeKube()
     switch_to_k8s(site, store, kube)
-    assert ("sign_kubelet_csr", "sn01") in kube.calls
-    seen = kinds(store, "sn01")
+    assert ("sign_kubelet_csr", "sn41") in kube.calls
+    seen = kinds(store, "sn41")
     assert seen.index("kubelet-cert") < seen.index("power-intent")
-    assert kubelet_certs.for_overlay(site, "sn01") is not None
+    assert kubelet_certs.for_overlay(site, "sn41") is not None
 
 
 def test_a_refused_csr_never_stops_the_switch(world):
@@ -102,9 +104,9 @@ def test_a_refused_csr_never_stops_the_switch(world):
     kube = FakeKube()
     kube.refuse["sign_kubelet_csr"] = "Kubernetes API https://x forbids approving CertificateSigningRequest (HTTP 403)"
     _, power = switch_to_k8s(site, store, kube)
-    [event] = store.events(["sn01"], kinds=["kubelet-cert-fallback"])
+    [event] = store.events(["sn41"], kinds=["kubelet-cert-fallback"])
     assert "joins by TLS bootstrap" in event.message and "HTTP 403" in event.message
-    assert kubelet_certs.for_overlay(site, "sn01") is None
+    assert kubelet_certs.for_overlay(site, "sn41") is None
 
 
 def test_the_k8s_images_overlay_carries_the_kubeconfig_only_with_a_valid_certificate(tmp_path):
@@ -156,20 +158,20 @@ def test_signed_by_the_real_signer_and_kubectl_is_the_node_with_it(world, kube, 
     site, store = world
     with KubernetesAdapter(KubernetesSettings(kubeconfig=str(kube.provisioner_kubeconfig), timeout_s=5)) as adapter:
         switch_to_k8s(site, store, adapter)
-    [event] = store.events(["sn01"], kinds=["kubelet-cert"])
-    assert "system:node:sn01 signed" in event.message
+    [event] = store.events(["sn41"], kinds=["kubelet-cert"])
+    assert "system:node:sn41 signed" in event.message
     csrs = json.loads(kubectl("get", "csr", "-o", "json").stdout)["items"]
-    [csr] = [c for c in csrs if c["metadata"]["name"].startswith("provisioner-kubelet-sn01-")]
+    [csr] = [c for c in csrs if c["metadata"]["name"].startswith("provisioner-kubelet-sn41-")]
     assert csr["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client-kubelet"
     assert csr["spec"]["username"] == "provisioner"  # made by provisioner's own, RBAC-limited account
     assert [(c["type"], c["reason"]) for c in csr["status"]["conditions"]] == [("Approved", "ProvisionerApproved")]
-    creds = kubelet_certs.current(site, "sn01")
+    creds = kubelet_certs.current(site, "sn41")
     assert creds.certificate == base64.b64decode(csr["status"]["certificate"])
     # kubectl with that certificate (a second client): the API server takes it as the node
     who = kubectl("--kubeconfig", str(kubeconfig_with_certificate(kube, creds, tmp_path / "node.conf")),
                   "auth", "whoami", "-o", "json")
     info = json.loads(who.stdout)["status"]["userInfo"]
-    assert info["username"] == "system:node:sn01" and "system:nodes" in info["groups"]
+    assert info["username"] == "system:node:sn41" and "system:nodes" in info["groups"]
 
 
 @pytest.mark.integration
@@ -191,12 +193,12 @@ def test_without_the_right_to_approve_the_node_bootstraps_and_an_event_says_why(
             _, power = switch_to_k8s(site, store, adapter)
     finally:
         kubectl("delete", "-f", str(tmp_path / "rbac.yaml"), "--ignore-not-found")
-    [event] = store.events(["sn01"], kinds=["kubelet-cert-fallback"])
+    [event] = store.events(["sn41"], kinds=["kubelet-cert-fallback"])
     assert "its kubelet joins by TLS bootstrap" in event.message
     assert "forbids approving CertificateSigningRequest" in event.message and "HTTP 403" in event.message
     assert "approve on signers kubernetes.io/kube-apiserver-client-kubelet" in event.message
-    seen = kinds(store, "sn01")
+    seen = kinds(store, "sn41")
     assert seen.index("kubelet-cert-fallback") < seen.index("power-intent")
-    assert kubelet_certs.for_overlay(site, "sn01") is None  # the overlay writes no kubeconfig
-    key = kubelet_certs.key(site, "sn01")
+    assert kubelet_certs.for_overlay(site, "sn41") is None  # the overlay writes no kubeconfig
+    key = kubelet_certs.key(site, "sn41")
     assert key.split(b"\n")[1].decode() not in "".join(e.message + json.dumps(e.data) for e in store.events())
