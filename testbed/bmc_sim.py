@@ -7,10 +7,13 @@ does not:
   gets RMCP+ status 0x11 "no matching cipher suite", so the client falls back to suite 3;
 - an unknown user name gets RAKP2 status 0x0D instead of silence;
 - reset or cycle while powered off answers 0xD5 (not supported in present state);
-- a boot (power on, reset, cycle) consumes a one-time boot device and records what it used.
+- a boot (power on, reset, cycle) consumes a one-time boot device and records what it used;
+- a retransmitted request (same command, data and rqSeq, a client that heard no answer in time)
+  is answered again, not run again: one reset per power action however slow the answer.
 Faults can be injected per BMC: "password" (the BMC's password changes, so logins are rejected),
 "silent" (every packet dropped), "busy" (every command answers 0xC0), "stuck" (power commands are
-accepted but the power state never changes, like a failed relay).
+accepted but the power state never changes, like a failed relay), "lag" (power commands are
+answered only after LAG_S, so the client retransmits them).
 
 The simulator always runs in its OWN process: pyghmi keeps client and server sessions in shared
 class-level state, so a simulator inside the process under test would share it with the client
@@ -39,7 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-FAULTS = (None, "password", "silent", "busy", "stuck")
+# "lag": power commands are answered after LAG_S, past pyghmi's first retransmission (0.5-1 s).
+LAG_S = 1.6
+# A request repeated (same command, data and rqSeq) within this long is a retransmission.
+DUPLICATE_WINDOW_S = 5.0
+FAULTS = (None, "password", "silent", "busy", "stuck", "lag")
 
 # ----------------------------------------------------------------------------------- the server
 # (only imported in the simulator's own process; see the module docstring)
@@ -86,6 +93,25 @@ def _server_classes():
             SimServerSession(self.bmc.authdata, self.bmc.kg, self.sockaddr, self.socket, data,
                              self.bmc.uuid, bmc=self.bmc)
 
+        def handle_client_request(self, request):
+            # A retransmitted request (the client heard no answer in time, and pyghmi's client sends
+            # the same request, same rqSeq, again) gets the first answer again instead of being run
+            # twice, as IPMI asks of a BMC (completion code 0xCF is for one that cannot do so).
+            # pyghmi's server would run it again: a second reset for one power action.
+            key = (self.clientnetfn, self.clientcommand, self.seqlun, bytes(request["data"]))
+            last = getattr(self, "last_request", None)
+            if last and last[0] == key and last[2] is not None and time.monotonic() - last[1] < DUPLICATE_WINDOW_S:
+                self.bmc.duplicate(request)
+                return serversession.ServerSession._send_ipmi_net_payload(self, data=last[2][0], code=last[2][1])
+            self.last_request = [key, time.monotonic(), None]
+            return super().handle_client_request(request)
+
+        def _send_ipmi_net_payload(self, netfn=None, command=None, data=(), code=0, **kw):
+            last = getattr(self, "last_request", None)
+            if last is not None and netfn is None and command is None:
+                last[2] = (bytes(data), code)  # the answer a retransmission of this request gets
+            return super()._send_ipmi_net_payload(netfn, command, data, code, **kw)
+
         def sessionless_data(self, data, sockaddr):
             # pyghmi hands a closed session the packets still queued for it as "sessionless";
             # ServerSession has no such handler (the AttributeError killed the simulator's loop
@@ -116,6 +142,7 @@ def _server_classes():
             self.actions: list[str] = []
             self.bootdev_sets: list[dict] = []
             self.refused = {"busy": 0, "silent": 0}  # requests answered 0xC0 / dropped by a fault
+            self.duplicates: list[dict] = []  # retransmitted requests answered again, not run again
             super().__init__({user: password}, port=port, address=address)
 
         # -- state ------------------------------------------------------------------
@@ -124,13 +151,13 @@ def _server_classes():
                 return {"name": self.name, "port": self.port, "power": self.power, "bootdev": self.bootdev,
                         "persistent": self.persistent, "fault": self.fault, "boots": list(self.boots),
                         "actions": list(self.actions), "bootdev_sets": list(self.bootdev_sets),
-                        "refused": dict(self.refused)}
+                        "refused": dict(self.refused), "duplicates": list(self.duplicates)}
 
         def set(self, fault="keep", power=None, bootdev=None, persistent=False, reset=False) -> None:
             with self.lock:
                 if reset:
                     self.power, self.bootdev, self.persistent, self.fault = "off", "default", False, None
-                    self.boots, self.actions, self.bootdev_sets = [], [], []
+                    self.boots, self.actions, self.bootdev_sets, self.duplicates = [], [], [], []
                     self.refused = {"busy": 0, "silent": 0}
                 if fault != "keep":
                     if fault not in FAULTS:
@@ -142,6 +169,12 @@ def _server_classes():
                     self.power = power
                 if bootdev is not None:
                     self.bootdev, self.persistent = bootdev, bool(persistent)
+
+        def duplicate(self, request: dict) -> None:
+            with self.lock:
+                self.duplicates.append({"netfn": request["netfn"], "command": request["command"], "ts": time.time()})
+            self.notify({"event": "duplicate", "bmc": self.name, "netfn": request["netfn"],
+                         "command": request["command"]})
 
         def _event(self, action: str, boot: dict | None) -> None:
             self.actions.append(action)
@@ -177,6 +210,8 @@ def _server_classes():
                 return session.send_ipmi_response(code=0xC0)
             if self.fault == "stuck" and request["netfn"] == 0 and request["command"] == 2:
                 return session.send_ipmi_response()  # "done", and nothing happens
+            if self.fault == "lag" and request["netfn"] == 0 and request["command"] == 2:
+                time.sleep(LAG_S)
             with self.lock:
                 return super().handle_raw_request(request, session)
 
@@ -269,7 +304,7 @@ def _child_control(config_path: str) -> None:
 
     on_power = cfg.get("on_power_command")
     bmcs = serve(cfg["bmcs"], cfg.get("address", "127.0.0.1"),
-                 lambda ev: (emit(ev), _run_hook(on_power, ev) if on_power else None))
+                 lambda ev: (emit(ev), _run_hook(on_power, ev) if on_power and ev["event"] == "power" else None))
     threading.Thread(target=run_forever, daemon=True, name="ipmi-loop").start()
     emit({"ready": True, "ports": {n: b.port for n, b in bmcs.items()}})
     for line in sys.stdin:  # EOF: the parent is gone, and so are we
@@ -331,7 +366,7 @@ def _standalone(args) -> None:
 
     def emit(ev: dict) -> None:
         print(json.dumps(ev), flush=True)
-        if args.on_power:
+        if args.on_power and ev["event"] == "power":
             _run_hook(args.on_power, ev)
 
     bmcs = serve(specs, "127.0.0.1", emit)
@@ -420,7 +455,7 @@ class BmcSim:
                 continue
             if "event" in msg:
                 self.events.append(msg)
-                if self.on_power is not None:
+                if self.on_power is not None and msg["event"] == "power":
                     try:
                         self.on_power(msg)
                     except Exception as exc:  # a failing hook is reported, never kills the reader

@@ -48,6 +48,7 @@ from testbed.simnodes import NODE_CPU, ROOT, SimSite, provisioner_cmd
 # Soak-sized policy: faults shorter than a phase's timeout, a retry or two for a boot a fault spoiled.
 POLICY = {"demand_persist_s": 0, "cooldown_s": 5, "phase_timeout_s": 30, "max_retries": 2, "max_in_flight": 2}
 RUN = {"interval_s": 5, "busy_interval_s": 1, "ask_poll_s": 0.5}
+BOOT_ACTIONS = ("boot", "on", "reset", "cycle")  # power actions that boot a node
 FAULTS = ("kill-run", "kill-boot-server", "kill-postgres", "bmc-silent", "restart-apiserver", "restart-slurmctld")
 FAULT_GAP_S = (5.0, 15.0)  # seconds between one fault's end and the next one
 GRACE_S = 20.0  # harness errors this long after a fault ended are that fault's (a boot it spoiled)
@@ -74,6 +75,9 @@ class SoakResult:
     # Power actions the harness could not check for running work (squeue or the API server down
     # at that moment): not counted as killed work, listed so a reader sees how many.
     unverified_power: list[str] = field(default_factory=list)
+    # IPMI requests a client sent again (no answer in time) that the BMCs answered without running
+    # them again: how loaded the machine was, not a fault.
+    retransmissions: int = 0
     settle_s: float = 0.0
 
     @property
@@ -95,6 +99,7 @@ class SoakResult:
             f"  asks unanswered:        {len(self.asks_unanswered)} (must be 0)",
             f"  harness errors:         {len(self.harness_errors)} (must be 0; {len(self.expected_errors)} in fault windows)",
             f"  power actions the harness could not check for work (a cluster down): {len(self.unverified_power)}",
+            f"  IPMI retransmissions (answered again, not run again): {self.retransmissions}",
         ]
         for label, items in (("stranded", self.nodes_stranded), ("killed", self.work_killed),
                              ("double power", self.double_power), ("unanswered", self.asks_unanswered),
@@ -365,17 +370,26 @@ class Soak:
         events = [e for e in sim.store.events(sim.shared, include_site=False) if e.id >= first_event]
         r.switches_done = sum(1 for e in events if e.kind == "switched")
         r.asks_unanswered = self._open_asks()
+        r.retransmissions = sum(1 for e in list(sim.bmc.events) if e.get("event") == "duplicate")
         for name in sim.shared:
-            boots = sum(1 for a in sim.bmc_actions(name) if a in ("on", "reset", "cycle"))
+            boots = [e for e in list(sim.bmc.events) if e.get("bmc") == name and e.get("event") == "power"
+                     and e.get("action") in ("on", "reset", "cycle") and e.get("boot")]
             mine = [e for e in events if e.node == name]
-            intents = sum(1 for e in mine if e.kind == "power-intent")
-            ok = [e for e in mine if e.kind == "power" and (e.data or {}).get("ok")]
+            # A boot's written intent: a switch's power-intent, or the boot window a pass opens
+            # before it powers a node on for slurmctld's resume (its pass may die before the record).
+            intents = [e for e in mine if e.kind in ("power-intent", "boot-granted")]
+            ok = [e for e in mine if e.kind == "power" and (e.data or {}).get("ok")
+                  and (e.data or {}).get("action") in BOOT_ACTIONS]
             attempts = 0
-            for e in ok:  # IPMI's own retry of an attempt that timed out after the reset was sent boots again
+            for e in ok:  # the power module's retry of an attempt that timed out after the reset was sent boots again
                 m = re.match(r"(\d+) attempts", (e.data or {}).get("note") or "")
                 attempts += int(m.group(1)) if m else 1
             # An intent whose action was never recorded (its pass killed) may have booted once.
-            allowed = attempts + max(0, intents - len(ok))
-            if boots > allowed:
-                r.double_power.append(f"{name}: {boots} BMC boots for {intents} power intents "
-                                      f"({len(ok)} recorded, {attempts} IPMI attempts)")
+            allowed = attempts + max(0, len(intents) - len(ok))
+            if len(boots) > allowed:
+                # What the next reader needs to tell a second power action from a miscount.
+                when = ", ".join(time.strftime("%H:%M:%S", time.localtime(b["boot"]["ts"])) for b in boots)
+                told = "; ".join(f"{time.strftime('%H:%M:%S', time.localtime(e.ts))} {e.actor} {e.kind}: "
+                                 f"{e.message[:80]}" for e in mine if e.kind in ("power-intent", "boot-granted", "power"))
+                r.double_power.append(f"{name}: {len(boots)} BMC boots for {len(intents)} power intents "
+                                      f"({len(ok)} recorded, {attempts} attempts); boots at {when}; events: {told}")

@@ -122,6 +122,20 @@ def test_one_time_netboot_is_used_by_the_next_boot_only(bmcs, ipmitool):
     assert bmcs.state("bn03")["boots"][-1]["bootdev"] == "default"
 
 
+def test_a_reset_answered_late_is_retransmitted_and_boots_the_node_once(bmcs):
+    # The BMC answers power commands after 1.6 s: pyghmi's client sends the same request again
+    # (after 0.5-1 s). The BMC answers the copy instead of running it: one reset, one netboot.
+    b = bmc(bmcs, "bn05")
+    bmcs.set_power("bn05", "on")
+    bmcs.set_fault("bn05", "lag")
+    res = bmc_mod.power(b, "boot", netboot=True, timeout=2 * TIMEOUT, retries=0)
+    assert (res.power, res.bootdev, res.attempts) == ("on", "network", 1)
+    st = bmcs.state("bn05")
+    assert st["duplicates"], "the client never retransmitted: this test did not test anything"
+    assert st["actions"] == ["reset"], st
+    assert [(b_["how"], b_["bootdev"]) for b_ in st["boots"]] == [("reset", "network")]
+
+
 def test_reset_or_cycle_while_off_is_0xd5(bmcs, ipmitool):
     b = bmc(bmcs, "bn04")
     for action in ("reset", "cycle"):
